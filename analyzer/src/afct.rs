@@ -1,0 +1,279 @@
+//! AFCT construction: AFETM Algorithm 3 (sec. III.B.2), in time linear in the trace.
+//!
+//! The paper's algorithm scans the whole trace once per tree node (O(N^2)). What it computes is:
+//! every observed (caller -> function) pair is an edge; every call stack adds the edges between
+//! its consecutive frames (the paper's `merge`); roots are the functions nothing calls (Alg. 3
+//! lines 3-8: callers that never appear as a traced function, and functions with no caller);
+//! each node's children are the functions its function was seen calling, except those already
+//! on the path from the root (`not_pred`, which stops recursion). We collect the edges once in a
+//! graph (hash maps, O(events)) and unroll it from the roots (O(output nodes)).
+//!
+//! Because the tree unrolls function-level edges, a function gets the same children wherever it
+//! appears; that is the "approximate" in AFCT and holds for the full FCT built the same way.
+//!
+//! Nodes are white when the function was traced in the window (it appears as a called function)
+//! and blue when it is known only as a caller or a call-stack frame.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use petgraph::{Direction, graphmap::DiGraphMap};
+
+use crate::tree::{Color, Forest, FuncId};
+
+/// Default cap on AFCT nodes: unrolling a call graph can grow fast where many paths share
+/// functions, so the tree stops there and says so (`Forest::truncated`).
+pub const DEFAULT_NODE_CAP: usize = 200_000;
+
+/// The trace data of one thread in one window, reduced to what Alg. 3 reads.
+#[derive(Default, Debug, Clone)]
+pub struct TraceData {
+    /// (caller, function) -> calls. `calls == 0` marks an edge seen only inside call stacks.
+    edges: HashMap<(Option<FuncId>, FuncId), u64>,
+}
+
+impl TraceData {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One element of the paper's trace data: `function` was called by `caller` (None when the
+    /// caller could not be read), with `callstack` = [caller, caller's caller, ...] when the
+    /// function records its call stack (F^callstack).
+    pub fn add_call(&mut self, function: FuncId, caller: Option<FuncId>, callstack: &[FuncId]) {
+        *self.edges.entry((caller, function)).or_insert(0) += 1;
+        for pair in callstack.windows(2) {
+            self.edges.entry((Some(pair[1]), pair[0])).or_insert(0);
+        }
+        if let (Some(first), Some(c)) = (callstack.first(), caller) {
+            if *first != c {
+                // The unwinder disagreed with the caller attribute; keep both, the stack frame
+                // hangs under its own caller.
+                self.edges.entry((Some(*first), function)).or_insert(0);
+            }
+        }
+    }
+
+    /// Adds an aggregated edge (as stored in the database).
+    pub fn add_edge(&mut self, caller: Option<FuncId>, function: FuncId, calls: u64) {
+        *self.edges.entry((caller, function)).or_insert(0) += calls;
+    }
+
+    pub fn edges(&self) -> impl Iterator<Item = (Option<FuncId>, FuncId, u64)> + '_ {
+        self.edges.iter().map(|((c, f), n)| (*c, *f, *n))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.edges.is_empty()
+    }
+
+    /// Functions traced in this data: those that appear as the called function of an event.
+    pub fn traced(&self) -> HashSet<FuncId> {
+        self.edges.iter().filter(|(_, n)| **n > 0).map(|((_, f), _)| *f).collect()
+    }
+
+    /// Builds the AFCT (Alg. 3). `node_cap` bounds the output; see [`DEFAULT_NODE_CAP`].
+    pub fn build(&self, node_cap: usize) -> Forest {
+        let mut graph: DiGraphMap<FuncId, u64> = DiGraphMap::new();
+        for (&(caller, function), &calls) in &self.edges {
+            graph.add_node(function);
+            if let Some(c) = caller {
+                graph.add_edge(c, function, calls);
+            }
+        }
+        let traced = self.traced();
+        let mut nodes: Vec<FuncId> = graph.nodes().collect();
+        nodes.sort();
+        let has_caller = |f: FuncId| graph.neighbors_directed(f, Direction::Incoming).any(|c| c != f);
+        let mut roots: BTreeSet<FuncId> = nodes.iter().copied().filter(|f| !has_caller(*f)).collect();
+
+        let mut forest = Forest::default();
+        let mut reached: HashSet<FuncId> = HashSet::new();
+        let color = |f: FuncId| if traced.contains(&f) { Color::White } else { Color::Blue };
+        let mut next_unreached = 0usize;
+        loop {
+            for &root in &roots {
+                if !unroll(&graph, root, &mut forest, &mut reached, node_cap, &color) {
+                    forest.truncated = true;
+                    return forest;
+                }
+            }
+            // Cycles nothing outside calls into (rare: a callee's caller was lost) still belong
+            // in the forest: start from the smallest function not reached yet.
+            roots.clear();
+            while next_unreached < nodes.len() && reached.contains(&nodes[next_unreached]) {
+                next_unreached += 1;
+            }
+            match nodes.get(next_unreached) {
+                Some(f) => {
+                    roots.insert(*f);
+                }
+                None => break,
+            }
+        }
+        forest
+    }
+}
+
+/// Depth-first unrolling of `graph` from `root`, never repeating a function already on the path
+/// (Alg. 3's `not_pred`). Returns false when the node cap stopped it.
+fn unroll(
+    graph: &DiGraphMap<FuncId, u64>,
+    root: FuncId,
+    forest: &mut Forest,
+    reached: &mut HashSet<FuncId>,
+    node_cap: usize,
+    color: &impl Fn(FuncId) -> Color,
+) -> bool {
+    enum Step {
+        Enter { func: FuncId, parent: Option<u32>, calls: u64 },
+        Exit(FuncId),
+    }
+    let mut on_path: HashSet<FuncId> = HashSet::new();
+    let mut stack = vec![Step::Enter { func: root, parent: None, calls: 0 }];
+    while let Some(step) = stack.pop() {
+        match step {
+            Step::Exit(f) => {
+                on_path.remove(&f);
+            }
+            Step::Enter { func, parent, calls } => {
+                if forest.len() >= node_cap {
+                    return false;
+                }
+                reached.insert(func);
+                let id = forest.push(func, color(func), parent, calls);
+                on_path.insert(func);
+                stack.push(Step::Exit(func));
+                let mut kids: Vec<(FuncId, u64)> = graph
+                    .edges_directed(func, Direction::Outgoing)
+                    .map(|(_, to, calls)| (to, *calls))
+                    .filter(|(to, _)| !on_path.contains(to))
+                    .collect();
+                // Reverse order on the stack gives ascending order in the preorder output.
+                kids.sort_by(|a, b| b.0.cmp(&a.0));
+                for (to, calls) in kids {
+                    stack.push(Step::Enter { func: to, parent: Some(id), calls });
+                }
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::FuncTable;
+
+    fn ids(t: &mut FuncTable, names: &[&str]) -> Vec<FuncId> {
+        names.iter().map(|n| t.intern("m", n)).collect()
+    }
+
+    #[test]
+    fn full_trace_gives_the_call_tree() {
+        let mut t = FuncTable::default();
+        let f = ids(&mut t, &["libc", "main", "a", "b", "c"]);
+        let (libc, main, a, b, c) = (f[0], f[1], f[2], f[3], f[4]);
+        let mut d = TraceData::new();
+        d.add_call(main, Some(libc), &[]);
+        d.add_call(a, Some(main), &[]);
+        d.add_call(b, Some(a), &[]);
+        d.add_call(b, Some(a), &[]);
+        d.add_call(c, Some(main), &[]);
+        let tree = d.build(DEFAULT_NODE_CAP);
+        assert_eq!(
+            tree.canonical(&t),
+            vec!["0 m!libc Blue", "1 m!main White", "2 m!a White", "3 m!b White", "2 m!c White"]
+        );
+        let b_node = tree.nodes.iter().find(|n| n.func == b).unwrap();
+        assert_eq!(b_node.calls, 2);
+    }
+
+    #[test]
+    fn recursion_and_cycles_are_cut_at_the_path() {
+        let mut t = FuncTable::default();
+        let f = ids(&mut t, &["root", "fib", "even", "odd"]);
+        let (root, fib, even, odd) = (f[0], f[1], f[2], f[3]);
+        let mut d = TraceData::new();
+        d.add_call(fib, Some(root), &[]);
+        d.add_call(fib, Some(fib), &[]); // direct recursion
+        d.add_call(even, Some(root), &[]);
+        d.add_call(odd, Some(even), &[]); // mutual recursion even <-> odd
+        d.add_call(even, Some(odd), &[]);
+        let tree = d.build(DEFAULT_NODE_CAP);
+        assert_eq!(
+            tree.canonical(&t),
+            vec!["0 m!root Blue", "1 m!even White", "2 m!odd White", "1 m!fib White"]
+        );
+    }
+
+    #[test]
+    fn a_cycle_with_no_entry_still_appears() {
+        let mut t = FuncTable::default();
+        let f = ids(&mut t, &["x", "y"]);
+        let mut d = TraceData::new();
+        d.add_call(f[0], Some(f[1]), &[]);
+        d.add_call(f[1], Some(f[0]), &[]);
+        let tree = d.build(DEFAULT_NODE_CAP);
+        assert_eq!(tree.canonical(&t), vec!["0 m!x White", "1 m!y White"]);
+    }
+
+    #[test]
+    fn call_stacks_merge_orphan_subtrees() {
+        // Traced: main, leaf, other. Untraced chain: main -> u1 -> u2 -> leaf, and u1 -> other.
+        let mut t = FuncTable::default();
+        let f = ids(&mut t, &["libc", "main", "u1", "u2", "leaf", "other"]);
+        let (libc, main, u1, u2, leaf, other) = (f[0], f[1], f[2], f[3], f[4], f[5]);
+        let mut without = TraceData::new();
+        without.add_call(main, Some(libc), &[]);
+        without.add_call(leaf, Some(u2), &[]);
+        without.add_call(other, Some(u1), &[]);
+        // Without the call stack the forest falls apart into three trees.
+        assert_eq!(without.build(DEFAULT_NODE_CAP).roots().count(), 3);
+
+        let mut with = without.clone();
+        with.add_call(leaf, Some(u2), &[u2, u1, main, libc]);
+        let tree = with.build(DEFAULT_NODE_CAP);
+        assert_eq!(
+            tree.canonical(&t),
+            vec![
+                "0 m!libc Blue",
+                "1 m!main White",
+                "2 m!u1 Blue",
+                "3 m!other White",
+                "3 m!u2 Blue",
+                "4 m!leaf White",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_caller_makes_a_root_and_node_cap_truncates() {
+        let mut t = FuncTable::default();
+        let f = ids(&mut t, &["a", "b", "c"]);
+        let mut d = TraceData::new();
+        d.add_call(f[0], None, &[]);
+        d.add_call(f[1], Some(f[0]), &[]);
+        d.add_call(f[2], Some(f[1]), &[]);
+        let tree = d.build(DEFAULT_NODE_CAP);
+        assert_eq!(tree.canonical(&t), vec!["0 m!a White", "1 m!b White", "2 m!c White"]);
+        let capped = d.build(2);
+        assert!(capped.truncated);
+        assert_eq!(capped.len(), 2);
+    }
+
+    #[test]
+    fn output_does_not_depend_on_event_order() {
+        let mut t = FuncTable::default();
+        let f = ids(&mut t, &["r", "a", "b", "c", "d"]);
+        let calls = [(f[1], f[0]), (f[2], f[0]), (f[3], f[1]), (f[4], f[3]), (f[3], f[2])];
+        let mut fwd = TraceData::new();
+        let mut rev = TraceData::new();
+        for (callee, caller) in calls {
+            fwd.add_call(callee, Some(caller), &[]);
+        }
+        for (callee, caller) in calls.iter().rev() {
+            rev.add_call(*callee, Some(*caller), &[]);
+        }
+        assert_eq!(fwd.build(100), rev.build(100));
+    }
+}
