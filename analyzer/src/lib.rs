@@ -7,4 +7,6 @@
 
 pub mod afct;
 pub mod coloring;
+pub mod service;
+pub mod store;
 pub mod tree;

@@ -9,3 +9,5 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("afetm_descriptor");
 
 pub use v1::*;
+
+pub mod plan;

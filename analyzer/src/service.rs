@@ -1,0 +1,403 @@
+//! The analyzer's gRPC surface: `Ingest` (agent streams), `Query` (agents, windows, AFCTs,
+//! counters), `Control` (FCT coloring, pushing plans), plus gRPC health and reflection.
+//!
+//! Nothing an agent sends is trusted: a batch that breaks the contract ends its stream with
+//! `InvalidArgument` (the offending seq in the `afetm-bad-seq` metadata so the agent can drop
+//! it), is counted by reason, and never reaches the database.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use afetm_proto::{self as pb, ingest_server::Ingest, query_server::Query, control_server::Control};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    coloring,
+    store::{AgentKey, Store, StoreError},
+    tree::{Forest, FuncTable},
+};
+
+/// Metadata key carrying the seq of a rejected batch.
+pub const BAD_SEQ_KEY: &str = "afetm-bad-seq";
+
+/// Counters since the analyzer started.
+#[derive(Default)]
+pub struct Stats {
+    batches: AtomicU64,
+    events: AtomicU64,
+    duplicates: AtomicU64,
+    rejected: AtomicU64,
+    by_reason: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Stats {
+    fn reject(&self, reason: &str) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.by_reason.lock() {
+            *m.entry(reason.to_string()).or_insert(0) += 1;
+        }
+    }
+}
+
+struct Connected {
+    instance: u64,
+    conn_id: u64,
+    tx: mpsc::Sender<Result<pb::AnalyzerMessage, Status>>,
+    last_plan: Option<pb::PlanReport>,
+}
+
+/// Shared state behind all three services.
+#[derive(Clone)]
+pub struct Analyzer {
+    store: Arc<Mutex<Store>>,
+    agents: Arc<Mutex<HashMap<String, Vec<Connected>>>>,
+    stats: Arc<Stats>,
+    next_conn: Arc<AtomicU64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the SQLite state half-written (transactions
+    // roll back), so poisoning is not a reason to stop serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::Invalid { reason, detail } => Status::invalid_argument(format!("{reason}: {detail}")),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+impl Analyzer {
+    pub fn new(store: Store) -> Analyzer {
+        Analyzer {
+            store: Arc::new(Mutex::new(store)),
+            agents: Arc::default(),
+            stats: Arc::default(),
+            next_conn: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    async fn with_store<T: Send + 'static>(&self, f: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&mut lock(&store)))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Corrupt(format!("store task failed: {e}"))))
+    }
+
+    /// Closes windows of agents silent for `idle` (run periodically by `serve`).
+    pub async fn sweep(&self, idle: Duration) {
+        let secs = idle.as_secs() as i64;
+        match self.with_store(move |s| s.close_stale(secs)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(windows = n, "closed windows of silent agents"),
+            Err(e) => tracing::error!(error = %e, "closing stale windows"),
+        }
+    }
+
+    async fn run_stream(self, mut inbound: Streaming<pb::AgentMessage>, tx: mpsc::Sender<Result<pb::AnalyzerMessage, Status>>) {
+        let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+            Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(h)) }))) => h,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "agent stream failed before hello");
+                return;
+            }
+            _ => {
+                self.stats.reject("hello");
+                let _ = tx.send(Err(Status::invalid_argument("hello: the first message must be Hello"))).await;
+                return;
+            }
+        };
+        let key = AgentKey { agent_id: hello.agent_id.clone(), instance: hello.instance };
+        let h = hello.clone();
+        let (last_seq, mut session) = match self.with_store(move |s| s.hello(&h)).await {
+            Ok((last, session, closed)) => {
+                if closed > 0 {
+                    tracing::info!(agent = %key.agent_id, windows = closed, "new agent instance: closed the old one's windows");
+                }
+                (last, session)
+            }
+            Err(e) => {
+                if let StoreError::Invalid { reason, .. } = &e {
+                    self.stats.reject(reason);
+                }
+                let _ = tx.send(Err(status(e))).await;
+                return;
+            }
+        };
+        tracing::info!(agent = %key.agent_id, instance = key.instance, target = %hello.target, last_seq, "agent connected");
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        lock(&self.agents).entry(key.agent_id.clone()).or_default().push(Connected {
+            instance: key.instance,
+            conn_id,
+            tx: tx.clone(),
+            last_plan: None,
+        });
+        let welcome = pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Welcome(pb::Welcome { last_acked_seq: last_seq })) };
+        if tx.send(Ok(welcome)).await.is_ok() {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(agent = %key.agent_id, error = %e, "agent stream ended");
+                        break;
+                    }
+                };
+                match msg.msg {
+                    Some(pb::agent_message::Msg::Batch(batch)) => {
+                        let seq = batch.seq;
+                        let k = key.clone();
+                        let mut sess = std::mem::take(&mut session);
+                        let result = self
+                            .with_store(move |s| {
+                                let r = s.apply_batch(&k, &mut sess, &batch);
+                                Ok((r, sess))
+                            })
+                            .await;
+                        let result = match result {
+                            Ok((r, sess)) => {
+                                session = sess;
+                                r
+                            }
+                            Err(e) => Err(e),
+                        };
+                        match result {
+                            Ok(applied) => {
+                                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                                self.stats.events.fetch_add(applied.events, Ordering::Relaxed);
+                                if applied.duplicate {
+                                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                                }
+                                if applied.late_events > 0 {
+                                    tracing::warn!(agent = %key.agent_id, events = applied.late_events, "events for already closed windows were not stored");
+                                    if let Ok(mut m) = self.stats.by_reason.lock() {
+                                        *m.entry("late_event".into()).or_insert(0) += applied.late_events;
+                                    }
+                                }
+                                let ack = pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Ack(pb::Ack { seq })) };
+                                if tx.send(Ok(ack)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                let mut st = match &e {
+                                    StoreError::Invalid { reason, .. } => {
+                                        self.stats.reject(reason);
+                                        tracing::warn!(agent = %key.agent_id, seq, error = %e, "rejected batch");
+                                        status(e)
+                                    }
+                                    _ => {
+                                        tracing::error!(agent = %key.agent_id, seq, error = %e, "storing batch failed");
+                                        status(e)
+                                    }
+                                };
+                                if let Ok(v) = seq.to_string().parse() {
+                                    st.metadata_mut().insert(BAD_SEQ_KEY, v);
+                                }
+                                let _ = tx.send(Err(st)).await;
+                                break;
+                            }
+                        }
+                    }
+                    Some(pb::agent_message::Msg::PlanReport(report)) => {
+                        if report.ok {
+                            tracing::info!(agent = %key.agent_id, version = report.version, attached = report.attached, detached = report.detached, "plan applied");
+                        } else {
+                            tracing::warn!(agent = %key.agent_id, version = report.version, error = %report.error, "agent refused plan");
+                        }
+                        if let Some(list) = lock(&self.agents).get_mut(&key.agent_id) {
+                            for c in list.iter_mut().filter(|c| c.conn_id == conn_id) {
+                                c.last_plan = Some(report.clone());
+                            }
+                        }
+                    }
+                    Some(pb::agent_message::Msg::Hello(_)) | None => {
+                        self.stats.reject("hello");
+                        let _ = tx.send(Err(Status::invalid_argument("hello: sent twice or empty message"))).await;
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(list) = lock(&self.agents).get_mut(&key.agent_id) {
+            list.retain(|c| c.conn_id != conn_id);
+        }
+        tracing::info!(agent = %key.agent_id, instance = key.instance, "agent disconnected");
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ingest for Analyzer {
+    type StreamStream = BoxStream<pb::AnalyzerMessage>;
+
+    async fn stream(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(self.clone().run_stream(request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl Query for Analyzer {
+    async fn list_agents(&self, _: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let mut agents = self.with_store(|s| s.list_agents()).await.map_err(status)?;
+        let connected = lock(&self.agents);
+        for a in &mut agents {
+            if let Some(c) = connected.get(&a.agent_id).and_then(|l| l.iter().find(|c| c.instance == a.instance)) {
+                a.connected = true;
+                a.last_plan = c.last_plan.clone();
+            }
+        }
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn list_windows(&self, request: Request<pb::ListWindowsRequest>) -> Result<Response<pb::ListWindowsResponse>, Status> {
+        let req = request.into_inner();
+        let windows = self.with_store(move |s| s.list_windows(&req)).await.map_err(status)?;
+        Ok(Response::new(pb::ListWindowsResponse { windows }))
+    }
+
+    async fn get_afct(&self, request: Request<pb::GetAfctRequest>) -> Result<Response<pb::GetAfctResponse>, Status> {
+        let req = request.into_inner();
+        let tree = self
+            .with_store(move |s| s.afct(req.window_id, req.tid))
+            .await
+            .map_err(status)?
+            .ok_or_else(|| Status::not_found(format!("no AFCT for window {} thread {} (is the window closed?)", req.window_id, req.tid)))?;
+        let mut table = FuncTable::default();
+        let forest = Forest::from_proto(&tree, &mut table).map_err(Status::internal)?;
+        Ok(Response::new(pb::GetAfctResponse { text: forest.render(&table), tree: Some(tree) }))
+    }
+
+    async fn stats(&self, _: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        let (windows_closed, afcts) = self.with_store(|s| s.totals()).await.map_err(status)?;
+        let s = &self.stats;
+        Ok(Response::new(pb::StatsResponse {
+            batches: s.batches.load(Ordering::Relaxed),
+            events: s.events.load(Ordering::Relaxed),
+            duplicate_batches: s.duplicates.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            rejected_by_reason: lock(&s.by_reason).iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            windows_closed,
+            afcts,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Control for Analyzer {
+    async fn color(&self, request: Request<pb::ColorRequest>) -> Result<Response<pb::ColorResponse>, Status> {
+        let req = request.into_inner();
+        if req.fcts.is_empty() {
+            return Err(Status::invalid_argument("color: no FCTs given"));
+        }
+        if req.traced.is_empty() {
+            return Err(Status::invalid_argument("color: the trace point set is empty"));
+        }
+        let refs = req.fcts.clone();
+        let trees = self
+            .with_store(move |s| refs.iter().map(|r| s.afct(r.window_id, r.tid).map(|t| (r.clone(), t))).collect::<Result<Vec<_>, _>>())
+            .await
+            .map_err(status)?;
+        let mut table = FuncTable::default();
+        let mut fcts = Vec::with_capacity(trees.len());
+        for (r, t) in trees {
+            let t = t.ok_or_else(|| Status::not_found(format!("no FCT for window {} thread {}", r.window_id, r.tid)))?;
+            fcts.push(Forest::from_proto(&t, &mut table).map_err(Status::internal)?);
+        }
+        let traced: HashSet<_> = req.traced.iter().flat_map(|n| table.matching(n).collect::<Vec<_>>()).collect();
+        let out = coloring::color(&fcts, &traced);
+        let callstack_names: Vec<String> = out.callstack.iter().map(|f| table.get(*f).name.to_string()).collect();
+        let cs: HashSet<&str> = callstack_names.iter().map(String::as_str).collect();
+        let plan = pb::Plan {
+            version: 0,
+            points: req
+                .traced
+                .iter()
+                .map(|n| pb::TracePoint {
+                    function: n.clone(),
+                    mode: if cs.contains(n.rsplit(':').next().unwrap_or(n)) { pb::TraceMode::Callstack } else { pb::TraceMode::Event } as i32,
+                })
+                .collect(),
+            target_path: String::new(),
+            target_pid: 0,
+        };
+        Ok(Response::new(pb::ColorResponse {
+            callstack: callstack_names,
+            colored: out.fcts.iter().map(|f| f.to_proto(&table)).collect(),
+            plan: Some(plan),
+        }))
+    }
+
+    async fn set_plan(&self, request: Request<pb::SetPlanRequest>) -> Result<Response<pb::SetPlanResponse>, Status> {
+        let req = request.into_inner();
+        let plan = req.plan.ok_or_else(|| Status::invalid_argument("set_plan: no plan"))?;
+        afetm_proto::plan::PlanFile::from_proto(&plan).map_err(|e| Status::invalid_argument(format!("set_plan: {e}")))?;
+        let targets: Vec<_> = lock(&self.agents).get(&req.agent_id).map(|l| l.iter().map(|c| c.tx.clone()).collect()).unwrap_or_default();
+        let mut delivered = 0;
+        for tx in targets {
+            let msg = pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Plan(plan.clone())) };
+            if tx.send(Ok(msg)).await.is_ok() {
+                delivered += 1;
+            }
+        }
+        if delivered == 0 {
+            return Err(Status::not_found(format!("agent {:?} is not connected", req.agent_id)));
+        }
+        Ok(Response::new(pb::SetPlanResponse { delivered }))
+    }
+}
+
+/// Largest message the analyzer decodes.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Serves all services on `listener` until `shutdown` resolves.
+pub async fn serve(
+    analyzer: Analyzer,
+    listener: tokio::net::TcpListener,
+    stale_after: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use afetm_proto::{control_server::ControlServer, ingest_server::IngestServer, query_server::QueryServer};
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<IngestServer<Analyzer>>().await;
+    health.set_serving::<QueryServer<Analyzer>>().await;
+    health.set_serving::<ControlServer<Analyzer>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(afetm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let sweeper = analyzer.clone();
+    let sweep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10).min(stale_after));
+        loop {
+            tick.tick().await;
+            sweeper.sweep(stale_after).await;
+        }
+    });
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "analyzer listening");
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(IngestServer::new(analyzer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(QueryServer::new(analyzer.clone()))
+        .add_service(ControlServer::new(analyzer).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await;
+    sweep.abort();
+    Ok(result?)
+}
