@@ -1,1 +1,8 @@
+//! The afetm agent: attaches one eBPF uprobe program to the functions of a plan, reads its ring
+//! buffer, turns return addresses and stack copies into (function, caller, callstack) events
+//! (AFETM sec. III.B) and streams them to the analyzer.
 
+pub mod probe_site;
+pub mod procmaps;
+pub mod symbols;
+pub mod unwind;

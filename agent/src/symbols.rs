@@ -1,0 +1,270 @@
+//! What the agent knows about a binary or shared library: its functions, its loadable segments
+//! and its `.eh_frame` unwind rules.
+//!
+//! Function bounds come from `.symtab`, else `.dynsym`; functions that neither names (stripped
+//! binaries: Debian's servers keep only `.dynsym`) are taken from `.eh_frame` FDE ranges and
+//! named `<module>+0x<address>`. Names that occur more than once in a module (static functions
+//! of different files) become `name@0x<address>` so every function has one unambiguous name.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use gimli::{BaseAddresses, CfaRule, EhFrame, EndianArcSlice, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+
+type Reader = EndianArcSlice<LittleEndian>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not an ELF object this agent can read: {source}")]
+    Parse { path: PathBuf, source: object::Error },
+    #[error("{path}: not an x86-64 ELF object")]
+    Arch { path: PathBuf },
+}
+
+/// A function of a module. Addresses are the module's virtual addresses (link-time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Function {
+    pub start: u64,
+    pub end: u64,
+    /// Unique within the module.
+    pub name: Arc<str>,
+    /// The symbol name without the `@0x...` disambiguation.
+    pub base_name: Arc<str>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    vaddr: u64,
+    offset: u64,
+    filesz: u64,
+}
+
+/// How to find the caller's frame from a given instruction (one `.eh_frame` table row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameRule {
+    /// CFA = rsp + off (`false`) or rbp + off (`true`).
+    pub cfa_from_rbp: bool,
+    pub cfa_offset: i64,
+    /// The return address is at CFA + this; `None` marks the outermost frame.
+    pub ra_offset: Option<i64>,
+    /// The caller's rbp is saved at CFA + this; `None` = rbp unchanged.
+    pub rbp_offset: Option<i64>,
+}
+
+struct EhIndex {
+    section: EhFrame<Reader>,
+    bases: BaseAddresses,
+    /// (start, end, fde), sorted by start.
+    fdes: Vec<(u64, u64, gimli::FrameDescriptionEntry<Reader>)>,
+    cache: Mutex<HashMap<u64, Option<FrameRule>>>,
+}
+
+/// A parsed ELF module.
+pub struct Module {
+    pub path: PathBuf,
+    /// Basename, used as the module's name on the wire.
+    pub name: String,
+    funcs: Vec<Function>,
+    by_name: HashMap<Arc<str>, Vec<usize>>,
+    segments: Vec<Segment>,
+    data: Arc<[u8]>,
+    eh: Option<EhIndex>,
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module").field("path", &self.path).field("functions", &self.funcs.len()).finish()
+    }
+}
+
+const CACHE_LIMIT: usize = 1 << 16;
+
+impl Module {
+    pub fn load(path: &Path) -> Result<Module, SymbolError> {
+        let data: Arc<[u8]> = std::fs::read(path).map_err(|source| SymbolError::Io { path: path.into(), source })?.into();
+        let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse { path: path.into(), source })?;
+        if file.architecture() != object::Architecture::X86_64 {
+            return Err(SymbolError::Arch { path: path.into() });
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+        let segments: Vec<Segment> = file
+            .segments()
+            .map(|s| {
+                let (offset, filesz) = s.file_range();
+                Segment { vaddr: s.address(), offset, filesz }
+            })
+            .collect();
+        let plt_ranges: Vec<(u64, u64)> = file
+            .sections()
+            .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
+            .map(|s| (s.address(), s.address() + s.size()))
+            .collect();
+        let in_plt = |a: u64| plt_ranges.iter().any(|(s, e)| a >= *s && a < *e);
+
+        let mut raw: Vec<(u64, u64, String)> = Vec::new();
+        for sym in file.symbols().chain(file.dynamic_symbols()) {
+            if sym.kind() != SymbolKind::Text || !sym.is_definition() || sym.size() == 0 || sym.address() == 0 {
+                continue;
+            }
+            let Ok(n) = sym.name() else { continue };
+            if n.is_empty() {
+                continue;
+            }
+            // Versioned dynamic names (`foo@@VER`) read as `foo`.
+            let n = n.split('@').next().unwrap_or(n);
+            raw.push((sym.address(), sym.address() + sym.size(), n.to_string()));
+        }
+        let eh = load_eh(&file, &data);
+        if let Some(eh) = &eh {
+            for (start, end, _) in &eh.fdes {
+                if !in_plt(*start) {
+                    raw.push((*start, *end, String::new()));
+                }
+            }
+        }
+        // Symbols first (stable sort keeps symtab before dynsym before FDEs at one address).
+        raw.sort_by_key(|(s, _, n)| (*s, n.is_empty()));
+        let mut funcs: Vec<Function> = Vec::new();
+        for (start, end, n) in raw {
+            if let Some(last) = funcs.last() {
+                if last.start == start || start < last.end && n.is_empty() {
+                    continue; // alias, or an FDE inside a known function
+                }
+            }
+            let n: Arc<str> = if n.is_empty() { format!("{name}+0x{start:x}").into() } else { n.into() };
+            funcs.push(Function { start, end, name: n.clone(), base_name: n });
+        }
+        let mut counts: HashMap<Arc<str>, usize> = HashMap::new();
+        for f in &funcs {
+            *counts.entry(f.base_name.clone()).or_insert(0) += 1;
+        }
+        for f in &mut funcs {
+            if counts[&f.base_name] > 1 {
+                f.name = format!("{}@0x{:x}", f.base_name, f.start).into();
+            }
+        }
+        let mut by_name: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        for (i, f) in funcs.iter().enumerate() {
+            by_name.entry(f.name.clone()).or_default().push(i);
+            if f.name != f.base_name {
+                by_name.entry(f.base_name.clone()).or_default().push(i);
+            }
+        }
+        Ok(Module { path: path.into(), name, funcs, by_name, segments, data, eh })
+    }
+
+    pub fn functions(&self) -> &[Function] {
+        &self.funcs
+    }
+
+    /// Functions a plan name refers to: its unique name, or every function with that base name.
+    pub fn find(&self, name: &str) -> Vec<&Function> {
+        self.by_name.get(name).map(|ix| ix.iter().map(|i| &self.funcs[*i]).collect()).unwrap_or_default()
+    }
+
+    /// The function containing virtual address `vaddr`.
+    pub fn function_at(&self, vaddr: u64) -> Option<&Function> {
+        let i = self.funcs.partition_point(|f| f.start <= vaddr);
+        let f = self.funcs.get(i.checked_sub(1)?)?;
+        (vaddr < f.end).then_some(f)
+    }
+
+    pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
+        self.segments.iter().find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz).map(|s| vaddr - s.vaddr + s.offset)
+    }
+
+    pub fn offset_to_vaddr(&self, offset: u64) -> Option<u64> {
+        self.segments.iter().find(|s| offset >= s.offset && offset < s.offset + s.filesz).map(|s| offset - s.offset + s.vaddr)
+    }
+
+    /// The machine code of `f` (empty when the file does not hold it).
+    pub fn code(&self, f: &Function) -> &[u8] {
+        let Some(off) = self.vaddr_to_offset(f.start) else { return &[] };
+        let len = (f.end - f.start) as usize;
+        let off = off as usize;
+        self.data.get(off..off.saturating_add(len).min(self.data.len())).unwrap_or(&[])
+    }
+
+    /// The `.eh_frame` rule for the instruction at `vaddr`, cached.
+    pub fn frame_rule(&self, vaddr: u64) -> Option<FrameRule> {
+        let eh = self.eh.as_ref()?;
+        if let Ok(cache) = eh.cache.lock() {
+            if let Some(r) = cache.get(&vaddr) {
+                return *r;
+            }
+        }
+        let rule = eh.rule(vaddr);
+        if let Ok(mut cache) = eh.cache.lock() {
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+            cache.insert(vaddr, rule);
+        }
+        rule
+    }
+}
+
+fn load_eh(file: &object::File, data: &Arc<[u8]>) -> Option<EhIndex> {
+    let sec = file.section_by_name(".eh_frame")?;
+    let (off, size) = sec.file_range()?;
+    let bytes: Arc<[u8]> = data.get(off as usize..(off + size) as usize)?.into();
+    let section = EhFrame::from(EndianArcSlice::new(bytes, LittleEndian));
+    let mut bases = BaseAddresses::default().set_eh_frame(sec.address());
+    if let Some(t) = file.section_by_name(".text") {
+        bases = bases.set_text(t.address());
+    }
+    if let Some(h) = file.section_by_name(".eh_frame_hdr") {
+        bases = bases.set_eh_frame_hdr(h.address());
+    }
+    if let Some(g) = file.section_by_name(".got") {
+        bases = bases.set_got(g.address());
+    }
+    let mut fdes = Vec::new();
+    let mut entries = section.entries(&bases);
+    while let Ok(Some(entry)) = entries.next() {
+        if let gimli::CieOrFde::Fde(partial) = entry {
+            if let Ok(fde) = partial.parse(EhFrame::cie_from_offset) {
+                let start = fde.initial_address();
+                if fde.len() > 0 {
+                    fdes.push((start, start + fde.len(), fde));
+                }
+            }
+        }
+    }
+    fdes.sort_by_key(|(s, _, _)| *s);
+    Some(EhIndex { section, bases, fdes, cache: Mutex::new(HashMap::new()) })
+}
+
+impl EhIndex {
+    fn rule(&self, vaddr: u64) -> Option<FrameRule> {
+        let i = self.fdes.partition_point(|(s, _, _)| *s <= vaddr);
+        let (_, end, fde) = self.fdes.get(i.checked_sub(1)?)?;
+        if vaddr >= *end {
+            return None;
+        }
+        let mut ctx = UnwindContext::new();
+        let row = fde.unwind_info_for_address(&self.section, &self.bases, &mut ctx, vaddr).ok()?;
+        let (cfa_from_rbp, cfa_offset) = match row.cfa() {
+            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => (false, *offset),
+            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => (true, *offset),
+            _ => return None,
+        };
+        let ra_offset = match row.register(X86_64::RA) {
+            Some(RegisterRule::Offset(o)) => Some(o),
+            Some(RegisterRule::Undefined) => None,
+            None => Some(-8),
+            _ => return None,
+        };
+        let rbp_offset = match row.register(X86_64::RBP) {
+            Some(RegisterRule::Offset(o)) => Some(o),
+            _ => None,
+        };
+        Some(FrameRule { cfa_from_rbp, cfa_offset, ra_offset, rbp_offset })
+    }
+}
