@@ -4,5 +4,8 @@
 
 pub mod probe_site;
 pub mod procmaps;
+pub mod reader;
 pub mod symbols;
+pub mod tracer;
+pub mod transport;
 pub mod unwind;

@@ -1,1 +1,208 @@
-fn main() {}
+//! `afetm-agent`: traces the functions of a plan with uprobes and streams (function, caller,
+//! callstack) events to the analyzer.
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use afetm_agent::{
+    reader::{Reader, ReaderConfig},
+    tracer::{self, Target, Tracer},
+    transport::{self, Outbox},
+};
+use afetm_proto::{self as pb, plan::PlanFile};
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Parser, Debug)]
+#[command(name = "afetm-agent", version, about = "Traces a plan's functions with uprobes and streams the calls to the afetm analyzer")]
+struct Cli {
+    /// Plan file (JSON): target and trace points; see the README.
+    #[arg(long)]
+    plan: PathBuf,
+    /// Analyzer gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    analyzer: String,
+    /// Name this agent reports (default: hostname/target basename).
+    #[arg(long)]
+    agent_id: Option<String>,
+    /// Most events held for the analyzer while it is slow or unreachable; the oldest go first.
+    #[arg(long, default_value_t = 2_000_000)]
+    queue_events: usize,
+    /// Bytes of user stack copied per call-stack event (64..=16384).
+    #[arg(long, default_value_t = agent_common::DEFAULT_STACK_WINDOW)]
+    stack_window: u32,
+    /// Write this file once every probe is attached (for scripts and tests).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Print the probe address chosen for every function.
+    #[arg(long)]
+    print_probes: bool,
+    /// Resolve the plan and print the probe sites without attaching anything (no root needed).
+    #[arg(long)]
+    dry_run: bool,
+    /// Give up sending after shutdown once this much time has passed.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("afetm-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn preflight() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("must run as root (loading uprobe programs needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)");
+    }
+    let tracefs = ["/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events"];
+    if !tracefs.iter().any(|p| Path::new(p).exists()) {
+        bail!("tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing (cargo xtask setup does it)");
+    }
+    if !Path::new("/sys/bus/event_source/devices/uprobe/type").exists() {
+        bail!("this kernel has no uprobe PMU (/sys/bus/event_source/devices/uprobe/type): CONFIG_UPROBE_EVENTS is off");
+    }
+    Ok(())
+}
+
+fn print_probes(report: &pb::PlanReport) {
+    println!("{:<40} {:>18} {:>18} {:<9} instruction", "function", "entry", "probe", "cost");
+    for p in &report.probes {
+        let cost = if p.emulated { "emulated" } else { "1-step" };
+        println!("{:<40} {:>#18x} {:>#18x} {:<9} {}", p.function, p.entry, p.probe, cost, p.instruction);
+    }
+}
+
+fn summary(report: &pb::PlanReport) -> (usize, usize, usize) {
+    let moved = report.probes.iter().filter(|p| p.probe != p.entry).count();
+    let emulated = report.probes.iter().filter(|p| p.emulated).count();
+    (report.probes.len(), emulated, moved)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let text = std::fs::read_to_string(&cli.plan).with_context(|| format!("reading plan {}", cli.plan.display()))?;
+    let plan = PlanFile::parse(&text).with_context(|| format!("plan {}", cli.plan.display()))?;
+    if cli.dry_run {
+        let target = Target::open(&plan.target)?;
+        let resolved = tracer::resolve(&target.module, &plan.points)?;
+        let report = pb::PlanReport {
+            probes: resolved
+                .iter()
+                .map(|r| pb::PlacedProbe { function: r.func.name.to_string(), entry: r.func.start, probe: r.site.vaddr, instruction: r.site.instruction.clone(), emulated: r.site.emulated })
+                .collect(),
+            ..Default::default()
+        };
+        print_probes(&report);
+        let (n, emulated, moved) = summary(&report);
+        eprintln!("{n} functions: {emulated} probes on emulated instructions ({moved} moved past the entry), {} single-stepped", n - emulated);
+        return Ok(());
+    }
+    preflight()?;
+    let target = Target::open(&plan.target)?;
+    let describe = target.describe();
+    let module = target.module.clone();
+    let (mut tracer, maps, table) = Tracer::load(target, cli.stack_window)?;
+    let report = tracer.apply(&plan)?;
+    let (n, emulated, moved) = summary(&report);
+    tracing::info!(target = %describe, functions = n, emulated, moved, single_stepped = n - emulated, "probes attached");
+    if cli.print_probes {
+        print_probes(&report);
+    }
+
+    let outbox = Outbox::new(cli.queue_events);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = Reader::new(maps, table, module, outbox.clone(), ReaderConfig::default());
+    let reader_stop = stop.clone();
+    let reader_thread = std::thread::Builder::new().name("afetm-reader".into()).spawn(move || reader.run(reader_stop))?;
+
+    if let Some(path) = &cli.ready_file {
+        std::fs::write(path, format!("{n}\n")).with_context(|| format!("writing {}", path.display()))?;
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    let agent_id = cli.agent_id.clone().unwrap_or_else(|| format!("{hostname}/{}", tracer.target().module.name));
+    let hello = pb::Hello { agent_id, instance: rand::random::<u64>().max(1), hostname, target: describe };
+    let pid = plan.target.pid;
+    let tracer = Arc::new(Mutex::new(tracer));
+    let outbox_run = outbox.clone();
+    rt.block_on(async move {
+        let outbox = outbox_run;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (plans_tx, mut plans_rx) = mpsc::channel::<pb::Plan>(8);
+        let (reports_tx, reports_rx) = mpsc::channel::<pb::PlanReport>(8);
+        let _ = reports_tx.send(report).await;
+        let transport = tokio::spawn(transport::run(cli.analyzer.clone(), hello, outbox.clone(), plans_tx, reports_rx, shutdown_rx, cli.drain_timeout));
+        let t = tracer.clone();
+        let plans = tokio::spawn(async move {
+            while let Some(p) = plans_rx.recv().await {
+                let t = t.clone();
+                let version = p.version;
+                let result = tokio::task::spawn_blocking(move || {
+                    let file = PlanFile::from_proto(&p).map_err(|e| e.to_string())?;
+                    t.lock().unwrap_or_else(|e| e.into_inner()).apply(&file).map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                let report = match result {
+                    Ok(r) => {
+                        let (n, emulated, _) = summary(&r);
+                        tracing::info!(version, functions = n, attached = r.attached, detached = r.detached, emulated, "new plan applied");
+                        r
+                    }
+                    Err(error) => {
+                        tracing::error!(version, %error, "plan refused; the previous plan stays");
+                        pb::PlanReport { version, ok: false, error, ..Default::default() }
+                    }
+                };
+                if reports_tx.send(report).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let target_gone = async {
+            match pid {
+                Some(pid) => loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                        tracing::info!(pid, "target process exited");
+                        break;
+                    }
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => tracing::info!("terminated"),
+            _ = target_gone => {}
+        }
+        stop.store(true, Ordering::Relaxed);
+        let stats = tokio::task::spawn_blocking(move || reader_thread.join()).await;
+        match stats {
+            Ok(Ok(s)) => tracing::info!(events = s.events, stack_events = s.stack_events, batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
+            _ => tracing::error!("reader thread failed"),
+        }
+        let _ = shutdown_tx.send(true);
+        let _ = transport.await;
+        plans.abort();
+    });
+    let (queued, dropped, rejected, _) = outbox.counters();
+    if queued > 0 || dropped > 0 || rejected > 0 {
+        tracing::warn!(unsent_batches = queued, dropped_events = dropped, rejected_batches = rejected, "not everything reached the analyzer");
+    }
+    Ok(())
+}

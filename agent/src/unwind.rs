@@ -5,6 +5,8 @@
 //! the CFA rules of the module the instruction belongs to; a function without unwind info falls
 //! back to the frame-pointer rule when rbp points into the window.
 
+use std::sync::Arc;
+
 use agent_common::EventHeader;
 
 use crate::symbols::{FrameRule, Module};
@@ -32,13 +34,7 @@ impl<'a> StackSnapshot<'a> {
 /// Return addresses from the innermost caller outwards. `locate` maps a runtime address to its
 /// module and the module's virtual address. Stops at the outermost frame (undefined return
 /// address), at the end of the window, at an address no module claims, or after `max_frames`.
-/// `keep_going(module)` is asked after each frame; returning false ends the walk after that frame.
-pub fn unwind<'m>(
-    snap: &StackSnapshot,
-    max_frames: usize,
-    mut locate: impl FnMut(u64) -> Option<(&'m Module, u64)>,
-    mut keep_going: impl FnMut(&Module) -> bool,
-) -> Vec<u64> {
+pub fn unwind(snap: &StackSnapshot, max_frames: usize, mut locate: impl FnMut(u64) -> Option<(Arc<Module>, u64)>) -> Vec<u64> {
     let mut out = Vec::new();
     let (mut sp, mut bp) = (snap.sp, snap.bp);
     // The first lookup uses the exact probe address; later ones use ret - 1, inside the call.
@@ -65,9 +61,6 @@ pub fn unwind<'m>(
         }
         sp = cfa;
         out.push(ra);
-        if !keep_going(module) {
-            break;
-        }
         lookup = ra - 1;
     }
     out

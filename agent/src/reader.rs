@@ -1,0 +1,430 @@
+//! The ring buffer reader: turns raw records into AFETM trace elements (function, caller,
+//! callstack), batches them for the analyzer, reports calls counted in count-only mode, process
+//! exits and kernel-side drops.
+//!
+//! Records are submitted without wakeups, so the reader polls on a short timer. Callers are
+//! resolved from the return address through `/proc/<pid>/maps` and the module's functions;
+//! stacks are unwound from the copied window and kept up to and including the first frame
+//! outside the traced module (where a full trace of the module would see its root).
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use afetm_proto as pb;
+use agent_common::{EventHeader, HEADER_LEN, Mode, kind, stat};
+
+use crate::{
+    procmaps::{Mapping, ProcMaps},
+    symbols::Module,
+    tracer::{FnTable, ReaderMaps},
+    transport::Outbox,
+    unwind::{StackSnapshot, unwind},
+};
+
+#[derive(Clone, Debug)]
+pub struct ReaderConfig {
+    /// How often the ring buffer is drained.
+    pub poll: Duration,
+    /// Longest time an event waits in a batch.
+    pub flush: Duration,
+    /// An empty batch carries the agent clock at least this often (closes windows on time).
+    pub heartbeat: Duration,
+    pub max_batch_events: usize,
+    pub max_frames: usize,
+    /// Count-only functions are reported this often.
+    pub count_interval: Duration,
+}
+
+impl Default for ReaderConfig {
+    fn default() -> Self {
+        ReaderConfig {
+            poll: Duration::from_millis(5),
+            flush: Duration::from_millis(100),
+            heartbeat: Duration::from_millis(500),
+            max_batch_events: 16_384,
+            max_frames: 128,
+            count_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Agent-side names for functions, sent to the analyzer as `Symbol`s.
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<(Arc<str>, Arc<str>), u32>,
+    defs: Vec<(Arc<str>, Arc<str>)>,
+}
+
+impl Interner {
+    fn id(&mut self, module: &str, name: &str) -> u32 {
+        let key: (Arc<str>, Arc<str>) = (module.into(), name.into());
+        if let Some(id) = self.ids.get(&key) {
+            return *id;
+        }
+        self.defs.push(key.clone());
+        let id = self.defs.len() as u32;
+        self.ids.insert(key, id);
+        id
+    }
+
+    fn def(&self, id: u32) -> Option<pb::Symbol> {
+        let (m, n) = self.defs.get(id.checked_sub(1)? as usize)?;
+        Some(pb::Symbol { id, module: m.to_string(), name: n.to_string() })
+    }
+}
+
+struct Proc {
+    maps: ProcMaps,
+    refreshed: Instant,
+    /// lookup address -> (symbol, in the traced module)
+    syms: HashMap<u64, (u32, bool)>,
+}
+
+const SYM_CACHE_LIMIT: usize = 1 << 16;
+
+/// Counters the reader keeps for its final report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReaderStats {
+    pub events: u64,
+    pub stack_events: u64,
+    pub malformed: u64,
+    pub unknown_fn: u64,
+    pub kernel_drops: u64,
+    pub unwinder_disagreed: u64,
+    pub batches: u64,
+}
+
+pub struct Reader {
+    maps: ReaderMaps,
+    table: FnTable,
+    target: Arc<Module>,
+    target_module: String,
+    /// pid -> load bias of the traced module, learnt from probe addresses.
+    biases: HashMap<u32, u64>,
+    fn_probe: HashMap<u32, u64>,
+    outbox: Arc<Outbox>,
+    cfg: ReaderConfig,
+    syms: Interner,
+    procs: HashMap<u32, Proc>,
+    modules: HashMap<Arc<str>, Option<Arc<Module>>>,
+    fn_syms: HashMap<u32, u32>,
+    events: Vec<pb::CallEvent>,
+    counts: Vec<pb::CallCount>,
+    exits: Vec<pb::ProcessExit>,
+    live: HashSet<u32>,
+    counts_prev: HashMap<u32, u64>,
+    stats: ReaderStats,
+}
+
+impl Reader {
+    pub fn new(maps: ReaderMaps, table: FnTable, target: Arc<Module>, outbox: Arc<Outbox>, cfg: ReaderConfig) -> Reader {
+        let target_module = target.name.clone();
+        Reader {
+            maps,
+            table,
+            target,
+            target_module,
+            biases: HashMap::new(),
+            fn_probe: HashMap::new(),
+            outbox,
+            cfg,
+            syms: Interner::default(),
+            procs: HashMap::new(),
+            modules: HashMap::new(),
+            fn_syms: HashMap::new(),
+            events: Vec::new(),
+            counts: Vec::new(),
+            exits: Vec::new(),
+            live: HashSet::new(),
+            counts_prev: HashMap::new(),
+            stats: ReaderStats::default(),
+        }
+    }
+
+    /// Runs until `stop` is set, then drains, reports exits and flushes.
+    pub fn run(mut self, stop: Arc<AtomicBool>) -> ReaderStats {
+        let mut last_flush = Instant::now();
+        let mut last_push = Instant::now();
+        let mut last_exit_check = Instant::now();
+        let mut last_counts = Instant::now();
+        loop {
+            let stopping = stop.load(Ordering::Relaxed);
+            self.drain();
+            if stopping || last_exit_check.elapsed() >= Duration::from_millis(250) {
+                self.check_exits();
+                last_exit_check = Instant::now();
+            }
+            if stopping || last_counts.elapsed() >= self.cfg.count_interval {
+                self.read_counts(last_counts.elapsed());
+                last_counts = Instant::now();
+            }
+            let due = last_flush.elapsed() >= self.cfg.flush;
+            let has_data = !self.events.is_empty() || !self.counts.is_empty() || !self.exits.is_empty();
+            if stopping || (due && has_data) || last_push.elapsed() >= self.cfg.heartbeat {
+                self.cut();
+                last_push = Instant::now();
+            }
+            if due {
+                last_flush = Instant::now();
+            }
+            if stopping {
+                break;
+            }
+            std::thread::sleep(self.cfg.poll);
+        }
+        self.stats
+    }
+
+    fn drain(&mut self) {
+        let mut n = 0usize;
+        let mut bytes: Vec<u8> = Vec::with_capacity(agent_common::MAX_STACK_WINDOW + HEADER_LEN);
+        loop {
+            match self.maps.events.next() {
+                Some(item) => {
+                    bytes.clear();
+                    bytes.extend_from_slice(&item);
+                }
+                None => break,
+            }
+            self.handle(&bytes);
+            n += 1;
+            if self.events.len() >= self.cfg.max_batch_events {
+                self.cut();
+            }
+            if n >= 1 << 20 {
+                break; // let the timers run under a flood
+            }
+        }
+    }
+
+    fn fn_symbol(&mut self, fn_id: u32) -> Option<u32> {
+        if let Some(s) = self.fn_syms.get(&fn_id) {
+            return Some(*s);
+        }
+        let entry = self.table.read().unwrap_or_else(|p| p.into_inner()).get(fn_id as usize).cloned().flatten()?;
+        let s = self.syms.id(&entry.module, &entry.name);
+        self.fn_syms.insert(fn_id, s);
+        self.fn_probe.insert(fn_id, entry.probe_vaddr);
+        Some(s)
+    }
+
+    fn module_for(&mut self, pid: u32, m: &Mapping) -> Option<Arc<Module>> {
+        if let Some(found) = self.modules.get(&m.path) {
+            return found.clone();
+        }
+        let loaded = match Module::load(&m.open_path(pid)) {
+            Ok(mut module) => {
+                module.name = PathBuf::from(&*m.path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                module.path = PathBuf::from(&*m.path);
+                Some(Arc::new(module))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read module; its frames stay unnamed");
+                None
+            }
+        };
+        self.modules.insert(m.path.clone(), loaded.clone());
+        loaded
+    }
+
+    fn proc(&mut self, pid: u32) -> Option<&mut Proc> {
+        if !self.procs.contains_key(&pid) {
+            let maps = ProcMaps::read(pid).ok()?;
+            self.procs.insert(pid, Proc { maps, refreshed: Instant::now(), syms: HashMap::new() });
+        }
+        self.procs.get_mut(&pid)
+    }
+
+    /// Module and module virtual address of a runtime address in `pid`. Addresses in the traced
+    /// module resolve through the load bias, without `/proc` (the process may be gone already);
+    /// others through `/proc/<pid>/maps`.
+    fn locate(&mut self, pid: u32, addr: u64) -> Option<(Arc<Module>, u64)> {
+        if let Some(bias) = self.biases.get(&pid) {
+            let vaddr = addr.wrapping_sub(*bias);
+            if self.target.function_at(vaddr).is_some() {
+                return Some((self.target.clone(), vaddr));
+            }
+        }
+        let proc = self.proc(pid)?;
+        let mapping = match proc.maps.find(addr) {
+            Some(m) => m.clone(),
+            None => {
+                // New mappings (dlopen) show up on a re-read, at most every 100 ms.
+                if proc.refreshed.elapsed() < Duration::from_millis(100) {
+                    return None;
+                }
+                proc.maps = ProcMaps::read(pid).ok()?;
+                proc.refreshed = Instant::now();
+                proc.maps.find(addr)?.clone()
+            }
+        };
+        if !mapping.is_file() {
+            return None;
+        }
+        let module = self.module_for(pid, &mapping)?;
+        let vaddr = module.offset_to_vaddr(addr - mapping.start + mapping.offset)?;
+        Some((module, vaddr))
+    }
+
+    /// Symbol of the function containing `addr` in `pid` (0 when unknown), and whether it lies
+    /// in the traced module.
+    fn symbol_at(&mut self, pid: u32, addr: u64) -> (u32, bool) {
+        if let Some(hit) = self.procs.get(&pid).and_then(|p| p.syms.get(&addr)) {
+            return *hit;
+        }
+        let found = match self.locate(pid, addr) {
+            Some((module, vaddr)) => {
+                let in_target = module.name == self.target_module;
+                let id = match module.function_at(vaddr) {
+                    Some(f) => self.syms.id(&module.name, &f.name),
+                    None => self.syms.id(&module.name, &format!("{}+0x{vaddr:x}", module.name)),
+                };
+                (id, in_target)
+            }
+            None => (0, false),
+        };
+        if let Some(p) = self.procs.get_mut(&pid) {
+            if p.syms.len() >= SYM_CACHE_LIMIT {
+                p.syms.clear();
+            }
+            p.syms.insert(addr, found);
+        }
+        found
+    }
+
+    fn handle(&mut self, bytes: &[u8]) {
+        let Some(h) = EventHeader::read(bytes) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let Some(function) = self.fn_symbol(h.fn_id) else {
+            self.stats.unknown_fn += 1;
+            return;
+        };
+        if let Some(probe) = self.fn_probe.get(&h.fn_id) {
+            self.biases.entry(h.pid).or_insert(h.ip.wrapping_sub(*probe));
+        }
+        if !self.procs.contains_key(&h.pid) {
+            let _ = self.proc(h.pid); // snapshot the maps as early as possible
+        }
+        let caller = if h.ret_addr > 0 { self.symbol_at(h.pid, h.ret_addr - 1).0 } else { 0 };
+        let mut callstack = Vec::new();
+        if h.kind == kind::CALL_STACK {
+            self.stats.stack_events += 1;
+            let end = HEADER_LEN.saturating_add(h.stack_len as usize);
+            match bytes.get(HEADER_LEN..end) {
+                Some(stack) if !stack.is_empty() => {
+                    let snap = StackSnapshot::new(&h, stack);
+                    let pid = h.pid;
+                    let addrs = unwind(&snap, self.cfg.max_frames, |a| self.locate(pid, a));
+                    for ra in addrs {
+                        let (sym, in_target) = self.symbol_at(pid, ra - 1);
+                        callstack.push(sym);
+                        if !in_target || sym == 0 {
+                            break;
+                        }
+                    }
+                    if caller != 0 && callstack.first() != Some(&caller) {
+                        self.stats.unwinder_disagreed += 1;
+                        callstack.clear();
+                    }
+                }
+                _ => self.stats.malformed += (end > bytes.len()) as u64,
+            }
+            // Unknown frames carry no information the analyzer can use.
+            callstack.retain(|s| *s != 0);
+        }
+        self.live.insert(h.pid);
+        self.stats.events += 1;
+        self.events.push(pb::CallEvent { pid: h.pid, tid: h.tid, ts_ns: h.ts_ns, function, caller, callstack });
+    }
+
+    fn check_exits(&mut self) {
+        let gone: Vec<u32> = self
+            .live
+            .iter()
+            .copied()
+            .filter(|pid| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                // State is the field after the parenthesised command name.
+                Ok(s) => s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|st| st == "Z" || st == "X"),
+                Err(_) => true,
+            })
+            .collect();
+        for pid in gone {
+            self.live.remove(&pid);
+            self.procs.remove(&pid);
+            self.biases.remove(&pid);
+            self.exits.push(pb::ProcessExit { pid, ts_ns: monotonic_ns() });
+            tracing::debug!(pid, "traced process exited");
+        }
+    }
+
+    fn read_counts(&mut self, interval: Duration) {
+        let ids: Vec<(u32, Arc<str>, Arc<str>)> = {
+            let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+            table.iter().enumerate().filter_map(|(i, e)| e.as_ref().filter(|e| e.mode == Mode::Count).map(|e| (i as u32, e.module.clone(), e.name.clone()))).collect()
+        };
+        for (id, module, name) in ids {
+            let total: u64 = match self.maps.counts.get(&id, 0) {
+                Ok(values) => values.iter().sum(),
+                Err(_) => continue,
+            };
+            let prev = self.counts_prev.insert(id, total).unwrap_or(0);
+            let calls = total.saturating_sub(prev);
+            if calls > 0 {
+                let function = self.syms.id(&module, &name);
+                self.counts.push(pb::CallCount { function, calls, interval_ns: interval.as_nanos() as u64 });
+            }
+        }
+    }
+
+    fn kernel_drops(&self) -> u64 {
+        self.maps.stats.get(&stat::DROPPED, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Cuts the pending events into a batch and queues it.
+    fn cut(&mut self) {
+        let drops = self.kernel_drops();
+        if drops > self.stats.kernel_drops {
+            tracing::warn!(dropped = drops, new = drops - self.stats.kernel_drops, "ring buffer full: the kernel side dropped events");
+        }
+        self.stats.kernel_drops = drops;
+        let mut referenced: BTreeSet<u32> = BTreeSet::new();
+        for e in &self.events {
+            referenced.insert(e.function);
+            referenced.insert(e.caller);
+            referenced.extend(e.callstack.iter().copied());
+        }
+        referenced.extend(self.counts.iter().map(|c| c.function));
+        referenced.remove(&0);
+        let acked = self.outbox.acked_symbols();
+        let symbols = referenced.into_iter().filter(|s| !acked.contains(s)).filter_map(|s| self.syms.def(s)).collect();
+        let batch = pb::Batch {
+            seq: 0,
+            agent_clock_ns: monotonic_ns(),
+            symbols,
+            events: std::mem::take(&mut self.events),
+            counts: std::mem::take(&mut self.counts),
+            exits: std::mem::take(&mut self.exits),
+            kernel_drops: drops,
+            queue_drops: 0,
+        };
+        self.outbox.push(batch);
+        self.stats.batches += 1;
+    }
+}
