@@ -169,3 +169,37 @@ mod tests {
         }
     }
 }
+
+/// The paper's equivalence claim, checked: each AFCT must equal the colored FCT of the same
+/// thread with its red nodes masked. Threads are matched by their root functions (thread ids
+/// differ between runs). Returns one line per mismatch; empty means equivalent.
+pub fn compare_threads(masked_fcts: &[Forest], afcts: &[Forest], table: &crate::tree::FuncTable) -> Vec<String> {
+    fn key(f: &Forest, t: &crate::tree::FuncTable) -> Vec<String> {
+        f.canonical(t).into_iter().filter(|l| l.starts_with("0 ")).collect()
+    }
+    let mut problems = Vec::new();
+    let mut unmatched: Vec<&Forest> = afcts.iter().collect();
+    for fct in masked_fcts.iter().filter(|f| !f.is_empty()) {
+        let k = key(fct, table);
+        let Some(pos) = unmatched.iter().position(|a| key(a, table) == k) else {
+            problems.push(format!("no AFCT has the roots {k:?}"));
+            continue;
+        };
+        let afct = unmatched.remove(pos);
+        let (want, got) = (fct.canonical(table), afct.canonical(table));
+        if want != got {
+            let at = want.iter().zip(&got).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
+            problems.push(format!(
+                "roots {k:?}: masked FCT has {} nodes, AFCT {}; first difference at line {at}: {:?} vs {:?}",
+                want.len(),
+                got.len(),
+                want.get(at),
+                got.get(at)
+            ));
+        }
+    }
+    for a in unmatched.iter().filter(|a| !a.is_empty()) {
+        problems.push(format!("AFCT with roots {:?} has no FCT", key(a, table)));
+    }
+    problems
+}

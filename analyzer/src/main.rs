@@ -2,6 +2,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use afetm_analyzer::{
+    tree::Forest,
     service::{self, Analyzer},
     store::{Limits, Store, WindowConfig},
 };
@@ -56,8 +57,15 @@ enum Cmd {
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
         /// Windows whose AFCTs are the normal FCTs (all their threads).
-        #[arg(long = "window", required = true)]
+        #[arg(long = "window", required_unless_present = "agent")]
         windows: Vec<u64>,
+        /// Use every closed window of this agent as the normal FCTs.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Afterwards, check that this agent's AFCTs equal the masked colored FCTs (the
+        /// paper's equivalence claim) and say where they differ.
+        #[arg(long)]
+        check_agent: Option<String>,
         /// The trace point set F, comma separated.
         #[arg(long, value_delimiter = ',', required = true)]
         traced: Vec<String>,
@@ -128,9 +136,15 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Color { server, windows, traced, target, out } => {
+        Cmd::Color { server, mut windows, agent, check_agent, traced, target, out } => {
             let mut q = QueryClient::connect(server.clone()).await.with_context(|| format!("cannot reach analyzer at {server}"))?;
             let all = q.list_windows(pb::ListWindowsRequest { agent_id: String::new(), pid: 0, closed_only: true }).await?.into_inner().windows;
+            if let Some(a) = &agent {
+                windows.extend(all.iter().filter(|w| w.agent_id == *a).map(|w| w.id));
+                if windows.is_empty() {
+                    bail!("agent {a:?} has no closed windows");
+                }
+            }
             let mut fcts = Vec::new();
             for id in &windows {
                 let w = all.iter().find(|w| w.id == *id).with_context(|| format!("window {id} is unknown or still open"))?;
@@ -147,6 +161,34 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{json}");
             } else {
                 std::fs::write(&out, json + "\n").with_context(|| format!("writing {out}"))?;
+            }
+            if let Some(check) = check_agent {
+                let mut table = afetm_analyzer::tree::FuncTable::default();
+                let masked = resp
+                    .colored
+                    .iter()
+                    .map(|t| Forest::from_proto(t, &mut table).map(|f| afetm_analyzer::coloring::mask_red(&f)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(anyhow::Error::msg)?;
+                let mut afcts = Vec::new();
+                for w in all.iter().filter(|w| w.agent_id == check) {
+                    for tid in &w.tids {
+                        let t = q.get_afct(pb::GetAfctRequest { window_id: w.id, tid: *tid }).await?.into_inner().tree.unwrap_or_default();
+                        afcts.push(Forest::from_proto(&t, &mut table).map_err(anyhow::Error::msg)?);
+                    }
+                }
+                if afcts.is_empty() {
+                    bail!("agent {check:?} has no closed windows to check");
+                }
+                let problems = afetm_analyzer::coloring::compare_threads(&masked, &afcts, &table);
+                if problems.is_empty() {
+                    println!("equivalent: the {} AFCTs of {check} equal the masked colored FCTs", afcts.len());
+                } else {
+                    for p in &problems {
+                        println!("differs: {p}");
+                    }
+                    bail!("{} thread(s) differ", problems.len());
+                }
             }
             Ok(())
         }

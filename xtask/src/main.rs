@@ -1,1 +1,182 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | demo | bench probe`.
+//!
+//! `setup` installs, idempotently, what building and testing need on a fresh Debian machine:
+//! Debian's rustc/cargo/std sources (the eBPF crate needs `-Z build-std=core`), LLVM 22 and
+//! bpf-linker built against it, gcc, bpftrace (benchmark baseline), and mounts tracefs/debugfs.
+//! Every other task checks the same things first and names what is missing in one line.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install and configure everything the build and the tests need (idempotent).
+    Setup,
+    /// Check the prerequisites without changing anything.
+    Check,
+    /// Set up, build, and run every test of the workspace.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and trace the bundled example program end to end, printing the AFCTs.
+    Demo,
+    /// Benchmarks that print figures as ratios to a baseline taken in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+const APT_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev", "gcc", "libc6-dev", "bpftrace", "iproute2"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+pub fn tools_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AFETM_TOOLS") {
+        return PathBuf::from(d);
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/afetm/tools")
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new(tools_dir().join("bin/bpf-linker"))
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false)
+}
+
+fn mounted(fs: &str, at: &str) -> bool {
+    std::fs::read_to_string("/proc/mounts").map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(at) && l.split_whitespace().nth(2) == Some(fs))).unwrap_or(false)
+}
+
+/// What is missing, one item per entry; empty when everything is in place.
+fn problems() -> Vec<String> {
+    let mut out = Vec::new();
+    let pkgs = missing_packages();
+    if !pkgs.is_empty() {
+        out.push(format!("Debian packages {}", pkgs.join(" ")));
+    }
+    if !bpf_linker_ok() {
+        out.push(format!("bpf-linker {BPF_LINKER_VERSION} in {}", tools_dir().join("bin").display()));
+    }
+    if !mounted("tracefs", "/sys/kernel/tracing") && !Path::new("/sys/kernel/tracing/uprobe_events").exists() {
+        out.push("tracefs at /sys/kernel/tracing".into());
+    }
+    out
+}
+
+/// Fails with one clear line when setup has not been run.
+pub fn check() -> Result<()> {
+    let p = problems();
+    if !p.is_empty() {
+        bail!("missing: {} (run `cargo xtask setup`)", p.join("; "));
+    }
+    Ok(())
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    let pkgs = missing_packages();
+    if !pkgs.is_empty() {
+        if !is_root() {
+            bail!("Debian packages {} are missing and installing them needs root", pkgs.join(" "));
+        }
+        eprintln!("xtask setup: installing {}", pkgs.join(" "));
+        run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-q"]))?;
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", "--no-install-recommends"])
+            .args(&pkgs))?;
+    }
+    if !bpf_linker_ok() {
+        eprintln!("xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes)");
+        run(Command::new("cargo")
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features", "--features", "llvm-22", "--root"])
+            .arg(tools_dir()))?;
+    }
+    for (fs, at) in [("tracefs", "/sys/kernel/tracing"), ("debugfs", "/sys/kernel/debug")] {
+        if !mounted(fs, at) && is_root() {
+            let _ = Command::new("mount").args(["-t", fs, fs, at]).status();
+        }
+    }
+    check()?;
+    eprintln!("xtask setup: everything in place");
+    Ok(())
+}
+
+/// `cargo <args> --ignore-rust-version` in the workspace root (aya declares rust-version 1.98).
+pub fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root()).args(args).arg("--ignore-rust-version");
+    c
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Check => check(),
+        Cmd::Test { args } => setup().and_then(|_| {
+            run(&mut cargo(&["build", "--workspace", "--bins"]))?;
+            let mut c = cargo(&["test", "--workspace"]);
+            c.env("AFETM_BIN_DIR", root().join("target/debug"));
+            if !args.is_empty() {
+                c.arg("--").args(&args);
+            }
+            run(&mut c)
+        }),
+        Cmd::Demo => setup().and_then(|_| demo::run()),
+        Cmd::Bench { which } => check().and_then(|_| bench::run(which)),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
