@@ -282,6 +282,12 @@ impl Query for Analyzer {
         Ok(Response::new(pb::GetAfctResponse { text: forest.render(&table), tree: Some(tree) }))
     }
 
+    async fn counts(&self, request: Request<pb::CountsRequest>) -> Result<Response<pb::CountsResponse>, Status> {
+        let agent = request.into_inner().agent_id;
+        let counts = self.with_store(move |s| s.counts(&agent)).await.map_err(status)?;
+        Ok(Response::new(pb::CountsResponse { counts }))
+    }
+
     async fn stats(&self, _: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let (windows_closed, afcts) = self.with_store(|s| s.totals()).await.map_err(status)?;
         let s = &self.stats;

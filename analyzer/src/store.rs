@@ -477,6 +477,18 @@ impl Store {
         blob.map(|b| pb::Tree::decode(b.as_slice()).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
     }
 
+    /// Calls counted in count-only mode, per function.
+    pub fn counts(&self, agent_id: &str) -> Result<Vec<pb::FunctionCount>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT f.module, f.name, SUM(c.calls), SUM(c.interval_ns) FROM counts c JOIN functions f ON f.id = c.function_id
+             WHERE (?1 = '' OR c.agent_id = ?1) GROUP BY f.id ORDER BY f.module, f.name",
+        )?;
+        let rows = stmt.query_map(params![agent_id], |r| {
+            Ok(pb::FunctionCount { module: r.get(0)?, function: r.get(1)?, calls: r.get::<_, i64>(2)? as u64, interval_ns: r.get::<_, i64>(3)? as u64 })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Aggregate counters over the whole database.
     pub fn totals(&self) -> Result<(u64, u64), StoreError> {
         let closed: i64 = self.conn.query_row("SELECT COUNT(*) FROM windows WHERE closed = 1", [], |r| r.get(0))?;

@@ -1,0 +1,249 @@
+//! Harness for the agent's end-to-end tests: real analyzer processes, real agents with real
+//! uprobes, the real `calltree` program built with gcc.
+#![allow(dead_code)]
+
+use std::{
+    io::Read,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use afetm_analyzer::tree::{Forest, FuncTable};
+use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
+
+/// Root tests share two cores and the uprobe subsystem; one at a time keeps timings sane.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skips the calling test (returning early) when not root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !common::is_root() {
+            eprintln!("SKIPPED: this test attaches real uprobes and needs root; run it as root (cargo xtask test)");
+            return;
+        }
+    };
+}
+
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AFETM_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    PathBuf::from(env!("CARGO_BIN_EXE_afetm-agent")).parent().expect("binary dir").to_path_buf()
+}
+
+pub fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_afetm-agent"))
+}
+
+pub fn analyzer_bin() -> PathBuf {
+    let p = bin_dir().join("afetm-analyzer");
+    assert!(p.exists(), "{} is missing: build the workspace binaries first (cargo xtask test does)", p.display());
+    p
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Builds `testbed/progs/calltree.c` into `dir`, with or without frame pointers.
+pub fn build_calltree(dir: &Path, frame_pointers: bool) -> PathBuf {
+    let out = dir.join(if frame_pointers { "calltree-fp" } else { "calltree-nofp" });
+    let fp = if frame_pointers { "-fno-omit-frame-pointer" } else { "-fomit-frame-pointer" };
+    let status = Command::new("gcc")
+        .args(["-O1", "-g", "-fno-inline", "-fno-optimize-sibling-calls", fp, "-pthread", "-o"])
+        .arg(&out)
+        .arg(repo_root().join("testbed/progs/calltree.c"))
+        .status()
+        .expect("running gcc");
+    assert!(status.success(), "gcc failed");
+    out
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc(pub Option<Child>);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub struct AnalyzerProc {
+    pub proc: Proc,
+    pub port: u16,
+    pub url: String,
+}
+
+impl AnalyzerProc {
+    pub fn start(db: &Path, port: u16, extra: &[&str]) -> AnalyzerProc {
+        let child = Command::new(analyzer_bin())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+            .arg(db)
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting afetm-analyzer");
+        let url = format!("http://127.0.0.1:{port}");
+        let a = AnalyzerProc { proc: Proc(Some(child)), port, url };
+        let start = Instant::now();
+        loop {
+            let ok = rt().block_on(async { QueryClient::connect(a.url.clone()).await.is_ok() });
+            if ok {
+                return a;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "analyzer did not come up");
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.proc.0.take() {
+            c.kill().expect("kill analyzer");
+            c.wait().expect("reap analyzer");
+        }
+    }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+pub fn write_plan(dir: &Path, name: &str, target: &Path, points: &[(&str, &str)]) -> PathBuf {
+    let points: Vec<String> = points.iter().map(|(f, m)| format!(r#"{{"function":"{f}","mode":"{m}"}}"#)).collect();
+    let text = format!(r#"{{"target":{{"path":"{}"}},"points":[{}]}}"#, target.display(), points.join(","));
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, text).expect("write plan");
+    path
+}
+
+pub struct AgentProc {
+    pub proc: Proc,
+    pub stderr_path: PathBuf,
+}
+
+impl AgentProc {
+    /// Starts an agent and waits until its probes are attached.
+    pub fn start(plan: &Path, url: &str, agent_id: &str, dir: &Path) -> AgentProc {
+        let ready = dir.join(format!("{agent_id}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let stderr_path = dir.join(format!("{agent_id}.log"));
+        let log = std::fs::File::create(&stderr_path).expect("agent log");
+        let child = Command::new(agent_bin())
+            .args(["--plan"])
+            .arg(plan)
+            .args(["--analyzer", url, "--agent-id", agent_id, "--ready-file"])
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting afetm-agent");
+        let mut a = AgentProc { proc: Proc(Some(child)), stderr_path };
+        let start = Instant::now();
+        while !ready.exists() {
+            if let Some(status) = a.proc.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("agent exited early ({status}): {}", a.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "agent not ready: {}", a.log());
+            sleep(Duration::from_millis(20));
+        }
+        a
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// SIGTERM: the agent drains its ring buffer and queue, then exits 0.
+    pub fn stop(mut self) -> String {
+        let mut c = self.proc.0.take().expect("agent running");
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let status = c.wait().expect("wait agent");
+        let log = self.log();
+        assert!(status.success(), "agent exited with {status}: {log}");
+        log
+    }
+}
+
+/// Runs `calltree iterations seconds` to completion.
+pub fn run_prog(prog: &Path, iterations: u32, seconds: f64) {
+    let status = Command::new(prog).args([iterations.to_string(), seconds.to_string()]).stdout(Stdio::null()).status().expect("run calltree");
+    assert!(status.success());
+}
+
+pub async fn windows(url: &str, agent: &str, closed_only: bool) -> Vec<pb::WindowInfo> {
+    let mut q = QueryClient::connect(url.to_string()).await.expect("connect");
+    q.list_windows(pb::ListWindowsRequest { agent_id: agent.into(), pid: 0, closed_only }).await.expect("list windows").into_inner().windows
+}
+
+/// Every AFCT of an agent's closed windows, as forests over one function table.
+pub async fn afcts(url: &str, agent: &str) -> (FuncTable, Vec<(pb::WindowInfo, u32, Forest)>) {
+    let mut q = QueryClient::connect(url.to_string()).await.expect("connect");
+    let mut table = FuncTable::default();
+    let mut out = Vec::new();
+    for w in windows(url, agent, true).await {
+        for tid in w.tids.clone() {
+            let t = q.get_afct(pb::GetAfctRequest { window_id: w.id, tid }).await.expect("get afct").into_inner().tree.expect("tree");
+            out.push((w.clone(), tid, Forest::from_proto(&t, &mut table).expect("valid tree")));
+        }
+    }
+    (table, out)
+}
+
+pub async fn control(url: &str) -> ControlClient<tonic::transport::Channel> {
+    ControlClient::connect(url.to_string()).await.expect("connect control")
+}
+
+pub async fn agent_info(url: &str, agent: &str) -> Option<pb::AgentInfo> {
+    let mut q = QueryClient::connect(url.to_string()).await.expect("connect");
+    q.list_agents(pb::ListAgentsRequest {}).await.expect("list agents").into_inner().agents.into_iter().filter(|a| a.agent_id == agent).last()
+}
+
+/// Whether some node path in `f` spells `names` (parent to child, by function name).
+pub fn has_path(f: &Forest, t: &FuncTable, names: &[&str]) -> bool {
+    f.nodes.iter().enumerate().any(|(i, n)| {
+        if *t.get(n.func).name != *names[0] {
+            return false;
+        }
+        let mut cur = i;
+        for want in &names[1..] {
+            match f.nodes[cur].children.iter().find(|c| *t.get(f.nodes[**c as usize].func).name == **want) {
+                Some(c) => cur = *c as usize,
+                None => return false,
+            }
+        }
+        true
+    })
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
