@@ -277,3 +277,48 @@ mod tests {
         assert_eq!(fwd.build(100), rev.build(100));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// On any trace: no function repeats on a root-to-node path, every observed edge u->v
+        /// appears under every node of u unless v is already on that node's path, and the
+        /// node cap holds.
+        #[test]
+        fn unrolling_is_complete_and_acyclic(edges in proptest::collection::vec((0u32..8, 0u32..8), 1..40), cap in 1usize..400) {
+            let mut d = TraceData::new();
+            for (c, f) in &edges {
+                d.add_call(FuncId(*f), Some(FuncId(*c)), &[]);
+            }
+            let tree = d.build(cap);
+            prop_assert!(tree.len() <= cap);
+            let path = |mut i: usize| {
+                let mut p = vec![tree.nodes[i].func];
+                while let Some(up) = tree.nodes[i].parent { i = up as usize; p.push(tree.nodes[i].func); }
+                p
+            };
+            for i in 0..tree.len() {
+                let p = path(i);
+                let unique: HashSet<_> = p.iter().collect();
+                prop_assert_eq!(unique.len(), p.len(), "function repeated on a path");
+            }
+            if !tree.truncated {
+                for (i, n) in tree.nodes.iter().enumerate() {
+                    let on_path: HashSet<FuncId> = path(i).into_iter().collect();
+                    let kids: HashSet<FuncId> = n.children.iter().map(|c| tree.nodes[*c as usize].func).collect();
+                    for (c, f) in &edges {
+                        if FuncId(*c) == n.func && !on_path.contains(&FuncId(*f)) {
+                            prop_assert!(kids.contains(&FuncId(*f)), "edge {c}->{f} missing under a node");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
