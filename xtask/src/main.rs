@@ -173,7 +173,7 @@ fn main() {
             run(&mut c)
         }),
         Cmd::Demo => setup().and_then(|_| demo::run()),
-        Cmd::Bench { which } => check().and_then(|_| bench::run(which)),
+        Cmd::Bench { which } => check().and_then(|_| bench::run_bench(which)),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");
