@@ -382,10 +382,14 @@ pub async fn serve(
     health.set_serving::<IngestServer<Analyzer>>().await;
     health.set_serving::<QueryServer<Analyzer>>().await;
     health.set_serving::<ControlServer<Analyzer>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(afetm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: older grpcurl releases only speak v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(afetm_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_alpha = reflection_builder().build_v1alpha()?;
     let sweeper = analyzer.clone();
     let sweep = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10).min(stale_after));
@@ -399,6 +403,7 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(IngestServer::new(analyzer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .add_service(QueryServer::new(analyzer.clone()))
         .add_service(ControlServer::new(analyzer).max_decoding_message_size(MAX_MESSAGE_BYTES))

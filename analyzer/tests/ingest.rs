@@ -164,3 +164,27 @@ async fn duplicates_are_acked_once_and_windows_survive_a_reopen() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     server.shutdown().await;
 }
+
+/// What grpcurl needs: reflection lists the services, health says they serve.
+#[tokio::test]
+async fn reflection_and_health_answer() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("r.sqlite")).await;
+    let channel = tonic::transport::Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let mut refl = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let services: Vec<String> = match resp.message().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    };
+    for want in ["afetm.v1.Ingest", "afetm.v1.Query", "afetm.v1.Control", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == want), "{want} not listed: {services:?}");
+    }
+    let mut health = HealthClient::new(channel);
+    let st = health.check(HealthCheckRequest { service: "afetm.v1.Query".into() }).await.unwrap().into_inner();
+    assert_eq!(st.status, ServingStatus::Serving as i32);
+    server.shutdown().await;
+}
