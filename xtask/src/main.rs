@@ -136,7 +136,13 @@ fn setup() -> Result<()> {
     }
     if !bpf_linker_ok() {
         eprintln!("xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes)");
+        std::fs::create_dir_all(tools_dir())?;
+        // Outside the workspace, so this repo's cargo config (aya workarounds) does not apply.
         run(Command::new("cargo")
+            .current_dir(tools_dir())
+            .env_remove("RUSTC_BOOTSTRAP")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features", "--features", "llvm-22", "--root"])
             .arg(tools_dir()))?;
