@@ -337,9 +337,4 @@ impl Tracer {
         probes.sort_by_key(|p| p.entry);
         Ok(pb::PlanReport { version: plan.version, ok: true, error: String::new(), probes, attached: new.len() as u32, detached })
     }
-
-    /// Probes still attached (including switched-off ones whose link is shared).
-    pub fn live_links(&self) -> usize {
-        self.groups.iter().filter(|g| g.link.is_some()).count()
-    }
 }

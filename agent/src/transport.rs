@@ -5,10 +5,7 @@
 
 use std::{
     collections::{HashSet, VecDeque},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -16,8 +13,7 @@ use afetm_proto::{self as pb, ingest_client::IngestClient};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-/// Metadata key the analyzer uses to name a rejected batch (see the analyzer's service module).
-pub const BAD_SEQ_KEY: &str = "afetm-bad-seq";
+use afetm_proto::BAD_SEQ_KEY;
 
 #[derive(Default)]
 struct State {
@@ -36,12 +32,11 @@ pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
     max_events: usize,
-    connected: AtomicBool,
 }
 
 impl Outbox {
     pub fn new(max_events: usize) -> Arc<Outbox> {
-        Arc::new(Outbox { state: Mutex::new(State { next_seq: 1, ..Default::default() }), notify: Notify::new(), max_events: max_events.max(1), connected: AtomicBool::new(false) })
+        Arc::new(Outbox { state: Mutex::new(State { next_seq: 1, ..Default::default() }), notify: Notify::new(), max_events: max_events.max(1) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -128,14 +123,6 @@ impl Outbox {
         let s = self.lock();
         (s.queue.len(), s.dropped_events, s.rejected_batches, s.acked_seq)
     }
-
-    pub fn dropped_events(&self) -> u64 {
-        self.lock().dropped_events
-    }
-
-    pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
 }
 
 /// Batches sent but not yet acknowledged, at most.
@@ -216,7 +203,6 @@ pub async fn run(
         }
         outbox.ack(last);
         tracing::info!(%endpoint, last_acked = last, "connected to analyzer");
-        outbox.connected.store(true, Ordering::Relaxed);
         warned = false;
         backoff = Duration::from_millis(100);
         let mut sent = last.max(outbox.counters().3);
@@ -278,7 +264,6 @@ pub async fn run(
                 },
             }
         }
-        outbox.connected.store(false, Ordering::Relaxed);
     }
     let (queued, dropped, rejected, acked) = outbox.counters();
     if queued > 0 {

@@ -27,8 +27,7 @@ use crate::{
     tree::{Forest, FuncTable},
 };
 
-/// Metadata key carrying the seq of a rejected batch.
-pub const BAD_SEQ_KEY: &str = "afetm-bad-seq";
+pub use afetm_proto::BAD_SEQ_KEY;
 
 /// Counters since the analyzer started.
 #[derive(Default)]

@@ -10,4 +10,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("afet
 
 pub use v1::*;
 
+/// gRPC metadata key naming the seq of a batch the analyzer refused, so the agent can drop
+/// exactly that batch instead of resending it forever.
+pub const BAD_SEQ_KEY: &str = "afetm-bad-seq";
+
 pub mod plan;
