@@ -31,7 +31,9 @@ pub struct ProcMaps {
 
 impl ProcMaps {
     pub fn read(pid: u32) -> std::io::Result<ProcMaps> {
-        Ok(ProcMaps::parse(&std::fs::read_to_string(format!("/proc/{pid}/maps"))?))
+        Ok(ProcMaps::parse(&std::fs::read_to_string(format!(
+            "/proc/{pid}/maps"
+        ))?))
     }
 
     /// Keeps executable mappings only; malformed lines are skipped.
@@ -39,18 +41,35 @@ impl ProcMaps {
         let mut maps = Vec::new();
         for line in text.lines() {
             let mut it = line.splitn(6, char::is_whitespace);
-            let (Some(range), Some(perms), Some(off)) = (it.next(), it.next(), it.next()) else { continue };
-            if !perms.as_bytes().get(2).is_some_and(|c| *c == b'x') {
+            let (Some(range), Some(perms), Some(off)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
+            if perms.as_bytes().get(2).is_none_or(|c| *c != b'x') {
                 continue;
             }
             let (_dev, _inode) = (it.next(), it.next());
             let path = it.next().map(str::trim).unwrap_or("");
             let path = path.strip_suffix(" (deleted)").unwrap_or(path);
-            let Some((s, e)) = range.split_once('-') else { continue };
-            let (Ok(start), Ok(end), Ok(offset)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16), u64::from_str_radix(off, 16)) else {
+            let Some((s, e)) = range.split_once('-') else {
                 continue;
             };
-            maps.push(Mapping { start, end, offset, path: if path.is_empty() { "[anon]".into() } else { path.into() } });
+            let (Ok(start), Ok(end), Ok(offset)) = (
+                u64::from_str_radix(s, 16),
+                u64::from_str_radix(e, 16),
+                u64::from_str_radix(off, 16),
+            ) else {
+                continue;
+            };
+            maps.push(Mapping {
+                start,
+                end,
+                offset,
+                path: if path.is_empty() {
+                    "[anon]".into()
+                } else {
+                    path.into()
+                },
+            });
         }
         maps.sort_by_key(|m| m.start);
         ProcMaps { maps }

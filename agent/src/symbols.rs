@@ -12,7 +12,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use gimli::{BaseAddresses, CfaRule, EhFrame, EndianArcSlice, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64};
+use gimli::{
+    BaseAddresses, CfaRule, EhFrame, EndianArcSlice, LittleEndian, RegisterRule, UnwindContext,
+    UnwindSection, X86_64,
+};
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
 type Reader = EndianArcSlice<LittleEndian>;
@@ -20,9 +23,15 @@ type Reader = EndianArcSlice<LittleEndian>;
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not an ELF object this agent can read: {source}")]
-    Parse { path: PathBuf, source: object::Error },
+    Parse {
+        path: PathBuf,
+        source: object::Error,
+    },
     #[error("{path}: not an x86-64 ELF object")]
     Arch { path: PathBuf },
 }
@@ -79,7 +88,10 @@ pub struct Module {
 
 impl std::fmt::Debug for Module {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Module").field("path", &self.path).field("functions", &self.funcs.len()).finish()
+        f.debug_struct("Module")
+            .field("path", &self.path)
+            .field("functions", &self.funcs.len())
+            .finish()
     }
 }
 
@@ -87,17 +99,32 @@ const CACHE_LIMIT: usize = 1 << 16;
 
 impl Module {
     pub fn load(path: &Path) -> Result<Module, SymbolError> {
-        let data: Arc<[u8]> = std::fs::read(path).map_err(|source| SymbolError::Io { path: path.into(), source })?.into();
-        let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse { path: path.into(), source })?;
+        let data: Arc<[u8]> = std::fs::read(path)
+            .map_err(|source| SymbolError::Io {
+                path: path.into(),
+                source,
+            })?
+            .into();
+        let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
+            path: path.into(),
+            source,
+        })?;
         if file.architecture() != object::Architecture::X86_64 {
             return Err(SymbolError::Arch { path: path.into() });
         }
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
         let segments: Vec<Segment> = file
             .segments()
             .map(|s| {
                 let (offset, filesz) = s.file_range();
-                Segment { vaddr: s.address(), offset, filesz }
+                Segment {
+                    vaddr: s.address(),
+                    offset,
+                    filesz,
+                }
             })
             .collect();
         let plt_ranges: Vec<(u64, u64)> = file
@@ -109,7 +136,11 @@ impl Module {
 
         let mut raw: Vec<(u64, u64, String)> = Vec::new();
         for sym in file.symbols().chain(file.dynamic_symbols()) {
-            if sym.kind() != SymbolKind::Text || !sym.is_definition() || sym.size() == 0 || sym.address() == 0 {
+            if sym.kind() != SymbolKind::Text
+                || !sym.is_definition()
+                || sym.size() == 0
+                || sym.address() == 0
+            {
                 continue;
             }
             let Ok(n) = sym.name() else { continue };
@@ -132,13 +163,22 @@ impl Module {
         raw.sort_by_key(|(s, _, n)| (*s, n.is_empty()));
         let mut funcs: Vec<Function> = Vec::new();
         for (start, end, n) in raw {
-            if let Some(last) = funcs.last() {
-                if last.start == start || start < last.end && n.is_empty() {
-                    continue; // alias, or an FDE inside a known function
-                }
+            if let Some(last) = funcs.last()
+                && (last.start == start || start < last.end && n.is_empty())
+            {
+                continue; // alias, or an FDE inside a known function
             }
-            let n: Arc<str> = if n.is_empty() { format!("{name}+0x{start:x}").into() } else { n.into() };
-            funcs.push(Function { start, end, name: n.clone(), base_name: n });
+            let n: Arc<str> = if n.is_empty() {
+                format!("{name}+0x{start:x}").into()
+            } else {
+                n.into()
+            };
+            funcs.push(Function {
+                start,
+                end,
+                name: n.clone(),
+                base_name: n,
+            });
         }
         let mut counts: HashMap<Arc<str>, usize> = HashMap::new();
         for f in &funcs {
@@ -156,7 +196,15 @@ impl Module {
                 by_name.entry(f.base_name.clone()).or_default().push(i);
             }
         }
-        Ok(Module { path: path.into(), name, funcs, by_name, segments, data, eh })
+        Ok(Module {
+            path: path.into(),
+            name,
+            funcs,
+            by_name,
+            segments,
+            data,
+            eh,
+        })
     }
 
     pub fn functions(&self) -> &[Function] {
@@ -165,7 +213,10 @@ impl Module {
 
     /// Functions a plan name refers to: its unique name, or every function with that base name.
     pub fn find(&self, name: &str) -> Vec<&Function> {
-        self.by_name.get(name).map(|ix| ix.iter().map(|i| &self.funcs[*i]).collect()).unwrap_or_default()
+        self.by_name
+            .get(name)
+            .map(|ix| ix.iter().map(|i| &self.funcs[*i]).collect())
+            .unwrap_or_default()
     }
 
     /// The function containing virtual address `vaddr`.
@@ -176,28 +227,38 @@ impl Module {
     }
 
     pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
-        self.segments.iter().find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz).map(|s| vaddr - s.vaddr + s.offset)
+        self.segments
+            .iter()
+            .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz)
+            .map(|s| vaddr - s.vaddr + s.offset)
     }
 
     pub fn offset_to_vaddr(&self, offset: u64) -> Option<u64> {
-        self.segments.iter().find(|s| offset >= s.offset && offset < s.offset + s.filesz).map(|s| offset - s.offset + s.vaddr)
+        self.segments
+            .iter()
+            .find(|s| offset >= s.offset && offset < s.offset + s.filesz)
+            .map(|s| offset - s.offset + s.vaddr)
     }
 
     /// The machine code of `f` (empty when the file does not hold it).
     pub fn code(&self, f: &Function) -> &[u8] {
-        let Some(off) = self.vaddr_to_offset(f.start) else { return &[] };
+        let Some(off) = self.vaddr_to_offset(f.start) else {
+            return &[];
+        };
         let len = (f.end - f.start) as usize;
         let off = off as usize;
-        self.data.get(off..off.saturating_add(len).min(self.data.len())).unwrap_or(&[])
+        self.data
+            .get(off..off.saturating_add(len).min(self.data.len()))
+            .unwrap_or(&[])
     }
 
     /// The `.eh_frame` rule for the instruction at `vaddr`, cached.
     pub fn frame_rule(&self, vaddr: u64) -> Option<FrameRule> {
         let eh = self.eh.as_ref()?;
-        if let Ok(cache) = eh.cache.lock() {
-            if let Some(r) = cache.get(&vaddr) {
-                return *r;
-            }
+        if let Ok(cache) = eh.cache.lock()
+            && let Some(r) = cache.get(&vaddr)
+        {
+            return *r;
         }
         let rule = eh.rule(vaddr);
         if let Ok(mut cache) = eh.cache.lock() {
@@ -228,17 +289,22 @@ fn load_eh(file: &object::File, data: &Arc<[u8]>) -> Option<EhIndex> {
     let mut fdes = Vec::new();
     let mut entries = section.entries(&bases);
     while let Ok(Some(entry)) = entries.next() {
-        if let gimli::CieOrFde::Fde(partial) = entry {
-            if let Ok(fde) = partial.parse(EhFrame::cie_from_offset) {
-                let start = fde.initial_address();
-                if fde.len() > 0 {
-                    fdes.push((start, start + fde.len(), fde));
-                }
+        if let gimli::CieOrFde::Fde(partial) = entry
+            && let Ok(fde) = partial.parse(EhFrame::cie_from_offset)
+        {
+            let start = fde.initial_address();
+            if fde.len() > 0 {
+                fdes.push((start, start + fde.len(), fde));
             }
         }
     }
     fdes.sort_by_key(|(s, _, _)| *s);
-    Some(EhIndex { section, bases, fdes, cache: Mutex::new(HashMap::new()) })
+    Some(EhIndex {
+        section,
+        bases,
+        fdes,
+        cache: Mutex::new(HashMap::new()),
+    })
 }
 
 impl EhIndex {
@@ -249,10 +315,16 @@ impl EhIndex {
             return None;
         }
         let mut ctx = UnwindContext::new();
-        let row = fde.unwind_info_for_address(&self.section, &self.bases, &mut ctx, vaddr).ok()?;
+        let row = fde
+            .unwind_info_for_address(&self.section, &self.bases, &mut ctx, vaddr)
+            .ok()?;
         let (cfa_from_rbp, cfa_offset) = match row.cfa() {
-            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => (false, *offset),
-            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => (true, *offset),
+            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => {
+                (false, *offset)
+            }
+            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => {
+                (true, *offset)
+            }
             _ => return None,
         };
         let ra_offset = match row.register(X86_64::RA) {
@@ -265,6 +337,11 @@ impl EhIndex {
             Some(RegisterRule::Offset(o)) => Some(o),
             _ => None,
         };
-        Some(FrameRule { cfa_from_rbp, cfa_offset, ra_offset, rbp_offset })
+        Some(FrameRule {
+            cfa_from_rbp,
+            cfa_offset,
+            ra_offset,
+            rbp_offset,
+        })
     }
 }

@@ -39,7 +39,12 @@ pub enum TraceError {
     #[error(transparent)]
     Symbols(#[from] crate::symbols::SymbolError),
     #[error("unknown function {name:?} in {module} ({known} functions known{hint})")]
-    UnknownFunction { name: String, module: String, known: usize, hint: String },
+    UnknownFunction {
+        name: String,
+        module: String,
+        known: usize,
+        hint: String,
+    },
     #[error("plan has {0} functions; the agent can trace at most {MAX_FUNCS}")]
     TooMany(usize),
     #[error("function {0} has no file offset (not in a loadable segment)")]
@@ -68,10 +73,10 @@ pub struct Target {
 
 impl Target {
     pub fn open(spec: &plan::Target) -> Result<Target, TraceError> {
-        if let Some(pid) = spec.pid {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                return Err(TraceError::PidGone(pid));
-            }
+        if let Some(pid) = spec.pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            return Err(TraceError::PidGone(pid));
         }
         let (attach_path, name) = match (&spec.path, spec.pid) {
             (Some(path), _) => {
@@ -80,12 +85,18 @@ impl Target {
                 }
                 // Processes map the file under its real name (e.g. redis-server -> redis-check-rdb).
                 let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-                (path.clone(), real.file_name().map(|n| n.to_string_lossy().into_owned()))
+                (
+                    path.clone(),
+                    real.file_name().map(|n| n.to_string_lossy().into_owned()),
+                )
             }
             (None, Some(pid)) => {
                 let exe = PathBuf::from(format!("/proc/{pid}/exe"));
                 let real = std::fs::read_link(&exe).map_err(|_| TraceError::PidGone(pid))?;
-                (exe, real.file_name().map(|n| n.to_string_lossy().into_owned()))
+                (
+                    exe,
+                    real.file_name().map(|n| n.to_string_lossy().into_owned()),
+                )
             }
             (None, None) => return Err(TraceError::MissingBinary(PathBuf::from("(none)"))),
         };
@@ -93,7 +104,12 @@ impl Target {
         if let Some(n) = name {
             module.name = n;
         }
-        Ok(Target { module: Arc::new(module), attach_path, pid: spec.pid, spec: spec.clone() })
+        Ok(Target {
+            module: Arc::new(module),
+            attach_path,
+            pid: spec.pid,
+            spec: spec.clone(),
+        })
     }
 
     pub fn describe(&self) -> String {
@@ -142,12 +158,31 @@ pub fn resolve(module: &Module, points: &[plan::Point]) -> Result<Vec<Resolved>,
             plan::Mode::Callstack => Mode::CallStack,
             plan::Mode::Count => Mode::Count,
         };
-        let funcs: Vec<&Function> = if p.function == "*" { module.functions().iter().collect() } else { module.find(&p.function) };
+        let funcs: Vec<&Function> = if p.function == "*" {
+            module.functions().iter().collect()
+        } else {
+            module.find(&p.function)
+        };
         if funcs.is_empty() {
-            let mut close: Vec<&str> = module.functions().iter().map(|f| &*f.name).filter(|n| n.contains(p.function.as_str()) || p.function.contains(*n)).take(3).collect();
+            let mut close: Vec<&str> = module
+                .functions()
+                .iter()
+                .map(|f| &*f.name)
+                .filter(|n| n.contains(p.function.as_str()) || p.function.contains(*n))
+                .take(3)
+                .collect();
             close.sort();
-            let hint = if close.is_empty() { String::new() } else { format!("; similar: {}", close.join(", ")) };
-            return Err(TraceError::UnknownFunction { name: p.function.clone(), module: module.path.display().to_string(), known: module.functions().len(), hint });
+            let hint = if close.is_empty() {
+                String::new()
+            } else {
+                format!("; similar: {}", close.join(", "))
+            };
+            return Err(TraceError::UnknownFunction {
+                name: p.function.clone(),
+                module: module.path.display().to_string(),
+                known: module.functions().len(),
+                hint,
+            });
         }
         for f in funcs {
             let e = chosen.entry(f.start).or_insert_with(|| (f.clone(), mode));
@@ -194,13 +229,19 @@ const PROGRAM: &str = "afetm_probe";
 
 impl Tracer {
     /// Loads the eBPF object for `target`, copying `stack_window` bytes of stack per call-stack event.
-    pub fn load(target: Target, stack_window: u32) -> Result<(Tracer, ReaderMaps, FnTable), TraceError> {
+    pub fn load(
+        target: Target,
+        stack_window: u32,
+    ) -> Result<(Tracer, ReaderMaps, FnTable), TraceError> {
         if !(64..=MAX_STACK_WINDOW as u32).contains(&stack_window) {
             return Err(TraceError::StackWindow(stack_window));
         }
         let mut ebpf = EbpfLoader::new()
             .override_global("STACK_WINDOW", &stack_window, true)
-            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/afetm.bpf.o")))
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/afetm.bpf.o"
+            )))
             .map_err(|e| TraceError::Load(e.to_string()))?;
         let prog: &mut UProbe = ebpf
             .program_mut(PROGRAM)
@@ -208,11 +249,26 @@ impl Tracer {
             .try_into()
             .map_err(|e: aya::programs::ProgramError| TraceError::Load(e.to_string()))?;
         prog.load().map_err(|e| TraceError::Load(e.to_string()))?;
-        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| TraceError::Load(format!("map {name} missing from the object")));
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| TraceError::Load(format!("map {name} missing from the object")))
+        };
         let modes = Array::try_from(take("MODES")?)?;
-        let maps = ReaderMaps { events: RingBuf::try_from(take("EVENTS")?)?, counts: PerCpuArray::try_from(take("COUNTS")?)?, stats: PerCpuArray::try_from(take("STATS")?)? };
+        let maps = ReaderMaps {
+            events: RingBuf::try_from(take("EVENTS")?)?,
+            counts: PerCpuArray::try_from(take("COUNTS")?)?,
+            stats: PerCpuArray::try_from(take("STATS")?)?,
+        };
         let table: FnTable = Arc::new(RwLock::new(vec![None; MAX_FUNCS as usize]));
-        let tracer = Tracer { ebpf, modes, target, ids: HashMap::new(), groups: Vec::new(), attached: HashMap::new(), table: table.clone() };
+        let tracer = Tracer {
+            ebpf,
+            modes,
+            target,
+            ids: HashMap::new(),
+            groups: Vec::new(),
+            attached: HashMap::new(),
+            table: table.clone(),
+        };
         Ok((tracer, maps, table))
     }
 
@@ -241,7 +297,10 @@ impl Tracer {
     /// previous plan stays in force.
     pub fn apply(&mut self, plan: &plan::PlanFile) -> Result<pb::PlanReport, TraceError> {
         if plan.target != self.target.spec {
-            return Err(TraceError::TargetChanged(format!("{:?} -> {:?}", self.target.spec, plan.target)));
+            return Err(TraceError::TargetChanged(format!(
+                "{:?} -> {:?}",
+                self.target.spec, plan.target
+            )));
         }
         let resolved = resolve(&self.target.module, &plan.points)?;
         let mut desired: HashMap<u32, (Resolved, u32)> = HashMap::new();
@@ -253,7 +312,11 @@ impl Tracer {
         let mut new: Vec<(u32, u64)> = Vec::new();
         for (id, (r, _)) in &desired {
             if !self.attached.contains_key(id) {
-                let off = self.target.module.vaddr_to_offset(r.site.vaddr).ok_or_else(|| TraceError::NoOffset(r.func.name.to_string()))?;
+                let off = self
+                    .target
+                    .module
+                    .vaddr_to_offset(r.site.vaddr)
+                    .ok_or_else(|| TraceError::NoOffset(r.func.name.to_string()))?;
                 new.push((*id, off));
             }
         }
@@ -272,11 +335,17 @@ impl Tracer {
                 .program_mut(PROGRAM)
                 .and_then(|p| p.try_into().ok())
                 .ok_or_else(|| TraceError::Load("program vanished".into()))?;
-            let points = new.iter().map(|(id, off)| UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(*off), cookie: Some(*id as u64) });
+            let points = new.iter().map(|(id, off)| UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(*off),
+                cookie: Some(*id as u64),
+            });
             match prog.attach(points, &self.target.attach_path, scope) {
                 Ok(link) => {
                     let g = self.groups.len();
-                    self.groups.push(Group { link: Some(link), live: new.len() });
+                    self.groups.push(Group {
+                        link: Some(link),
+                        live: new.len(),
+                    });
                     for (id, _) in &new {
                         self.attached.insert(*id, (g, desired[id].0.mode));
                     }
@@ -285,12 +354,19 @@ impl Tracer {
                     for (id, _) in &new {
                         let _ = self.set_mode(*id, Mode::Off);
                     }
-                    return Err(TraceError::Attach { path: self.target.attach_path.clone(), error: format!("{e:#}") });
+                    return Err(TraceError::Attach {
+                        path: self.target.attach_path.clone(),
+                        error: format!("{e:#}"),
+                    });
                 }
             }
         }
         // Mode changes of functions that stay.
-        let stay: Vec<(u32, Mode)> = desired.iter().filter(|(id, (r, _))| self.attached.get(id).is_some_and(|(_, m)| *m != r.mode)).map(|(id, (r, _))| (*id, r.mode)).collect();
+        let stay: Vec<(u32, Mode)> = desired
+            .iter()
+            .filter(|(id, (r, _))| self.attached.get(id).is_some_and(|(_, m)| *m != r.mode))
+            .map(|(id, (r, _))| (*id, r.mode))
+            .collect();
         for (id, mode) in stay {
             self.set_mode(id, mode)?;
             if let Some(a) = self.attached.get_mut(&id) {
@@ -298,7 +374,12 @@ impl Tracer {
             }
         }
         // Functions that left: off at once, link released with its last function.
-        let gone: Vec<u32> = self.attached.keys().filter(|id| !desired.contains_key(id)).copied().collect();
+        let gone: Vec<u32> = self
+            .attached
+            .keys()
+            .filter(|id| !desired.contains_key(id))
+            .copied()
+            .collect();
         let mut detached = 0u32;
         for id in &gone {
             self.set_mode(*id, Mode::Off)?;
@@ -306,14 +387,17 @@ impl Tracer {
                 let group = &mut self.groups[g];
                 group.live -= 1;
                 detached += 1;
-                if group.live == 0 {
-                    if let Some(link) = group.link.take() {
-                        let prog: Option<&mut UProbe> = self.ebpf.program_mut(PROGRAM).and_then(|p| p.try_into().ok());
-                        if let Some(prog) = prog {
-                            if let Err(e) = prog.detach(link) {
-                                tracing::warn!(error = %e, "detaching a uprobe link");
-                            }
-                        }
+                if group.live == 0
+                    && let Some(link) = group.link.take()
+                {
+                    let prog: Option<&mut UProbe> = self
+                        .ebpf
+                        .program_mut(PROGRAM)
+                        .and_then(|p| p.try_into().ok());
+                    if let Some(prog) = prog
+                        && let Err(e) = prog.detach(link)
+                    {
+                        tracing::warn!(error = %e, "detaching a uprobe link");
                     }
                 }
             }
@@ -327,14 +411,32 @@ impl Tracer {
                 }
             }
             for (id, (r, _)) in &desired {
-                table[*id as usize] = Some(FnEntry { module: self.target.module.name.as_str().into(), name: r.func.name.clone(), mode: r.mode, probe_vaddr: r.site.vaddr });
+                table[*id as usize] = Some(FnEntry {
+                    module: self.target.module.name.as_str().into(),
+                    name: r.func.name.clone(),
+                    mode: r.mode,
+                    probe_vaddr: r.site.vaddr,
+                });
             }
         }
         let mut probes: Vec<pb::PlacedProbe> = desired
             .values()
-            .map(|(r, _)| pb::PlacedProbe { function: r.func.name.to_string(), entry: r.func.start, probe: r.site.vaddr, instruction: r.site.instruction.clone(), emulated: r.site.emulated })
+            .map(|(r, _)| pb::PlacedProbe {
+                function: r.func.name.to_string(),
+                entry: r.func.start,
+                probe: r.site.vaddr,
+                instruction: r.site.instruction.clone(),
+                emulated: r.site.emulated,
+            })
             .collect();
         probes.sort_by_key(|p| p.entry);
-        Ok(pb::PlanReport { version: plan.version, ok: true, error: String::new(), probes, attached: new.len() as u32, detached })
+        Ok(pb::PlanReport {
+            version: plan.version,
+            ok: true,
+            error: String::new(),
+            probes,
+            attached: new.len() as u32,
+            detached,
+        })
     }
 }

@@ -36,7 +36,14 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(max_events: usize) -> Arc<Outbox> {
-        Arc::new(Outbox { state: Mutex::new(State { next_seq: 1, ..Default::default() }), notify: Notify::new(), max_events: max_events.max(1) })
+        Arc::new(Outbox {
+            state: Mutex::new(State {
+                next_seq: 1,
+                ..Default::default()
+            }),
+            notify: Notify::new(),
+            max_events: max_events.max(1),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -51,12 +58,18 @@ impl Outbox {
         s.next_seq += 1;
         let n = batch.events.len();
         while s.queued_events + n > self.max_events {
-            let Some(old) = s.queue.pop_front() else { break };
+            let Some(old) = s.queue.pop_front() else {
+                break;
+            };
             s.queued_events -= old.events.len();
             s.dropped_events += old.events.len() as u64;
             s.dropped_batches += 1;
             if s.dropped_batches == 1 || s.dropped_batches.is_power_of_two() {
-                tracing::warn!(dropped_events = s.dropped_events, dropped_batches = s.dropped_batches, "queue full: dropping the oldest events (analyzer slow or unreachable)");
+                tracing::warn!(
+                    dropped_events = s.dropped_events,
+                    dropped_batches = s.dropped_batches,
+                    "queue full: dropping the oldest events (analyzer slow or unreachable)"
+                );
             }
         }
         batch.queue_drops = s.dropped_events;
@@ -94,12 +107,12 @@ impl Outbox {
     /// The analyzer refused batch `seq`; it is dropped for good and counted.
     pub fn reject(&self, seq: u64) {
         let mut s = self.lock();
-        if let Some(i) = s.queue.iter().position(|b| b.seq == seq) {
-            if let Some(b) = s.queue.remove(i) {
-                s.queued_events -= b.events.len();
-                s.dropped_events += b.events.len() as u64;
-                s.rejected_batches += 1;
-            }
+        if let Some(i) = s.queue.iter().position(|b| b.seq == seq)
+            && let Some(b) = s.queue.remove(i)
+        {
+            s.queued_events -= b.events.len();
+            s.dropped_events += b.events.len() as u64;
+            s.rejected_batches += 1;
         }
     }
 
@@ -111,7 +124,13 @@ impl Outbox {
 
     /// Copies of the queued batches after `seq`, at most `limit`.
     pub fn after(&self, seq: u64, limit: usize) -> Vec<pb::Batch> {
-        self.lock().queue.iter().filter(|b| b.seq > seq).take(limit).cloned().collect()
+        self.lock()
+            .queue
+            .iter()
+            .filter(|b| b.seq > seq)
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -121,7 +140,12 @@ impl Outbox {
     /// (queued batches, dropped events, rejected batches, highest acked seq)
     pub fn counters(&self) -> (usize, u64, u64, u64) {
         let s = self.lock();
-        (s.queue.len(), s.dropped_events, s.rejected_batches, s.acked_seq)
+        (
+            s.queue.len(),
+            s.dropped_events,
+            s.rejected_batches,
+            s.acked_seq,
+        )
     }
 }
 
@@ -151,7 +175,12 @@ pub async fn run(
             }
         }
         let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
-            Ok(ep) => ep.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await,
+            Ok(ep) => {
+                ep.connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+            }
             Err(e) => {
                 tracing::error!(%endpoint, error = %e, "bad analyzer address");
                 return;
@@ -172,10 +201,16 @@ pub async fn run(
                 continue;
             }
         };
-        let mut client = IngestClient::new(channel).max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
+        let mut client = IngestClient::new(channel)
+            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(IN_FLIGHT * 2);
         let msg = |m| pb::AgentMessage { msg: Some(m) };
-        if tx.send(msg(pb::agent_message::Msg::Hello(hello.clone()))).await.is_err() {
+        if tx
+            .send(msg(pb::agent_message::Msg::Hello(hello.clone())))
+            .await
+            .is_err()
+        {
             continue;
         }
         let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
@@ -188,7 +223,9 @@ pub async fn run(
             }
         };
         let last = match inbound.message().await {
-            Ok(Some(pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Welcome(w)) })) => w.last_acked_seq,
+            Ok(Some(pb::AnalyzerMessage {
+                msg: Some(pb::analyzer_message::Msg::Welcome(w)),
+            })) => w.last_acked_seq,
             other => {
                 tracing::warn!(reply = ?other.err(), "analyzer did not welcome the agent");
                 tokio::time::sleep(backoff).await;
@@ -198,7 +235,9 @@ pub async fn run(
         };
         let (_, _, _, acked) = outbox.counters();
         if last == 0 && acked > 0 {
-            tracing::warn!("analyzer does not know this agent instance any more; redefining symbols");
+            tracing::warn!(
+                "analyzer does not know this agent instance any more; redefining symbols"
+            );
             outbox.forget_symbols();
         }
         outbox.ack(last);
@@ -217,13 +256,18 @@ pub async fn run(
             if room > 0 {
                 for b in outbox.after(sent, room) {
                     sent = b.seq;
-                    if tx.send(msg(pb::agent_message::Msg::Batch(b))).await.is_err() {
+                    if tx
+                        .send(msg(pb::agent_message::Msg::Batch(b)))
+                        .await
+                        .is_err()
+                    {
                         break 'conn;
                     }
                 }
             }
             if *shutdown.borrow() {
-                let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + drain_timeout);
+                let d =
+                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + drain_timeout);
                 if outbox.is_empty() || tokio::time::Instant::now() >= d {
                     break 'conn;
                 }
@@ -233,12 +277,11 @@ pub async fn run(
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => {}
                 report = reports.recv() => {
-                    if let Some(r) = report {
-                        if tx.send(msg(pb::agent_message::Msg::PlanReport(r.clone()))).await.is_err() {
+                    if let Some(r) = report
+                        && tx.send(msg(pb::agent_message::Msg::PlanReport(r.clone()))).await.is_err() {
                             pending_report = Some(r);
                             break 'conn;
                         }
-                    }
                 }
                 reply = inbound.message() => match reply {
                     Ok(Some(pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Ack(a)) })) => outbox.ack(a.seq),
@@ -267,9 +310,17 @@ pub async fn run(
     }
     let (queued, dropped, rejected, acked) = outbox.counters();
     if queued > 0 {
-        tracing::warn!(queued, "exiting with batches the analyzer never acknowledged");
+        tracing::warn!(
+            queued,
+            "exiting with batches the analyzer never acknowledged"
+        );
     }
-    tracing::info!(acked, dropped_events = dropped, rejected_batches = rejected, "transport finished");
+    tracing::info!(
+        acked,
+        dropped_events = dropped,
+        rejected_batches = rejected,
+        "transport finished"
+    );
 }
 
 #[cfg(test)]
@@ -277,7 +328,10 @@ mod tests {
     use super::*;
 
     fn batch(events: usize) -> pb::Batch {
-        pb::Batch { events: vec![pb::CallEvent::default(); events], ..Default::default() }
+        pb::Batch {
+            events: vec![pb::CallEvent::default(); events],
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -288,7 +342,10 @@ mod tests {
         assert_eq!(o.push(batch(4)), 3); // drops seq 1
         let (queued, dropped, _, _) = o.counters();
         assert_eq!((queued, dropped), (2, 4));
-        assert_eq!(o.after(0, 10).iter().map(|b| b.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            o.after(0, 10).iter().map(|b| b.seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         assert_eq!(o.after(0, 10)[1].queue_drops, 4);
     }
 
@@ -296,7 +353,11 @@ mod tests {
     fn ack_pops_and_records_symbols() {
         let o = Outbox::new(100);
         let mut b = batch(1);
-        b.symbols.push(pb::Symbol { id: 7, module: "m".into(), name: "f".into() });
+        b.symbols.push(pb::Symbol {
+            id: 7,
+            module: "m".into(),
+            name: "f".into(),
+        });
         o.push(b);
         o.push(batch(1));
         o.ack(1);

@@ -21,7 +21,12 @@ pub struct StackSnapshot<'a> {
 
 impl<'a> StackSnapshot<'a> {
     pub fn new(hdr: &EventHeader, stack: &'a [u8]) -> Self {
-        StackSnapshot { ip: hdr.ip, sp: hdr.sp, bp: hdr.bp, stack }
+        StackSnapshot {
+            ip: hdr.ip,
+            sp: hdr.sp,
+            bp: hdr.bp,
+            stack,
+        }
     }
 
     fn read(&self, addr: u64) -> Option<u64> {
@@ -34,22 +39,37 @@ impl<'a> StackSnapshot<'a> {
 /// Return addresses from the innermost caller outwards. `locate` maps a runtime address to its
 /// module and the module's virtual address. Stops at the outermost frame (undefined return
 /// address), at the end of the window, at an address no module claims, or after `max_frames`.
-pub fn unwind(snap: &StackSnapshot, max_frames: usize, mut locate: impl FnMut(u64) -> Option<(Arc<Module>, u64)>) -> Vec<u64> {
+pub fn unwind(
+    snap: &StackSnapshot,
+    max_frames: usize,
+    mut locate: impl FnMut(u64) -> Option<(Arc<Module>, u64)>,
+) -> Vec<u64> {
     let mut out = Vec::new();
     let (mut sp, mut bp) = (snap.sp, snap.bp);
     // The first lookup uses the exact probe address; later ones use ret - 1, inside the call.
     let mut lookup = snap.ip;
     while out.len() < max_frames {
-        let Some((module, vaddr)) = locate(lookup) else { break };
+        let Some((module, vaddr)) = locate(lookup) else {
+            break;
+        };
         let rule = module.frame_rule(vaddr).or_else(|| {
             let in_window = bp >= sp && bp < snap.sp + snap.stack.len() as u64;
-            in_window.then_some(FrameRule { cfa_from_rbp: true, cfa_offset: 16, ra_offset: Some(-8), rbp_offset: Some(-16) })
+            in_window.then_some(FrameRule {
+                cfa_from_rbp: true,
+                cfa_offset: 16,
+                ra_offset: Some(-8),
+                rbp_offset: Some(-16),
+            })
         });
         let Some(rule) = rule else { break };
         let base = if rule.cfa_from_rbp { bp } else { sp };
-        let Some(cfa) = base.checked_add_signed(rule.cfa_offset) else { break };
+        let Some(cfa) = base.checked_add_signed(rule.cfa_offset) else {
+            break;
+        };
         let Some(ra_off) = rule.ra_offset else { break };
-        let Some(ra) = cfa.checked_add_signed(ra_off).and_then(|a| snap.read(a)) else { break };
+        let Some(ra) = cfa.checked_add_signed(ra_off).and_then(|a| snap.read(a)) else {
+            break;
+        };
         if let Some(o) = rule.rbp_offset {
             match cfa.checked_add_signed(o).and_then(|a| snap.read(a)) {
                 Some(v) => bp = v,

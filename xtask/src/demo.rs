@@ -55,7 +55,14 @@ fn terminate(mut child: Child) -> Result<()> {
     Ok(())
 }
 
-fn trace(bin: &Path, plan: &Path, agent_id: &str, prog: &Path, server: &str, dir: &Path) -> Result<()> {
+fn trace(
+    bin: &Path,
+    plan: &Path,
+    agent_id: &str,
+    prog: &Path,
+    server: &str,
+    dir: &Path,
+) -> Result<()> {
     let ready = dir.join(format!("{agent_id}.ready"));
     let _ = std::fs::remove_file(&ready);
     let mut agent = Command::new(bin.join("afetm-agent"))
@@ -77,7 +84,20 @@ pub fn run() -> Result<()> {
     let dir = root().join("target/demo");
     std::fs::create_dir_all(&dir)?;
     let prog = dir.join("calltree");
-    run_cmd(Command::new("gcc").args(["-O1", "-g", "-fno-inline", "-fno-optimize-sibling-calls", "-fno-omit-frame-pointer", "-pthread", "-o"]).arg(&prog).arg(root().join("testbed/progs/calltree.c")))?;
+    run_cmd(
+        Command::new("gcc")
+            .args([
+                "-O1",
+                "-g",
+                "-fno-inline",
+                "-fno-optimize-sibling-calls",
+                "-fno-omit-frame-pointer",
+                "-pthread",
+                "-o",
+            ])
+            .arg(&prog)
+            .arg(root().join("testbed/progs/calltree.c")),
+    )?;
     let db = dir.join("afetm.sqlite");
     for ext in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(PathBuf::from(format!("{}{ext}", db.display())));
@@ -92,22 +112,72 @@ pub fn run() -> Result<()> {
     let _guard = Killer(vec![analyzer]);
     sleep(Duration::from_millis(500));
 
-    println!("\n### 1. Full trace of {} (every function)\n", prog.display());
+    println!(
+        "\n### 1. Full trace of {} (every function)\n",
+        prog.display()
+    );
     let full = dir.join("full-plan.json");
-    std::fs::write(&full, format!(r#"{{"target":{{"path":"{}"}},"points":[{{"function":"*","mode":"event"}}]}}"#, prog.display()))?;
+    std::fs::write(
+        &full,
+        format!(
+            r#"{{"target":{{"path":"{}"}},"points":[{{"function":"*","mode":"event"}}]}}"#,
+            prog.display()
+        ),
+    )?;
     trace(&bin, &full, "demo-full", &prog, &server, &dir)?;
-    run_cmd(Command::new(bin.join("afetm-analyzer")).args(["afcts", "--server", &server, "--agent", "demo-full"]))?;
+    run_cmd(Command::new(bin.join("afetm-analyzer")).args([
+        "afcts",
+        "--server",
+        &server,
+        "--agent",
+        "demo-full",
+    ]))?;
 
     println!("\n### 2. FCT coloring against F = {{{TRACED}}} (Alg. 2)\n");
     let adaptive = dir.join("adaptive-plan.json");
-    run_cmd(Command::new(bin.join("afetm-analyzer")).args(["color", "--server", &server, "--agent", "demo-full", "--traced", TRACED, "--target"]).arg(&prog).arg("--out").arg(&adaptive))?;
+    run_cmd(
+        Command::new(bin.join("afetm-analyzer"))
+            .args([
+                "color",
+                "--server",
+                &server,
+                "--agent",
+                "demo-full",
+                "--traced",
+                TRACED,
+                "--target",
+            ])
+            .arg(&prog)
+            .arg("--out")
+            .arg(&adaptive),
+    )?;
     println!("{}", std::fs::read_to_string(&adaptive)?);
 
     println!("\n### 3. Adaptive trace with that plan: AFCTs (Alg. 3)\n");
     trace(&bin, &adaptive, "demo-adaptive", &prog, &server, &dir)?;
-    run_cmd(Command::new(bin.join("afetm-analyzer")).args(["afcts", "--server", &server, "--agent", "demo-adaptive"]))?;
+    run_cmd(Command::new(bin.join("afetm-analyzer")).args([
+        "afcts",
+        "--server",
+        &server,
+        "--agent",
+        "demo-adaptive",
+    ]))?;
     println!();
-    run_cmd(Command::new(bin.join("afetm-analyzer")).args(["color", "--server", &server, "--agent", "demo-full", "--traced", TRACED, "--target"]).arg(&prog).args(["--out", "/dev/null", "--check-agent", "demo-adaptive"]))?;
+    run_cmd(
+        Command::new(bin.join("afetm-analyzer"))
+            .args([
+                "color",
+                "--server",
+                &server,
+                "--agent",
+                "demo-full",
+                "--traced",
+                TRACED,
+                "--target",
+            ])
+            .arg(&prog)
+            .args(["--out", "/dev/null", "--check-agent", "demo-adaptive"]),
+    )?;
     println!("\ndatabase: {}", db.display());
     Ok(())
 }
