@@ -135,22 +135,24 @@ pub fn run() -> Result<()> {
 
     println!("\n### 2. FCT coloring against F = {{{TRACED}}} (Alg. 2)\n");
     let adaptive = dir.join("adaptive-plan.json");
-    run_cmd(
-        Command::new(bin.join("afetm-analyzer"))
-            .args([
-                "color",
-                "--server",
-                &server,
-                "--agent",
-                "demo-full",
-                "--traced",
-                TRACED,
-                "--target",
-            ])
-            .arg(&prog)
-            .arg("--out")
-            .arg(&adaptive),
-    )?;
+    let color = |extra: &[&str]| {
+        run_cmd(
+            Command::new(bin.join("afetm-analyzer"))
+                .args([
+                    "color",
+                    "--server",
+                    &server,
+                    "--agent",
+                    "demo-full",
+                    "--traced",
+                    TRACED,
+                    "--target",
+                ])
+                .arg(&prog)
+                .args(extra),
+        )
+    };
+    color(&["--out", &adaptive.display().to_string()])?;
     println!("{}", std::fs::read_to_string(&adaptive)?);
 
     println!("\n### 3. Adaptive trace with that plan: AFCTs (Alg. 3)\n");
@@ -163,21 +165,7 @@ pub fn run() -> Result<()> {
         "demo-adaptive",
     ]))?;
     println!();
-    run_cmd(
-        Command::new(bin.join("afetm-analyzer"))
-            .args([
-                "color",
-                "--server",
-                &server,
-                "--agent",
-                "demo-full",
-                "--traced",
-                TRACED,
-                "--target",
-            ])
-            .arg(&prog)
-            .args(["--out", "/dev/null", "--check-agent", "demo-adaptive"]),
-    )?;
+    color(&["--out", "/dev/null", "--check-agent", "demo-adaptive"])?;
     println!("\ndatabase: {}", db.display());
     Ok(())
 }

@@ -338,12 +338,5 @@ pub fn has_path(f: &Forest, t: &FuncTable, names: &[&str]) -> bool {
     })
 }
 
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+#[allow(unused_imports)]
+pub use afetm_agent::reader::monotonic_ns;
