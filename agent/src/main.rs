@@ -35,8 +35,9 @@ struct Cli {
     /// Name this agent reports (default: hostname/target basename).
     #[arg(long)]
     agent_id: Option<String>,
-    /// Most events held for the analyzer while it is slow or unreachable; the oldest go first.
-    #[arg(long, default_value_t = 2_000_000)]
+    /// Most events held for the analyzer while it is slow or unreachable; the oldest go first
+    /// (an event takes about 100 bytes, more with a call stack).
+    #[arg(long, default_value_t = 500_000)]
     queue_events: usize,
     /// Bytes of user stack copied per call-stack event (64..=16384).
     #[arg(long, default_value_t = agent_common::DEFAULT_STACK_WINDOW)]
