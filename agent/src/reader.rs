@@ -247,12 +247,12 @@ impl Reader {
         if let Some(found) = self.modules.get(&m.path) {
             return found.clone();
         }
-        let loaded = match Module::load(&m.open_path(pid)) {
+        let name = PathBuf::from(&*m.path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let loaded = match Module::load_as(&m.open_path(pid), name) {
             Ok(mut module) => {
-                module.name = PathBuf::from(&*m.path)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
                 module.path = PathBuf::from(&*m.path);
                 Some(Arc::new(module))
             }

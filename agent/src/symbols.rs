@@ -98,7 +98,19 @@ impl std::fmt::Debug for Module {
 const CACHE_LIMIT: usize = 1 << 16;
 
 impl Module {
+    /// Loads `path`, naming the module after the file's basename.
     pub fn load(path: &Path) -> Result<Module, SymbolError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        Module::load_as(path, name)
+    }
+
+    /// Loads `path` under the module name `name`, which also prefixes the names of functions
+    /// known only from `.eh_frame`. Every place that names a module must pass the same name for
+    /// the same file (its real basename, not a symlink's), or one function gets two names.
+    pub fn load_as(path: &Path, name: String) -> Result<Module, SymbolError> {
         let data: Arc<[u8]> = std::fs::read(path)
             .map_err(|source| SymbolError::Io {
                 path: path.into(),
@@ -112,10 +124,6 @@ impl Module {
         if file.architecture() != object::Architecture::X86_64 {
             return Err(SymbolError::Arch { path: path.into() });
         }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string());
         let segments: Vec<Segment> = file
             .segments()
             .map(|s| {

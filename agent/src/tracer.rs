@@ -100,10 +100,13 @@ impl Target {
             }
             (None, None) => return Err(TraceError::MissingBinary(PathBuf::from("(none)"))),
         };
-        let mut module = Module::load(&attach_path)?;
-        if let Some(n) = name {
-            module.name = n;
-        }
+        let name = name.unwrap_or_else(|| {
+            attach_path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let module = Module::load_as(&attach_path, name)?;
         Ok(Target {
             module: Arc::new(module),
             attach_path,
