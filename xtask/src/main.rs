@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod testbed;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -36,6 +37,11 @@ enum Cmd {
     },
     /// Set up, build, and trace the bundled example program end to end, printing the AFCTs.
     Demo,
+    /// The NHSR-OSW shop: up, down, status, load.
+    Testbed {
+        #[command(subcommand)]
+        cmd: testbed::Cmd,
+    },
     /// Benchmarks that print figures as ratios to a baseline taken in the same run.
     Bench {
         #[command(subcommand)]
@@ -236,6 +242,7 @@ fn main() {
             run(&mut c)
         }),
         Cmd::Demo => setup().and_then(|_| demo::run()),
+        Cmd::Testbed { cmd } => testbed::run(cmd),
         Cmd::Bench { which } => check().and_then(|_| bench::run_bench(which)),
     };
     if let Err(e) = result {

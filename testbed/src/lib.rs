@@ -1,0 +1,14 @@
+//! The NHSR-OSW benchmark shop of AFETM's evaluation (004_eb31801e7dc37aff.txt sec. IV.A,
+//! Fig. 4) on one machine: nginx (L1) balancing over Apache httpd + mod_php instances (L2)
+//! running `app/shop.php`, backed by SQLite and Redis (L3).
+//!
+//! Everything runs from a run folder (configs rendered from `conf/`, data, logs, pid files);
+//! nothing under /etc is read or changed, and every server listens on loopback. Each server is
+//! started in a session of its own and its pid is written before anything waits on it, so
+//! [`down`] stops exactly what [`up`] started, whole process groups, even after `up` failed
+//! half way.
+
+pub mod load;
+mod stack;
+
+pub use stack::*;

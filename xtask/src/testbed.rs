@@ -1,0 +1,133 @@
+//! `cargo xtask testbed up|down|status|load`: the NHSR-OSW shop from a run folder.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use testbed::{Config, load};
+
+use crate::root;
+
+#[derive(Args, Clone)]
+pub struct Where {
+    /// Run folder: rendered configs, data, logs of every server, pid files.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// nginx port; Apache instances take the next ones, Redis base + 299.
+    #[arg(long, default_value_t = 18080)]
+    pub base_port: u16,
+    /// Apache instances behind nginx (the paper uses 4).
+    #[arg(long, default_value_t = 4)]
+    pub apaches: usize,
+}
+
+impl Where {
+    pub fn config(&self) -> Config {
+        let mut c = Config::new(self.run_dir.clone().unwrap_or_else(|| root().join("target/testbed")));
+        c.base_port = self.base_port;
+        c.apaches = self.apaches;
+        c
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Start redis, the Apache instances and nginx, wait until each answers, seed the shop.
+    Up {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Stop exactly what `up` started (by pid and process group).
+    Down {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Each server's pid, port, process count and health.
+    Status {
+        #[command(flatten)]
+        at: Where,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the CRUD mix against nginx and print latency and throughput.
+    Load {
+        #[command(flatten)]
+        at: Where,
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Total requests per second (fixed rate, coordinated-omission corrected); default:
+        /// closed loop.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Operation weights, e.g. find=60,search=10,buy=10,modify=8,add=7,delete=5
+        #[arg(long)]
+        mix: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+pub fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Up { at } => {
+            let cfg = at.config();
+            match testbed::up(&cfg) {
+                Ok(servers) => {
+                    for s in servers {
+                        println!("{:<8} pid {:<7} port {}", s.name, s.pid, s.port);
+                    }
+                    println!("shop: {}/shop.php   logs: {}", cfg.url(), cfg.logs_dir().display());
+                    Ok(())
+                }
+                Err(e) => {
+                    let stopped = testbed::down(&cfg).unwrap_or_default();
+                    bail!("{e:#} (stopped what had started: {stopped:?})")
+                }
+            }
+        }
+        Cmd::Down { at } => {
+            let stopped = testbed::down(&at.config())?;
+            println!("stopped: {}", if stopped.is_empty() { "nothing was running".to_string() } else { stopped.join(", ") });
+            Ok(())
+        }
+        Cmd::Status { at, json } => {
+            let st = testbed::status(&at.config())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else if st.is_empty() {
+                println!("nothing running in {}", at.config().run_dir.display());
+            } else {
+                println!("{:<8} {:>7} {:>6} {:>9} health", "server", "pid", "port", "processes");
+                for s in st {
+                    println!("{:<8} {:>7} {:>6} {:>9} {}", s.name, s.pid, s.port, s.processes, if s.healthy { "ok" } else { "DOWN" });
+                }
+            }
+            Ok(())
+        }
+        Cmd::Load { at, connections, duration, warmup, rate, mix, seed, json } => {
+            let cfg = at.config();
+            let mut l = load::LoadConfig::new(cfg.url());
+            l.connections = connections;
+            l.duration = duration;
+            l.warmup = warmup;
+            l.rate = rate;
+            l.seed = seed;
+            l.items = cfg.seed_items;
+            if let Some(m) = mix {
+                l.mix = load::Mix::parse(&m)?;
+            }
+            let report = load::run(&l)?;
+            println!("{}", report.text());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            }
+            Ok(())
+        }
+    }
+}
