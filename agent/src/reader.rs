@@ -190,7 +190,7 @@ impl Reader {
             let has_data =
                 !self.events.is_empty() || !self.counts.is_empty() || !self.exits.is_empty();
             if stopping || (due && has_data) || last_push.elapsed() >= self.cfg.heartbeat {
-                self.cut();
+                self.cut(stopping);
                 last_push = Instant::now();
             }
             if due {
@@ -218,7 +218,7 @@ impl Reader {
             self.handle(&bytes);
             n += 1;
             if self.events.len() >= self.cfg.max_batch_events {
-                self.cut();
+                self.cut(false);
             }
             if n >= 1 << 20 {
                 break; // let the timers run under a flood
@@ -463,8 +463,8 @@ impl Reader {
             .unwrap_or(0)
     }
 
-    /// Cuts the pending events into a batch and queues it.
-    fn cut(&mut self) {
+    /// Cuts the pending events into a batch and queues it; `last` marks the agent's final batch.
+    fn cut(&mut self, last: bool) {
         let drops = self.kernel_drops();
         if drops > self.stats.kernel_drops {
             tracing::warn!(
@@ -497,6 +497,7 @@ impl Reader {
             exits: std::mem::take(&mut self.exits),
             kernel_drops: drops,
             queue_drops: 0,
+            final_batch: last,
         };
         self.outbox.push(batch);
         self.stats.batches += 1;

@@ -204,7 +204,14 @@ fn stripped_binary_is_traced_through_eh_frame() {
         let pid = trees[0].0.pid;
         let main = &trees.iter().find(|(_, tid, _)| *tid == pid).unwrap().2;
         if id == "stripped" {
-            assert!(!main.nodes.iter().any(|n| table.get(n.func).name.contains("calltree-link")), "{}", main.render(&table));
+            assert!(
+                !main
+                    .nodes
+                    .iter()
+                    .any(|n| table.get(n.func).name.contains("calltree-link")),
+                "{}",
+                main.render(&table)
+            );
             assert!(
                 main.nodes
                     .iter()

@@ -496,6 +496,15 @@ impl Store {
                 to_close.push(w?);
             }
         }
+        if batch.final_batch {
+            // The agent is stopping: nothing more will arrive for this instance.
+            let mut stmt = tx.prepare_cached(
+                "SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND closed = 0",
+            )?;
+            for w in stmt.query_map(params![agent.agent_id, agent.instance as i64], |r| r.get(0))? {
+                to_close.push(w?);
+            }
+        }
         {
             let horizon = batch.agent_clock_ns.saturating_sub(self.window.grace_ns) as i64;
             let mut stmt = tx.prepare_cached("SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND closed = 0 AND end_ns <= ?3")?;

@@ -326,6 +326,26 @@ async fn duplicates_are_acked_once_and_windows_survive_a_reopen() {
         "{}",
         afct.text
     );
+    // An agent's final batch closes whatever it still had open.
+    let (acks, _) = exchange(&server.url, 8, vec![good(1)]).await;
+    assert_eq!(acks, vec![1]);
+    let open = windows(&server.url)
+        .await
+        .into_iter()
+        .filter(|w| !w.closed)
+        .count();
+    assert_eq!(open, 1);
+    let last = pb::Batch {
+        seq: 2,
+        agent_clock_ns: 6_000,
+        final_batch: true,
+        ..Default::default()
+    };
+    assert_eq!(exchange(&server.url, 8, vec![last]).await.0, vec![2]);
+    assert!(
+        windows(&server.url).await.iter().all(|w| w.closed),
+        "final batch closes the instance's windows"
+    );
     // Unknown window: NotFound, not a crash.
     let e = q
         .get_afct(pb::GetAfctRequest {

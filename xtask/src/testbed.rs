@@ -22,7 +22,11 @@ pub struct Where {
 
 impl Where {
     pub fn config(&self) -> Config {
-        let mut c = Config::new(self.run_dir.clone().unwrap_or_else(|| root().join("target/testbed")));
+        let mut c = Config::new(
+            self.run_dir
+                .clone()
+                .unwrap_or_else(|| root().join("target/testbed")),
+        );
         c.base_port = self.base_port;
         c.apaches = self.apaches;
         c
@@ -82,7 +86,11 @@ pub fn run(cmd: Cmd) -> Result<()> {
                     for s in servers {
                         println!("{:<8} pid {:<7} port {}", s.name, s.pid, s.port);
                     }
-                    println!("shop: {}/shop.php   logs: {}", cfg.url(), cfg.logs_dir().display());
+                    println!(
+                        "shop: {}/shop.php   logs: {}",
+                        cfg.url(),
+                        cfg.logs_dir().display()
+                    );
                     Ok(())
                 }
                 Err(e) => {
@@ -93,7 +101,14 @@ pub fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Down { at } => {
             let stopped = testbed::down(&at.config())?;
-            println!("stopped: {}", if stopped.is_empty() { "nothing was running".to_string() } else { stopped.join(", ") });
+            println!(
+                "stopped: {}",
+                if stopped.is_empty() {
+                    "nothing was running".to_string()
+                } else {
+                    stopped.join(", ")
+                }
+            );
             Ok(())
         }
         Cmd::Status { at, json } => {
@@ -103,14 +118,33 @@ pub fn run(cmd: Cmd) -> Result<()> {
             } else if st.is_empty() {
                 println!("nothing running in {}", at.config().run_dir.display());
             } else {
-                println!("{:<8} {:>7} {:>6} {:>9} health", "server", "pid", "port", "processes");
+                println!(
+                    "{:<8} {:>7} {:>6} {:>9} health",
+                    "server", "pid", "port", "processes"
+                );
                 for s in st {
-                    println!("{:<8} {:>7} {:>6} {:>9} {}", s.name, s.pid, s.port, s.processes, if s.healthy { "ok" } else { "DOWN" });
+                    println!(
+                        "{:<8} {:>7} {:>6} {:>9} {}",
+                        s.name,
+                        s.pid,
+                        s.port,
+                        s.processes,
+                        if s.healthy { "ok" } else { "DOWN" }
+                    );
                 }
             }
             Ok(())
         }
-        Cmd::Load { at, connections, duration, warmup, rate, mix, seed, json } => {
+        Cmd::Load {
+            at,
+            connections,
+            duration,
+            warmup,
+            rate,
+            mix,
+            seed,
+            json,
+        } => {
             let cfg = at.config();
             let mut l = load::LoadConfig::new(cfg.url());
             l.connections = connections;
