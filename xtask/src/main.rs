@@ -50,6 +50,7 @@ enum Cmd {
 }
 
 const APT_PACKAGES: &[&str] = &[
+    // eBPF toolchain (../shared/notes/ebpf-toolchain.md) and the benchmark baseline
     "rustc-web",
     "cargo-web",
     "rust-web-src",
@@ -58,6 +59,14 @@ const APT_PACKAGES: &[&str] = &[
     "libc6-dev",
     "bpftrace",
     "iproute2",
+    // the NHSR-OSW shop (../shared/notes/testbed.md); installing starts no service
+    "nginx",
+    "apache2",
+    "libapache2-mod-php",
+    "php-cli",
+    "php-sqlite3",
+    "php-redis",
+    "redis-server",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
