@@ -19,10 +19,27 @@ impl Drop for Stack {
 #[test]
 fn agent_traces_the_stock_testbed_servers_under_load() {
     require_root!();
+    traced_servers(false);
+}
+
+/// The same on the source builds with symbols and frame pointers (`cargo xtask testbed build`,
+/// which `cargo xtask test` runs first).
+#[test]
+fn agent_traces_the_source_built_testbed_servers_under_load() {
+    require_root!();
+    traced_servers(true);
+}
+
+fn traced_servers(built: bool) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::new(dir.path().join("run"));
-    cfg.base_port = 24080; // below the ephemeral port range (32768-60999)
+    // Below the ephemeral port range (32768-60999).
+    cfg.base_port = if built { 25080 } else { 24080 };
+    if built {
+        cfg.binaries = testbed::build::binaries(&testbed::build::cache_dir())
+            .expect("source builds missing: run `cargo xtask testbed build`");
+    }
     cfg.apaches = 2;
     cfg.children = 4;
     cfg.seed_items = 50;
@@ -41,29 +58,45 @@ fn agent_traces_the_stock_testbed_servers_under_load() {
         &["--window", "60s"],
     );
     // (agent id, traced file, plan points, function that must show up in the AFCTs)
-    type Target<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let bins = &cfg.binaries;
+    let sqlite = bins
+        .sqlite_lib_dir
+        .clone()
+        .map(|d| d.join("libsqlite3.so.0"))
+        .unwrap_or_else(|| "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0".into());
+    type Target<'a> = (
+        &'a str,
+        std::path::PathBuf,
+        &'a [(&'a str, &'a str)],
+        &'a str,
+    );
     let targets: [Target; 4] = [
         (
             "redis",
-            "/usr/bin/redis-server",
+            bins.redis.clone(),
             &[("call", "event"), ("processCommand", "callstack")],
             "call",
         ),
+        // ngx_http_process_request is inlined everywhere in the -O2 source build; ngx_http_handler
+        // stays a call in both builds.
         (
             "nginx",
-            "/usr/sbin/nginx",
-            &[("ngx_http_process_request", "callstack")],
-            "ngx_http_process_request",
+            bins.nginx.clone(),
+            &[
+                ("ngx_http_process_request", "event"),
+                ("ngx_http_handler", "callstack"),
+            ],
+            "ngx_http_handler",
         ),
         (
             "httpd",
-            "/usr/sbin/apache2",
+            bins.apache2.clone(),
             &[("ap_process_request", "callstack")],
             "ap_process_request",
         ),
         (
             "sqlite",
-            "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0",
+            sqlite,
             &[("sqlite3_step", "callstack")],
             "sqlite3_step",
         ),
@@ -72,7 +105,7 @@ fn agent_traces_the_stock_testbed_servers_under_load() {
         .iter()
         .map(|(id, path, points, _)| {
             AgentProc::start(
-                &write_plan(dir.path(), id, std::path::Path::new(path), points),
+                &write_plan(dir.path(), id, path, points),
                 &an.url,
                 id,
                 dir.path(),
@@ -86,17 +119,17 @@ fn agent_traces_the_stock_testbed_servers_under_load() {
     l.items = cfg.seed_items;
     let report = load::run(&l).unwrap();
     assert_eq!(report.errors, 0, "{}", report.text());
-    for a in agents {
-        let log = a.stop();
+    let logs: Vec<String> = agents.into_iter().map(|a| a.stop()).collect();
+    for log in &logs {
         assert!(log.contains("kernel_drops=0"), "{log}");
     }
     // Every traced process has exited or is still running; close what is open by stopping the stack.
     drop(stack);
     // Windows close on process exit (reported by the stopped agents) or by the analyzer's
     // stale sweep; the agents were stopped first, so close through a fresh agent-less query.
-    for (id, _, _, func) in targets {
+    for ((id, _, _, func), log) in targets.into_iter().zip(&logs) {
         let wins = rt().block_on(windows(&an.url, id, false));
-        assert!(!wins.is_empty(), "{id}: no windows");
+        assert!(!wins.is_empty(), "{id}: no windows; agent log:\n{log}");
         let events: u64 = wins.iter().map(|w| w.events).sum();
         eprintln!("{id}: {} windows, {events} events", wins.len());
         assert!(events > 0, "{id}: no events");

@@ -8,6 +8,7 @@
 //! [`down`] stops exactly what [`up`] started, whole process groups, even after `up` failed
 //! half way.
 
+pub mod build;
 pub mod load;
 mod stack;
 

@@ -18,6 +18,9 @@ pub struct Binaries {
     pub nginx: PathBuf,
     pub apache2: PathBuf,
     pub redis: PathBuf,
+    /// Apache's shared modules (mod_mpm_prefork, mod_authz_core, mod_dir, mod_mime, mod_env).
+    /// mod_php always comes from Debian's /usr/lib/apache2/modules.
+    pub apache_modules: PathBuf,
     /// Directory holding a libsqlite3.so.0 to load in the Apache workers instead of the
     /// system one (source builds); `None` = the system library.
     pub sqlite_lib_dir: Option<PathBuf>,
@@ -29,6 +32,7 @@ impl Default for Binaries {
             nginx: "/usr/sbin/nginx".into(),
             apache2: "/usr/sbin/apache2".into(),
             redis: "/usr/bin/redis-server".into(),
+            apache_modules: "/usr/lib/apache2/modules".into(),
             sqlite_lib_dir: None,
         }
     }
@@ -290,6 +294,10 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
         ("NGINX_HOST", cfg.host.clone()),
         ("NGINX_PORT", cfg.nginx_port().to_string()),
         ("CHILDREN", cfg.children.to_string()),
+        (
+            "APACHE_MODULES",
+            cfg.binaries.apache_modules.display().to_string(),
+        ),
         ("UPSTREAMS", upstreams.trim_end().to_string()),
     ];
     for f in ["redis.conf", "apache2.conf", "php.ini", "nginx.conf"] {

@@ -35,10 +35,16 @@ impl Where {
 
 #[derive(Subcommand)]
 pub enum Cmd {
+    /// Build redis-server, nginx, httpd and libsqlite3 from Debian's sources with symbols and
+    /// frame pointers into the cache (~/.cache/afetm/testbed-build), skipping finished builds.
+    Build,
     /// Start redis, the Apache instances and nginx, wait until each answers, seed the shop.
     Up {
         #[command(flatten)]
         at: Where,
+        /// Run the source builds (`testbed build`) instead of Debian's stock binaries.
+        #[arg(long)]
+        built: bool,
     },
     /// Stop exactly what `up` started (by pid and process group).
     Down {
@@ -79,8 +85,25 @@ pub enum Cmd {
 
 pub fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Up { at } => {
-            let cfg = at.config();
+        Cmd::Build => {
+            for (pkg, dir, secs) in testbed::build::build_all(&testbed::build::cache_dir())? {
+                let how = if secs == 0.0 {
+                    "cached".to_string()
+                } else {
+                    format!("built in {secs:.0} s")
+                };
+                println!("{:<8} {how:<16} {}", pkg.source_name(), dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Up { at, built } => {
+            let mut cfg = at.config();
+            if built {
+                cfg.binaries =
+                    testbed::build::binaries(&testbed::build::cache_dir()).ok_or_else(|| {
+                        anyhow::anyhow!("source builds missing: run `cargo xtask testbed build`")
+                    })?;
+            }
             match testbed::up(&cfg) {
                 Ok(servers) => {
                     for s in servers {
