@@ -117,12 +117,7 @@ mod tests {
     #[test]
     fn header_layout_is_stable() {
         assert_eq!(HEADER_LEN, 64);
-        let h = EventHeader {
-            kind: 2,
-            fn_id: 7,
-            stack_len: 9,
-            ..Default::default()
-        };
+        let h = EventHeader { kind: 2, fn_id: 7, stack_len: 9, ..Default::default() };
         let bytes: [u8; HEADER_LEN] = unsafe { core::mem::transmute(h) };
         assert_eq!(EventHeader::read(&bytes), Some(h));
         assert_eq!(EventHeader::read(&bytes[..10]), None);

@@ -58,9 +58,7 @@ struct Cli {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -73,38 +71,23 @@ fn main() {
 fn preflight() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "must run as root (loading uprobe programs needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)"
-        );
+        bail!("must run as root (loading uprobe programs needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)");
     }
-    let tracefs = [
-        "/sys/kernel/tracing/uprobe_events",
-        "/sys/kernel/debug/tracing/uprobe_events",
-    ];
+    let tracefs = ["/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events"];
     if !tracefs.iter().any(|p| Path::new(p).exists()) {
-        bail!(
-            "tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing (cargo xtask setup does it)"
-        );
+        bail!("tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing (cargo xtask setup does it)");
     }
     if !Path::new("/sys/bus/event_source/devices/uprobe/type").exists() {
-        bail!(
-            "this kernel has no uprobe PMU (/sys/bus/event_source/devices/uprobe/type): CONFIG_UPROBE_EVENTS is off"
-        );
+        bail!("this kernel has no uprobe PMU (/sys/bus/event_source/devices/uprobe/type): CONFIG_UPROBE_EVENTS is off");
     }
     Ok(())
 }
 
 fn print_probes(report: &pb::PlanReport) {
-    println!(
-        "{:<40} {:>18} {:>18} {:<9} instruction",
-        "function", "entry", "probe", "cost"
-    );
+    println!("{:<40} {:>18} {:>18} {:<9} instruction", "function", "entry", "probe", "cost");
     for p in &report.probes {
         let cost = if p.emulated { "emulated" } else { "1-step" };
-        println!(
-            "{:<40} {:>#18x} {:>#18x} {:<9} {}",
-            p.function, p.entry, p.probe, cost, p.instruction
-        );
+        println!("{:<40} {:>#18x} {:>#18x} {:<9} {}", p.function, p.entry, p.probe, cost, p.instruction);
     }
 }
 
@@ -115,8 +98,7 @@ fn summary(report: &pb::PlanReport) -> (usize, usize, usize) {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let text = std::fs::read_to_string(&cli.plan)
-        .with_context(|| format!("reading plan {}", cli.plan.display()))?;
+    let text = std::fs::read_to_string(&cli.plan).with_context(|| format!("reading plan {}", cli.plan.display()))?;
     let plan = PlanFile::parse(&text).with_context(|| format!("plan {}", cli.plan.display()))?;
     if cli.dry_run {
         let target = Target::open(&plan.target)?;
@@ -158,32 +140,19 @@ fn run(cli: Cli) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let reader = Reader::new(maps, table, module, outbox.clone(), ReaderConfig::default());
     let reader_stop = stop.clone();
-    let reader_thread = std::thread::Builder::new()
-        .name("afetm-reader".into())
-        .spawn(move || reader.run(reader_stop))?;
+    let reader_thread =
+        std::thread::Builder::new().name("afetm-reader".into()).spawn(move || reader.run(reader_stop))?;
 
     if let Some(path) = &cli.ready_file {
-        std::fs::write(path, format!("{n}\n"))
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, format!("{n}\n")).with_context(|| format!("writing {}", path.display()))?;
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
-    let agent_id = cli
-        .agent_id
-        .clone()
-        .unwrap_or_else(|| format!("{hostname}/{}", tracer.target().module.name));
-    let hello = pb::Hello {
-        agent_id,
-        instance: rand::random::<u64>().max(1),
-        hostname,
-        target: describe,
-    };
+    let agent_id = cli.agent_id.clone().unwrap_or_else(|| format!("{hostname}/{}", tracer.target().module.name));
+    let hello = pb::Hello { agent_id, instance: rand::random::<u64>().max(1), hostname, target: describe };
     let pid = plan.target.pid;
     let tracer = Arc::new(Mutex::new(tracer));
     let outbox_run = outbox.clone();

@@ -9,8 +9,8 @@
 //! caller is read exactly as at the entry, and every call still passes the probe exactly once.
 
 use iced_x86::{
-    Decoder, DecoderOptions, FlowControl, Formatter, Instruction, InstructionInfoFactory,
-    IntelFormatter, Mnemonic, OpKind, Register,
+    Decoder, DecoderOptions, FlowControl, Formatter, Instruction, InstructionInfoFactory, IntelFormatter, Mnemonic,
+    OpKind, Register,
 };
 
 /// The probe address chosen for one function.
@@ -59,50 +59,30 @@ pub fn place(entry: u64, code: &[u8]) -> ProbeSite {
     if site.ip() != entry && jumped_into(entry, site.ip(), code) {
         return at_entry();
     }
-    ProbeSite {
-        vaddr: site.ip(),
-        instruction: format_insn(&site),
-        emulated: true,
-    }
+    ProbeSite { vaddr: site.ip(), instruction: format_insn(&site), emulated: true }
 }
 
 /// Instructions the x86 uprobe code emulates instead of single-stepping (arch/x86/kernel/uprobes.c:
 /// `push_setup_xol_ops` and `branch_setup_xol_ops`).
 pub fn is_emulated(insn: &Instruction) -> bool {
     match insn.mnemonic() {
-        Mnemonic::Push => {
-            insn.op_count() == 1
-                && insn.op0_kind() == OpKind::Register
-                && insn.op0_register().is_gpr64()
-        }
+        Mnemonic::Push => insn.op_count() == 1 && insn.op0_kind() == OpKind::Register && insn.op0_register().is_gpr64(),
         Mnemonic::Nop => true,
         Mnemonic::Jmp | Mnemonic::Call => matches!(insn.op0_kind(), OpKind::NearBranch64),
-        _ => {
-            insn.flow_control() == FlowControl::ConditionalBranch
-                && matches!(insn.op0_kind(), OpKind::NearBranch64)
-        }
+        _ => insn.flow_control() == FlowControl::ConditionalBranch && matches!(insn.op0_kind(), OpKind::NearBranch64),
     }
 }
 
 /// True when moving the probe past `insn` keeps `[rsp]` the return address and keeps every call
 /// passing the probe once.
 fn skippable(insn: &Instruction, info: &mut InstructionInfoFactory) -> bool {
-    if insn.flow_control() != FlowControl::Next
-        || insn.is_stack_instruction()
-        || insn.is_privileged()
-    {
+    if insn.flow_control() != FlowControl::Next || insn.is_stack_instruction() || insn.is_privileged() {
         return false;
     }
     let used = info.info(insn);
     let touches_sp = |r: Register| r.full_register() == Register::RSP;
-    !used
-        .used_registers()
-        .iter()
-        .any(|u| touches_sp(u.register()))
-        && !used
-            .used_memory()
-            .iter()
-            .any(|m| touches_sp(m.base()) || touches_sp(m.index()))
+    !used.used_registers().iter().any(|u| touches_sp(u.register()))
+        && !used.used_memory().iter().any(|m| touches_sp(m.base()) || touches_sp(m.index()))
 }
 
 /// Whether a branch inside the function lands in (entry, site]: the probe would then fire for
@@ -112,10 +92,7 @@ fn jumped_into(entry: u64, site: u64, code: &[u8]) -> bool {
     while decoder.can_decode() {
         let insn = decoder.decode();
         if matches!(insn.op0_kind(), OpKind::NearBranch64)
-            && matches!(
-                insn.flow_control(),
-                FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
-            )
+            && matches!(insn.flow_control(), FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch)
         {
             let t = insn.near_branch_target();
             if t > entry && t <= site {
@@ -143,14 +120,7 @@ mod tests {
     fn emulated_entry_stays() {
         // push rbp; mov rbp, rsp; ret
         let s = place(0x1000, &[0x55, 0x48, 0x89, 0xe5, 0xc3]);
-        assert_eq!(
-            s,
-            ProbeSite {
-                vaddr: 0x1000,
-                instruction: "push rbp".into(),
-                emulated: true
-            }
-        );
+        assert_eq!(s, ProbeSite { vaddr: 0x1000, instruction: "push rbp".into(), emulated: true });
     }
 
     #[test]
@@ -177,10 +147,7 @@ mod tests {
         // test rdi, rdi; je +0; push rbx: the je is itself emulated and nothing before it
         // branches, so it gets the probe; the push after the branch never does.
         let s = place(0x1000, &[0x48, 0x85, 0xff, 0x74, 0x00, 0x53, 0xc3]);
-        assert_eq!(
-            (s.vaddr, s.instruction.as_str()),
-            (0x1003, "je short 0000000000001005h")
-        );
+        assert_eq!((s.vaddr, s.instruction.as_str()), (0x1003, "je short 0000000000001005h"));
     }
 
     #[test]

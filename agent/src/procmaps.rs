@@ -31,9 +31,7 @@ pub struct ProcMaps {
 
 impl ProcMaps {
     pub fn read(pid: u32) -> std::io::Result<ProcMaps> {
-        Ok(ProcMaps::parse(&std::fs::read_to_string(format!(
-            "/proc/{pid}/maps"
-        ))?))
+        Ok(ProcMaps::parse(&std::fs::read_to_string(format!("/proc/{pid}/maps"))?))
     }
 
     /// Keeps executable mappings only; malformed lines are skipped.
@@ -53,22 +51,16 @@ impl ProcMaps {
             let Some((s, e)) = range.split_once('-') else {
                 continue;
             };
-            let (Ok(start), Ok(end), Ok(offset)) = (
-                u64::from_str_radix(s, 16),
-                u64::from_str_radix(e, 16),
-                u64::from_str_radix(off, 16),
-            ) else {
+            let (Ok(start), Ok(end), Ok(offset)) =
+                (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16), u64::from_str_radix(off, 16))
+            else {
                 continue;
             };
             maps.push(Mapping {
                 start,
                 end,
                 offset,
-                path: if path.is_empty() {
-                    "[anon]".into()
-                } else {
-                    path.into()
-                },
+                path: if path.is_empty() { "[anon]".into() } else { path.into() },
             });
         }
         maps.sort_by_key(|m| m.start);

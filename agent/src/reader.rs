@@ -57,10 +57,7 @@ impl Default for ReaderConfig {
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -87,11 +84,7 @@ impl Interner {
 
     fn def(&self, id: u32) -> Option<pb::Symbol> {
         let (m, n) = self.defs.get(id.checked_sub(1)? as usize)?;
-        Some(pb::Symbol {
-            id,
-            module: m.to_string(),
-            name: n.to_string(),
-        })
+        Some(pb::Symbol { id, module: m.to_string(), name: n.to_string() })
     }
 }
 
@@ -187,8 +180,7 @@ impl Reader {
                 last_counts = Instant::now();
             }
             let due = last_flush.elapsed() >= self.cfg.flush;
-            let has_data =
-                !self.events.is_empty() || !self.counts.is_empty() || !self.exits.is_empty();
+            let has_data = !self.events.is_empty() || !self.counts.is_empty() || !self.exits.is_empty();
             if stopping || (due && has_data) || last_push.elapsed() >= self.cfg.heartbeat {
                 self.cut(stopping);
                 last_push = Instant::now();
@@ -230,13 +222,7 @@ impl Reader {
         if let Some(s) = self.fn_syms.get(&fn_id) {
             return Some(*s);
         }
-        let entry = self
-            .table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(fn_id as usize)
-            .cloned()
-            .flatten()?;
+        let entry = self.table.read().unwrap_or_else(|p| p.into_inner()).get(fn_id as usize).cloned().flatten()?;
         let s = self.syms.id(&entry.module, &entry.name);
         self.fn_syms.insert(fn_id, s);
         self.fn_probe.insert(fn_id, entry.probe_vaddr);
@@ -247,10 +233,7 @@ impl Reader {
         if let Some(found) = self.modules.get(&m.path) {
             return found.clone();
         }
-        let name = PathBuf::from(&*m.path)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = PathBuf::from(&*m.path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let loaded = match Module::load_as(&m.open_path(pid), name) {
             Ok(mut module) => {
                 module.path = PathBuf::from(&*m.path);
@@ -268,11 +251,7 @@ impl Reader {
     fn proc(&mut self, pid: u32) -> Option<&mut Proc> {
         if let std::collections::hash_map::Entry::Vacant(e) = self.procs.entry(pid) {
             let maps = ProcMaps::read(pid).ok()?;
-            e.insert(Proc {
-                maps,
-                refreshed: Instant::now(),
-                syms: HashMap::new(),
-            });
+            e.insert(Proc { maps, refreshed: Instant::now(), syms: HashMap::new() });
         }
         self.procs.get_mut(&pid)
     }
@@ -319,9 +298,7 @@ impl Reader {
                 let in_target = module.name == self.target_module;
                 let id = match module.function_at(vaddr) {
                     Some(f) => self.syms.id(&module.name, &f.name),
-                    None => self
-                        .syms
-                        .id(&module.name, &format!("{}+0x{vaddr:x}", module.name)),
+                    None => self.syms.id(&module.name, &format!("{}+0x{vaddr:x}", module.name)),
                 };
                 (id, in_target)
             }
@@ -346,18 +323,12 @@ impl Reader {
             return;
         };
         if let Some(probe) = self.fn_probe.get(&h.fn_id) {
-            self.biases
-                .entry(h.pid)
-                .or_insert(h.ip.wrapping_sub(*probe));
+            self.biases.entry(h.pid).or_insert(h.ip.wrapping_sub(*probe));
         }
         if !self.procs.contains_key(&h.pid) {
             let _ = self.proc(h.pid); // snapshot the maps as early as possible
         }
-        let caller = if h.ret_addr > 0 {
-            self.symbol_at(h.pid, h.ret_addr - 1).0
-        } else {
-            0
-        };
+        let caller = if h.ret_addr > 0 { self.symbol_at(h.pid, h.ret_addr - 1).0 } else { 0 };
         let mut callstack = Vec::new();
         if h.kind == kind::CALL_STACK {
             self.stats.stack_events += 1;
@@ -386,14 +357,7 @@ impl Reader {
         }
         self.live.insert(h.pid);
         self.stats.events += 1;
-        self.events.push(pb::CallEvent {
-            pid: h.pid,
-            tid: h.tid,
-            ts_ns: h.ts_ns,
-            function,
-            caller,
-            callstack,
-        });
+        self.events.push(pb::CallEvent { pid: h.pid, tid: h.tid, ts_ns: h.ts_ns, function, caller, callstack });
     }
 
     fn check_exits(&mut self) {
@@ -401,25 +365,20 @@ impl Reader {
             .live
             .iter()
             .copied()
-            .filter(
-                |pid| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                    // State is the field after the parenthesised command name.
-                    Ok(s) => s
-                        .rsplit_once(')')
-                        .and_then(|(_, rest)| rest.split_whitespace().next())
-                        .is_some_and(|st| st == "Z" || st == "X"),
-                    Err(_) => true,
-                },
-            )
+            .filter(|pid| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                // State is the field after the parenthesised command name.
+                Ok(s) => s
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .is_some_and(|st| st == "Z" || st == "X"),
+                Err(_) => true,
+            })
             .collect();
         for pid in gone {
             self.live.remove(&pid);
             self.procs.remove(&pid);
             self.biases.remove(&pid);
-            self.exits.push(pb::ProcessExit {
-                pid,
-                ts_ns: monotonic_ns(),
-            });
+            self.exits.push(pb::ProcessExit { pid, ts_ns: monotonic_ns() });
             tracing::debug!(pid, "traced process exited");
         }
     }
@@ -431,9 +390,7 @@ impl Reader {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, e)| {
-                    e.as_ref()
-                        .filter(|e| e.mode == Mode::Count)
-                        .map(|e| (i as u32, e.module.clone(), e.name.clone()))
+                    e.as_ref().filter(|e| e.mode == Mode::Count).map(|e| (i as u32, e.module.clone(), e.name.clone()))
                 })
                 .collect()
         };
@@ -446,21 +403,13 @@ impl Reader {
             let calls = total.saturating_sub(prev);
             if calls > 0 {
                 let function = self.syms.id(&module, &name);
-                self.counts.push(pb::CallCount {
-                    function,
-                    calls,
-                    interval_ns: interval.as_nanos() as u64,
-                });
+                self.counts.push(pb::CallCount { function, calls, interval_ns: interval.as_nanos() as u64 });
             }
         }
     }
 
     fn kernel_drops(&self) -> u64 {
-        self.maps
-            .stats
-            .get(&stat::DROPPED, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        self.maps.stats.get(&stat::DROPPED, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     /// Cuts the pending events into a batch and queues it; `last` marks the agent's final batch.
@@ -483,11 +432,7 @@ impl Reader {
         referenced.extend(self.counts.iter().map(|c| c.function));
         referenced.remove(&0);
         let acked = self.outbox.acked_symbols();
-        let symbols = referenced
-            .into_iter()
-            .filter(|s| !acked.contains(s))
-            .filter_map(|s| self.syms.def(s))
-            .collect();
+        let symbols = referenced.into_iter().filter(|s| !acked.contains(s)).filter_map(|s| self.syms.def(s)).collect();
         let batch = pb::Batch {
             seq: 0,
             agent_clock_ns: monotonic_ns(),

@@ -13,8 +13,7 @@ use std::{
 };
 
 use gimli::{
-    BaseAddresses, CfaRule, EhFrame, EndianArcSlice, LittleEndian, RegisterRule, UnwindContext,
-    UnwindSection, X86_64,
+    BaseAddresses, CfaRule, EhFrame, EndianArcSlice, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64,
 };
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
@@ -23,15 +22,9 @@ type Reader = EndianArcSlice<LittleEndian>;
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not an ELF object this agent can read: {source}")]
-    Parse {
-        path: PathBuf,
-        source: object::Error,
-    },
+    Parse { path: PathBuf, source: object::Error },
     #[error("{path}: not an x86-64 ELF object")]
     Arch { path: PathBuf },
 }
@@ -88,10 +81,7 @@ pub struct Module {
 
 impl std::fmt::Debug for Module {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Module")
-            .field("path", &self.path)
-            .field("functions", &self.funcs.len())
-            .finish()
+        f.debug_struct("Module").field("path", &self.path).field("functions", &self.funcs.len()).finish()
     }
 }
 
@@ -100,10 +90,8 @@ const CACHE_LIMIT: usize = 1 << 16;
 impl Module {
     /// Loads `path`, naming the module after the file's basename.
     pub fn load(path: &Path) -> Result<Module, SymbolError> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string());
+        let name =
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
         Module::load_as(path, name)
     }
 
@@ -111,16 +99,9 @@ impl Module {
     /// known only from `.eh_frame`. Every place that names a module must pass the same name for
     /// the same file (its real basename, not a symlink's), or one function gets two names.
     pub fn load_as(path: &Path, name: String) -> Result<Module, SymbolError> {
-        let data: Arc<[u8]> = std::fs::read(path)
-            .map_err(|source| SymbolError::Io {
-                path: path.into(),
-                source,
-            })?
-            .into();
-        let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
-            path: path.into(),
-            source,
-        })?;
+        let data: Arc<[u8]> =
+            std::fs::read(path).map_err(|source| SymbolError::Io { path: path.into(), source })?.into();
+        let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse { path: path.into(), source })?;
         if file.architecture() != object::Architecture::X86_64 {
             return Err(SymbolError::Arch { path: path.into() });
         }
@@ -128,11 +109,7 @@ impl Module {
             .segments()
             .map(|s| {
                 let (offset, filesz) = s.file_range();
-                Segment {
-                    vaddr: s.address(),
-                    offset,
-                    filesz,
-                }
+                Segment { vaddr: s.address(), offset, filesz }
             })
             .collect();
         let plt_ranges: Vec<(u64, u64)> = file
@@ -144,11 +121,7 @@ impl Module {
 
         let mut raw: Vec<(u64, u64, String)> = Vec::new();
         for sym in file.symbols().chain(file.dynamic_symbols()) {
-            if sym.kind() != SymbolKind::Text
-                || !sym.is_definition()
-                || sym.size() == 0
-                || sym.address() == 0
-            {
+            if sym.kind() != SymbolKind::Text || !sym.is_definition() || sym.size() == 0 || sym.address() == 0 {
                 continue;
             }
             let Ok(n) = sym.name() else { continue };
@@ -176,17 +149,8 @@ impl Module {
             {
                 continue; // alias, or an FDE inside a known function
             }
-            let n: Arc<str> = if n.is_empty() {
-                format!("{name}+0x{start:x}").into()
-            } else {
-                n.into()
-            };
-            funcs.push(Function {
-                start,
-                end,
-                name: n.clone(),
-                base_name: n,
-            });
+            let n: Arc<str> = if n.is_empty() { format!("{name}+0x{start:x}").into() } else { n.into() };
+            funcs.push(Function { start, end, name: n.clone(), base_name: n });
         }
         let mut counts: HashMap<Arc<str>, usize> = HashMap::new();
         for f in &funcs {
@@ -204,15 +168,7 @@ impl Module {
                 by_name.entry(f.base_name.clone()).or_default().push(i);
             }
         }
-        Ok(Module {
-            path: path.into(),
-            name,
-            funcs,
-            by_name,
-            segments,
-            data,
-            eh,
-        })
+        Ok(Module { path: path.into(), name, funcs, by_name, segments, data, eh })
     }
 
     pub fn functions(&self) -> &[Function] {
@@ -221,10 +177,7 @@ impl Module {
 
     /// Functions a plan name refers to: its unique name, or every function with that base name.
     pub fn find(&self, name: &str) -> Vec<&Function> {
-        self.by_name
-            .get(name)
-            .map(|ix| ix.iter().map(|i| &self.funcs[*i]).collect())
-            .unwrap_or_default()
+        self.by_name.get(name).map(|ix| ix.iter().map(|i| &self.funcs[*i]).collect()).unwrap_or_default()
     }
 
     /// The function containing virtual address `vaddr`.
@@ -255,9 +208,7 @@ impl Module {
         };
         let len = (f.end - f.start) as usize;
         let off = off as usize;
-        self.data
-            .get(off..off.saturating_add(len).min(self.data.len()))
-            .unwrap_or(&[])
+        self.data.get(off..off.saturating_add(len).min(self.data.len())).unwrap_or(&[])
     }
 
     /// The `.eh_frame` rule for the instruction at `vaddr`, cached.
@@ -307,12 +258,7 @@ fn load_eh(file: &object::File, data: &Arc<[u8]>) -> Option<EhIndex> {
         }
     }
     fdes.sort_by_key(|(s, _, _)| *s);
-    Some(EhIndex {
-        section,
-        bases,
-        fdes,
-        cache: Mutex::new(HashMap::new()),
-    })
+    Some(EhIndex { section, bases, fdes, cache: Mutex::new(HashMap::new()) })
 }
 
 impl EhIndex {
@@ -323,16 +269,10 @@ impl EhIndex {
             return None;
         }
         let mut ctx = UnwindContext::new();
-        let row = fde
-            .unwind_info_for_address(&self.section, &self.bases, &mut ctx, vaddr)
-            .ok()?;
+        let row = fde.unwind_info_for_address(&self.section, &self.bases, &mut ctx, vaddr).ok()?;
         let (cfa_from_rbp, cfa_offset) = match row.cfa() {
-            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => {
-                (false, *offset)
-            }
-            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => {
-                (true, *offset)
-            }
+            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RSP => (false, *offset),
+            CfaRule::RegisterAndOffset { register, offset } if *register == X86_64::RBP => (true, *offset),
             _ => return None,
         };
         let ra_offset = match row.register(X86_64::RA) {
@@ -345,11 +285,6 @@ impl EhIndex {
             Some(RegisterRule::Offset(o)) => Some(o),
             _ => None,
         };
-        Some(FrameRule {
-            cfa_from_rbp,
-            cfa_offset,
-            ra_offset,
-            rbp_offset,
-        })
+        Some(FrameRule { cfa_from_rbp, cfa_offset, ra_offset, rbp_offset })
     }
 }

@@ -39,12 +39,7 @@ pub enum TraceError {
     #[error(transparent)]
     Symbols(#[from] crate::symbols::SymbolError),
     #[error("unknown function {name:?} in {module} ({known} functions known{hint})")]
-    UnknownFunction {
-        name: String,
-        module: String,
-        known: usize,
-        hint: String,
-    },
+    UnknownFunction { name: String, module: String, known: usize, hint: String },
     #[error("plan has {0} functions; the agent can trace at most {MAX_FUNCS}")]
     TooMany(usize),
     #[error("function {0} has no file offset (not in a loadable segment)")]
@@ -85,34 +80,19 @@ impl Target {
                 }
                 // Processes map the file under its real name (e.g. redis-server -> redis-check-rdb).
                 let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-                (
-                    path.clone(),
-                    real.file_name().map(|n| n.to_string_lossy().into_owned()),
-                )
+                (path.clone(), real.file_name().map(|n| n.to_string_lossy().into_owned()))
             }
             (None, Some(pid)) => {
                 let exe = PathBuf::from(format!("/proc/{pid}/exe"));
                 let real = std::fs::read_link(&exe).map_err(|_| TraceError::PidGone(pid))?;
-                (
-                    exe,
-                    real.file_name().map(|n| n.to_string_lossy().into_owned()),
-                )
+                (exe, real.file_name().map(|n| n.to_string_lossy().into_owned()))
             }
             (None, None) => return Err(TraceError::MissingBinary(PathBuf::from("(none)"))),
         };
-        let name = name.unwrap_or_else(|| {
-            attach_path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        });
+        let name = name
+            .unwrap_or_else(|| attach_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         let module = Module::load_as(&attach_path, name)?;
-        Ok(Target {
-            module: Arc::new(module),
-            attach_path,
-            pid: spec.pid,
-            spec: spec.clone(),
-        })
+        Ok(Target { module: Arc::new(module), attach_path, pid: spec.pid, spec: spec.clone() })
     }
 
     pub fn describe(&self) -> String {
@@ -161,11 +141,8 @@ pub fn resolve(module: &Module, points: &[plan::Point]) -> Result<Vec<Resolved>,
             plan::Mode::Callstack => Mode::CallStack,
             plan::Mode::Count => Mode::Count,
         };
-        let funcs: Vec<&Function> = if p.function == "*" {
-            module.functions().iter().collect()
-        } else {
-            module.find(&p.function)
-        };
+        let funcs: Vec<&Function> =
+            if p.function == "*" { module.functions().iter().collect() } else { module.find(&p.function) };
         if funcs.is_empty() {
             let mut close: Vec<&str> = module
                 .functions()
@@ -175,11 +152,7 @@ pub fn resolve(module: &Module, points: &[plan::Point]) -> Result<Vec<Resolved>,
                 .take(3)
                 .collect();
             close.sort();
-            let hint = if close.is_empty() {
-                String::new()
-            } else {
-                format!("; similar: {}", close.join(", "))
-            };
+            let hint = if close.is_empty() { String::new() } else { format!("; similar: {}", close.join(", ")) };
             return Err(TraceError::UnknownFunction {
                 name: p.function.clone(),
                 module: module.path.display().to_string(),
@@ -232,19 +205,13 @@ const PROGRAM: &str = "afetm_probe";
 
 impl Tracer {
     /// Loads the eBPF object for `target`, copying `stack_window` bytes of stack per call-stack event.
-    pub fn load(
-        target: Target,
-        stack_window: u32,
-    ) -> Result<(Tracer, ReaderMaps, FnTable), TraceError> {
+    pub fn load(target: Target, stack_window: u32) -> Result<(Tracer, ReaderMaps, FnTable), TraceError> {
         if !(64..=MAX_STACK_WINDOW as u32).contains(&stack_window) {
             return Err(TraceError::StackWindow(stack_window));
         }
         let mut ebpf = EbpfLoader::new()
             .override_global("STACK_WINDOW", &stack_window, true)
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/afetm.bpf.o"
-            )))
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/afetm.bpf.o")))
             .map_err(|e| TraceError::Load(e.to_string()))?;
         let prog: &mut UProbe = ebpf
             .program_mut(PROGRAM)
@@ -253,8 +220,7 @@ impl Tracer {
             .map_err(|e: aya::programs::ProgramError| TraceError::Load(e.to_string()))?;
         prog.load().map_err(|e| TraceError::Load(e.to_string()))?;
         let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| TraceError::Load(format!("map {name} missing from the object")))
+            ebpf.take_map(name).ok_or_else(|| TraceError::Load(format!("map {name} missing from the object")))
         };
         let modes = Array::try_from(take("MODES")?)?;
         let maps = ReaderMaps {
@@ -300,10 +266,7 @@ impl Tracer {
     /// previous plan stays in force.
     pub fn apply(&mut self, plan: &plan::PlanFile) -> Result<pb::PlanReport, TraceError> {
         if plan.target != self.target.spec {
-            return Err(TraceError::TargetChanged(format!(
-                "{:?} -> {:?}",
-                self.target.spec, plan.target
-            )));
+            return Err(TraceError::TargetChanged(format!("{:?} -> {:?}", self.target.spec, plan.target)));
         }
         let resolved = resolve(&self.target.module, &plan.points)?;
         let mut desired: HashMap<u32, (Resolved, u32)> = HashMap::new();
@@ -345,10 +308,7 @@ impl Tracer {
             match prog.attach(points, &self.target.attach_path, scope) {
                 Ok(link) => {
                     let g = self.groups.len();
-                    self.groups.push(Group {
-                        link: Some(link),
-                        live: new.len(),
-                    });
+                    self.groups.push(Group { link: Some(link), live: new.len() });
                     for (id, _) in &new {
                         self.attached.insert(*id, (g, desired[id].0.mode));
                     }
@@ -357,10 +317,7 @@ impl Tracer {
                     for (id, _) in &new {
                         let _ = self.set_mode(*id, Mode::Off);
                     }
-                    return Err(TraceError::Attach {
-                        path: self.target.attach_path.clone(),
-                        error: format!("{e:#}"),
-                    });
+                    return Err(TraceError::Attach { path: self.target.attach_path.clone(), error: format!("{e:#}") });
                 }
             }
         }
@@ -377,12 +334,7 @@ impl Tracer {
             }
         }
         // Functions that left: off at once, link released with its last function.
-        let gone: Vec<u32> = self
-            .attached
-            .keys()
-            .filter(|id| !desired.contains_key(id))
-            .copied()
-            .collect();
+        let gone: Vec<u32> = self.attached.keys().filter(|id| !desired.contains_key(id)).copied().collect();
         let mut detached = 0u32;
         for id in &gone {
             self.set_mode(*id, Mode::Off)?;
@@ -393,10 +345,7 @@ impl Tracer {
                 if group.live == 0
                     && let Some(link) = group.link.take()
                 {
-                    let prog: Option<&mut UProbe> = self
-                        .ebpf
-                        .program_mut(PROGRAM)
-                        .and_then(|p| p.try_into().ok());
+                    let prog: Option<&mut UProbe> = self.ebpf.program_mut(PROGRAM).and_then(|p| p.try_into().ok());
                     if let Some(prog) = prog
                         && let Err(e) = prog.detach(link)
                     {

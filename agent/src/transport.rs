@@ -37,10 +37,7 @@ pub struct Outbox {
 impl Outbox {
     pub fn new(max_events: usize) -> Arc<Outbox> {
         Arc::new(Outbox {
-            state: Mutex::new(State {
-                next_seq: 1,
-                ..Default::default()
-            }),
+            state: Mutex::new(State { next_seq: 1, ..Default::default() }),
             notify: Notify::new(),
             max_events: max_events.max(1),
         })
@@ -124,13 +121,7 @@ impl Outbox {
 
     /// Copies of the queued batches after `seq`, at most `limit`.
     pub fn after(&self, seq: u64, limit: usize) -> Vec<pb::Batch> {
-        self.lock()
-            .queue
-            .iter()
-            .filter(|b| b.seq > seq)
-            .take(limit)
-            .cloned()
-            .collect()
+        self.lock().queue.iter().filter(|b| b.seq > seq).take(limit).cloned().collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -140,12 +131,7 @@ impl Outbox {
     /// (queued batches, dropped events, rejected batches, highest acked seq)
     pub fn counters(&self) -> (usize, u64, u64, u64) {
         let s = self.lock();
-        (
-            s.queue.len(),
-            s.dropped_events,
-            s.rejected_batches,
-            s.acked_seq,
-        )
+        (s.queue.len(), s.dropped_events, s.rejected_batches, s.acked_seq)
     }
 }
 
@@ -175,12 +161,7 @@ pub async fn run(
             }
         }
         let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
-            Ok(ep) => {
-                ep.connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await
-            }
+            Ok(ep) => ep.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await,
             Err(e) => {
                 tracing::error!(%endpoint, error = %e, "bad analyzer address");
                 return;
@@ -201,16 +182,11 @@ pub async fn run(
                 continue;
             }
         };
-        let mut client = IngestClient::new(channel)
-            .max_encoding_message_size(64 << 20)
-            .max_decoding_message_size(64 << 20);
+        let mut client =
+            IngestClient::new(channel).max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(IN_FLIGHT * 2);
         let msg = |m| pb::AgentMessage { msg: Some(m) };
-        if tx
-            .send(msg(pb::agent_message::Msg::Hello(hello.clone())))
-            .await
-            .is_err()
-        {
+        if tx.send(msg(pb::agent_message::Msg::Hello(hello.clone()))).await.is_err() {
             continue;
         }
         let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
@@ -223,9 +199,7 @@ pub async fn run(
             }
         };
         let last = match inbound.message().await {
-            Ok(Some(pb::AnalyzerMessage {
-                msg: Some(pb::analyzer_message::Msg::Welcome(w)),
-            })) => w.last_acked_seq,
+            Ok(Some(pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Welcome(w)) })) => w.last_acked_seq,
             other => {
                 tracing::warn!(reply = ?other.err(), "analyzer did not welcome the agent");
                 tokio::time::sleep(backoff).await;
@@ -235,9 +209,7 @@ pub async fn run(
         };
         let (_, _, _, acked) = outbox.counters();
         if last == 0 && acked > 0 {
-            tracing::warn!(
-                "analyzer does not know this agent instance any more; redefining symbols"
-            );
+            tracing::warn!("analyzer does not know this agent instance any more; redefining symbols");
             outbox.forget_symbols();
         }
         outbox.ack(last);
@@ -256,18 +228,13 @@ pub async fn run(
             if room > 0 {
                 for b in outbox.after(sent, room) {
                     sent = b.seq;
-                    if tx
-                        .send(msg(pb::agent_message::Msg::Batch(b)))
-                        .await
-                        .is_err()
-                    {
+                    if tx.send(msg(pb::agent_message::Msg::Batch(b))).await.is_err() {
                         break 'conn;
                     }
                 }
             }
             if *shutdown.borrow() {
-                let d =
-                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + drain_timeout);
+                let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + drain_timeout);
                 if outbox.is_empty() || tokio::time::Instant::now() >= d {
                     break 'conn;
                 }
@@ -310,17 +277,9 @@ pub async fn run(
     }
     let (queued, dropped, rejected, acked) = outbox.counters();
     if queued > 0 {
-        tracing::warn!(
-            queued,
-            "exiting with batches the analyzer never acknowledged"
-        );
+        tracing::warn!(queued, "exiting with batches the analyzer never acknowledged");
     }
-    tracing::info!(
-        acked,
-        dropped_events = dropped,
-        rejected_batches = rejected,
-        "transport finished"
-    );
+    tracing::info!(acked, dropped_events = dropped, rejected_batches = rejected, "transport finished");
 }
 
 #[cfg(test)]
@@ -328,10 +287,7 @@ mod tests {
     use super::*;
 
     fn batch(events: usize) -> pb::Batch {
-        pb::Batch {
-            events: vec![pb::CallEvent::default(); events],
-            ..Default::default()
-        }
+        pb::Batch { events: vec![pb::CallEvent::default(); events], ..Default::default() }
     }
 
     #[test]
@@ -342,10 +298,7 @@ mod tests {
         assert_eq!(o.push(batch(4)), 3); // drops seq 1
         let (queued, dropped, _, _) = o.counters();
         assert_eq!((queued, dropped), (2, 4));
-        assert_eq!(
-            o.after(0, 10).iter().map(|b| b.seq).collect::<Vec<_>>(),
-            vec![2, 3]
-        );
+        assert_eq!(o.after(0, 10).iter().map(|b| b.seq).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(o.after(0, 10)[1].queue_drops, 4);
     }
 
@@ -353,11 +306,7 @@ mod tests {
     fn ack_pops_and_records_symbols() {
         let o = Outbox::new(100);
         let mut b = batch(1);
-        b.symbols.push(pb::Symbol {
-            id: 7,
-            module: "m".into(),
-            name: "f".into(),
-        });
+        b.symbols.push(pb::Symbol { id: 7, module: "m".into(), name: "f".into() });
         o.push(b);
         o.push(batch(1));
         o.ack(1);

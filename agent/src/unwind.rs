@@ -21,12 +21,7 @@ pub struct StackSnapshot<'a> {
 
 impl<'a> StackSnapshot<'a> {
     pub fn new(hdr: &EventHeader, stack: &'a [u8]) -> Self {
-        StackSnapshot {
-            ip: hdr.ip,
-            sp: hdr.sp,
-            bp: hdr.bp,
-            stack,
-        }
+        StackSnapshot { ip: hdr.ip, sp: hdr.sp, bp: hdr.bp, stack }
     }
 
     fn read(&self, addr: u64) -> Option<u64> {

@@ -20,11 +20,7 @@ fn equivalence(frame_pointers: bool) {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let prog = build_calltree(dir.path(), frame_pointers);
-    let an = AnalyzerProc::start(
-        &dir.path().join("db.sqlite"),
-        free_port(),
-        &["--window", "60s"],
-    );
+    let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "60s"]);
 
     // 1. Full trace: every function of the program.
     let full = write_plan(dir.path(), "full", &prog, &[("*", "event")]);
@@ -34,61 +30,25 @@ fn equivalence(frame_pointers: bool) {
     let (table, fcts) = rt().block_on(afcts(&an.url, "full"));
     assert_eq!(fcts.len(), 2, "one FCT per thread: {fcts:?}");
     let pid = fcts[0].0.pid;
-    let main_fct = &fcts
-        .iter()
-        .find(|(_, tid, _)| *tid == pid)
-        .expect("main thread")
-        .2;
-    let worker_fct = &fcts
-        .iter()
-        .find(|(_, tid, _)| *tid != pid)
-        .expect("worker thread")
-        .2;
+    let main_fct = &fcts.iter().find(|(_, tid, _)| *tid == pid).expect("main thread").2;
+    let worker_fct = &fcts.iter().find(|(_, tid, _)| *tid != pid).expect("worker thread").2;
     // The known call tree of calltree.c.
     for path in [
         &["main", "run_main", "chain2", "chain3", "leaf"][..],
         &["main", "run_main", "dispatch", "op_add", "leaf"],
         &["main", "run_main", "fib", "leaf"],
     ] {
-        assert!(
-            has_path(main_fct, &table, path),
-            "main thread lacks {path:?}:\n{}",
-            main_fct.render(&table)
-        );
+        assert!(has_path(main_fct, &table, path), "main thread lacks {path:?}:\n{}", main_fct.render(&table));
     }
     for path in [
-        &[
-            "worker",
-            "worker_round",
-            "chain1",
-            "chain2",
-            "chain3",
-            "leaf",
-        ][..],
-        &[
-            "worker",
-            "worker_round",
-            "dispatch",
-            "op_mul",
-            "chain3",
-            "leaf",
-        ],
+        &["worker", "worker_round", "chain1", "chain2", "chain3", "leaf"][..],
+        &["worker", "worker_round", "dispatch", "op_mul", "chain3", "leaf"],
     ] {
-        assert!(
-            has_path(worker_fct, &table, path),
-            "worker thread lacks {path:?}:\n{}",
-            worker_fct.render(&table)
-        );
+        assert!(has_path(worker_fct, &table, path), "worker thread lacks {path:?}:\n{}", worker_fct.render(&table));
     }
-    assert!(
-        !has_path(main_fct, &table, &["fib", "fib"]),
-        "recursion must be cut (Alg. 3 not_pred)"
-    );
-    let root_module = |f: &Forest| {
-        f.roots()
-            .map(|r| table.get(f.nodes[r as usize].func).module.to_string())
-            .collect::<Vec<_>>()
-    };
+    assert!(!has_path(main_fct, &table, &["fib", "fib"]), "recursion must be cut (Alg. 3 not_pred)");
+    let root_module =
+        |f: &Forest| f.roots().map(|r| table.get(f.nodes[r as usize].func).module.to_string()).collect::<Vec<_>>();
     assert!(
         root_module(main_fct).iter().any(|m| m.starts_with("libc")),
         "main is called from libc: {:?}",
@@ -96,20 +56,11 @@ fn equivalence(frame_pointers: bool) {
     );
 
     // 2. Coloring (Alg. 2) through the analyzer's control service.
-    let refs: Vec<pb::FctRef> = fcts
-        .iter()
-        .map(|(w, tid, _)| pb::FctRef {
-            window_id: w.id,
-            tid: *tid,
-        })
-        .collect();
+    let refs: Vec<pb::FctRef> = fcts.iter().map(|(w, tid, _)| pb::FctRef { window_id: w.id, tid: *tid }).collect();
     let colored = rt().block_on(async {
         control(&an.url)
             .await
-            .color(pb::ColorRequest {
-                fcts: refs,
-                traced: TRACED.iter().map(|s| s.to_string()).collect(),
-            })
+            .color(pb::ColorRequest { fcts: refs, traced: TRACED.iter().map(|s| s.to_string()).collect() })
             .await
             .expect("color")
             .into_inner()
@@ -129,16 +80,10 @@ fn equivalence(frame_pointers: bool) {
     let agent = AgentProc::start(&adaptive, &an.url, "adaptive", dir.path());
     run_prog(&prog, 20, 0.3);
     let log = agent.stop();
-    assert!(
-        log.contains("unwinder_disagreed=0"),
-        "the unwinder must agree with the return address: {log}"
-    );
+    assert!(log.contains("unwinder_disagreed=0"), "the unwinder must agree with the return address: {log}");
     let (mut table2, trees) = rt().block_on(afcts(&an.url, "adaptive"));
-    let masked: Vec<Forest> = colored
-        .colored
-        .iter()
-        .map(|t| mask_red(&Forest::from_proto(t, &mut table2).unwrap()))
-        .collect();
+    let masked: Vec<Forest> =
+        colored.colored.iter().map(|t| mask_red(&Forest::from_proto(t, &mut table2).unwrap())).collect();
     let afcts: Vec<Forest> = trees.into_iter().map(|(_, _, f)| f).collect();
     let problems = compare_threads(&masked, &afcts, &table2);
     assert!(
@@ -150,26 +95,10 @@ fn equivalence(frame_pointers: bool) {
     // The untraced chain really was rebuilt from stacks, as blue nodes.
     let blue: Vec<String> = afcts
         .iter()
-        .flat_map(|f| {
-            f.nodes
-                .iter()
-                .filter(|n| n.color == Color::Blue)
-                .map(|n| table2.get(n.func).name.to_string())
-        })
+        .flat_map(|f| f.nodes.iter().filter(|n| n.color == Color::Blue).map(|n| table2.get(n.func).name.to_string()))
         .collect();
-    for f in [
-        "run_main",
-        "chain1",
-        "chain2",
-        "chain3",
-        "fib",
-        "dispatch",
-        "worker_round",
-    ] {
-        assert!(
-            blue.iter().any(|b| b == f),
-            "{f} should be a blue node, blue = {blue:?}"
-        );
+    for f in ["run_main", "chain1", "chain2", "chain3", "fib", "dispatch", "worker_round"] {
+        assert!(blue.iter().any(|b| b == f), "{f} should be a blue node, blue = {blue:?}");
     }
 }
 
@@ -197,12 +126,7 @@ fn analyzer_restart_loses_nothing_acknowledged() {
     let port = free_port();
     let args = ["--window", "400ms", "--grace", "200ms"];
     let an = AnalyzerProc::start(&db, port, &args);
-    let plan = write_plan(
-        dir.path(),
-        "p",
-        &prog,
-        &[("leaf", "event"), ("op_add", "callstack")],
-    );
+    let plan = write_plan(dir.path(), "p", &prog, &[("leaf", "event"), ("op_add", "callstack")]);
     let agent = AgentProc::start(&plan, &an.url, "restart", dir.path());
     let run = {
         let prog = prog.clone();
@@ -217,13 +141,7 @@ fn analyzer_restart_loses_nothing_acknowledged() {
             .into_iter()
             .map(|(w, tid, f)| (w.start_ns, tid, w.events, f))
             .collect::<Vec<_>>();
-        if before
-            .iter()
-            .map(|b| b.0)
-            .collect::<std::collections::HashSet<_>>()
-            .len()
-            >= 2
-        {
+        if before.iter().map(|b| b.0).collect::<std::collections::HashSet<_>>().len() >= 2 {
             break;
         }
         sleep(Duration::from_millis(100));
@@ -241,34 +159,17 @@ fn analyzer_restart_loses_nothing_acknowledged() {
             .iter()
             .find(|(w, t, _)| w.start_ns == *start && t == tid)
             .unwrap_or_else(|| panic!("window at {start} tid {tid} vanished"));
-        assert_eq!(
-            same.0.events, *events,
-            "window at {start} changed its event count"
-        );
-        assert_eq!(
-            same.2.canonical(&table),
-            tree.canonical(&table_before),
-            "window at {start} changed its AFCT"
-        );
+        assert_eq!(same.0.events, *events, "window at {start} changed its event count");
+        assert_eq!(same.2.canonical(&table), tree.canonical(&table_before), "window at {start} changed its AFCT");
     }
     let mut starts: Vec<u64> = after.iter().map(|(w, _, _)| w.start_ns).collect();
     starts.sort_unstable();
     starts.dedup();
-    assert!(
-        starts.len() >= before.len() + 3,
-        "tracing went on after the restart: {} windows",
-        starts.len()
-    );
+    assert!(starts.len() >= before.len() + 3, "tracing went on after the restart: {} windows", starts.len());
     for pair in starts.windows(2) {
-        assert_eq!(
-            pair[1] - pair[0],
-            400_000_000,
-            "a window is missing: the outage lost data"
-        );
+        assert_eq!(pair[1] - pair[0], 400_000_000, "a window is missing: the outage lost data");
     }
-    let info = rt()
-        .block_on(agent_info(&an.url, "restart"))
-        .expect("agent known");
+    let info = rt().block_on(agent_info(&an.url, "restart")).expect("agent known");
     assert_eq!((info.queue_drops, info.kernel_drops), (0, 0));
 }
 
@@ -280,17 +181,9 @@ fn plan_changes_at_runtime_attach_and_detach_the_difference() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let prog = build_calltree(dir.path(), true);
-    let an = AnalyzerProc::start(
-        &dir.path().join("db.sqlite"),
-        free_port(),
-        &["--window", "200ms", "--grace", "100ms"],
-    );
-    let plan_a = write_plan(
-        dir.path(),
-        "a",
-        &prog,
-        &[("leaf", "event"), ("op_add", "event")],
-    );
+    let an =
+        AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "200ms", "--grace", "100ms"]);
+    let plan_a = write_plan(dir.path(), "a", &prog, &[("leaf", "event"), ("op_add", "event")]);
     let agent = AgentProc::start(&plan_a, &an.url, "live", dir.path());
     let run = {
         let prog = prog.clone();
@@ -299,31 +192,20 @@ fn plan_changes_at_runtime_attach_and_detach_the_difference() {
     let push = |version: u64, points: &[(&str, pb::TraceMode)]| -> pb::PlanReport {
         let plan = pb::Plan {
             version,
-            points: points
-                .iter()
-                .map(|(f, m)| pb::TracePoint {
-                    function: f.to_string(),
-                    mode: *m as i32,
-                })
-                .collect(),
+            points: points.iter().map(|(f, m)| pb::TracePoint { function: f.to_string(), mode: *m as i32 }).collect(),
             target_path: prog.display().to_string(),
             target_pid: 0,
         };
         rt().block_on(async {
             control(&an.url)
                 .await
-                .set_plan(pb::SetPlanRequest {
-                    agent_id: "live".into(),
-                    plan: Some(plan),
-                })
+                .set_plan(pb::SetPlanRequest { agent_id: "live".into(), plan: Some(plan) })
                 .await
                 .expect("set plan");
         });
         for _ in 0..100 {
-            if let Some(r) = rt()
-                .block_on(agent_info(&an.url, "live"))
-                .and_then(|a| a.last_plan)
-                .filter(|r| r.version == version)
+            if let Some(r) =
+                rt().block_on(agent_info(&an.url, "live")).and_then(|a| a.last_plan).filter(|r| r.version == version)
             {
                 assert!(r.ok, "plan {version} refused: {}", r.error);
                 return r;
@@ -334,56 +216,26 @@ fn plan_changes_at_runtime_attach_and_detach_the_difference() {
     };
     sleep(Duration::from_millis(1000));
     let t1 = monotonic_ns();
-    let b = push(
-        2,
-        &[
-            ("op_add", pb::TraceMode::Event),
-            ("chain2", pb::TraceMode::Event),
-        ],
-    );
+    let b = push(2, &[("op_add", pb::TraceMode::Event), ("chain2", pb::TraceMode::Event)]);
     let t1_done = monotonic_ns();
-    assert_eq!(
-        (b.attached, b.detached),
-        (1, 1),
-        "B adds chain2 and drops leaf; op_add stays attached"
-    );
+    assert_eq!((b.attached, b.detached), (1, 1), "B adds chain2 and drops leaf; op_add stays attached");
     sleep(Duration::from_millis(1000));
     let t2 = monotonic_ns();
-    let c = push(
-        3,
-        &[
-            ("op_add", pb::TraceMode::Event),
-            ("leaf", pb::TraceMode::Event),
-        ],
-    );
+    let c = push(3, &[("op_add", pb::TraceMode::Event), ("leaf", pb::TraceMode::Event)]);
     let t2_done = monotonic_ns();
-    assert_eq!(
-        (c.attached, c.detached),
-        (1, 1),
-        "C re-adds leaf and drops chain2"
-    );
+    assert_eq!((c.attached, c.detached), (1, 1), "C re-adds leaf and drops chain2");
     run.join().unwrap();
     agent.stop();
 
     let (table, trees) = rt().block_on(afcts(&an.url, "live"));
     let white = |f: &Forest, t: &FuncTable| -> std::collections::BTreeSet<String> {
-        f.nodes
-            .iter()
-            .filter(|n| n.color == Color::White)
-            .map(|n| t.get(n.func).name.to_string())
-            .collect()
+        f.nodes.iter().filter(|n| n.color == Color::White).map(|n| t.get(n.func).name.to_string()).collect()
     };
     // Union of the threads of each window: the worker thread never calls op_add.
-    let mut per_window: std::collections::BTreeMap<
-        u64,
-        (pb::WindowInfo, std::collections::BTreeSet<String>),
-    > = Default::default();
+    let mut per_window: std::collections::BTreeMap<u64, (pb::WindowInfo, std::collections::BTreeSet<String>)> =
+        Default::default();
     for (w, _, f) in &trees {
-        per_window
-            .entry(w.id)
-            .or_insert_with(|| (w.clone(), Default::default()))
-            .1
-            .extend(white(f, &table));
+        per_window.entry(w.id).or_insert_with(|| (w.clone(), Default::default())).1.extend(white(f, &table));
     }
     let mut phases = [0usize; 3];
     for (w, traced) in per_window.values() {
@@ -396,25 +248,12 @@ fn plan_changes_at_runtime_attach_and_detach_the_difference() {
         } else {
             continue; // straddles a plan change
         };
-        let allowed: &[&str] = [
-            &["leaf", "op_add"][..],
-            &["op_add", "chain2"],
-            &["op_add", "leaf"],
-        ][phase];
-        assert!(
-            traced.iter().all(|n| allowed.contains(&n.as_str())),
-            "phase {phase} window traced {traced:?}"
-        );
-        assert!(
-            traced.contains("op_add"),
-            "op_add stays in every plan and must never stop: {traced:?}"
-        );
+        let allowed: &[&str] = [&["leaf", "op_add"][..], &["op_add", "chain2"], &["op_add", "leaf"]][phase];
+        assert!(traced.iter().all(|n| allowed.contains(&n.as_str())), "phase {phase} window traced {traced:?}");
+        assert!(traced.contains("op_add"), "op_add stays in every plan and must never stop: {traced:?}");
         phases[phase] += 1;
     }
-    assert!(
-        phases.iter().all(|n| *n >= 2),
-        "windows per phase: {phases:?}"
-    );
+    assert!(phases.iter().all(|n| *n >= 2), "windows per phase: {phases:?}");
 }
 
 /// Count-only mode counts every call and sends no events.
@@ -425,31 +264,15 @@ fn count_only_mode_counts_every_call() {
     let dir = tempfile::tempdir().unwrap();
     let prog = build_calltree(dir.path(), false);
     let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &[]);
-    let plan = write_plan(
-        dir.path(),
-        "c",
-        &prog,
-        &[("leaf", "count"), ("main", "event")],
-    );
+    let plan = write_plan(dir.path(), "c", &prog, &[("leaf", "count"), ("main", "event")]);
     let agent = AgentProc::start(&plan, &an.url, "counter", dir.path());
     run_prog(&prog, 100, 0.0);
     agent.stop();
     let counts = rt().block_on(async {
-        let mut q = afetm_proto::query_client::QueryClient::connect(an.url.clone())
-            .await
-            .unwrap();
-        q.counts(pb::CountsRequest {
-            agent_id: "counter".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .counts
+        let mut q = afetm_proto::query_client::QueryClient::connect(an.url.clone()).await.unwrap();
+        q.counts(pb::CountsRequest { agent_id: "counter".into() }).await.unwrap().into_inner().counts
     });
-    let leaf = counts
-        .iter()
-        .find(|c| c.function == "leaf")
-        .expect("leaf counted");
+    let leaf = counts.iter().find(|c| c.function == "leaf").expect("leaf counted");
     // Per iteration: main thread 1 + 1 + fib(5)'s 8 leaves, worker 1 + 1 + fib(4)'s 5 leaves.
     assert_eq!(leaf.calls, 17 * 100);
     let info = rt().block_on(agent_info(&an.url, "counter")).unwrap();
@@ -478,10 +301,7 @@ fn unreachable_analyzer_is_retried_and_queued_events_arrive() {
     let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), port, &[]);
     let mut events = 0;
     for _ in 0..100 {
-        events = rt()
-            .block_on(agent_info(&an.url, "late"))
-            .map(|a| a.events)
-            .unwrap_or(0);
+        events = rt().block_on(agent_info(&an.url, "late")).map(|a| a.events).unwrap_or(0);
         if events >= 50 {
             break;
         }
@@ -494,18 +314,12 @@ fn unreachable_analyzer_is_retried_and_queued_events_arrive() {
 fn agent_error(plan: &std::path::Path, as_nobody: bool) -> String {
     let mut cmd = if as_nobody {
         let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(agent_bin());
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(agent_bin());
         c
     } else {
         std::process::Command::new(agent_bin())
     };
-    let out = cmd
-        .arg("--plan")
-        .arg(plan)
-        .args(["--analyzer", "http://127.0.0.1:9"])
-        .output()
-        .expect("run agent");
+    let out = cmd.arg("--plan").arg(plan).args(["--analyzer", "http://127.0.0.1:9"]).output().expect("run agent");
     assert_eq!(out.status.code(), Some(1), "agent should fail");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(err.trim().lines().count(), 1, "one clear line, got: {err}");
@@ -517,45 +331,22 @@ fn bad_targets_fail_with_one_clear_line() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
     let prog = build_calltree(dir.path(), true);
-    let e = agent_error(
-        &write_plan(dir.path(), "u", &prog, &[("no_such_function", "event")]),
-        false,
-    );
+    let e = agent_error(&write_plan(dir.path(), "u", &prog, &[("no_such_function", "event")]), false);
     assert!(e.contains("unknown function \"no_such_function\""), "{e}");
-    let e = agent_error(
-        &write_plan(
-            dir.path(),
-            "m",
-            &dir.path().join("missing"),
-            &[("main", "event")],
-        ),
-        false,
-    );
+    let e = agent_error(&write_plan(dir.path(), "m", &dir.path().join("missing"), &[("main", "event")]), false);
     assert!(e.contains("no such file"), "{e}");
-    let gone = (100_000..4_000_000)
-        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
-        .unwrap();
+    let gone = (100_000..4_000_000).find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()).unwrap();
     let plan = dir.path().join("pid.json");
-    std::fs::write(
-        &plan,
-        format!(r#"{{"target":{{"pid":{gone}}},"points":[{{"function":"main","mode":"event"}}]}}"#),
-    )
-    .unwrap();
+    std::fs::write(&plan, format!(r#"{{"target":{{"pid":{gone}}},"points":[{{"function":"main","mode":"event"}}]}}"#))
+        .unwrap();
     let e = agent_error(&plan, false);
     assert!(e.contains(&format!("process {gone} is gone")), "{e}");
     std::fs::write(dir.path().join("bad.json"), "{not json").unwrap();
     let e = agent_error(&dir.path().join("bad.json"), false);
     assert!(e.contains("cannot parse plan"), "{e}");
     // Same binary, no privileges.
-    let world = tempfile::Builder::new()
-        .prefix("afetm-nobody")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(
-        world.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let world = tempfile::Builder::new().prefix("afetm-nobody").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(world.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let plan = write_plan(world.path(), "n", &prog, &[("main", "event")]);
     std::fs::set_permissions(&plan, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let e = agent_error(&plan, true);

@@ -52,11 +52,7 @@ fn traced_servers(built: bool) {
         .flat_map(|s| group_members(s.pid))
         .collect();
 
-    let an = AnalyzerProc::start(
-        &dir.path().join("db.sqlite"),
-        free_port(),
-        &["--window", "60s"],
-    );
+    let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "60s"]);
     // (agent id, traced file, plan points, function that must show up in the AFCTs)
     let bins = &cfg.binaries;
     let sqlite = bins
@@ -64,52 +60,24 @@ fn traced_servers(built: bool) {
         .clone()
         .map(|d| d.join("libsqlite3.so.0"))
         .unwrap_or_else(|| "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0".into());
-    type Target<'a> = (
-        &'a str,
-        std::path::PathBuf,
-        &'a [(&'a str, &'a str)],
-        &'a str,
-    );
+    type Target<'a> = (&'a str, std::path::PathBuf, &'a [(&'a str, &'a str)], &'a str);
     let targets: [Target; 4] = [
-        (
-            "redis",
-            bins.redis.clone(),
-            &[("call", "event"), ("processCommand", "callstack")],
-            "call",
-        ),
+        ("redis", bins.redis.clone(), &[("call", "event"), ("processCommand", "callstack")], "call"),
         // ngx_http_process_request is inlined everywhere in the -O2 source build; ngx_http_handler
         // stays a call in both builds.
         (
             "nginx",
             bins.nginx.clone(),
-            &[
-                ("ngx_http_process_request", "event"),
-                ("ngx_http_handler", "callstack"),
-            ],
+            &[("ngx_http_process_request", "event"), ("ngx_http_handler", "callstack")],
             "ngx_http_handler",
         ),
-        (
-            "httpd",
-            bins.apache2.clone(),
-            &[("ap_process_request", "callstack")],
-            "ap_process_request",
-        ),
-        (
-            "sqlite",
-            sqlite,
-            &[("sqlite3_step", "callstack")],
-            "sqlite3_step",
-        ),
+        ("httpd", bins.apache2.clone(), &[("ap_process_request", "callstack")], "ap_process_request"),
+        ("sqlite", sqlite, &[("sqlite3_step", "callstack")], "sqlite3_step"),
     ];
     let agents: Vec<AgentProc> = targets
         .iter()
         .map(|(id, path, points, _)| {
-            AgentProc::start(
-                &write_plan(dir.path(), id, path, points),
-                &an.url,
-                id,
-                dir.path(),
-            )
+            AgentProc::start(&write_plan(dir.path(), id, path, points), &an.url, id, dir.path())
         })
         .collect();
     let mut l = load::LoadConfig::new(cfg.url());
@@ -141,14 +109,8 @@ fn traced_servers(built: bool) {
         }
         let (table, trees) = rt().block_on(afcts(&an.url, id));
         let found = trees.iter().any(|(_, _, f)| {
-            f.nodes.iter().any(|n| {
-                &*table.get(n.func).name == func && n.color == Color::White && n.parent.is_some()
-            })
+            f.nodes.iter().any(|n| &*table.get(n.func).name == func && n.color == Color::White && n.parent.is_some())
         });
-        assert!(
-            found,
-            "{id}: {func} should be a white node with a caller in a closed AFCT; {} trees",
-            trees.len()
-        );
+        assert!(found, "{id}: {func} should be a white node with a caller in a closed AFCT; {} trees", trees.len());
     }
 }

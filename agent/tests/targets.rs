@@ -12,11 +12,7 @@ use afetm_analyzer::tree::Color;
 use common::*;
 
 fn gcc(args: &[&str], dir: &Path) {
-    let status = Command::new("gcc")
-        .current_dir(dir)
-        .args(args)
-        .status()
-        .expect("gcc");
+    let status = Command::new("gcc").current_dir(dir).args(args).status().expect("gcc");
     assert!(status.success(), "gcc {args:?}");
 }
 
@@ -59,59 +55,30 @@ fn shared_library_by_path() {
         dir.path(),
     );
     let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &[]);
-    let plan = write_plan(
-        dir.path(),
-        "lib",
-        &lib,
-        &[("lib_entry", "event"), ("lib_leaf", "callstack")],
-    );
+    let plan = write_plan(dir.path(), "lib", &lib, &[("lib_entry", "event"), ("lib_leaf", "callstack")]);
     let agent = AgentProc::start(&plan, &an.url, "lib", dir.path());
-    let status = Command::new(&exe)
-        .arg("300")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    let status = Command::new(&exe).arg("300").stdout(Stdio::null()).status().unwrap();
     assert!(status.success());
     sleep(Duration::from_millis(300));
     agent.stop();
     let (table, trees) = rt().block_on(afcts(&an.url, "lib"));
     assert_eq!(trees.len(), 1, "one thread");
     let tree = &trees[0].2;
-    assert!(
-        has_path(
-            tree,
-            &table,
-            &["app_work", "lib_entry", "lib_inner", "lib_leaf"]
-        ),
-        "{}",
-        tree.render(&table)
-    );
+    assert!(has_path(tree, &table, &["app_work", "lib_entry", "lib_inner", "lib_leaf"]), "{}", tree.render(&table));
     let module_of = |name: &str| {
-        tree.nodes
-            .iter()
-            .find(|n| &*table.get(n.func).name == name)
-            .map(|n| table.get(n.func).module.to_string())
+        tree.nodes.iter().find(|n| &*table.get(n.func).name == name).map(|n| table.get(n.func).module.to_string())
     };
     assert_eq!(module_of("app_work").as_deref(), Some("shlib_main"));
     assert_eq!(module_of("lib_inner").as_deref(), Some("libshared.so"));
-    let colors: Vec<(String, Color)> = tree
-        .nodes
-        .iter()
-        .map(|n| (table.get(n.func).name.to_string(), n.color))
-        .collect();
+    let colors: Vec<(String, Color)> =
+        tree.nodes.iter().map(|n| (table.get(n.func).name.to_string(), n.color)).collect();
     assert!(
-        colors.contains(&("lib_inner".into(), Color::Blue))
-            && colors.contains(&("lib_leaf".into(), Color::White)),
+        colors.contains(&("lib_inner".into(), Color::Blue)) && colors.contains(&("lib_leaf".into(), Color::White)),
         "{colors:?}"
     );
     // The stack stops at the first frame outside the library: main is not in the tree.
     assert!(module_of("main").is_none(), "{}", tree.render(&table));
-    let calls = tree
-        .nodes
-        .iter()
-        .find(|n| &*table.get(n.func).name == "lib_entry")
-        .unwrap()
-        .calls;
+    let calls = tree.nodes.iter().find(|n| &*table.get(n.func).name == "lib_entry").unwrap().calls;
     assert_eq!(calls, 300);
 }
 
@@ -123,53 +90,30 @@ fn pid_target_traces_only_that_process() {
     let dir = tempfile::tempdir().unwrap();
     let prog = build_calltree(dir.path(), true);
     let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &[]);
-    let mut traced = Command::new(&prog)
-        .args(["5", "1.5"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut traced = Command::new(&prog).args(["5", "1.5"]).stdout(Stdio::null()).spawn().unwrap();
     let pid = traced.id();
     let plan = dir.path().join("pid.json");
-    std::fs::write(
-        &plan,
-        format!(
-            r#"{{"target":{{"pid":{pid}}},"points":[{{"function":"op_add","mode":"event"}}]}}"#
-        ),
-    )
-    .unwrap();
-    let agent = AgentProc::start(&plan, &an.url, "bypid", dir.path());
-    let other = Command::new(&prog)
-        .args(["5", "0.5"])
-        .stdout(Stdio::null())
-        .status()
+    std::fs::write(&plan, format!(r#"{{"target":{{"pid":{pid}}},"points":[{{"function":"op_add","mode":"event"}}]}}"#))
         .unwrap();
+    let agent = AgentProc::start(&plan, &an.url, "bypid", dir.path());
+    let other = Command::new(&prog).args(["5", "0.5"]).stdout(Stdio::null()).status().unwrap();
     assert!(other.success());
     assert!(traced.wait().unwrap().success());
     // The agent follows its target out: it exits by itself once the pid is gone.
     let mut child = agent.proc.0.as_ref().map(|c| c.id()).unwrap();
     for _ in 0..100 {
         if !Path::new(&format!("/proc/{child}")).exists()
-            || std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .map(|s| s.contains(") Z"))
-                .unwrap_or(true)
+            || std::fs::read_to_string(format!("/proc/{child}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)
         {
             child = 0;
             break;
         }
         sleep(Duration::from_millis(100));
     }
-    assert_eq!(
-        child,
-        0,
-        "agent should exit after its target pid: {}",
-        agent.log()
-    );
+    assert_eq!(child, 0, "agent should exit after its target pid: {}", agent.log());
     let w = rt().block_on(windows(&an.url, "bypid", true));
     assert!(!w.is_empty());
-    assert!(
-        w.iter().all(|w| w.pid == pid),
-        "only pid {pid} is traced: {w:?}"
-    );
+    assert!(w.iter().all(|w| w.pid == pid), "only pid {pid} is traced: {w:?}");
 }
 
 /// A stripped binary: functions come from .eh_frame and are named <module>+0x<addr>; the full
@@ -181,13 +125,7 @@ fn stripped_binary_is_traced_through_eh_frame() {
     let dir = tempfile::tempdir().unwrap();
     let prog = build_calltree(dir.path(), false);
     let stripped = dir.path().join("calltree-stripped");
-    let status = Command::new("strip")
-        .arg("--strip-all")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(&prog)
-        .status()
-        .unwrap();
+    let status = Command::new("strip").arg("--strip-all").arg("-o").arg(&stripped).arg(&prog).status().unwrap();
     assert!(status.success());
     // Traced through a symlink, as /usr/bin/redis-server -> redis-check-rdb: functions must be
     // named after the real file, the name callers resolved through /proc get.
@@ -205,17 +143,12 @@ fn stripped_binary_is_traced_through_eh_frame() {
         let main = &trees.iter().find(|(_, tid, _)| *tid == pid).unwrap().2;
         if id == "stripped" {
             assert!(
-                !main
-                    .nodes
-                    .iter()
-                    .any(|n| table.get(n.func).name.contains("calltree-link")),
+                !main.nodes.iter().any(|n| table.get(n.func).name.contains("calltree-link")),
                 "{}",
                 main.render(&table)
             );
             assert!(
-                main.nodes
-                    .iter()
-                    .any(|n| table.get(n.func).name.starts_with("calltree-stripped+0x")),
+                main.nodes.iter().any(|n| table.get(n.func).name.starts_with("calltree-stripped+0x")),
                 "{}",
                 main.render(&table)
             );
@@ -232,10 +165,7 @@ fn stripped_binary_is_traced_through_eh_frame() {
         }
         shapes.push(hist);
     }
-    assert_eq!(
-        shapes[0], shapes[1],
-        "stripped and unstripped binaries give trees of the same shape"
-    );
+    assert_eq!(shapes[0], shapes[1], "stripped and unstripped binaries give trees of the same shape");
 }
 
 /// A non-PIE executable (fixed load address): same known call tree as the PIE build.
@@ -256,10 +186,7 @@ fn non_pie_binary() {
             "-pthread",
             "-o",
             prog.to_str().unwrap(),
-            repo_root()
-                .join("testbed/progs/calltree.c")
-                .to_str()
-                .unwrap(),
+            repo_root().join("testbed/progs/calltree.c").to_str().unwrap(),
         ],
         dir.path(),
     );
@@ -271,22 +198,6 @@ fn non_pie_binary() {
     let (table, trees) = rt().block_on(afcts(&an.url, "nopie"));
     let pid = trees[0].0.pid;
     let main = &trees.iter().find(|(_, tid, _)| *tid == pid).unwrap().2;
-    assert!(
-        has_path(
-            main,
-            &table,
-            &["main", "run_main", "dispatch", "op_add", "leaf"]
-        ),
-        "{}",
-        main.render(&table)
-    );
-    assert!(
-        has_path(
-            main,
-            &table,
-            &["main", "run_main", "chain2", "chain3", "leaf"]
-        ),
-        "{}",
-        main.render(&table)
-    );
+    assert!(has_path(main, &table, &["main", "run_main", "dispatch", "op_add", "leaf"]), "{}", main.render(&table));
+    assert!(has_path(main, &table, &["main", "run_main", "chain2", "chain3", "leaf"]), "{}", main.render(&table));
 }

@@ -68,11 +68,7 @@ impl TraceData {
 
     /// Functions traced in this data: those that appear as the called function of an event.
     pub fn traced(&self) -> HashSet<FuncId> {
-        self.edges
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|((_, f), _)| *f)
-            .collect()
+        self.edges.iter().filter(|(_, n)| **n > 0).map(|((_, f), _)| *f).collect()
     }
 
     /// Builds the AFCT (Alg. 3). `node_cap` bounds the output; see [`DEFAULT_NODE_CAP`].
@@ -87,22 +83,13 @@ impl TraceData {
         let traced = self.traced();
         let mut nodes: Vec<FuncId> = graph.nodes().collect();
         nodes.sort();
-        let has_caller = |f: FuncId| {
-            graph
-                .neighbors_directed(f, Direction::Incoming)
-                .any(|c| c != f)
-        };
-        let mut roots: BTreeSet<FuncId> =
-            nodes.iter().copied().filter(|f| !has_caller(*f)).collect();
+        let has_caller = |f: FuncId| graph.neighbors_directed(f, Direction::Incoming).any(|c| c != f);
+        let mut roots: BTreeSet<FuncId> = nodes.iter().copied().filter(|f| !has_caller(*f)).collect();
 
         let mut forest = Forest::default();
         let mut reached: HashSet<FuncId> = HashSet::new();
         let color = |f: FuncId| {
-            if traced.contains(&f) {
-                Color::White
-            } else {
-                Color::Blue
-            }
+            if traced.contains(&f) { Color::White } else { Color::Blue }
         };
         let mut next_unreached = 0usize;
         loop {
@@ -140,29 +127,17 @@ fn unroll(
     color: &impl Fn(FuncId) -> Color,
 ) -> bool {
     enum Step {
-        Enter {
-            func: FuncId,
-            parent: Option<u32>,
-            calls: u64,
-        },
+        Enter { func: FuncId, parent: Option<u32>, calls: u64 },
         Exit(FuncId),
     }
     let mut on_path: HashSet<FuncId> = HashSet::new();
-    let mut stack = vec![Step::Enter {
-        func: root,
-        parent: None,
-        calls: 0,
-    }];
+    let mut stack = vec![Step::Enter { func: root, parent: None, calls: 0 }];
     while let Some(step) = stack.pop() {
         match step {
             Step::Exit(f) => {
                 on_path.remove(&f);
             }
-            Step::Enter {
-                func,
-                parent,
-                calls,
-            } => {
+            Step::Enter { func, parent, calls } => {
                 if forest.len() >= node_cap {
                     return false;
                 }
@@ -178,11 +153,7 @@ fn unroll(
                 // Reverse order on the stack gives ascending order in the preorder output.
                 kids.sort_by_key(|k| std::cmp::Reverse(k.0));
                 for (to, calls) in kids {
-                    stack.push(Step::Enter {
-                        func: to,
-                        parent: Some(id),
-                        calls,
-                    });
+                    stack.push(Step::Enter { func: to, parent: Some(id), calls });
                 }
             }
         }
@@ -213,13 +184,7 @@ mod tests {
         let tree = d.build(DEFAULT_NODE_CAP);
         assert_eq!(
             tree.canonical(&t),
-            vec![
-                "0 m!libc Blue",
-                "1 m!main White",
-                "2 m!a White",
-                "3 m!b White",
-                "2 m!c White"
-            ]
+            vec!["0 m!libc Blue", "1 m!main White", "2 m!a White", "3 m!b White", "2 m!c White"]
         );
         let b_node = tree.nodes.iter().find(|n| n.func == b).unwrap();
         assert_eq!(b_node.calls, 2);
@@ -237,15 +202,7 @@ mod tests {
         d.add_call(odd, Some(even), &[]); // mutual recursion even <-> odd
         d.add_call(even, Some(odd), &[]);
         let tree = d.build(DEFAULT_NODE_CAP);
-        assert_eq!(
-            tree.canonical(&t),
-            vec![
-                "0 m!root Blue",
-                "1 m!even White",
-                "2 m!odd White",
-                "1 m!fib White"
-            ]
-        );
+        assert_eq!(tree.canonical(&t), vec!["0 m!root Blue", "1 m!even White", "2 m!odd White", "1 m!fib White"]);
     }
 
     #[test]
@@ -277,14 +234,7 @@ mod tests {
         let tree = with.build(DEFAULT_NODE_CAP);
         assert_eq!(
             tree.canonical(&t),
-            vec![
-                "0 m!libc Blue",
-                "1 m!main White",
-                "2 m!u1 Blue",
-                "3 m!other White",
-                "3 m!u2 Blue",
-                "4 m!leaf White",
-            ]
+            vec!["0 m!libc Blue", "1 m!main White", "2 m!u1 Blue", "3 m!other White", "3 m!u2 Blue", "4 m!leaf White",]
         );
     }
 
@@ -297,10 +247,7 @@ mod tests {
         d.add_call(f[1], Some(f[0]), &[]);
         d.add_call(f[2], Some(f[1]), &[]);
         let tree = d.build(DEFAULT_NODE_CAP);
-        assert_eq!(
-            tree.canonical(&t),
-            vec!["0 m!a White", "1 m!b White", "2 m!c White"]
-        );
+        assert_eq!(tree.canonical(&t), vec!["0 m!a White", "1 m!b White", "2 m!c White"]);
         let capped = d.build(2);
         assert!(capped.truncated);
         assert_eq!(capped.len(), 2);
@@ -310,13 +257,7 @@ mod tests {
     fn output_does_not_depend_on_event_order() {
         let mut t = FuncTable::default();
         let f = ids(&mut t, &["r", "a", "b", "c", "d"]);
-        let calls = [
-            (f[1], f[0]),
-            (f[2], f[0]),
-            (f[3], f[1]),
-            (f[4], f[3]),
-            (f[3], f[2]),
-        ];
+        let calls = [(f[1], f[0]), (f[2], f[0]), (f[3], f[1]), (f[4], f[3]), (f[3], f[2])];
         let mut fwd = TraceData::new();
         let mut rev = TraceData::new();
         for (callee, caller) in calls {

@@ -25,11 +25,7 @@ pub fn color(fcts: &[Forest], traced: &HashSet<FuncId>) -> Colored {
         let mut colored = fct.clone();
         // Lines 2-6: white if traced, red otherwise.
         for node in &mut colored.nodes {
-            node.color = if traced.contains(&node.func) {
-                Color::White
-            } else {
-                Color::Red
-            };
+            node.color = if traced.contains(&node.func) { Color::White } else { Color::Red };
         }
         // Lines 7-13: first white strict descendant in preorder, computed children-first.
         // Preorder storage means every child has a larger index than its parent.
@@ -37,11 +33,7 @@ pub fn color(fcts: &[Forest], traced: &HashSet<FuncId>) -> Colored {
         let mut first_white: Vec<Option<u32>> = vec![None; n];
         for i in (0..n).rev() {
             let found = colored.nodes[i].children.iter().find_map(|&c| {
-                if colored.nodes[c as usize].color == Color::White {
-                    Some(c)
-                } else {
-                    first_white[c as usize]
-                }
+                if colored.nodes[c as usize].color == Color::White { Some(c) } else { first_white[c as usize] }
             });
             first_white[i] = found;
         }
@@ -53,10 +45,7 @@ pub fn color(fcts: &[Forest], traced: &HashSet<FuncId>) -> Colored {
         }
         out.push(colored);
     }
-    Colored {
-        fcts: out,
-        callstack,
-    }
+    Colored { fcts: out, callstack }
 }
 
 /// The colored FCT with its red nodes masked, i.e. what an AFCT of the same run should equal.
@@ -68,16 +57,9 @@ pub fn mask_red(colored: &Forest) -> Forest {
 /// The paper's equivalence claim, checked: each AFCT must equal the colored FCT of the same
 /// thread with its red nodes masked. Threads are matched by their root functions (thread ids
 /// differ between runs). Returns one line per mismatch; empty means equivalent.
-pub fn compare_threads(
-    masked_fcts: &[Forest],
-    afcts: &[Forest],
-    table: &crate::tree::FuncTable,
-) -> Vec<String> {
+pub fn compare_threads(masked_fcts: &[Forest], afcts: &[Forest], table: &crate::tree::FuncTable) -> Vec<String> {
     fn key(f: &Forest, t: &crate::tree::FuncTable) -> Vec<String> {
-        f.canonical(t)
-            .into_iter()
-            .filter(|l| l.starts_with("0 "))
-            .collect()
+        f.canonical(t).into_iter().filter(|l| l.starts_with("0 ")).collect()
     }
     let mut problems = Vec::new();
     let mut unmatched: Vec<&Forest> = afcts.iter().collect();
@@ -90,11 +72,7 @@ pub fn compare_threads(
         let afct = unmatched.remove(pos);
         let (want, got) = (fct.canonical(table), afct.canonical(table));
         if want != got {
-            let at = want
-                .iter()
-                .zip(&got)
-                .position(|(a, b)| a != b)
-                .unwrap_or(want.len().min(got.len()));
+            let at = want.iter().zip(&got).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
             problems.push(format!(
                 "roots {k:?}: masked FCT has {} nodes, AFCT {}; first difference at line {at}: {:?} vs {:?}",
                 want.len(),
@@ -136,17 +114,7 @@ mod tests {
     fn colors_follow_the_paper() {
         let mut t = FuncTable::default();
         // libc -> main -> {a -> {b -> c, d}, e}
-        let f = fct(
-            &mut t,
-            &[
-                ("main", "libc"),
-                ("a", "main"),
-                ("b", "a"),
-                ("c", "b"),
-                ("d", "a"),
-                ("e", "main"),
-            ],
-        );
+        let f = fct(&mut t, &[("main", "libc"), ("a", "main"), ("b", "a"), ("c", "b"), ("d", "a"), ("e", "main")]);
         let traced = set(&t, &["main", "c"]);
         let out = color(&[f], &traced);
         let names: Vec<String> = out.fcts[0].canonical(&t);
@@ -167,13 +135,7 @@ mod tests {
         let masked = mask_red(&out.fcts[0]);
         assert_eq!(
             masked.canonical(&t),
-            vec![
-                "0 m!libc Blue",
-                "1 m!main White",
-                "2 m!a Blue",
-                "3 m!b Blue",
-                "4 m!c White"
-            ]
+            vec!["0 m!libc Blue", "1 m!main White", "2 m!a Blue", "3 m!b Blue", "4 m!c White"]
         );
     }
 
@@ -189,25 +151,9 @@ mod tests {
     #[test]
     fn recursion_in_fct_is_colored_once() {
         let mut t = FuncTable::default();
-        let f = fct(
-            &mut t,
-            &[
-                ("main", "libc"),
-                ("fib", "main"),
-                ("fib", "fib"),
-                ("leaf", "fib"),
-            ],
-        );
+        let f = fct(&mut t, &[("main", "libc"), ("fib", "main"), ("fib", "fib"), ("leaf", "fib")]);
         let out = color(&[f], &set(&t, &["leaf"]));
-        assert_eq!(
-            out.fcts[0].canonical(&t),
-            vec![
-                "0 m!libc Blue",
-                "1 m!main Blue",
-                "2 m!fib Blue",
-                "3 m!leaf White"
-            ]
-        );
+        assert_eq!(out.fcts[0].canonical(&t), vec!["0 m!libc Blue", "1 m!main Blue", "2 m!fib Blue", "3 m!leaf White"]);
         assert_eq!(out.callstack, set(&t, &["leaf"]).into_iter().collect());
     }
 
@@ -216,29 +162,15 @@ mod tests {
     #[test]
     fn afct_of_a_partial_trace_equals_the_masked_colored_fct() {
         let mut t = FuncTable::default();
-        let calls: &[(&str, &str)] = &[
-            ("main", "libc"),
-            ("a", "main"),
-            ("b", "a"),
-            ("c", "b"),
-            ("d", "a"),
-            ("e", "main"),
-            ("f", "e"),
-        ];
+        let calls: &[(&str, &str)] =
+            &[("main", "libc"), ("a", "main"), ("b", "a"), ("c", "b"), ("d", "a"), ("e", "main"), ("f", "e")];
         // Runtime call paths (a full trace with stacks) of the program the FCT describes.
-        let paths: &[&[&str]] = &[
-            &["libc", "main", "a", "b", "c"],
-            &["libc", "main", "a", "d"],
-            &["libc", "main", "e", "f"],
-        ];
+        let paths: &[&[&str]] =
+            &[&["libc", "main", "a", "b", "c"], &["libc", "main", "a", "d"], &["libc", "main", "e", "f"]];
         let full = fct(&mut t, calls);
-        for traced_names in [
-            &["c", "f"][..],
-            &["main", "d"],
-            &["b", "f"],
-            &["main", "a", "b", "c", "d", "e", "f"],
-            &["c"],
-        ] {
+        for traced_names in
+            [&["c", "f"][..], &["main", "d"], &["b", "f"], &["main", "a", "b", "c", "d", "e", "f"], &["c"]]
+        {
             let traced = set(&t, traced_names);
             let out = color(std::slice::from_ref(&full), &traced);
             // Replay the runtime paths through a partial tracer.
@@ -257,11 +189,7 @@ mod tests {
                 }
             }
             let afct = partial.build(DEFAULT_NODE_CAP);
-            assert_eq!(
-                afct.canonical(&t),
-                mask_red(&out.fcts[0]).canonical(&t),
-                "F = {traced_names:?}"
-            );
+            assert_eq!(afct.canonical(&t), mask_red(&out.fcts[0]).canonical(&t), "F = {traced_names:?}");
         }
     }
 }

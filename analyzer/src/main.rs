@@ -6,18 +6,12 @@ use afetm_analyzer::{
     store::{Limits, Store, WindowConfig},
     tree::Forest,
 };
-use afetm_proto::{
-    self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient,
-};
+use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "afetm-analyzer",
-    version,
-    about = "Builds AFCTs from afetm-agent traces and serves them over gRPC"
-)]
+#[command(name = "afetm-analyzer", version, about = "Builds AFCTs from afetm-agent traces and serves them over gRPC")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -101,9 +95,7 @@ enum Cmd {
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -115,30 +107,17 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Serve {
-            listen,
-            db,
-            window,
-            grace,
-            node_cap,
-            stale_after,
-        } => {
+        Cmd::Serve { listen, db, window, grace, node_cap, stale_after } => {
             if window.is_zero() {
                 bail!("--window must be longer than 0");
             }
-            let cfg = WindowConfig {
-                len_ns: window.as_nanos() as u64,
-                grace_ns: grace.as_nanos() as u64,
-                node_cap,
-            };
+            let cfg = WindowConfig { len_ns: window.as_nanos() as u64, grace_ns: grace.as_nanos() as u64, node_cap };
             let store = Store::open(&db, cfg, Limits::default())
                 .with_context(|| format!("opening database {}", db.display()))?;
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
+            let listener =
+                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             let shutdown = async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
@@ -147,35 +126,18 @@ async fn run(cli: Cli) -> Result<()> {
             };
             service::serve(Analyzer::new(store), listener, stale_after, shutdown).await
         }
-        Cmd::Afcts {
-            server,
-            window,
-            agent,
-        } => {
+        Cmd::Afcts { server, window, agent } => {
             let mut q = QueryClient::connect(server.clone())
                 .await
                 .with_context(|| format!("cannot reach analyzer at {server}"))?;
             let windows = q
-                .list_windows(pb::ListWindowsRequest {
-                    agent_id: agent,
-                    pid: 0,
-                    closed_only: true,
-                })
+                .list_windows(pb::ListWindowsRequest { agent_id: agent, pid: 0, closed_only: true })
                 .await?
                 .into_inner()
                 .windows;
-            for w in windows
-                .iter()
-                .filter(|w| window.is_none_or(|id| id == w.id))
-            {
+            for w in windows.iter().filter(|w| window.is_none_or(|id| id == w.id)) {
                 for tid in &w.tids {
-                    let afct = q
-                        .get_afct(pb::GetAfctRequest {
-                            window_id: w.id,
-                            tid: *tid,
-                        })
-                        .await?
-                        .into_inner();
+                    let afct = q.get_afct(pb::GetAfctRequest { window_id: w.id, tid: *tid }).await?.into_inner();
                     let nodes = afct.tree.map(|t| t.nodes.len()).unwrap_or(0);
                     println!(
                         "== window {} agent {} pid {} tid {} ({} events, {nodes} nodes)",
@@ -186,24 +148,12 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Color {
-            server,
-            mut windows,
-            agent,
-            check_agent,
-            traced,
-            target,
-            out,
-        } => {
+        Cmd::Color { server, mut windows, agent, check_agent, traced, target, out } => {
             let mut q = QueryClient::connect(server.clone())
                 .await
                 .with_context(|| format!("cannot reach analyzer at {server}"))?;
             let all = q
-                .list_windows(pb::ListWindowsRequest {
-                    agent_id: String::new(),
-                    pid: 0,
-                    closed_only: true,
-                })
+                .list_windows(pb::ListWindowsRequest { agent_id: String::new(), pid: 0, closed_only: true })
                 .await?
                 .into_inner()
                 .windows;
@@ -219,16 +169,10 @@ async fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .find(|w| w.id == *id)
                     .with_context(|| format!("window {id} is unknown or still open"))?;
-                fcts.extend(w.tids.iter().map(|tid| pb::FctRef {
-                    window_id: *id,
-                    tid: *tid,
-                }));
+                fcts.extend(w.tids.iter().map(|tid| pb::FctRef { window_id: *id, tid: *tid }));
             }
             let mut c = ControlClient::connect(server).await?;
-            let resp = c
-                .color(pb::ColorRequest { fcts, traced })
-                .await?
-                .into_inner();
+            let resp = c.color(pb::ColorRequest { fcts, traced }).await?.into_inner();
             let mut plan = resp.plan.context("analyzer returned no plan")?;
             plan.target_path = target.to_string_lossy().into_owned();
             let file = PlanFile::from_proto(&plan)?;
@@ -244,20 +188,14 @@ async fn run(cli: Cli) -> Result<()> {
                 let masked = resp
                     .colored
                     .iter()
-                    .map(|t| {
-                        Forest::from_proto(t, &mut table)
-                            .map(|f| afetm_analyzer::coloring::mask_red(&f))
-                    })
+                    .map(|t| Forest::from_proto(t, &mut table).map(|f| afetm_analyzer::coloring::mask_red(&f)))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(anyhow::Error::msg)?;
                 let mut afcts = Vec::new();
                 for w in all.iter().filter(|w| w.agent_id == check) {
                     for tid in &w.tids {
                         let t = q
-                            .get_afct(pb::GetAfctRequest {
-                                window_id: w.id,
-                                tid: *tid,
-                            })
+                            .get_afct(pb::GetAfctRequest { window_id: w.id, tid: *tid })
                             .await?
                             .into_inner()
                             .tree
@@ -270,10 +208,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 let problems = afetm_analyzer::coloring::compare_threads(&masked, &afcts, &table);
                 if problems.is_empty() {
-                    println!(
-                        "equivalent: the {} AFCTs of {check} equal the masked colored FCTs",
-                        afcts.len()
-                    );
+                    println!("equivalent: the {} AFCTs of {check} equal the masked colored FCTs", afcts.len());
                 } else {
                     for p in &problems {
                         println!("differs: {p}");
@@ -283,24 +218,13 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::SetPlan {
-            server,
-            agent,
-            plan,
-        } => {
-            let text = std::fs::read_to_string(&plan)
-                .with_context(|| format!("reading {}", plan.display()))?;
+        Cmd::SetPlan { server, agent, plan } => {
+            let text = std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?;
             let file = PlanFile::parse(&text).with_context(|| format!("in {}", plan.display()))?;
             let mut c = ControlClient::connect(server.clone())
                 .await
                 .with_context(|| format!("cannot reach analyzer at {server}"))?;
-            let r = c
-                .set_plan(pb::SetPlanRequest {
-                    agent_id: agent,
-                    plan: Some(file.to_proto()),
-                })
-                .await?
-                .into_inner();
+            let r = c.set_plan(pb::SetPlanRequest { agent_id: agent, plan: Some(file.to_proto()) }).await?.into_inner();
             println!("delivered to {} agent connection(s)", r.delivered);
             Ok(())
         }

@@ -16,9 +16,7 @@ use std::{
     time::Duration,
 };
 
-use afetm_proto::{
-    self as pb, control_server::Control, ingest_server::Ingest, query_server::Query,
-};
+use afetm_proto::{self as pb, control_server::Control, ingest_server::Ingest, query_server::Query};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -74,9 +72,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn status(e: StoreError) -> Status {
     match e {
-        StoreError::Invalid { reason, detail } => {
-            Status::invalid_argument(format!("{reason}: {detail}"))
-        }
+        StoreError::Invalid { reason, detail } => Status::invalid_argument(format!("{reason}: {detail}")),
         other => Status::internal(other.to_string()),
     }
 }
@@ -117,27 +113,18 @@ impl Analyzer {
         tx: mpsc::Sender<Result<pb::AnalyzerMessage, Status>>,
     ) {
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
-            Ok(Ok(Some(pb::AgentMessage {
-                msg: Some(pb::agent_message::Msg::Hello(h)),
-            }))) => h,
+            Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(h)) }))) => h,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "agent stream failed before hello");
                 return;
             }
             _ => {
                 self.stats.reject("hello");
-                let _ = tx
-                    .send(Err(Status::invalid_argument(
-                        "hello: the first message must be Hello",
-                    )))
-                    .await;
+                let _ = tx.send(Err(Status::invalid_argument("hello: the first message must be Hello"))).await;
                 return;
             }
         };
-        let key = AgentKey {
-            agent_id: hello.agent_id.clone(),
-            instance: hello.instance,
-        };
+        let key = AgentKey { agent_id: hello.agent_id.clone(), instance: hello.instance };
         let h = hello.clone();
         let (last_seq, mut session) = match self.with_store(move |s| s.hello(&h)).await {
             Ok((last, session, closed)) => {
@@ -156,19 +143,14 @@ impl Analyzer {
         };
         tracing::info!(agent = %key.agent_id, instance = key.instance, target = %hello.target, last_seq, "agent connected");
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        lock(&self.agents)
-            .entry(key.agent_id.clone())
-            .or_default()
-            .push(Connected {
-                instance: key.instance,
-                conn_id,
-                tx: tx.clone(),
-                last_plan: None,
-            });
+        lock(&self.agents).entry(key.agent_id.clone()).or_default().push(Connected {
+            instance: key.instance,
+            conn_id,
+            tx: tx.clone(),
+            last_plan: None,
+        });
         let welcome = pb::AnalyzerMessage {
-            msg: Some(pb::analyzer_message::Msg::Welcome(pb::Welcome {
-                last_acked_seq: last_seq,
-            })),
+            msg: Some(pb::analyzer_message::Msg::Welcome(pb::Welcome { last_acked_seq: last_seq })),
         };
         if tx.send(Ok(welcome)).await.is_ok() {
             loop {
@@ -201,22 +183,18 @@ impl Analyzer {
                         match result {
                             Ok(applied) => {
                                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                                self.stats
-                                    .events
-                                    .fetch_add(applied.events, Ordering::Relaxed);
+                                self.stats.events.fetch_add(applied.events, Ordering::Relaxed);
                                 if applied.duplicate {
                                     self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                                 }
                                 if applied.late_events > 0 {
                                     tracing::warn!(agent = %key.agent_id, events = applied.late_events, "events for already closed windows were not stored");
                                     if let Ok(mut m) = self.stats.by_reason.lock() {
-                                        *m.entry("late_event".into()).or_insert(0) +=
-                                            applied.late_events;
+                                        *m.entry("late_event".into()).or_insert(0) += applied.late_events;
                                     }
                                 }
-                                let ack = pb::AnalyzerMessage {
-                                    msg: Some(pb::analyzer_message::Msg::Ack(pb::Ack { seq })),
-                                };
+                                let ack =
+                                    pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Ack(pb::Ack { seq })) };
                                 if tx.send(Ok(ack)).await.is_err() {
                                     break;
                                 }
@@ -255,11 +233,7 @@ impl Analyzer {
                     }
                     Some(pb::agent_message::Msg::Hello(_)) | None => {
                         self.stats.reject("hello");
-                        let _ = tx
-                            .send(Err(Status::invalid_argument(
-                                "hello: sent twice or empty message",
-                            )))
-                            .await;
+                        let _ = tx.send(Err(Status::invalid_argument("hello: sent twice or empty message"))).await;
                         break;
                     }
                 }
@@ -290,17 +264,11 @@ impl Ingest for Analyzer {
 
 #[tonic::async_trait]
 impl Query for Analyzer {
-    async fn list_agents(
-        &self,
-        _: Request<pb::ListAgentsRequest>,
-    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+    async fn list_agents(&self, _: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
         let mut agents = self.with_store(|s| s.list_agents()).await.map_err(status)?;
         let connected = lock(&self.agents);
         for a in &mut agents {
-            if let Some(c) = connected
-                .get(&a.agent_id)
-                .and_then(|l| l.iter().find(|c| c.instance == a.instance))
-            {
+            if let Some(c) = connected.get(&a.agent_id).and_then(|l| l.iter().find(|c| c.instance == a.instance)) {
                 a.connected = true;
                 a.last_plan = c.last_plan.clone();
             }
@@ -313,23 +281,14 @@ impl Query for Analyzer {
         request: Request<pb::ListWindowsRequest>,
     ) -> Result<Response<pb::ListWindowsResponse>, Status> {
         let req = request.into_inner();
-        let windows = self
-            .with_store(move |s| s.list_windows(&req))
-            .await
-            .map_err(status)?;
+        let windows = self.with_store(move |s| s.list_windows(&req)).await.map_err(status)?;
         Ok(Response::new(pb::ListWindowsResponse { windows }))
     }
 
-    async fn get_afct(
-        &self,
-        request: Request<pb::GetAfctRequest>,
-    ) -> Result<Response<pb::GetAfctResponse>, Status> {
+    async fn get_afct(&self, request: Request<pb::GetAfctRequest>) -> Result<Response<pb::GetAfctResponse>, Status> {
         let req = request.into_inner();
-        let tree = self
-            .with_store(move |s| s.afct(req.window_id, req.tid))
-            .await
-            .map_err(status)?
-            .ok_or_else(|| {
+        let tree =
+            self.with_store(move |s| s.afct(req.window_id, req.tid)).await.map_err(status)?.ok_or_else(|| {
                 Status::not_found(format!(
                     "no AFCT for window {} thread {} (is the window closed?)",
                     req.window_id, req.tid
@@ -337,28 +296,16 @@ impl Query for Analyzer {
             })?;
         let mut table = FuncTable::default();
         let forest = Forest::from_proto(&tree, &mut table).map_err(Status::internal)?;
-        Ok(Response::new(pb::GetAfctResponse {
-            text: forest.render(&table),
-            tree: Some(tree),
-        }))
+        Ok(Response::new(pb::GetAfctResponse { text: forest.render(&table), tree: Some(tree) }))
     }
 
-    async fn counts(
-        &self,
-        request: Request<pb::CountsRequest>,
-    ) -> Result<Response<pb::CountsResponse>, Status> {
+    async fn counts(&self, request: Request<pb::CountsRequest>) -> Result<Response<pb::CountsResponse>, Status> {
         let agent = request.into_inner().agent_id;
-        let counts = self
-            .with_store(move |s| s.counts(&agent))
-            .await
-            .map_err(status)?;
+        let counts = self.with_store(move |s| s.counts(&agent)).await.map_err(status)?;
         Ok(Response::new(pb::CountsResponse { counts }))
     }
 
-    async fn stats(
-        &self,
-        _: Request<pb::StatsRequest>,
-    ) -> Result<Response<pb::StatsResponse>, Status> {
+    async fn stats(&self, _: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let (windows_closed, afcts) = self.with_store(|s| s.totals()).await.map_err(status)?;
         let s = &self.stats;
         Ok(Response::new(pb::StatsResponse {
@@ -366,10 +313,7 @@ impl Query for Analyzer {
             events: s.events.load(Ordering::Relaxed),
             duplicate_batches: s.duplicates.load(Ordering::Relaxed),
             rejected: s.rejected.load(Ordering::Relaxed),
-            rejected_by_reason: lock(&s.by_reason)
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
+            rejected_by_reason: lock(&s.by_reason).iter().map(|(k, v)| (k.clone(), *v)).collect(),
             windows_closed,
             afcts,
         }))
@@ -378,50 +322,31 @@ impl Query for Analyzer {
 
 #[tonic::async_trait]
 impl Control for Analyzer {
-    async fn color(
-        &self,
-        request: Request<pb::ColorRequest>,
-    ) -> Result<Response<pb::ColorResponse>, Status> {
+    async fn color(&self, request: Request<pb::ColorRequest>) -> Result<Response<pb::ColorResponse>, Status> {
         let req = request.into_inner();
         if req.fcts.is_empty() {
             return Err(Status::invalid_argument("color: no FCTs given"));
         }
         if req.traced.is_empty() {
-            return Err(Status::invalid_argument(
-                "color: the trace point set is empty",
-            ));
+            return Err(Status::invalid_argument("color: the trace point set is empty"));
         }
         let refs = req.fcts.clone();
         let trees = self
             .with_store(move |s| {
-                refs.iter()
-                    .map(|r| s.afct(r.window_id, r.tid).map(|t| (*r, t)))
-                    .collect::<Result<Vec<_>, _>>()
+                refs.iter().map(|r| s.afct(r.window_id, r.tid).map(|t| (*r, t))).collect::<Result<Vec<_>, _>>()
             })
             .await
             .map_err(status)?;
         let mut table = FuncTable::default();
         let mut fcts = Vec::with_capacity(trees.len());
         for (r, t) in trees {
-            let t = t.ok_or_else(|| {
-                Status::not_found(format!(
-                    "no FCT for window {} thread {}",
-                    r.window_id, r.tid
-                ))
-            })?;
+            let t =
+                t.ok_or_else(|| Status::not_found(format!("no FCT for window {} thread {}", r.window_id, r.tid)))?;
             fcts.push(Forest::from_proto(&t, &mut table).map_err(Status::internal)?);
         }
-        let traced: HashSet<_> = req
-            .traced
-            .iter()
-            .flat_map(|n| table.matching(n).collect::<Vec<_>>())
-            .collect();
+        let traced: HashSet<_> = req.traced.iter().flat_map(|n| table.matching(n).collect::<Vec<_>>()).collect();
         let out = coloring::color(&fcts, &traced);
-        let callstack_names: Vec<String> = out
-            .callstack
-            .iter()
-            .map(|f| table.get(*f).name.to_string())
-            .collect();
+        let callstack_names: Vec<String> = out.callstack.iter().map(|f| table.get(*f).name.to_string()).collect();
         let cs: HashSet<&str> = callstack_names.iter().map(String::as_str).collect();
         let plan = pb::Plan {
             version: 0,
@@ -447,34 +372,22 @@ impl Control for Analyzer {
         }))
     }
 
-    async fn set_plan(
-        &self,
-        request: Request<pb::SetPlanRequest>,
-    ) -> Result<Response<pb::SetPlanResponse>, Status> {
+    async fn set_plan(&self, request: Request<pb::SetPlanRequest>) -> Result<Response<pb::SetPlanResponse>, Status> {
         let req = request.into_inner();
-        let plan = req
-            .plan
-            .ok_or_else(|| Status::invalid_argument("set_plan: no plan"))?;
+        let plan = req.plan.ok_or_else(|| Status::invalid_argument("set_plan: no plan"))?;
         afetm_proto::plan::PlanFile::from_proto(&plan)
             .map_err(|e| Status::invalid_argument(format!("set_plan: {e}")))?;
-        let targets: Vec<_> = lock(&self.agents)
-            .get(&req.agent_id)
-            .map(|l| l.iter().map(|c| c.tx.clone()).collect())
-            .unwrap_or_default();
+        let targets: Vec<_> =
+            lock(&self.agents).get(&req.agent_id).map(|l| l.iter().map(|c| c.tx.clone()).collect()).unwrap_or_default();
         let mut delivered = 0;
         for tx in targets {
-            let msg = pb::AnalyzerMessage {
-                msg: Some(pb::analyzer_message::Msg::Plan(plan.clone())),
-            };
+            let msg = pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Plan(plan.clone())) };
             if tx.send(Ok(msg)).await.is_ok() {
                 delivered += 1;
             }
         }
         if delivered == 0 {
-            return Err(Status::not_found(format!(
-                "agent {:?} is not connected",
-                req.agent_id
-            )));
+            return Err(Status::not_found(format!("agent {:?} is not connected", req.agent_id)));
         }
         Ok(Response::new(pb::SetPlanResponse { delivered }))
     }
@@ -490,9 +403,7 @@ pub async fn serve(
     stale_after: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    use afetm_proto::{
-        control_server::ControlServer, ingest_server::IngestServer, query_server::QueryServer,
-    };
+    use afetm_proto::{control_server::ControlServer, ingest_server::IngestServer, query_server::QueryServer};
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServer<Analyzer>>().await;
     health.set_serving::<QueryServer<Analyzer>>().await;
@@ -519,15 +430,10 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(
-            IngestServer::new(analyzer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_service(IngestServer::new(analyzer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .add_service(QueryServer::new(analyzer.clone()))
         .add_service(ControlServer::new(analyzer).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await;
     sweep.abort();
     Ok(result?)

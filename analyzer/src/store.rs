@@ -56,11 +56,7 @@ pub struct WindowConfig {
 
 impl Default for WindowConfig {
     fn default() -> Self {
-        WindowConfig {
-            len_ns: 10_000_000_000,
-            grace_ns: 1_000_000_000,
-            node_cap: crate::afct::DEFAULT_NODE_CAP,
-        }
+        WindowConfig { len_ns: 10_000_000_000, grace_ns: 1_000_000_000, node_cap: crate::afct::DEFAULT_NODE_CAP }
     }
 }
 
@@ -68,10 +64,7 @@ impl Default for WindowConfig {
 pub enum StoreError {
     /// The input broke the contract; `reason` is a short stable label used in counters.
     #[error("invalid {reason}: {detail}")]
-    Invalid {
-        reason: &'static str,
-        detail: String,
-    },
+    Invalid { reason: &'static str, detail: String },
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("stored tree is corrupt: {0}")]
@@ -79,10 +72,7 @@ pub enum StoreError {
 }
 
 fn invalid(reason: &'static str, detail: impl Into<String>) -> StoreError {
-    StoreError::Invalid {
-        reason,
-        detail: detail.into(),
-    }
+    StoreError::Invalid { reason, detail: detail.into() }
 }
 
 /// An agent process as the analyzer knows it.
@@ -139,10 +129,7 @@ CREATE TABLE IF NOT EXISTS counts (agent_id TEXT NOT NULL, instance INTEGER NOT 
 "#;
 
 fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 impl Store {
@@ -157,29 +144,17 @@ impl Store {
         let mut funcs = FuncTable::default();
         {
             let mut stmt = conn.prepare("SELECT id, module, name FROM functions ORDER BY id")?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
             for row in rows {
                 let (id, module, name) = row?;
                 let got = funcs.intern(&module, &name);
                 if got.0 as i64 != id {
-                    return Err(StoreError::Corrupt(format!(
-                        "function ids are not dense at {id}"
-                    )));
+                    return Err(StoreError::Corrupt(format!("function ids are not dense at {id}")));
                 }
             }
         }
-        Ok(Store {
-            conn,
-            funcs,
-            limits,
-            window,
-        })
+        Ok(Store { conn, funcs, limits, window })
     }
 
     pub fn funcs(&self) -> &FuncTable {
@@ -195,10 +170,8 @@ impl Store {
             return Ok(id);
         }
         let id = self.funcs.intern(module, name);
-        self.conn.execute(
-            "INSERT INTO functions(id, module, name) VALUES (?1, ?2, ?3)",
-            params![id.0, module, name],
-        )?;
+        self.conn
+            .execute("INSERT INTO functions(id, module, name) VALUES (?1, ?2, ?3)", params![id.0, module, name])?;
         Ok(id)
     }
 
@@ -225,9 +198,8 @@ impl Store {
         )?;
         let mut session = Session::default();
         {
-            let mut stmt = tx.prepare(
-                "SELECT sym_id, function_id FROM symbols WHERE agent_id = ?1 AND instance = ?2",
-            )?;
+            let mut stmt =
+                tx.prepare("SELECT sym_id, function_id FROM symbols WHERE agent_id = ?1 AND instance = ?2")?;
             let rows = stmt.query_map(params![hello.agent_id, hello.instance as i64], |r| {
                 Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?))
             })?;
@@ -237,11 +209,9 @@ impl Store {
             }
         }
         let stale: Vec<i64> = {
-            let mut stmt = tx.prepare(
-                "SELECT id FROM windows WHERE agent_id = ?1 AND instance != ?2 AND closed = 0",
-            )?;
-            stmt.query_map(params![hello.agent_id, hello.instance as i64], |r| r.get(0))?
-                .collect::<Result<_, _>>()?
+            let mut stmt =
+                tx.prepare("SELECT id FROM windows WHERE agent_id = ?1 AND instance != ?2 AND closed = 0")?;
+            stmt.query_map(params![hello.agent_id, hello.instance as i64], |r| r.get(0))?.collect::<Result<_, _>>()?
         };
         let mut closed = 0;
         for w in stale {
@@ -259,19 +229,12 @@ impl Store {
             return Err(invalid("seq", "batch seq must start at 1"));
         }
         if batch.events.len() > l.max_events_per_batch {
-            return Err(invalid(
-                "batch_size",
-                format!("{} events > {}", batch.events.len(), l.max_events_per_batch),
-            ));
+            return Err(invalid("batch_size", format!("{} events > {}", batch.events.len(), l.max_events_per_batch)));
         }
         if batch.symbols.len() > l.max_symbols_per_batch {
             return Err(invalid(
                 "batch_size",
-                format!(
-                    "{} symbols > {}",
-                    batch.symbols.len(),
-                    l.max_symbols_per_batch
-                ),
+                format!("{} symbols > {}", batch.symbols.len(), l.max_symbols_per_batch),
             ));
         }
         let mut defined: std::collections::HashSet<u32> = std::collections::HashSet::new();
@@ -286,10 +249,7 @@ impl Store {
             {
                 return Err(invalid(
                     "symbol",
-                    format!(
-                        "symbol {}: module and name must have 1 to {} bytes",
-                        s.id, l.max_name_len
-                    ),
+                    format!("symbol {}: module and name must have 1 to {} bytes", s.id, l.max_name_len),
                 ));
             }
             defined.insert(s.id);
@@ -297,52 +257,33 @@ impl Store {
         let known = |id: u32| defined.contains(&id) || session.symbols.contains_key(&id);
         for (i, e) in batch.events.iter().enumerate() {
             if e.pid == 0 || e.tid == 0 {
-                return Err(invalid(
-                    "event",
-                    format!("event {i}: pid and tid must be non-zero"),
-                ));
+                return Err(invalid("event", format!("event {i}: pid and tid must be non-zero")));
             }
             if e.ts_ns == 0 || e.ts_ns > batch.agent_clock_ns.saturating_add(l.max_future_ns) {
                 return Err(invalid(
                     "timestamp",
-                    format!(
-                        "event {i}: ts {} out of range (agent clock {})",
-                        e.ts_ns, batch.agent_clock_ns
-                    ),
+                    format!("event {i}: ts {} out of range (agent clock {})", e.ts_ns, batch.agent_clock_ns),
                 ));
             }
             if !known(e.function) || (e.caller != 0 && !known(e.caller)) {
                 return Err(invalid(
                     "unknown_symbol",
-                    format!(
-                        "event {i}: function {} / caller {} not defined",
-                        e.function, e.caller
-                    ),
+                    format!("event {i}: function {} / caller {} not defined", e.function, e.caller),
                 ));
             }
             if e.callstack.len() > l.max_stack_depth {
                 return Err(invalid(
                     "stack_depth",
-                    format!(
-                        "event {i}: {} frames > {}",
-                        e.callstack.len(),
-                        l.max_stack_depth
-                    ),
+                    format!("event {i}: {} frames > {}", e.callstack.len(), l.max_stack_depth),
                 ));
             }
             if let Some(bad) = e.callstack.iter().find(|id| !known(**id)) {
-                return Err(invalid(
-                    "unknown_symbol",
-                    format!("event {i}: stack frame symbol {bad} not defined"),
-                ));
+                return Err(invalid("unknown_symbol", format!("event {i}: stack frame symbol {bad} not defined")));
             }
         }
         for c in &batch.counts {
             if !known(c.function) {
-                return Err(invalid(
-                    "unknown_symbol",
-                    format!("count for undefined symbol {}", c.function),
-                ));
+                return Err(invalid("unknown_symbol", format!("count for undefined symbol {}", c.function)));
             }
         }
         Ok(())
@@ -363,10 +304,7 @@ impl Store {
             |r| r.get(0),
         )?;
         if batch.seq <= last_seq as u64 {
-            return Ok(Applied {
-                duplicate: true,
-                ..Default::default()
-            });
+            return Ok(Applied { duplicate: true, ..Default::default() });
         }
         // Functions only ever grow; interning them ahead of the batch transaction is harmless.
         let mut new_syms = Vec::new();
@@ -426,14 +364,7 @@ impl Store {
             let (wid, closed) = match windows.get(&(e.pid, idx)) {
                 Some(w) => *w,
                 None => {
-                    let w = window_for(
-                        &tx,
-                        agent,
-                        e.pid,
-                        idx,
-                        anchor + idx * len,
-                        anchor + (idx + 1) * len,
-                    )?;
+                    let w = window_for(&tx, agent, e.pid, idx, anchor + idx * len, anchor + (idx + 1) * len)?;
                     windows.insert((e.pid, idx), w);
                     w
                 }
@@ -444,11 +375,7 @@ impl Store {
             }
             let caller = (e.caller != 0).then(|| resolve(e.caller));
             let stack: Vec<FuncId> = e.callstack.iter().map(|s| resolve(*s)).collect();
-            per_thread.entry((wid, e.tid)).or_default().add_call(
-                resolve(e.function),
-                caller,
-                &stack,
-            );
+            per_thread.entry((wid, e.tid)).or_default().add_call(resolve(e.function), caller, &stack);
             *window_events.entry(wid).or_insert(0) += 1;
             applied.events += 1;
         }
@@ -463,8 +390,7 @@ impl Store {
                     up.execute(params![wid, tid, caller, callee.0, calls as i64])?;
                 }
             }
-            let mut ev =
-                tx.prepare_cached("UPDATE windows SET events = events + ?2 WHERE id = ?1")?;
+            let mut ev = tx.prepare_cached("UPDATE windows SET events = events + ?2 WHERE id = ?1")?;
             for (wid, n) in &window_events {
                 ev.execute(params![wid, *n as i64])?;
             }
@@ -488,30 +414,27 @@ impl Store {
                 "UPDATE processes SET exited = 1 WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
                 params![agent.agent_id, agent.instance as i64, exit.pid],
             )?;
-            let mut stmt = tx.prepare_cached("SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3 AND closed = 0")?;
-            for w in stmt.query_map(
-                params![agent.agent_id, agent.instance as i64, exit.pid],
-                |r| r.get(0),
-            )? {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3 AND closed = 0",
+            )?;
+            for w in stmt.query_map(params![agent.agent_id, agent.instance as i64, exit.pid], |r| r.get(0))? {
                 to_close.push(w?);
             }
         }
         if batch.final_batch {
             // The agent is stopping: nothing more will arrive for this instance.
-            let mut stmt = tx.prepare_cached(
-                "SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND closed = 0",
-            )?;
+            let mut stmt =
+                tx.prepare_cached("SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND closed = 0")?;
             for w in stmt.query_map(params![agent.agent_id, agent.instance as i64], |r| r.get(0))? {
                 to_close.push(w?);
             }
         }
         {
             let horizon = batch.agent_clock_ns.saturating_sub(self.window.grace_ns) as i64;
-            let mut stmt = tx.prepare_cached("SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND closed = 0 AND end_ns <= ?3")?;
-            for w in stmt.query_map(
-                params![agent.agent_id, agent.instance as i64, horizon],
-                |r| r.get(0),
-            )? {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND closed = 0 AND end_ns <= ?3",
+            )?;
+            for w in stmt.query_map(params![agent.agent_id, agent.instance as i64, horizon], |r| r.get(0))? {
                 to_close.push(w?);
             }
         }
@@ -536,8 +459,7 @@ impl Store {
                 "SELECT w.id FROM windows w JOIN agents a ON a.agent_id = w.agent_id AND a.instance = w.instance
                  WHERE w.closed = 0 AND a.last_seen_unix < ?1",
             )?;
-            stmt.query_map(params![now_unix() - idle_secs], |r| r.get(0))?
-                .collect::<Result<_, _>>()?
+            stmt.query_map(params![now_unix() - idle_secs], |r| r.get(0))?.collect::<Result<_, _>>()?
         };
         let n = ids.len() as u64;
         for w in ids {
@@ -568,38 +490,28 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn list_windows(
-        &self,
-        req: &pb::ListWindowsRequest,
-    ) -> Result<Vec<pb::WindowInfo>, StoreError> {
+    pub fn list_windows(&self, req: &pb::ListWindowsRequest) -> Result<Vec<pb::WindowInfo>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT id, agent_id, pid, start_ns, end_ns, events, closed FROM windows
              WHERE (?1 = '' OR agent_id = ?1) AND (?2 = 0 OR pid = ?2) AND (?3 = 0 OR closed = 1) ORDER BY id",
         )?;
         let mut out: Vec<pb::WindowInfo> = stmt
-            .query_map(
-                params![req.agent_id, req.pid, req.closed_only as i64],
-                |r| {
-                    Ok(pb::WindowInfo {
-                        id: r.get::<_, i64>(0)? as u64,
-                        agent_id: r.get(1)?,
-                        pid: r.get(2)?,
-                        start_ns: r.get::<_, i64>(3)? as u64,
-                        end_ns: r.get::<_, i64>(4)? as u64,
-                        events: r.get::<_, i64>(5)? as u64,
-                        closed: r.get::<_, i64>(6)? != 0,
-                        tids: Vec::new(),
-                    })
-                },
-            )?
+            .query_map(params![req.agent_id, req.pid, req.closed_only as i64], |r| {
+                Ok(pb::WindowInfo {
+                    id: r.get::<_, i64>(0)? as u64,
+                    agent_id: r.get(1)?,
+                    pid: r.get(2)?,
+                    start_ns: r.get::<_, i64>(3)? as u64,
+                    end_ns: r.get::<_, i64>(4)? as u64,
+                    events: r.get::<_, i64>(5)? as u64,
+                    closed: r.get::<_, i64>(6)? != 0,
+                    tids: Vec::new(),
+                })
+            })?
             .collect::<Result<_, _>>()?;
-        let mut tids = self
-            .conn
-            .prepare("SELECT DISTINCT tid FROM edges WHERE window_id = ?1 ORDER BY tid")?;
+        let mut tids = self.conn.prepare("SELECT DISTINCT tid FROM edges WHERE window_id = ?1 ORDER BY tid")?;
         for w in &mut out {
-            w.tids = tids
-                .query_map(params![w.id as i64], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
+            w.tids = tids.query_map(params![w.id as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;
         }
         Ok(out)
     }
@@ -614,8 +526,7 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        blob.map(|b| pb::Tree::decode(b.as_slice()).map_err(|e| StoreError::Corrupt(e.to_string())))
-            .transpose()
+        blob.map(|b| pb::Tree::decode(b.as_slice()).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
     }
 
     /// Calls counted in count-only mode, per function.
@@ -637,14 +548,8 @@ impl Store {
 
     /// Aggregate counters over the whole database.
     pub fn totals(&self) -> Result<(u64, u64), StoreError> {
-        let closed: i64 =
-            self.conn
-                .query_row("SELECT COUNT(*) FROM windows WHERE closed = 1", [], |r| {
-                    r.get(0)
-                })?;
-        let afcts: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM afcts", [], |r| r.get(0))?;
+        let closed: i64 = self.conn.query_row("SELECT COUNT(*) FROM windows WHERE closed = 1", [], |r| r.get(0))?;
+        let afcts: i64 = self.conn.query_row("SELECT COUNT(*) FROM afcts", [], |r| r.get(0))?;
         Ok((closed as u64, afcts as u64))
     }
 }
@@ -670,58 +575,32 @@ fn window_for(
 
 /// Builds and stores the AFCT of every thread of a window and marks it closed. Returns the
 /// number of AFCTs written.
-fn close_window(
-    tx: &Transaction,
-    funcs: &FuncTable,
-    window_id: i64,
-    node_cap: usize,
-) -> Result<u64, StoreError> {
+fn close_window(tx: &Transaction, funcs: &FuncTable, window_id: i64, node_cap: usize) -> Result<u64, StoreError> {
     let mut per_thread: HashMap<u32, TraceData> = HashMap::new();
     {
-        let mut stmt =
-            tx.prepare_cached("SELECT tid, caller, callee, calls FROM edges WHERE window_id = ?1")?;
+        let mut stmt = tx.prepare_cached("SELECT tid, caller, callee, calls FROM edges WHERE window_id = ?1")?;
         let rows = stmt.query_map(params![window_id], |r| {
-            Ok((
-                r.get::<_, u32>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, u32>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
+            Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, i64>(3)?))
         })?;
         for row in rows {
             let (tid, caller, callee, calls) = row?;
             let caller = (caller >= 0).then_some(FuncId(caller as u32));
-            per_thread
-                .entry(tid)
-                .or_default()
-                .add_edge(caller, FuncId(callee), calls as u64);
+            per_thread.entry(tid).or_default().add_edge(caller, FuncId(callee), calls as u64);
         }
     }
     let mut n = 0;
-    let mut ins = tx.prepare_cached("INSERT OR REPLACE INTO afcts(window_id, tid, nodes, truncated, tree) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    let mut ins = tx.prepare_cached(
+        "INSERT OR REPLACE INTO afcts(window_id, tid, nodes, truncated, tree) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
     for (tid, data) in per_thread {
         let forest: Forest = data.build(node_cap);
         if forest.truncated {
-            tracing::warn!(
-                window_id,
-                tid,
-                nodes = forest.len(),
-                "AFCT hit the node cap and was truncated"
-            );
+            tracing::warn!(window_id, tid, nodes = forest.len(), "AFCT hit the node cap and was truncated");
         }
         let tree = forest.to_proto(funcs);
-        ins.execute(params![
-            window_id,
-            tid,
-            forest.len() as i64,
-            forest.truncated as i64,
-            tree.encode_to_vec()
-        ])?;
+        ins.execute(params![window_id, tid, forest.len() as i64, forest.truncated as i64, tree.encode_to_vec()])?;
         n += 1;
     }
-    tx.execute(
-        "UPDATE windows SET closed = 1 WHERE id = ?1",
-        params![window_id],
-    )?;
+    tx.execute("UPDATE windows SET closed = 1 WHERE id = ?1", params![window_id])?;
     Ok(n)
 }

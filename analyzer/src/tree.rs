@@ -34,10 +34,7 @@ pub struct FuncTable {
 
 impl FuncTable {
     pub fn intern(&mut self, module: &str, name: &str) -> FuncId {
-        let func = Func {
-            module: module.into(),
-            name: name.into(),
-        };
+        let func = Func { module: module.into(), name: name.into() };
         if let Some(id) = self.ids.get(&func) {
             return *id;
         }
@@ -52,20 +49,13 @@ impl FuncTable {
     }
 
     pub fn lookup(&self, module: &str, name: &str) -> Option<FuncId> {
-        self.ids
-            .get(&Func {
-                module: module.into(),
-                name: name.into(),
-            })
-            .copied()
+        self.ids.get(&Func { module: module.into(), name: name.into() }).copied()
     }
 
     /// Functions whose name is `name` (any module) or whose `module:name` is `name`.
     pub fn matching<'a>(&'a self, name: &'a str) -> impl Iterator<Item = FuncId> + 'a {
         self.funcs.iter().enumerate().filter_map(move |(i, f)| {
-            let qualified = name
-                .split_once(':')
-                .is_some_and(|(m, n)| *f.module == *m && *f.name == *n);
+            let qualified = name.split_once(':').is_some_and(|(m, n)| *f.module == *m && *f.name == *n);
             (qualified || *f.name == *name).then_some(FuncId(i as u32))
         })
     }
@@ -100,11 +90,7 @@ pub struct Forest {
 
 impl Forest {
     pub fn roots(&self) -> impl Iterator<Item = u32> + '_ {
-        self.nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.parent.is_none())
-            .map(|(i, _)| i as u32)
+        self.nodes.iter().enumerate().filter(|(_, n)| n.parent.is_none()).map(|(i, _)| i as u32)
     }
 
     pub fn len(&self) -> usize {
@@ -117,13 +103,7 @@ impl Forest {
 
     pub fn push(&mut self, func: FuncId, color: Color, parent: Option<u32>, calls: u64) -> u32 {
         let id = self.nodes.len() as u32;
-        self.nodes.push(Node {
-            func,
-            color,
-            parent,
-            children: Vec::new(),
-            calls,
-        });
+        self.nodes.push(Node { func, color, parent, children: Vec::new(), calls });
         if let Some(p) = parent {
             self.nodes[p as usize].children.push(id);
         }
@@ -132,10 +112,7 @@ impl Forest {
 
     /// A copy without the nodes `keep` rejects, together with their subtrees. Preorder is kept.
     pub fn filtered(&self, keep: impl Fn(&Node) -> bool) -> Forest {
-        let mut out = Forest {
-            nodes: Vec::with_capacity(self.nodes.len()),
-            truncated: self.truncated,
-        };
+        let mut out = Forest { nodes: Vec::with_capacity(self.nodes.len()), truncated: self.truncated };
         let mut map: Vec<Option<u32>> = vec![None; self.nodes.len()];
         for (i, n) in self.nodes.iter().enumerate() {
             let parent = match n.parent {
@@ -161,20 +138,13 @@ impl Forest {
             let node = &f.nodes[n as usize];
             out.push(format!("{depth} {} {:?}", t.get(node.func), node.color));
             let mut kids: Vec<u32> = node.children.clone();
-            kids.sort_by(|a, b| {
-                t.get(f.nodes[*a as usize].func)
-                    .cmp(t.get(f.nodes[*b as usize].func))
-            });
+            kids.sort_by(|a, b| t.get(f.nodes[*a as usize].func).cmp(t.get(f.nodes[*b as usize].func)));
             for k in kids {
                 walk(f, t, k, depth + 1, out);
             }
         }
         let mut roots: Vec<u32> = self.roots().collect();
-        roots.sort_by(|a, b| {
-            table
-                .get(self.nodes[*a as usize].func)
-                .cmp(table.get(self.nodes[*b as usize].func))
-        });
+        roots.sort_by(|a, b| table.get(self.nodes[*a as usize].func).cmp(table.get(self.nodes[*b as usize].func)));
         let mut out = Vec::with_capacity(self.nodes.len());
         for r in roots {
             walk(self, table, r, 0, &mut out);
@@ -194,14 +164,7 @@ impl Forest {
                 Color::Red => "red",
                 Color::Blue => "blue",
             };
-            let _ = writeln!(
-                s,
-                "{:indent$}{} [{color}] calls={}",
-                "",
-                table.get(n.func),
-                n.calls,
-                indent = d * 2
-            );
+            let _ = writeln!(s, "{:indent$}{} [{color}] calls={}", "", table.get(n.func), n.calls, indent = d * 2);
         }
         if self.truncated {
             s.push_str("... (truncated at the node cap)\n");
@@ -236,10 +199,7 @@ impl Forest {
 
     /// Rebuilds a forest from its wire form, checking every index.
     pub fn from_proto(tree: &pb::Tree, table: &mut FuncTable) -> Result<Forest, String> {
-        let mut out = Forest {
-            nodes: Vec::with_capacity(tree.nodes.len()),
-            truncated: tree.truncated,
-        };
+        let mut out = Forest { nodes: Vec::with_capacity(tree.nodes.len()), truncated: tree.truncated };
         for (i, n) in tree.nodes.iter().enumerate() {
             let parent = match n.parent {
                 -1 => None,

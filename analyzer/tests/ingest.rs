@@ -20,37 +20,21 @@ struct Server {
 async fn start(db: &std::path::Path) -> Server {
     let store = Store::open(
         db,
-        WindowConfig {
-            len_ns: 1_000_000_000,
-            grace_ns: 0,
-            node_cap: 1000,
-        },
-        Limits {
-            max_stack_depth: 64,
-            ..Limits::default()
-        },
+        WindowConfig { len_ns: 1_000_000_000, grace_ns: 0, node_cap: 1000 },
+        Limits { max_stack_depth: 64, ..Limits::default() },
     )
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        service::serve(
-            Analyzer::new(store),
-            listener,
-            Duration::from_secs(300),
-            async {
-                let _ = rx.await;
-            },
-        )
+        service::serve(Analyzer::new(store), listener, Duration::from_secs(300), async {
+            let _ = rx.await;
+        })
         .await
         .unwrap();
     });
-    Server {
-        url,
-        stop: Some(tx),
-        task,
-    }
+    Server { url, stop: Some(tx), task }
 }
 
 impl Server {
@@ -61,67 +45,30 @@ impl Server {
 }
 
 fn sym(id: u32, name: &str) -> pb::Symbol {
-    pb::Symbol {
-        id,
-        module: "prog".into(),
-        name: name.into(),
-    }
+    pb::Symbol { id, module: "prog".into(), name: name.into() }
 }
 
 fn ev(function: u32, caller: u32, ts: u64) -> pb::CallEvent {
-    pb::CallEvent {
-        pid: 42,
-        tid: 42,
-        ts_ns: ts,
-        function,
-        caller,
-        callstack: vec![],
-    }
+    pb::CallEvent { pid: 42, tid: 42, ts_ns: ts, function, caller, callstack: vec![] }
 }
 
 /// Opens a stream, says hello, sends `batches`, and returns what came back (acks, or the error).
-async fn exchange(
-    url: &str,
-    instance: u64,
-    batches: Vec<pb::Batch>,
-) -> (Vec<u64>, Option<tonic::Status>) {
+async fn exchange(url: &str, instance: u64, batches: Vec<pb::Batch>) -> (Vec<u64>, Option<tonic::Status>) {
     let mut client = IngestClient::connect(url.to_string()).await.unwrap();
     let (tx, rx) = mpsc::channel(16);
-    let hello = pb::Hello {
-        agent_id: "t".into(),
-        instance,
-        hostname: "h".into(),
-        target: "prog".into(),
-    };
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(hello)),
-    })
-    .await
-    .unwrap();
-    let mut inbound = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let hello = pb::Hello { agent_id: "t".into(), instance, hostname: "h".into(), target: "prog".into() };
+    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await.unwrap();
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
     let first = inbound.message().await.unwrap().unwrap();
-    assert!(matches!(
-        first.msg,
-        Some(pb::analyzer_message::Msg::Welcome(_))
-    ));
+    assert!(matches!(first.msg, Some(pb::analyzer_message::Msg::Welcome(_))));
     let n = batches.len();
     for b in batches {
-        tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Batch(b)),
-        })
-        .await
-        .unwrap();
+        tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Batch(b)) }).await.unwrap();
     }
     let mut acks = Vec::new();
     while acks.len() < n {
         match inbound.message().await {
-            Ok(Some(pb::AnalyzerMessage {
-                msg: Some(pb::analyzer_message::Msg::Ack(a)),
-            })) => acks.push(a.seq),
+            Ok(Some(pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Ack(a)) })) => acks.push(a.seq),
             Ok(_) => break,
             Err(s) => return (acks, Some(s)),
         }
@@ -140,13 +87,7 @@ fn good(seq: u64) -> pb::Batch {
 }
 
 async fn stats(url: &str) -> pb::StatsResponse {
-    QueryClient::connect(url.to_string())
-        .await
-        .unwrap()
-        .stats(pb::StatsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
+    QueryClient::connect(url.to_string()).await.unwrap().stats(pb::StatsRequest {}).await.unwrap().into_inner()
 }
 
 async fn windows(url: &str) -> Vec<pb::WindowInfo> {
@@ -167,47 +108,15 @@ async fn malformed_batches_are_refused_counted_and_not_stored() {
     let cases: Vec<(&str, pb::Batch)> = vec![
         (
             "unknown_symbol",
-            pb::Batch {
-                seq: 1,
-                agent_clock_ns: 5_000,
-                events: vec![ev(9, 0, 1_000)],
-                ..Default::default()
-            },
+            pb::Batch { seq: 1, agent_clock_ns: 5_000, events: vec![ev(9, 0, 1_000)], ..Default::default() },
         ),
-        (
-            "event",
-            pb::Batch {
-                events: vec![pb::CallEvent {
-                    pid: 0,
-                    ..ev(1, 2, 1_000)
-                }],
-                ..good(1)
-            },
-        ),
-        (
-            "timestamp",
-            pb::Batch {
-                events: vec![ev(1, 2, u64::MAX)],
-                ..good(1)
-            },
-        ),
+        ("event", pb::Batch { events: vec![pb::CallEvent { pid: 0, ..ev(1, 2, 1_000) }], ..good(1) }),
+        ("timestamp", pb::Batch { events: vec![ev(1, 2, u64::MAX)], ..good(1) }),
         (
             "stack_depth",
-            pb::Batch {
-                events: vec![pb::CallEvent {
-                    callstack: vec![2; 65],
-                    ..ev(1, 2, 1_000)
-                }],
-                ..good(1)
-            },
+            pb::Batch { events: vec![pb::CallEvent { callstack: vec![2; 65], ..ev(1, 2, 1_000) }], ..good(1) },
         ),
-        (
-            "symbol",
-            pb::Batch {
-                symbols: vec![sym(0, "zero")],
-                ..good(1)
-            },
-        ),
+        ("symbol", pb::Batch { symbols: vec![sym(0, "zero")], ..good(1) }),
         ("seq", pb::Batch { seq: 0, ..good(1) }),
     ];
     for (i, (reason, batch)) in cases.iter().enumerate() {
@@ -215,20 +124,9 @@ async fn malformed_batches_are_refused_counted_and_not_stored() {
         let (acks, err) = exchange(&server.url, 100 + i as u64, vec![batch.clone()]).await;
         assert!(acks.is_empty(), "{reason}: must not be acknowledged");
         let err = err.unwrap_or_else(|| panic!("{reason}: expected an error status"));
-        assert_eq!(
-            err.code(),
-            tonic::Code::InvalidArgument,
-            "{reason}: {err:?}"
-        );
-        assert!(
-            err.message().starts_with(reason),
-            "{reason}: {}",
-            err.message()
-        );
-        assert_eq!(
-            err.metadata().get(BAD_SEQ_KEY).unwrap().to_str().unwrap(),
-            seq.to_string()
-        );
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{reason}: {err:?}");
+        assert!(err.message().starts_with(reason), "{reason}: {}", err.message());
+        assert_eq!(err.metadata().get(BAD_SEQ_KEY).unwrap().to_str().unwrap(), seq.to_string());
     }
     let s = stats(&server.url).await;
     assert_eq!(s.rejected, cases.len() as u64);
@@ -239,29 +137,15 @@ async fn malformed_batches_are_refused_counted_and_not_stored() {
             s.rejected_by_reason
         );
     }
-    assert!(
-        windows(&server.url).await.is_empty(),
-        "nothing malformed may be stored"
-    );
+    assert!(windows(&server.url).await.is_empty(), "nothing malformed may be stored");
     assert_eq!(s.events, 0);
 
     // The first message must be a Hello.
     let mut client = IngestClient::connect(server.url.clone()).await.unwrap();
     let (tx, rx) = mpsc::channel(4);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Batch(good(1))),
-    })
-    .await
-    .unwrap();
-    let mut inbound = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        inbound.message().await.unwrap_err().code(),
-        tonic::Code::InvalidArgument
-    );
+    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Batch(good(1))) }).await.unwrap();
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert_eq!(inbound.message().await.unwrap_err().code(), tonic::Code::InvalidArgument);
     server.shutdown().await;
 }
 
@@ -287,10 +171,7 @@ async fn duplicates_are_acked_once_and_windows_survive_a_reopen() {
     let exit = pb::Batch {
         seq: 2,
         agent_clock_ns: 6_000,
-        exits: vec![pb::ProcessExit {
-            pid: 42,
-            ts_ns: 6_000,
-        }],
+        exits: vec![pb::ProcessExit { pid: 42, ts_ns: 6_000 }],
         ..Default::default()
     };
     let (acks, _) = exchange(&server.url, 7, vec![exit]).await;
@@ -298,21 +179,9 @@ async fn duplicates_are_acked_once_and_windows_survive_a_reopen() {
     let w = windows(&server.url).await;
     assert!(w[0].closed);
     let mut q = QueryClient::connect(server.url.clone()).await.unwrap();
-    let afct = q
-        .get_afct(pb::GetAfctRequest {
-            window_id: w[0].id,
-            tid: 42,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let names: Vec<(String, i32, i32)> = afct
-        .tree
-        .unwrap()
-        .nodes
-        .iter()
-        .map(|n| (n.function.clone(), n.parent, n.color))
-        .collect();
+    let afct = q.get_afct(pb::GetAfctRequest { window_id: w[0].id, tid: 42 }).await.unwrap().into_inner();
+    let names: Vec<(String, i32, i32)> =
+        afct.tree.unwrap().nodes.iter().map(|n| (n.function.clone(), n.parent, n.color)).collect();
     assert_eq!(
         names,
         vec![
@@ -321,39 +190,17 @@ async fn duplicates_are_acked_once_and_windows_survive_a_reopen() {
             ("leaf".into(), 1, pb::Color::White as i32)
         ]
     );
-    assert!(
-        afct.text.contains("prog!leaf [white] calls=2"),
-        "{}",
-        afct.text
-    );
+    assert!(afct.text.contains("prog!leaf [white] calls=2"), "{}", afct.text);
     // An agent's final batch closes whatever it still had open.
     let (acks, _) = exchange(&server.url, 8, vec![good(1)]).await;
     assert_eq!(acks, vec![1]);
-    let open = windows(&server.url)
-        .await
-        .into_iter()
-        .filter(|w| !w.closed)
-        .count();
+    let open = windows(&server.url).await.into_iter().filter(|w| !w.closed).count();
     assert_eq!(open, 1);
-    let last = pb::Batch {
-        seq: 2,
-        agent_clock_ns: 6_000,
-        final_batch: true,
-        ..Default::default()
-    };
+    let last = pb::Batch { seq: 2, agent_clock_ns: 6_000, final_batch: true, ..Default::default() };
     assert_eq!(exchange(&server.url, 8, vec![last]).await.0, vec![2]);
-    assert!(
-        windows(&server.url).await.iter().all(|w| w.closed),
-        "final batch closes the instance's windows"
-    );
+    assert!(windows(&server.url).await.iter().all(|w| w.closed), "final batch closes the instance's windows");
     // Unknown window: NotFound, not a crash.
-    let e = q
-        .get_afct(pb::GetAfctRequest {
-            window_id: 999,
-            tid: 1,
-        })
-        .await
-        .unwrap_err();
+    let e = q.get_afct(pb::GetAfctRequest { window_id: 999, tid: 1 }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     server.shutdown().await;
 }
@@ -361,55 +208,29 @@ async fn duplicates_are_acked_once_and_windows_survive_a_reopen() {
 /// What grpcurl needs: reflection lists the services, health says they serve.
 #[tokio::test]
 async fn reflection_and_health_answer() {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let dir = tempfile::tempdir().unwrap();
     let server = start(&dir.path().join("r.sqlite")).await;
-    let channel = tonic::transport::Channel::from_shared(server.url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tonic::transport::Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
     let mut refl = ServerReflectionClient::new(channel.clone());
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut resp = refl
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
     let services: Vec<String> = match resp.message().await.unwrap().unwrap().message_response {
-        Some(MessageResponse::ListServicesResponse(l)) => {
-            l.service.into_iter().map(|s| s.name).collect()
-        }
+        Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect(),
         other => panic!("unexpected reflection answer {other:?}"),
     };
-    for want in [
-        "afetm.v1.Ingest",
-        "afetm.v1.Query",
-        "afetm.v1.Control",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            services.iter().any(|s| s == want),
-            "{want} not listed: {services:?}"
-        );
+    for want in ["afetm.v1.Ingest", "afetm.v1.Query", "afetm.v1.Control", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == want), "{want} not listed: {services:?}");
     }
     let mut health = HealthClient::new(channel);
-    let st = health
-        .check(HealthCheckRequest {
-            service: "afetm.v1.Query".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let st = health.check(HealthCheckRequest { service: "afetm.v1.Query".into() }).await.unwrap().into_inner();
     assert_eq!(st.status, ServingStatus::Serving as i32);
     server.shutdown().await;
 }

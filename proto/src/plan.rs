@@ -98,12 +98,7 @@ impl PlanFile {
                     } as i32,
                 })
                 .collect(),
-            target_path: self
-                .target
-                .path
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            target_path: self.target.path.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
             target_pid: self.target.pid.unwrap_or(0),
         }
     }
@@ -119,10 +114,7 @@ impl PlanFile {
                     Ok(v1::TraceMode::Count) => Mode::Count,
                     _ => return Err(PlanError::NoMode(p.function.clone())),
                 };
-                Ok(Point {
-                    function: p.function.clone(),
-                    mode,
-                })
+                Ok(Point { function: p.function.clone(), mode })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let out = PlanFile {
@@ -144,21 +136,14 @@ mod tests {
 
     #[test]
     fn roundtrip_and_errors() {
-        let text =
-            r#"{"target":{"path":"/bin/true"},"points":[{"function":"main","mode":"callstack"}]}"#;
+        let text = r#"{"target":{"path":"/bin/true"},"points":[{"function":"main","mode":"callstack"}]}"#;
         let plan = PlanFile::parse(text).unwrap();
         assert_eq!(PlanFile::from_proto(&plan.to_proto()).unwrap(), plan);
         assert!(matches!(
             PlanFile::parse(r#"{"target":{},"points":[{"function":"a","mode":"event"}]}"#),
             Err(PlanError::NoTarget)
         ));
-        assert!(matches!(
-            PlanFile::parse(r#"{"target":{"pid":1},"points":[]}"#),
-            Err(PlanError::Empty)
-        ));
-        assert!(
-            PlanFile::parse(r#"{"target":{"pid":1},"points":[{"function":"a","mode":"often"}]}"#)
-                .is_err()
-        );
+        assert!(matches!(PlanFile::parse(r#"{"target":{"pid":1},"points":[]}"#), Err(PlanError::Empty)));
+        assert!(PlanFile::parse(r#"{"target":{"pid":1},"points":[{"function":"a","mode":"often"}]}"#).is_err());
     }
 }

@@ -53,14 +53,7 @@ const SQLITE_DEFINES: &[&str] = &[
 ];
 
 /// Debian packages the builds need besides gcc/make.
-pub const BUILD_DEPS: &[&str] = &[
-    "dpkg-dev",
-    "make",
-    "tcl",
-    "libapr1-dev",
-    "libaprutil1-dev",
-    "libpcre2-dev",
-];
+pub const BUILD_DEPS: &[&str] = &["dpkg-dev", "make", "tcl", "libapr1-dev", "libaprutil1-dev", "libpcre2-dev"];
 
 /// The four builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,12 +65,7 @@ pub enum Package {
 }
 
 impl Package {
-    pub const ALL: [Package; 4] = [
-        Package::Redis,
-        Package::Nginx,
-        Package::Apache2,
-        Package::Sqlite3,
-    ];
+    pub const ALL: [Package; 4] = [Package::Redis, Package::Nginx, Package::Apache2, Package::Sqlite3];
 
     pub fn source_name(self) -> &'static str {
         match self {
@@ -98,32 +86,25 @@ impl Package {
             Package::Apache2 => format!(
                 "configure --with-mpm=prefork --enable-mpms-shared=prefork --enable-modules=none --enable-mods-static='unixd log_config logio version' --enable-mods-shared='authz_core dir mime env' CFLAGS={CFLAGS:?}; make EXTRA_CPPFLAGS=-DBUILD_DATETIME; make install"
             ),
-            Package::Sqlite3 => format!(
-                "configure; make sqlite3.c; gcc {CFLAGS} -fPIC -shared {}",
-                SQLITE_DEFINES.join(" ")
-            ),
+            Package::Sqlite3 => {
+                format!("configure; make sqlite3.c; gcc {CFLAGS} -fPIC -shared {}", SQLITE_DEFINES.join(" "))
+            }
         }
     }
 }
 
 /// Cache root: `$AFETM_CACHE` or `~/.cache/afetm`, then `testbed-build`.
 pub fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("AFETM_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/afetm")
-        });
+    let base = std::env::var_os("AFETM_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/afetm")
+    });
     base.join("testbed-build")
 }
 
 fn sh(cmd: &mut Command, log: &Path, what: &str) -> Result<()> {
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let status = cmd
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .status()
-        .with_context(|| format!("{what}: cannot run {cmd:?}"))?;
+    let status =
+        cmd.stdout(out.try_clone()?).stderr(out).status().with_context(|| format!("{what}: cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{what} failed ({status}); see {}", log.display());
     }
@@ -145,8 +126,7 @@ fn ensure_deb_src() -> Result<()> {
             .map(str::to_string)
     };
     let debian = uri("/debian").unwrap_or_else(|| "http://deb.debian.org/debian".into());
-    let security =
-        uri("/debian-security").unwrap_or_else(|| "http://deb.debian.org/debian-security".into());
+    let security = uri("/debian-security").unwrap_or_else(|| "http://deb.debian.org/debian-security".into());
     let text = format!(
         "Types: deb-src\nURIs: {debian}\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
          Types: deb-src\nURIs: {security}\nSuites: bookworm-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
@@ -175,11 +155,7 @@ fn versions(pkg: &str) -> Result<Vec<String>> {
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        if ok {
-            std::cmp::Ordering::Less
-        } else {
-            std::cmp::Ordering::Greater
-        }
+        if ok { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater }
     });
     v.dedup();
     if v.is_empty() {
@@ -208,10 +184,7 @@ fn fetch(pkg: &str, work: &Path, log: &Path) -> Result<(String, PathBuf)> {
                 .context("apt-get source unpacked nothing")?;
             return Ok((v, dir));
         }
-        fs::write(
-            log,
-            format!("source {pkg}={v} not obtainable; trying an older version\n"),
-        )?;
+        fs::write(log, format!("source {pkg}={v} not obtainable; trying an older version\n"))?;
     }
     bail!("no version of the {pkg} source package could be fetched")
 }
@@ -219,12 +192,7 @@ fn fetch(pkg: &str, work: &Path, log: &Path) -> Result<(String, PathBuf)> {
 fn key(pkg: Package, version: &str) -> String {
     let mut h = DefaultHasher::new();
     (pkg.recipe(), version).hash(&mut h);
-    format!(
-        "{}-{}-{:016x}",
-        pkg.source_name(),
-        version.replace(['~', '+', ':'], "_"),
-        h.finish()
-    )
+    format!("{}-{}-{:016x}", pkg.source_name(), version.replace(['~', '+', ':'], "_"), h.finish())
 }
 
 /// Where a finished build of `pkg` is, if any.
@@ -235,10 +203,7 @@ pub fn installed(cache: &Path, pkg: Package) -> Option<PathBuf> {
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix))
-                && p.join("done").exists()
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)) && p.join("done").exists()
         })
         .collect();
     found.sort();
@@ -274,11 +239,7 @@ pub fn build_all(cache: &Path) -> Result<Vec<(Package, PathBuf, f64)>> {
         }
         let newest = versions(name)?;
         // Any cached build of an obtainable version with this recipe will do.
-        if let Some(hit) = newest
-            .iter()
-            .map(|v| cache.join(key(pkg, v)))
-            .find(|d| d.join("done").exists())
-        {
+        if let Some(hit) = newest.iter().map(|v| cache.join(key(pkg, v))).find(|d| d.join("done").exists()) {
             out.push((pkg, hit, 0.0));
             continue;
         }
@@ -313,11 +274,7 @@ pub fn build_all(cache: &Path) -> Result<Vec<(Package, PathBuf, f64)>> {
                     &log,
                     "nginx configure",
                 )?;
-                sh(
-                    Command::new("make").current_dir(&src).arg("-j2"),
-                    &log,
-                    "nginx make",
-                )?;
+                sh(Command::new("make").current_dir(&src).arg("-j2"), &log, "nginx make")?;
                 fs::copy(src.join("objs/nginx"), dest.join("nginx"))?;
             }
             Package::Apache2 => {
@@ -348,25 +305,13 @@ pub fn build_all(cache: &Path) -> Result<Vec<(Package, PathBuf, f64)>> {
                     &log,
                     "httpd make",
                 )?;
-                sh(
-                    Command::new("make").current_dir(&src).arg("install"),
-                    &log,
-                    "httpd make install",
-                )?;
+                sh(Command::new("make").current_dir(&src).arg("install"), &log, "httpd make install")?;
             }
             Package::Sqlite3 => {
                 let bld = src.join("afetm-build");
                 fs::create_dir_all(&bld)?;
-                sh(
-                    Command::new("../configure").current_dir(&bld),
-                    &log,
-                    "sqlite configure",
-                )?;
-                sh(
-                    Command::new("make").current_dir(&bld).arg("sqlite3.c"),
-                    &log,
-                    "sqlite amalgamation",
-                )?;
+                sh(Command::new("../configure").current_dir(&bld), &log, "sqlite configure")?;
+                sh(Command::new("make").current_dir(&bld).arg("sqlite3.c"), &log, "sqlite amalgamation")?;
                 sh(
                     Command::new("gcc")
                         .current_dir(&bld)

@@ -36,36 +36,17 @@ pub struct Mix {
 impl Default for Mix {
     /// 60% find, 10% search, 10% buy, 8% modify, 7% add, 5% delete.
     fn default() -> Self {
-        Mix {
-            find: 60,
-            search: 10,
-            buy: 10,
-            modify: 8,
-            add: 7,
-            delete: 5,
-        }
+        Mix { find: 60, search: 10, buy: 10, modify: 8, add: 7, delete: 5 }
     }
 }
 
 impl Mix {
     /// Parses `find=60,search=10,...`; unnamed operations get 0.
     pub fn parse(text: &str) -> Result<Mix> {
-        let mut m = Mix {
-            find: 0,
-            search: 0,
-            buy: 0,
-            modify: 0,
-            add: 0,
-            delete: 0,
-        };
+        let mut m = Mix { find: 0, search: 0, buy: 0, modify: 0, add: 0, delete: 0 };
         for part in text.split(',').filter(|p| !p.is_empty()) {
-            let Some((k, v)) = part.split_once('=') else {
-                bail!("mix entry {part:?} is not op=weight")
-            };
-            let v: u32 = v
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("mix weight {v:?} is not a number"))?;
+            let Some((k, v)) = part.split_once('=') else { bail!("mix entry {part:?} is not op=weight") };
+            let v: u32 = v.trim().parse().map_err(|_| anyhow::anyhow!("mix weight {v:?} is not a number"))?;
             match k.trim() {
                 "find" => m.find = v,
                 "search" => m.search = v,
@@ -73,9 +54,7 @@ impl Mix {
                 "modify" => m.modify = v,
                 "add" => m.add = v,
                 "delete" => m.delete = v,
-                other => bail!(
-                    "unknown operation {other:?} in mix (find, search, buy, modify, add, delete)"
-                ),
+                other => bail!("unknown operation {other:?} in mix (find, search, buy, modify, add, delete)"),
             }
         }
         if m.total() == 0 {
@@ -200,14 +179,8 @@ fn path_for(op: &str, rng: &mut StdRng, items: u32, added: &mut Vec<u64>) -> Str
         "find" => format!("/shop.php?op=find&id={id}"),
         "search" => format!("/shop.php?op=search&q=item-{}", rng.random_range(1..=99)),
         "buy" => format!("/shop.php?op=buy&id={id}&qty=1"),
-        "modify" => format!(
-            "/shop.php?op=modify&id={id}&price={}",
-            rng.random_range(1..=500)
-        ),
-        "add" => format!(
-            "/shop.php?op=add&name=new-{}&price=3&stock=100",
-            rng.random::<u32>()
-        ),
+        "modify" => format!("/shop.php?op=modify&id={id}&price={}", rng.random_range(1..=500)),
+        "add" => format!("/shop.php?op=add&name=new-{}&price=3&stock=100", rng.random::<u32>()),
         _ => match added.pop() {
             Some(mine) => format!("/shop.php?op=delete&id={mine}"),
             None => format!("/shop.php?op=delete&id={}", u32::MAX / 2),
@@ -237,50 +210,32 @@ pub fn run(cfg: &LoadConfig) -> Result<Report> {
                 .timeout_global(Some(Duration::from_secs(30)))
                 .build()
                 .into();
-            let mut rng =
-                StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(t as u64));
+            let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(t as u64));
             let mut res = ThreadResult {
                 hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
                 by_status: BTreeMap::new(),
                 by_op: BTreeMap::new(),
                 errors: 0,
             };
-            let interval = cfg
-                .rate
-                .map(|r| Duration::from_secs_f64(cfg.connections as f64 / r));
+            let interval = cfg.rate.map(|r| Duration::from_secs_f64(cfg.connections as f64 / r));
             let mut added: Vec<u64> = Vec::new();
-            let mut next = start
-                + interval
-                    .map(|i| i.mul_f64(t as f64 / cfg.connections as f64))
-                    .unwrap_or_default();
+            let mut next = start + interval.map(|i| i.mul_f64(t as f64 / cfg.connections as f64)).unwrap_or_default();
             while !stop.load(Ordering::Relaxed) {
                 let now = Instant::now();
                 if interval.is_some() && next > now {
                     std::thread::sleep(next - now);
                 }
-                let sent = if interval.is_some() {
-                    next
-                } else {
-                    Instant::now()
-                };
+                let sent = if interval.is_some() { next } else { Instant::now() };
                 if sent >= end {
                     break;
                 }
                 let op = cfg.mix.pick(rng.random());
-                let url = format!(
-                    "{}{}",
-                    cfg.url,
-                    path_for(op, &mut rng, cfg.items, &mut added)
-                );
+                let url = format!("{}{}", cfg.url, path_for(op, &mut rng, cfg.items, &mut added));
                 let status = match agent.get(&url).call() {
                     Ok(mut resp) => {
                         let body = resp.body_mut().read_to_string().unwrap_or_default();
                         if let Some(id) = (op == "add")
-                            .then(|| {
-                                body.split("\"id\":")
-                                    .nth(1)
-                                    .and_then(|r| r.trim_end_matches('}').parse().ok())
-                            })
+                            .then(|| body.split("\"id\":").nth(1).and_then(|r| r.trim_end_matches('}').parse().ok()))
                             .flatten()
                         {
                             added.push(id);
@@ -315,9 +270,7 @@ pub fn run(cfg: &LoadConfig) -> Result<Report> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let (mut by_status, mut by_op, mut errors) = (BTreeMap::new(), BTreeMap::new(), 0);
     for h in handles {
-        let r = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        let r = h.join().map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
         hist.add(&r.hist)?;
         errors += r.errors;
         for (k, v) in r.by_status {
@@ -330,11 +283,7 @@ pub fn run(cfg: &LoadConfig) -> Result<Report> {
     stop.store(true, Ordering::Relaxed);
     let seconds = cfg.duration.as_secs_f64();
     Ok(Report {
-        mode: if cfg.rate.is_some() {
-            "fixed rate, coordinated-omission corrected"
-        } else {
-            "closed loop"
-        },
+        mode: if cfg.rate.is_some() { "fixed rate, coordinated-omission corrected" } else { "closed loop" },
         connections: cfg.connections,
         seconds,
         requests: hist.len(),

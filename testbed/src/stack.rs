@@ -98,17 +98,12 @@ fn source_dir() -> PathBuf {
 }
 
 fn render(template: &Path, vars: &[(&str, String)]) -> Result<String> {
-    let mut text =
-        fs::read_to_string(template).with_context(|| format!("reading {}", template.display()))?;
+    let mut text = fs::read_to_string(template).with_context(|| format!("reading {}", template.display()))?;
     for (k, v) in vars {
         text = text.replace(&format!("{{{{{k}}}}}"), v);
     }
     if let Some(i) = text.find("{{") {
-        bail!(
-            "{}: unrendered placeholder near {:?}",
-            template.display(),
-            &text[i..(i + 30).min(text.len())]
-        );
+        bail!("{}: unrendered placeholder near {:?}", template.display(), &text[i..(i + 30).min(text.len())]);
     }
     Ok(text)
 }
@@ -118,10 +113,7 @@ fn chown_www(path: &Path) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(()); // unprivileged: the servers run as this user anyway
     }
-    let status = Command::new("chown")
-        .args(["-R", "www-data:www-data"])
-        .arg(path)
-        .status()?;
+    let status = Command::new("chown").args(["-R", "www-data:www-data"]).arg(path).status()?;
     if !status.success() {
         bail!("chown www-data {} failed", path.display());
     }
@@ -141,26 +133,13 @@ fn pid_file(cfg: &Config, name: &str) -> PathBuf {
     cfg.run_dir.join("pids").join(format!("{name}.testbed"))
 }
 
-fn spawn(
-    cfg: &Config,
-    name: &str,
-    port: u16,
-    exe: &Path,
-    args: &[String],
-    env: &[(&str, String)],
-) -> Result<Server> {
+fn spawn(cfg: &Config, name: &str, port: u16, exe: &Path, args: &[String], env: &[(&str, String)]) -> Result<Server> {
     if !exe.exists() {
-        bail!(
-            "{name}: {} not found (install the Debian package or run `cargo xtask testbed build`)",
-            exe.display()
-        );
+        bail!("{name}: {} not found (install the Debian package or run `cargo xtask testbed build`)", exe.display());
     }
     let log = fs::File::create(cfg.logs_dir().join(format!("{name}.stdout.log")))?;
     let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -173,12 +152,7 @@ fn spawn(
         });
     }
     let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-    let server = Server {
-        name: name.into(),
-        pid: child.id(),
-        port,
-        exe: exe.into(),
-    };
+    let server = Server { name: name.into(), pid: child.id(), port, exe: exe.into() };
     // Record before waiting on anything: `down` must find it even if `up` dies right here.
     fs::write(pid_file(cfg, name), serde_json::to_string(&server)?)?;
     // The child is reaped by whoever outlives it; `down` works from the pid file.
@@ -206,10 +180,9 @@ fn wait_port(host: &str, port: u16, name: &str, pid: u32, timeout: Duration) -> 
 /// Whether `pid` is a live (non-zombie) process.
 pub fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X"),
+        Ok(s) => {
+            s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).is_some_and(|st| st != "Z" && st != "X")
+        }
         Err(_) => false,
     }
 }
@@ -221,37 +194,26 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let rest = s.rsplit_once(')')?.1.to_string();
-                    let mut f = rest.split_whitespace();
-                    let state = f.next()?.to_string();
-                    let _ppid = f.next()?;
-                    let pgrp: u32 = f.next()?.parse().ok()?;
-                    Some(pgrp == pgid && state != "Z" && state != "X")
-                })
-                == Some(true)
+            fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
+                let rest = s.rsplit_once(')')?.1.to_string();
+                let mut f = rest.split_whitespace();
+                let state = f.next()?.to_string();
+                let _ppid = f.next()?;
+                let pgrp: u32 = f.next()?.parse().ok()?;
+                Some(pgrp == pgid && state != "Z" && state != "X")
+            }) == Some(true)
         })
         .collect()
 }
 
 /// HTTP GET through a fresh connection; returns (status, headers+body).
 pub fn http_get(host: &str, port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s =
-        TcpStream::connect_timeout(&format!("{host}:{port}").parse()?, Duration::from_secs(2))?;
+    let mut s = TcpStream::connect_timeout(&format!("{host}:{port}").parse()?, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("malformed HTTP answer")?;
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed HTTP answer")?;
     Ok((status, out))
 }
 
@@ -265,27 +227,20 @@ pub fn redis_ping(host: &str, port: u16) -> bool {
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let mut buf = [0u8; 16];
-    s.write_all(b"PING\r\n").is_ok()
-        && s.read(&mut buf)
-            .map(|n| buf[..n].starts_with(b"+PONG"))
-            .unwrap_or(false)
+    s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
 }
 
 /// Starts the whole shop and waits until every tier answers; seeds the database.
 pub fn up(cfg: &Config) -> Result<Vec<Server>> {
     if !servers(cfg)?.is_empty() {
-        bail!(
-            "{} already has running servers; run `down` first",
-            cfg.run_dir.display()
-        );
+        bail!("{} already has running servers; run `down` first", cfg.run_dir.display());
     }
     for d in ["conf", "data", "logs", "pids", "tmp", "www"] {
         fs::create_dir_all(cfg.run_dir.join(d))?;
     }
     let run = cfg.run_dir.canonicalize()?;
-    let upstreams: String = (0..cfg.apaches)
-        .map(|i| format!("        server {}:{};\n", cfg.host, cfg.apache_port(i)))
-        .collect();
+    let upstreams: String =
+        (0..cfg.apaches).map(|i| format!("        server {}:{};\n", cfg.host, cfg.apache_port(i))).collect();
     let vars = [
         ("RUN_DIR", run.display().to_string()),
         ("REDIS_HOST", cfg.host.clone()),
@@ -294,17 +249,11 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
         ("NGINX_HOST", cfg.host.clone()),
         ("NGINX_PORT", cfg.nginx_port().to_string()),
         ("CHILDREN", cfg.children.to_string()),
-        (
-            "APACHE_MODULES",
-            cfg.binaries.apache_modules.display().to_string(),
-        ),
+        ("APACHE_MODULES", cfg.binaries.apache_modules.display().to_string()),
         ("UPSTREAMS", upstreams.trim_end().to_string()),
     ];
     for f in ["redis.conf", "apache2.conf", "php.ini", "nginx.conf"] {
-        fs::write(
-            run.join("conf").join(f),
-            render(&source_dir().join("conf").join(f), &vars)?,
-        )?;
+        fs::write(run.join("conf").join(f), render(&source_dir().join("conf").join(f), &vars)?)?;
     }
     fs::copy(source_dir().join("app/shop.php"), run.join("www/shop.php"))?;
     for d in ["data", "logs", "tmp"] {
@@ -320,13 +269,7 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
         &[run.join("conf/redis.conf").display().to_string()],
         &[],
     )?;
-    wait_port(
-        &cfg.host,
-        redis.port,
-        "redis",
-        redis.pid,
-        Duration::from_secs(20),
-    )?;
+    wait_port(&cfg.host, redis.port, "redis", redis.pid, Duration::from_secs(20))?;
     started.push(redis);
     let mut apache_env = vec![("PHP_INI_SCAN_DIR", String::new())];
     if let Some(dir) = &cfg.binaries.sqlite_lib_dir {
@@ -345,14 +288,7 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
             format!("Define NAME {name}"),
             "-DFOREGROUND".into(),
         ];
-        let s = spawn(
-            cfg,
-            &name,
-            cfg.apache_port(i),
-            &cfg.binaries.apache2,
-            &args,
-            &apache_env,
-        )?;
+        let s = spawn(cfg, &name, cfg.apache_port(i), &cfg.binaries.apache2, &args, &apache_env)?;
         started.push(s);
     }
     for s in started.iter().filter(|s| s.name.starts_with("apache")) {
@@ -366,21 +302,8 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
         "-e".into(),
         run.join("logs/nginx-error.log").display().to_string(),
     ];
-    let nginx = spawn(
-        cfg,
-        "nginx",
-        cfg.nginx_port(),
-        &cfg.binaries.nginx,
-        &nginx_args,
-        &[],
-    )?;
-    wait_port(
-        &cfg.host,
-        nginx.port,
-        "nginx",
-        nginx.pid,
-        Duration::from_secs(20),
-    )?;
+    let nginx = spawn(cfg, "nginx", cfg.nginx_port(), &cfg.binaries.nginx, &nginx_args, &[])?;
+    wait_port(&cfg.host, nginx.port, "nginx", nginx.pid, Duration::from_secs(20))?;
     started.push(nginx);
 
     // Every Apache answers PHP, then the shop is seeded through L1.
@@ -390,11 +313,7 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
             bail!("{} answers {code} to ping: {body}", s.name);
         }
     }
-    let (code, body) = http_get(
-        &cfg.host,
-        cfg.nginx_port(),
-        &format!("/shop.php?op=seed&n={}", cfg.seed_items),
-    )?;
+    let (code, body) = http_get(&cfg.host, cfg.nginx_port(), &format!("/shop.php?op=seed&n={}", cfg.seed_items))?;
     if code != 200 {
         bail!("seeding through nginx failed with {code}: {body}");
     }
@@ -412,8 +331,7 @@ pub fn servers(cfg: &Config) -> Result<Vec<Server>> {
         let p = e?.path();
         if p.extension().is_some_and(|x| x == "testbed") {
             let text = fs::read_to_string(&p)?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
             out.push(Server {
                 name: v["name"].as_str().unwrap_or_default().into(),
                 pid: v["pid"].as_u64().unwrap_or(0) as u32,
@@ -476,17 +394,9 @@ pub fn status(cfg: &Config) -> Result<Vec<Status>> {
                 && if s.name == "redis" {
                     redis_ping(&cfg.host, s.port)
                 } else {
-                    http_get(&cfg.host, s.port, "/shop.php?op=ping")
-                        .map(|(c, _)| c == 200)
-                        .unwrap_or(false)
+                    http_get(&cfg.host, s.port, "/shop.php?op=ping").map(|(c, _)| c == 200).unwrap_or(false)
                 };
-            Status {
-                name: s.name,
-                pid: s.pid,
-                port: s.port,
-                processes,
-                healthy,
-            }
+            Status { name: s.name, pid: s.pid, port: s.port, processes, healthy }
         })
         .collect())
 }

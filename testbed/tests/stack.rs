@@ -21,25 +21,17 @@ fn redis_get(port: u16, key: &str) -> Option<String> {
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).unwrap();
     let text = String::from_utf8_lossy(&buf[..n]).to_string();
-    if text.starts_with("$-1") {
-        None
-    } else {
-        text.split("\r\n").nth(1).map(str::to_string)
-    }
+    if text.starts_with("$-1") { None } else { text.split("\r\n").nth(1).map(str::to_string) }
 }
 
 fn get(cfg: &Config, path: &str) -> (u16, String) {
     let (code, raw) = http_get(&cfg.host, cfg.nginx_port(), path).unwrap();
-    (
-        code,
-        raw.split("\r\n\r\n").nth(1).unwrap_or_default().to_string(),
-    )
+    (code, raw.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
 
 fn header(cfg: &Config, path: &str, name: &str) -> Option<String> {
     let (_, raw) = http_get(&cfg.host, cfg.nginx_port(), path).unwrap();
-    raw.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
+    raw.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
 }
 
 #[test]
@@ -64,92 +56,47 @@ fn every_operation_end_to_end_and_down_leaves_nothing() {
         }
     };
     assert_eq!(started.len(), 4, "redis, 2 apaches, nginx");
-    assert!(
-        status(&cfg).unwrap().iter().all(|s| s.healthy),
-        "{:?}",
-        status(&cfg)
-    );
+    assert!(status(&cfg).unwrap().iter().all(|s| s.healthy), "{:?}", status(&cfg));
     let db = rusqlite::Connection::open(cfg.db_path()).unwrap();
     let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
-    assert_eq!(
-        count("SELECT COUNT(*) FROM items"),
-        20,
-        "seeded through nginx"
-    );
+    assert_eq!(count("SELECT COUNT(*) FROM items"), 20, "seeded through nginx");
 
     // find: miss, then served from Redis.
-    assert_eq!(
-        header(&cfg, "/shop.php?op=find&id=5", "X-Cache").as_deref(),
-        Some("MISS")
-    );
-    assert!(
-        redis_get(cfg.redis_port(), "item:5")
-            .unwrap()
-            .contains("\"name\":\"item-5\"")
-    );
-    assert_eq!(
-        header(&cfg, "/shop.php?op=find&id=5", "X-Cache").as_deref(),
-        Some("HIT")
-    );
+    assert_eq!(header(&cfg, "/shop.php?op=find&id=5", "X-Cache").as_deref(), Some("MISS"));
+    assert!(redis_get(cfg.redis_port(), "item:5").unwrap().contains("\"name\":\"item-5\""));
+    assert_eq!(header(&cfg, "/shop.php?op=find&id=5", "X-Cache").as_deref(), Some("HIT"));
     // buy: stock decremented, order written, cache entry dropped.
-    let stock = || -> i64 {
-        db.query_row("SELECT stock FROM items WHERE id = 5", [], |r| r.get(0))
-            .unwrap()
-    };
+    let stock = || -> i64 { db.query_row("SELECT stock FROM items WHERE id = 5", [], |r| r.get(0)).unwrap() };
     let before = stock();
     let (code, body) = get(&cfg, "/shop.php?op=buy&id=5&qty=3");
     assert_eq!(code, 200, "{body}");
     assert_eq!(stock(), before - 3);
-    assert_eq!(
-        count("SELECT COUNT(*) FROM orders WHERE item_id = 5 AND qty = 3"),
-        1
-    );
-    assert_eq!(
-        redis_get(cfg.redis_port(), "item:5"),
-        None,
-        "buy invalidates the cache"
-    );
+    assert_eq!(count("SELECT COUNT(*) FROM orders WHERE item_id = 5 AND qty = 3"), 1);
+    assert_eq!(redis_get(cfg.redis_port(), "item:5"), None, "buy invalidates the cache");
     // add, modify, search, delete.
     let (code, body) = get(&cfg, "/shop.php?op=add&name=widget&price=9.5&stock=7");
     assert_eq!(code, 200, "{body}");
-    let id: i64 = body
-        .split("\"id\":")
-        .nth(1)
-        .unwrap()
-        .trim_end_matches('}')
-        .parse()
-        .unwrap();
+    let id: i64 = body.split("\"id\":").nth(1).unwrap().trim_end_matches('}').parse().unwrap();
     assert_eq!(
-        db.query_row("SELECT name, stock FROM items WHERE id = ?1", [id], |r| Ok(
-            (r.get::<_, String>(0)?, r.get::<_, i64>(1)?)
-        ))
+        db.query_row("SELECT name, stock FROM items WHERE id = ?1", [id], |r| Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?
+        )))
         .unwrap(),
         ("widget".into(), 7)
     );
-    assert_eq!(
-        get(&cfg, &format!("/shop.php?op=modify&id={id}&price=12")).0,
-        200
-    );
-    assert_eq!(
-        db.query_row("SELECT price FROM items WHERE id = ?1", [id], |r| r
-            .get::<_, f64>(0))
-            .unwrap(),
-        12.0
-    );
+    assert_eq!(get(&cfg, &format!("/shop.php?op=modify&id={id}&price=12")).0, 200);
+    assert_eq!(db.query_row("SELECT price FROM items WHERE id = ?1", [id], |r| r.get::<_, f64>(0)).unwrap(), 12.0);
     let (code, body) = get(&cfg, "/shop.php?op=search&q=widget");
     assert_eq!(code, 200);
     assert!(body.contains("widget"), "{body}");
     assert_eq!(get(&cfg, &format!("/shop.php?op=delete&id={id}")).0, 200);
-    assert_eq!(
-        count(&format!("SELECT COUNT(*) FROM items WHERE id = {id}")),
-        0
-    );
+    assert_eq!(count(&format!("SELECT COUNT(*) FROM items WHERE id = {id}")), 0);
     assert_eq!(get(&cfg, &format!("/shop.php?op=find&id={id}")).0, 404);
     // Both Apache instances served through nginx (round robin).
     let logs = cfg.logs_dir();
     for a in ["apache0", "apache1"] {
-        let access =
-            std::fs::read_to_string(logs.join(format!("{a}-access.log"))).unwrap_or_default();
+        let access = std::fs::read_to_string(logs.join(format!("{a}-access.log"))).unwrap_or_default();
         assert!(access.contains("op="), "{a} served nothing");
     }
     for log in ["nginx-access.log", "redis.log"] {
@@ -160,14 +107,8 @@ fn every_operation_end_to_end_and_down_leaves_nothing() {
     let stopped = down(&cfg).unwrap();
     assert_eq!(stopped.len(), 4);
     for pgid in pgids {
-        assert!(
-            group_members(pgid).is_empty(),
-            "process group {pgid} still has members"
-        );
+        assert!(group_members(pgid).is_empty(), "process group {pgid} still has members");
     }
     assert!(servers(&cfg).unwrap().is_empty());
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", cfg.nginx_port())).is_err(),
-        "nginx still listening"
-    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", cfg.nginx_port())).is_err(), "nginx still listening");
 }

@@ -46,35 +46,20 @@ impl Drop for Guard {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let _ = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status();
+    let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
 }
 
 fn measure(prog: &Path, which: &str, calls: u64, reps: usize) -> Result<f64> {
     let mut v = Vec::new();
     for _ in 0..reps {
-        let out = Command::new(prog)
-            .args([which, &calls.to_string()])
-            .output()?;
-        v.push(
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse::<f64>()
-                .context("probebench output")?,
-        );
+        let out = Command::new(prog).args([which, &calls.to_string()]).output()?;
+        v.push(String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().context("probebench output")?);
     }
     v.sort_by(|a, b| a.total_cmp(b));
     Ok(v[v.len() / 2])
 }
 
-fn start_agent(
-    bin: &Path,
-    plan: &Path,
-    server: &str,
-    dir: &Path,
-    pin: Option<&str>,
-) -> Result<(Child, PathBuf)> {
+fn start_agent(bin: &Path, plan: &Path, server: &str, dir: &Path, pin: Option<&str>) -> Result<(Child, PathBuf)> {
     let ready = dir.join("agent.ready");
     let log = dir.join("agent.log");
     let _ = std::fs::remove_file(&ready);
@@ -96,10 +81,7 @@ fn start_agent(
     let t = Instant::now();
     while !ready.exists() {
         if child.try_wait()?.is_some() || t.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "agent did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
+            bail!("agent did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
         }
         sleep(Duration::from_millis(20));
     }
@@ -125,36 +107,24 @@ fn start_analyzer(bin: &Path, dir: &Path, listen: &str, pin: Option<&str>) -> Re
         }
         None => Command::new(bin.join("afetm-analyzer")),
     };
-    let child = cmd
-        .args(["serve", "--listen", listen, "--window", "1s", "--db"])
-        .arg(&db)
-        .stderr(Stdio::null())
-        .spawn()?;
+    let child =
+        cmd.args(["serve", "--listen", listen, "--window", "1s", "--db"]).arg(&db).stderr(Stdio::null()).spawn()?;
     sleep(Duration::from_millis(500));
     Ok(child)
 }
 
 fn analyzer_events(bin: &Path, server: &str) -> Result<u64> {
-    let out = Command::new(bin.join("afetm-analyzer"))
-        .args(["stats", "--server", server])
-        .output()?;
+    let out = Command::new(bin.join("afetm-analyzer")).args(["stats", "--server", server]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("events: ")
-                .map(|v| v.trim_end_matches(',').parse::<u64>())
-        })
+        .find_map(|l| l.trim().strip_prefix("events: ").map(|v| v.trim_end_matches(',').parse::<u64>()))
         .context("no events counter in analyzer stats")?
         .context("bad events counter")
 }
 
 fn bpftrace(prog: &Path, func: &str, which: &str, calls: u64, reps: usize) -> Result<f64> {
     let mut child = Command::new("bpftrace")
-        .args([
-            "-e",
-            &format!("uprobe:{}:{func} {{ @c = count(); }}", prog.display()),
-        ])
+        .args(["-e", &format!("uprobe:{}:{func} {{ @c = count(); }}", prog.display())])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -181,20 +151,14 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let prog = dir.join("probebench");
-    run(Command::new("gcc")
-        .args(["-O2", "-o"])
-        .arg(&prog)
-        .arg(root().join("testbed/progs/probebench.c")))?;
+    run(Command::new("gcc").args(["-O2", "-o"]).arg(&prog).arg(root().join("testbed/progs/probebench.c")))?;
     let listen = "127.0.0.1:50081";
     let server = format!("http://{listen}");
     let mut guard = Guard(vec![start_analyzer(&bin, &dir, listen, None)?]);
 
     let free_calls = calls * 20;
-    let mut rows: Vec<(String, f64, f64)> = vec![(
-        "no probe".into(),
-        measure(&prog, "emu", free_calls, reps)?,
-        measure(&prog, "ss", free_calls, reps)?,
-    )];
+    let mut rows: Vec<(String, f64, f64)> =
+        vec![("no probe".into(), measure(&prog, "emu", free_calls, reps)?, measure(&prog, "ss", free_calls, reps)?)];
     let mut placement = String::new();
     for mode in ["count", "event", "callstack"] {
         let plan = dir.join(format!("{mode}.json"));
@@ -207,12 +171,7 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
         )?;
         if placement.is_empty() {
             placement = String::from_utf8_lossy(
-                &Command::new(bin.join("afetm-agent"))
-                    .arg("--plan")
-                    .arg(&plan)
-                    .arg("--dry-run")
-                    .output()?
-                    .stdout,
+                &Command::new(bin.join("afetm-agent")).arg("--plan").arg(&plan).arg("--dry-run").output()?.stdout,
             )
             .into_owned();
         }
@@ -220,11 +179,7 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
         let emu = measure(&prog, "emu", calls, reps)?;
         let ss = measure(&prog, "ss", calls, reps)?;
         stop_agent(agent, &log)?;
-        let label = if mode == "count" {
-            "afetm count (bare probe)".to_string()
-        } else {
-            format!("afetm {mode}")
-        };
+        let label = if mode == "count" { "afetm count (bare probe)".to_string() } else { format!("afetm {mode}") };
         rows.push((label, emu, ss));
     }
     rows.push((
@@ -234,37 +189,20 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
     ));
 
     println!("\nprobe sites chosen by afetm:\n{placement}");
-    println!(
-        "{:<28} {:>14} {:>14}",
-        "ns per call", "emu_fn (push)", "ss_fn (lea)"
-    );
+    println!("{:<28} {:>14} {:>14}", "ns per call", "emu_fn (push)", "ss_fn (lea)");
     for (label, emu, ss) in &rows {
         println!("{label:<28} {emu:>14.1} {ss:>14.1}");
     }
-    let get = |l: &str| {
-        rows.iter()
-            .find(|r| r.0.starts_with(l))
-            .map(|r| (r.1, r.2))
-            .unwrap_or((f64::NAN, f64::NAN))
-    };
+    let get = |l: &str| rows.iter().find(|r| r.0.starts_with(l)).map(|r| (r.1, r.2)).unwrap_or((f64::NAN, f64::NAN));
     let (none_e, none_s) = get("no probe");
     let (cnt_e, _) = get("afetm count");
     let (ev_e, ev_s) = get("afetm event");
     let (_, bt_s) = get("bpftrace");
     let (bt_e, _) = get("bpftrace");
     println!("\nratios (same run):");
-    println!(
-        "  afetm event / bare emulated probe, emu_fn : {:.2} (target <= 1.5)",
-        (ev_e - none_e) / (cnt_e - none_e)
-    );
-    println!(
-        "  bpftrace / afetm event, ss_fn             : {:.1}x (target >= 8)",
-        (bt_s - none_s) / (ev_s - none_s)
-    );
-    println!(
-        "  bpftrace / afetm event, emu_fn            : {:.2}x",
-        (bt_e - none_e) / (ev_e - none_e)
-    );
+    println!("  afetm event / bare emulated probe, emu_fn : {:.2} (target <= 1.5)", (ev_e - none_e) / (cnt_e - none_e));
+    println!("  bpftrace / afetm event, ss_fn             : {:.1}x (target >= 8)", (bt_s - none_s) / (ev_s - none_s));
+    println!("  bpftrace / afetm event, emu_fn            : {:.2}x", (bt_e - none_e) / (ev_e - none_e));
 
     // Throughput: agent on CPU 0, analyzer on CPU 1.
     for mut c in guard.0.drain(..) {
@@ -276,9 +214,7 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
     let (agent, log) = start_agent(&bin, &plan, &server, &dir, Some("0"))?;
     let total = 2_000_000u64;
     let t0 = Instant::now();
-    run(Command::new(&prog)
-        .args(["emu", &total.to_string()])
-        .stdout(Stdio::null()))?;
+    run(Command::new(&prog).args(["emu", &total.to_string()]).stdout(Stdio::null()))?;
     let mut last = (0u64, t0.elapsed());
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
@@ -294,12 +230,7 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
     let drops = log
         .lines()
         .find(|l| l.contains("reader finished"))
-        .map(|l| {
-            l.split_whitespace()
-                .filter(|w| w.contains("drops="))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
+        .map(|l| l.split_whitespace().filter(|w| w.contains("drops=")).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
     println!("\nend to end (agent on CPU 0, analyzer on CPU 1, target unpinned):");
     println!(

@@ -55,14 +55,7 @@ fn terminate(mut child: Child) -> Result<()> {
     Ok(())
 }
 
-fn trace(
-    bin: &Path,
-    plan: &Path,
-    agent_id: &str,
-    prog: &Path,
-    server: &str,
-    dir: &Path,
-) -> Result<()> {
+fn trace(bin: &Path, plan: &Path, agent_id: &str, prog: &Path, server: &str, dir: &Path) -> Result<()> {
     let ready = dir.join(format!("{agent_id}.ready"));
     let _ = std::fs::remove_file(&ready);
     let mut agent = Command::new(bin.join("afetm-agent"))
@@ -112,42 +105,21 @@ pub fn run() -> Result<()> {
     let _guard = Killer(vec![analyzer]);
     sleep(Duration::from_millis(500));
 
-    println!(
-        "\n### 1. Full trace of {} (every function)\n",
-        prog.display()
-    );
+    println!("\n### 1. Full trace of {} (every function)\n", prog.display());
     let full = dir.join("full-plan.json");
     std::fs::write(
         &full,
-        format!(
-            r#"{{"target":{{"path":"{}"}},"points":[{{"function":"*","mode":"event"}}]}}"#,
-            prog.display()
-        ),
+        format!(r#"{{"target":{{"path":"{}"}},"points":[{{"function":"*","mode":"event"}}]}}"#, prog.display()),
     )?;
     trace(&bin, &full, "demo-full", &prog, &server, &dir)?;
-    run_cmd(Command::new(bin.join("afetm-analyzer")).args([
-        "afcts",
-        "--server",
-        &server,
-        "--agent",
-        "demo-full",
-    ]))?;
+    run_cmd(Command::new(bin.join("afetm-analyzer")).args(["afcts", "--server", &server, "--agent", "demo-full"]))?;
 
     println!("\n### 2. FCT coloring against F = {{{TRACED}}} (Alg. 2)\n");
     let adaptive = dir.join("adaptive-plan.json");
     let color = |extra: &[&str]| {
         run_cmd(
             Command::new(bin.join("afetm-analyzer"))
-                .args([
-                    "color",
-                    "--server",
-                    &server,
-                    "--agent",
-                    "demo-full",
-                    "--traced",
-                    TRACED,
-                    "--target",
-                ])
+                .args(["color", "--server", &server, "--agent", "demo-full", "--traced", TRACED, "--target"])
                 .arg(&prog)
                 .args(extra),
         )
@@ -157,13 +129,7 @@ pub fn run() -> Result<()> {
 
     println!("\n### 3. Adaptive trace with that plan: AFCTs (Alg. 3)\n");
     trace(&bin, &adaptive, "demo-adaptive", &prog, &server, &dir)?;
-    run_cmd(Command::new(bin.join("afetm-analyzer")).args([
-        "afcts",
-        "--server",
-        &server,
-        "--agent",
-        "demo-adaptive",
-    ]))?;
+    run_cmd(Command::new(bin.join("afetm-analyzer")).args(["afcts", "--server", &server, "--agent", "demo-adaptive"]))?;
     println!();
     color(&["--out", "/dev/null", "--check-agent", "demo-adaptive"])?;
     println!("\ndatabase: {}", db.display());

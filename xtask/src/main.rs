@@ -71,26 +71,18 @@ const APT_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 pub fn tools_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("AFETM_TOOLS") {
         return PathBuf::from(d);
     }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-        .join(".cache/afetm/tools")
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/afetm/tools")
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 fn missing_packages() -> Vec<&'static str> {
@@ -112,19 +104,13 @@ fn bpf_linker_ok() -> bool {
     Command::new(tools_dir().join("bin/bpf-linker"))
         .arg("--version")
         .output()
-        .map(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
         .unwrap_or(false)
 }
 
 fn mounted(fs: &str, at: &str) -> bool {
     std::fs::read_to_string("/proc/mounts")
-        .map(|m| {
-            m.lines().any(|l| {
-                l.split_whitespace().nth(1) == Some(at) && l.split_whitespace().nth(2) == Some(fs)
-            })
-        })
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(at) && l.split_whitespace().nth(2) == Some(fs)))
         .unwrap_or(false)
 }
 
@@ -136,14 +122,9 @@ fn problems() -> Vec<String> {
         out.push(format!("Debian packages {}", pkgs.join(" ")));
     }
     if !bpf_linker_ok() {
-        out.push(format!(
-            "bpf-linker {BPF_LINKER_VERSION} in {}",
-            tools_dir().join("bin").display()
-        ));
+        out.push(format!("bpf-linker {BPF_LINKER_VERSION} in {}", tools_dir().join("bin").display()));
     }
-    if !mounted("tracefs", "/sys/kernel/tracing")
-        && !Path::new("/sys/kernel/tracing/uprobe_events").exists()
-    {
+    if !mounted("tracefs", "/sys/kernel/tracing") && !Path::new("/sys/kernel/tracing/uprobe_events").exists() {
         out.push("tracefs at /sys/kernel/tracing".into());
     }
     out
@@ -160,9 +141,7 @@ pub fn check() -> Result<()> {
 
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot run {shown}"))?;
+    let status = cmd.status().with_context(|| format!("cannot run {shown}"))?;
     if !status.success() {
         bail!("{shown} failed ({status})");
     }
@@ -173,29 +152,17 @@ fn setup() -> Result<()> {
     let pkgs = missing_packages();
     if !pkgs.is_empty() {
         if !is_root() {
-            bail!(
-                "Debian packages {} are missing and installing them needs root",
-                pkgs.join(" ")
-            );
+            bail!("Debian packages {} are missing and installing them needs root", pkgs.join(" "));
         }
         eprintln!("xtask setup: installing {}", pkgs.join(" "));
         run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-q"]))?;
         run(Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args([
-                "-o",
-                "DPkg::Lock::Timeout=600",
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-            ])
+            .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", "--no-install-recommends"])
             .args(&pkgs))?;
     }
     if !bpf_linker_ok() {
-        eprintln!(
-            "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes)"
-        );
+        eprintln!("xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes)");
         std::fs::create_dir_all(tools_dir())?;
         // Outside the workspace, so this repo's cargo config (aya workarounds) does not apply.
         run(Command::new("cargo")
@@ -215,10 +182,7 @@ fn setup() -> Result<()> {
             ])
             .arg(tools_dir()))?;
     }
-    for (fs, at) in [
-        ("tracefs", "/sys/kernel/tracing"),
-        ("debugfs", "/sys/kernel/debug"),
-    ] {
+    for (fs, at) in [("tracefs", "/sys/kernel/tracing"), ("debugfs", "/sys/kernel/debug")] {
         if !mounted(fs, at) && is_root() {
             let _ = Command::new("mount").args(["-t", fs, fs, at]).status();
         }
@@ -231,9 +195,7 @@ fn setup() -> Result<()> {
 /// `cargo <args> --ignore-rust-version` in the workspace root (aya declares rust-version 1.98).
 pub fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root())
-        .args(args)
-        .arg("--ignore-rust-version");
+    c.current_dir(root()).args(args).arg("--ignore-rust-version");
     c
 }
 

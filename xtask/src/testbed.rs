@@ -22,11 +22,7 @@ pub struct Where {
 
 impl Where {
     pub fn config(&self) -> Config {
-        let mut c = Config::new(
-            self.run_dir
-                .clone()
-                .unwrap_or_else(|| root().join("target/testbed")),
-        );
+        let mut c = Config::new(self.run_dir.clone().unwrap_or_else(|| root().join("target/testbed")));
         c.base_port = self.base_port;
         c.apaches = self.apaches;
         c
@@ -87,11 +83,7 @@ pub fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Build => {
             for (pkg, dir, secs) in testbed::build::build_all(&testbed::build::cache_dir())? {
-                let how = if secs == 0.0 {
-                    "cached".to_string()
-                } else {
-                    format!("built in {secs:.0} s")
-                };
+                let how = if secs == 0.0 { "cached".to_string() } else { format!("built in {secs:.0} s") };
                 println!("{:<8} {how:<16} {}", pkg.source_name(), dir.display());
             }
             Ok(())
@@ -99,21 +91,15 @@ pub fn run(cmd: Cmd) -> Result<()> {
         Cmd::Up { at, built } => {
             let mut cfg = at.config();
             if built {
-                cfg.binaries =
-                    testbed::build::binaries(&testbed::build::cache_dir()).ok_or_else(|| {
-                        anyhow::anyhow!("source builds missing: run `cargo xtask testbed build`")
-                    })?;
+                cfg.binaries = testbed::build::binaries(&testbed::build::cache_dir())
+                    .ok_or_else(|| anyhow::anyhow!("source builds missing: run `cargo xtask testbed build`"))?;
             }
             match testbed::up(&cfg) {
                 Ok(servers) => {
                     for s in servers {
                         println!("{:<8} pid {:<7} port {}", s.name, s.pid, s.port);
                     }
-                    println!(
-                        "shop: {}/shop.php   logs: {}",
-                        cfg.url(),
-                        cfg.logs_dir().display()
-                    );
+                    println!("shop: {}/shop.php   logs: {}", cfg.url(), cfg.logs_dir().display());
                     Ok(())
                 }
                 Err(e) => {
@@ -126,11 +112,7 @@ pub fn run(cmd: Cmd) -> Result<()> {
             let stopped = testbed::down(&at.config())?;
             println!(
                 "stopped: {}",
-                if stopped.is_empty() {
-                    "nothing was running".to_string()
-                } else {
-                    stopped.join(", ")
-                }
+                if stopped.is_empty() { "nothing was running".to_string() } else { stopped.join(", ") }
             );
             Ok(())
         }
@@ -141,10 +123,7 @@ pub fn run(cmd: Cmd) -> Result<()> {
             } else if st.is_empty() {
                 println!("nothing running in {}", at.config().run_dir.display());
             } else {
-                println!(
-                    "{:<8} {:>7} {:>6} {:>9} health",
-                    "server", "pid", "port", "processes"
-                );
+                println!("{:<8} {:>7} {:>6} {:>9} health", "server", "pid", "port", "processes");
                 for s in st {
                     println!(
                         "{:<8} {:>7} {:>6} {:>9} {}",
@@ -158,16 +137,7 @@ pub fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Load {
-            at,
-            connections,
-            duration,
-            warmup,
-            rate,
-            mix,
-            seed,
-            json,
-        } => {
+        Cmd::Load { at, connections, duration, warmup, rate, mix, seed, json } => {
             let cfg = at.config();
             let mut l = load::LoadConfig::new(cfg.url());
             l.connections = connections;

@@ -42,10 +42,7 @@ pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("AFETM_BIN_DIR") {
         return PathBuf::from(d);
     }
-    PathBuf::from(env!("CARGO_BIN_EXE_afetm-agent"))
-        .parent()
-        .expect("binary dir")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_BIN_EXE_afetm-agent")).parent().expect("binary dir").to_path_buf()
 }
 
 pub fn agent_bin() -> PathBuf {
@@ -54,43 +51,20 @@ pub fn agent_bin() -> PathBuf {
 
 pub fn analyzer_bin() -> PathBuf {
     let p = bin_dir().join("afetm-analyzer");
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace binaries first (cargo xtask test does)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: build the workspace binaries first (cargo xtask test does)", p.display());
     p
 }
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 /// Builds `testbed/progs/calltree.c` into `dir`, with or without frame pointers.
 pub fn build_calltree(dir: &Path, frame_pointers: bool) -> PathBuf {
-    let out = dir.join(if frame_pointers {
-        "calltree-fp"
-    } else {
-        "calltree-nofp"
-    });
-    let fp = if frame_pointers {
-        "-fno-omit-frame-pointer"
-    } else {
-        "-fomit-frame-pointer"
-    };
+    let out = dir.join(if frame_pointers { "calltree-fp" } else { "calltree-nofp" });
+    let fp = if frame_pointers { "-fno-omit-frame-pointer" } else { "-fomit-frame-pointer" };
     let status = Command::new("gcc")
-        .args([
-            "-O1",
-            "-g",
-            "-fno-inline",
-            "-fno-optimize-sibling-calls",
-            fp,
-            "-pthread",
-            "-o",
-        ])
+        .args(["-O1", "-g", "-fno-inline", "-fno-optimize-sibling-calls", fp, "-pthread", "-o"])
         .arg(&out)
         .arg(repo_root().join("testbed/progs/calltree.c"))
         .status()
@@ -100,11 +74,7 @@ pub fn build_calltree(dir: &Path, frame_pointers: bool) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -135,21 +105,14 @@ impl AnalyzerProc {
             .spawn()
             .expect("starting afetm-analyzer");
         let url = format!("http://127.0.0.1:{port}");
-        let a = AnalyzerProc {
-            proc: Proc(Some(child)),
-            port,
-            url,
-        };
+        let a = AnalyzerProc { proc: Proc(Some(child)), port, url };
         let start = Instant::now();
         loop {
             let ok = rt().block_on(async { QueryClient::connect(a.url.clone()).await.is_ok() });
             if ok {
                 return a;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "analyzer did not come up"
-            );
+            assert!(start.elapsed() < Duration::from_secs(20), "analyzer did not come up");
             sleep(Duration::from_millis(100));
         }
     }
@@ -163,22 +126,12 @@ impl AnalyzerProc {
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
 pub fn write_plan(dir: &Path, name: &str, target: &Path, points: &[(&str, &str)]) -> PathBuf {
-    let points: Vec<String> = points
-        .iter()
-        .map(|(f, m)| format!(r#"{{"function":"{f}","mode":"{m}"}}"#))
-        .collect();
-    let text = format!(
-        r#"{{"target":{{"path":"{}"}},"points":[{}]}}"#,
-        target.display(),
-        points.join(",")
-    );
+    let points: Vec<String> = points.iter().map(|(f, m)| format!(r#"{{"function":"{f}","mode":"{m}"}}"#)).collect();
+    let text = format!(r#"{{"target":{{"path":"{}"}},"points":[{}]}}"#, target.display(), points.join(","));
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, text).expect("write plan");
     path
@@ -205,20 +158,13 @@ impl AgentProc {
             .stderr(log)
             .spawn()
             .expect("starting afetm-agent");
-        let mut a = AgentProc {
-            proc: Proc(Some(child)),
-            stderr_path,
-        };
+        let mut a = AgentProc { proc: Proc(Some(child)), stderr_path };
         let start = Instant::now();
         while !ready.exists() {
             if let Some(status) = a.proc.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("agent exited early ({status}): {}", a.log());
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "agent not ready: {}",
-                a.log()
-            );
+            assert!(start.elapsed() < Duration::from_secs(30), "agent not ready: {}", a.log());
             sleep(Duration::from_millis(20));
         }
         a
@@ -255,59 +201,40 @@ pub fn run_prog(prog: &Path, iterations: u32, seconds: f64) {
 }
 
 pub async fn windows(url: &str, agent: &str, closed_only: bool) -> Vec<pb::WindowInfo> {
-    let mut q = QueryClient::connect(url.to_string())
+    let mut q = QueryClient::connect(url.to_string()).await.expect("connect");
+    q.list_windows(pb::ListWindowsRequest { agent_id: agent.into(), pid: 0, closed_only })
         .await
-        .expect("connect");
-    q.list_windows(pb::ListWindowsRequest {
-        agent_id: agent.into(),
-        pid: 0,
-        closed_only,
-    })
-    .await
-    .expect("list windows")
-    .into_inner()
-    .windows
+        .expect("list windows")
+        .into_inner()
+        .windows
 }
 
 /// Every AFCT of an agent's closed windows, as forests over one function table.
 pub async fn afcts(url: &str, agent: &str) -> (FuncTable, Vec<(pb::WindowInfo, u32, Forest)>) {
-    let mut q = QueryClient::connect(url.to_string())
-        .await
-        .expect("connect");
+    let mut q = QueryClient::connect(url.to_string()).await.expect("connect");
     let mut table = FuncTable::default();
     let mut out = Vec::new();
     for w in windows(url, agent, true).await {
         for tid in w.tids.clone() {
             let t = q
-                .get_afct(pb::GetAfctRequest {
-                    window_id: w.id,
-                    tid,
-                })
+                .get_afct(pb::GetAfctRequest { window_id: w.id, tid })
                 .await
                 .expect("get afct")
                 .into_inner()
                 .tree
                 .expect("tree");
-            out.push((
-                w.clone(),
-                tid,
-                Forest::from_proto(&t, &mut table).expect("valid tree"),
-            ));
+            out.push((w.clone(), tid, Forest::from_proto(&t, &mut table).expect("valid tree")));
         }
     }
     (table, out)
 }
 
 pub async fn control(url: &str) -> ControlClient<tonic::transport::Channel> {
-    ControlClient::connect(url.to_string())
-        .await
-        .expect("connect control")
+    ControlClient::connect(url.to_string()).await.expect("connect control")
 }
 
 pub async fn agent_info(url: &str, agent: &str) -> Option<pb::AgentInfo> {
-    let mut q = QueryClient::connect(url.to_string())
-        .await
-        .expect("connect");
+    let mut q = QueryClient::connect(url.to_string()).await.expect("connect");
     q.list_agents(pb::ListAgentsRequest {})
         .await
         .expect("list agents")
@@ -325,11 +252,7 @@ pub fn has_path(f: &Forest, t: &FuncTable, names: &[&str]) -> bool {
         }
         let mut cur = i;
         for want in &names[1..] {
-            match f.nodes[cur]
-                .children
-                .iter()
-                .find(|c| *t.get(f.nodes[**c as usize].func).name == **want)
-            {
+            match f.nodes[cur].children.iter().find(|c| *t.get(f.nodes[**c as usize].func).name == **want) {
                 Some(c) => cur = *c as usize,
                 None => return false,
             }
