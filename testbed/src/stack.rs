@@ -42,7 +42,12 @@ impl Default for Binaries {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub run_dir: PathBuf,
+    /// Address of every tier on loopback (the default).
     pub host: String,
+    /// Put L1, L2 and L3 each in a network namespace of its own, joined by veth pairs on a
+    /// bridge, with addresses 10.203.N.1/.2/.3 (N from the base port); the client reaches L1
+    /// from the root namespace through the bridge (.254). The paper's tiers are separate VMs.
+    pub netns: bool,
     /// nginx listens here; Apache instance i on base_port + 1 + i; Redis on base_port + 299.
     /// Keep it below the ephemeral range (32768-60999 by default), where a client socket's
     /// local port can block a server's bind.
@@ -59,6 +64,7 @@ impl Config {
         Config {
             run_dir: run_dir.into(),
             host: "127.0.0.1".into(),
+            netns: false,
             base_port: 18080,
             apaches: 4,
             children: 8,
@@ -79,9 +85,37 @@ impl Config {
         self.base_port + 299
     }
 
+    fn subnet(&self) -> String {
+        format!("10.203.{}", self.base_port % 251)
+    }
+
+    /// Address of tier 1 (nginx), 2 (Apache) or 3 (Redis).
+    pub fn tier_host(&self, tier: u8) -> String {
+        if self.netns { format!("{}.{tier}", self.subnet()) } else { self.host.clone() }
+    }
+
+    /// Network namespace of a tier (when `netns`).
+    pub fn tier_netns(&self, tier: u8) -> String {
+        format!("afetm{}-l{tier}", self.base_port)
+    }
+
+    fn bridge(&self) -> String {
+        format!("afb{}", self.base_port)
+    }
+
+    /// Fails unless the tiers can be reached without leaving the machine: with namespaces,
+    /// their addresses exist only behind this testbed's bridge, and a connection attempt
+    /// without it would go out through the default route.
+    pub fn check_reachable(&self) -> Result<()> {
+        if self.netns && !Path::new(&format!("/sys/class/net/{}", self.bridge())).exists() {
+            bail!("the testbed's namespaces are not up (no bridge {}): run `up --netns` first", self.bridge());
+        }
+        Ok(())
+    }
+
     /// Base URL of L1.
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.host, self.nginx_port())
+        format!("http://{}:{}", self.tier_host(1), self.nginx_port())
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -133,12 +167,27 @@ fn pid_file(cfg: &Config, name: &str) -> PathBuf {
     cfg.run_dir.join("pids").join(format!("{name}.testbed"))
 }
 
-fn spawn(cfg: &Config, name: &str, port: u16, exe: &Path, args: &[String], env: &[(&str, String)]) -> Result<Server> {
+fn spawn(
+    cfg: &Config,
+    tier: u8,
+    name: &str,
+    port: u16,
+    exe: &Path,
+    args: &[String],
+    env: &[(&str, String)],
+) -> Result<Server> {
     if !exe.exists() {
         bail!("{name}: {} not found (install the Debian package or run `cargo xtask testbed build`)", exe.display());
     }
     let log = fs::File::create(cfg.logs_dir().join(format!("{name}.stdout.log")))?;
-    let mut cmd = Command::new(exe);
+    // `ip netns exec` enters the namespace and execs the server: the pid stays the server's.
+    let mut cmd = if cfg.netns {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &cfg.tier_netns(tier)]).arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    };
     cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     for (k, v) in env {
         cmd.env(k, v);
@@ -240,13 +289,13 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
     }
     let run = cfg.run_dir.canonicalize()?;
     let upstreams: String =
-        (0..cfg.apaches).map(|i| format!("        server {}:{};\n", cfg.host, cfg.apache_port(i))).collect();
+        (0..cfg.apaches).map(|i| format!("        server {}:{};\n", cfg.tier_host(2), cfg.apache_port(i))).collect();
     let vars = [
         ("RUN_DIR", run.display().to_string()),
-        ("REDIS_HOST", cfg.host.clone()),
+        ("REDIS_HOST", cfg.tier_host(3)),
         ("REDIS_PORT", cfg.redis_port().to_string()),
-        ("APACHE_HOST", cfg.host.clone()),
-        ("NGINX_HOST", cfg.host.clone()),
+        ("APACHE_HOST", cfg.tier_host(2)),
+        ("NGINX_HOST", cfg.tier_host(1)),
         ("NGINX_PORT", cfg.nginx_port().to_string()),
         ("CHILDREN", cfg.children.to_string()),
         ("APACHE_MODULES", cfg.binaries.apache_modules.display().to_string()),
@@ -260,16 +309,20 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
         chown_www(&run.join(d))?;
     }
 
+    if cfg.netns {
+        create_netns(cfg)?;
+    }
     let mut started = Vec::new();
     let redis = spawn(
         cfg,
+        3,
         "redis",
         cfg.redis_port(),
         &cfg.binaries.redis,
         &[run.join("conf/redis.conf").display().to_string()],
         &[],
     )?;
-    wait_port(&cfg.host, redis.port, "redis", redis.pid, Duration::from_secs(20))?;
+    wait_port(&cfg.tier_host(3), redis.port, "redis", redis.pid, Duration::from_secs(20))?;
     started.push(redis);
     let mut apache_env = vec![("PHP_INI_SCAN_DIR", String::new())];
     if let Some(dir) = &cfg.binaries.sqlite_lib_dir {
@@ -288,11 +341,11 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
             format!("Define NAME {name}"),
             "-DFOREGROUND".into(),
         ];
-        let s = spawn(cfg, &name, cfg.apache_port(i), &cfg.binaries.apache2, &args, &apache_env)?;
+        let s = spawn(cfg, 2, &name, cfg.apache_port(i), &cfg.binaries.apache2, &args, &apache_env)?;
         started.push(s);
     }
     for s in started.iter().filter(|s| s.name.starts_with("apache")) {
-        wait_port(&cfg.host, s.port, &s.name, s.pid, Duration::from_secs(30))?;
+        wait_port(&cfg.tier_host(2), s.port, &s.name, s.pid, Duration::from_secs(30))?;
     }
     let nginx_args: Vec<String> = vec![
         "-p".into(),
@@ -302,18 +355,19 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
         "-e".into(),
         run.join("logs/nginx-error.log").display().to_string(),
     ];
-    let nginx = spawn(cfg, "nginx", cfg.nginx_port(), &cfg.binaries.nginx, &nginx_args, &[])?;
-    wait_port(&cfg.host, nginx.port, "nginx", nginx.pid, Duration::from_secs(20))?;
+    let nginx = spawn(cfg, 1, "nginx", cfg.nginx_port(), &cfg.binaries.nginx, &nginx_args, &[])?;
+    wait_port(&cfg.tier_host(1), nginx.port, "nginx", nginx.pid, Duration::from_secs(20))?;
     started.push(nginx);
 
     // Every Apache answers PHP, then the shop is seeded through L1.
     for s in started.iter().filter(|s| s.name.starts_with("apache")) {
-        let (code, body) = http_get(&cfg.host, s.port, "/shop.php?op=ping")?;
+        let (code, body) = http_get(&cfg.tier_host(2), s.port, "/shop.php?op=ping")?;
         if code != 200 {
             bail!("{} answers {code} to ping: {body}", s.name);
         }
     }
-    let (code, body) = http_get(&cfg.host, cfg.nginx_port(), &format!("/shop.php?op=seed&n={}", cfg.seed_items))?;
+    let (code, body) =
+        http_get(&cfg.tier_host(1), cfg.nginx_port(), &format!("/shop.php?op=seed&n={}", cfg.seed_items))?;
     if code != 200 {
         bail!("seeding through nginx failed with {code}: {body}");
     }
@@ -372,6 +426,7 @@ pub fn down(cfg: &Config) -> Result<Vec<String>> {
         let _ = fs::remove_file(pid_file(cfg, &s.name));
         stopped.push(s.name.clone());
     }
+    remove_netns(cfg)?;
     Ok(stopped)
 }
 
@@ -386,17 +441,83 @@ pub struct Status {
 }
 
 pub fn status(cfg: &Config) -> Result<Vec<Status>> {
+    let reachable = cfg.check_reachable().is_ok();
     Ok(servers(cfg)?
         .into_iter()
         .map(|s| {
             let processes = group_members(s.pid).len();
             let healthy = processes > 0
+                && reachable
                 && if s.name == "redis" {
-                    redis_ping(&cfg.host, s.port)
+                    redis_ping(&cfg.tier_host(3), s.port)
                 } else {
-                    http_get(&cfg.host, s.port, "/shop.php?op=ping").map(|(c, _)| c == 200).unwrap_or(false)
+                    http_get(&cfg.tier_host(if s.name == "nginx" { 1 } else { 2 }), s.port, "/shop.php?op=ping")
+                        .map(|(c, _)| c == 200)
+                        .unwrap_or(false)
                 };
             Status { name: s.name, pid: s.pid, port: s.port, processes, healthy }
         })
         .collect())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn netns_record(cfg: &Config) -> PathBuf {
+    cfg.run_dir.join("pids/netns.testbed-net")
+}
+
+/// Creates the bridge and one namespace per tier; recorded before use so `down` removes them.
+fn create_netns(cfg: &Config) -> Result<()> {
+    let bridge = cfg.bridge();
+    let names: Vec<String> = (1..=3).map(|t| cfg.tier_netns(t)).collect();
+    fs::write(netns_record(cfg), format!("{bridge}\n{}\n", names.join("\n")))?;
+    ip(&["link", "add", &bridge, "type", "bridge"])?;
+    ip(&["addr", "add", &format!("{}.254/24", cfg.subnet()), "dev", &bridge])?;
+    ip(&["link", "set", &bridge, "up"])?;
+    for tier in 1..=3u8 {
+        let ns = cfg.tier_netns(tier);
+        let (inner, outer) = (format!("af{}l{tier}", cfg.base_port), format!("af{}l{tier}p", cfg.base_port));
+        ip(&["netns", "add", &ns])?;
+        ip(&["link", "add", &inner, "type", "veth", "peer", "name", &outer])?;
+        ip(&["link", "set", &outer, "master", &bridge])?;
+        ip(&["link", "set", &outer, "up"])?;
+        ip(&["link", "set", &inner, "netns", &ns])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{}.{tier}/24", cfg.subnet()), "dev", &inner])?;
+        ip(&["-n", &ns, "link", "set", &inner, "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+    }
+    Ok(())
+}
+
+/// Removes what `create_netns` recorded (namespaces take their veth ends with them).
+fn remove_netns(cfg: &Config) -> Result<()> {
+    let Ok(text) = fs::read_to_string(netns_record(cfg)) else { return Ok(()) };
+    let mut lines = text.lines();
+    let bridge = lines.next().unwrap_or_default().to_string();
+    for ns in lines.filter(|l| !l.is_empty()) {
+        if Path::new(&format!("/run/netns/{ns}")).exists() {
+            ip(&["netns", "del", ns])?;
+        }
+    }
+    if !bridge.is_empty() && Path::new(&format!("/sys/class/net/{bridge}")).exists() {
+        ip(&["link", "del", &bridge])?;
+    }
+    fs::remove_file(netns_record(cfg))?;
+    Ok(())
+}
+
+/// Namespaces and bridge of this configuration that exist now.
+pub fn netns_left(cfg: &Config) -> Vec<String> {
+    let mut out: Vec<String> =
+        (1..=3).map(|t| cfg.tier_netns(t)).filter(|ns| Path::new(&format!("/run/netns/{ns}")).exists()).collect();
+    if Path::new(&format!("/sys/class/net/{}", cfg.bridge())).exists() {
+        out.push(cfg.bridge());
+    }
+    out
 }

@@ -14,8 +14,8 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn redis_get(port: u16, key: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+fn redis_get(host: &str, port: u16, key: &str) -> Option<String> {
+    let mut s = TcpStream::connect((host, port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     write!(s, "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).unwrap();
     let mut buf = vec![0u8; 4096];
@@ -25,12 +25,12 @@ fn redis_get(port: u16, key: &str) -> Option<String> {
 }
 
 fn get(cfg: &Config, path: &str) -> (u16, String) {
-    let (code, raw) = http_get(&cfg.host, cfg.nginx_port(), path).unwrap();
+    let (code, raw) = http_get(&cfg.tier_host(1), cfg.nginx_port(), path).unwrap();
     (code, raw.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
 
 fn header(cfg: &Config, path: &str, name: &str) -> Option<String> {
-    let (_, raw) = http_get(&cfg.host, cfg.nginx_port(), path).unwrap();
+    let (_, raw) = http_get(&cfg.tier_host(1), cfg.nginx_port(), path).unwrap();
     raw.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
 }
 
@@ -42,9 +42,24 @@ fn every_operation_end_to_end_and_down_leaves_nothing() {
         );
         return;
     }
+    shop(false);
+}
+
+/// The same with each tier in a network namespace of its own.
+#[test]
+fn tiers_in_network_namespaces() {
+    if !is_root() {
+        eprintln!("SKIPPED: creating network namespaces needs root; run as root (cargo xtask test)");
+        return;
+    }
+    shop(true);
+}
+
+fn shop(netns: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::new(dir.path().join("run"));
-    cfg.base_port = 28080;
+    cfg.netns = netns;
+    cfg.base_port = if netns { 29080 } else { 28080 };
     cfg.apaches = 2;
     cfg.children = 3;
     cfg.seed_items = 20;
@@ -57,13 +72,28 @@ fn every_operation_end_to_end_and_down_leaves_nothing() {
     };
     assert_eq!(started.len(), 4, "redis, 2 apaches, nginx");
     assert!(status(&cfg).unwrap().iter().all(|s| s.healthy), "{:?}", status(&cfg));
+    if netns {
+        // Each tier really is in its own namespace, with its own address.
+        for s in servers(&cfg).unwrap() {
+            let tier = match s.name.as_str() {
+                "nginx" => 1,
+                "redis" => 3,
+                _ => 2,
+            };
+            let ns = std::fs::read_link(format!("/proc/{}/ns/net", s.pid)).unwrap();
+            let want = std::fs::metadata(format!("/run/netns/{}", cfg.tier_netns(tier))).unwrap();
+            let inode = std::os::unix::fs::MetadataExt::ino(&want);
+            assert_eq!(ns.to_string_lossy(), format!("net:[{inode}]"), "{} in the wrong namespace", s.name);
+        }
+        assert!(cfg.url().starts_with("http://10.203."), "{}", cfg.url());
+    }
     let db = rusqlite::Connection::open(cfg.db_path()).unwrap();
     let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
     assert_eq!(count("SELECT COUNT(*) FROM items"), 20, "seeded through nginx");
 
     // find: miss, then served from Redis.
     assert_eq!(header(&cfg, "/shop.php?op=find&id=5", "X-Cache").as_deref(), Some("MISS"));
-    assert!(redis_get(cfg.redis_port(), "item:5").unwrap().contains("\"name\":\"item-5\""));
+    assert!(redis_get(&cfg.tier_host(3), cfg.redis_port(), "item:5").unwrap().contains("\"name\":\"item-5\""));
     assert_eq!(header(&cfg, "/shop.php?op=find&id=5", "X-Cache").as_deref(), Some("HIT"));
     // buy: stock decremented, order written, cache entry dropped.
     let stock = || -> i64 { db.query_row("SELECT stock FROM items WHERE id = 5", [], |r| r.get(0)).unwrap() };
@@ -72,7 +102,7 @@ fn every_operation_end_to_end_and_down_leaves_nothing() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(stock(), before - 3);
     assert_eq!(count("SELECT COUNT(*) FROM orders WHERE item_id = 5 AND qty = 3"), 1);
-    assert_eq!(redis_get(cfg.redis_port(), "item:5"), None, "buy invalidates the cache");
+    assert_eq!(redis_get(&cfg.tier_host(3), cfg.redis_port(), "item:5"), None, "buy invalidates the cache");
     // add, modify, search, delete.
     let (code, body) = get(&cfg, "/shop.php?op=add&name=widget&price=9.5&stock=7");
     assert_eq!(code, 200, "{body}");
@@ -110,5 +140,10 @@ fn every_operation_end_to_end_and_down_leaves_nothing() {
         assert!(group_members(pgid).is_empty(), "process group {pgid} still has members");
     }
     assert!(servers(&cfg).unwrap().is_empty());
-    assert!(std::net::TcpStream::connect(("127.0.0.1", cfg.nginx_port())).is_err(), "nginx still listening");
+    assert_eq!(testbed::netns_left(&cfg), Vec::<String>::new(), "namespaces or bridge left behind");
+    if !netns {
+        // (With namespaces, their addresses are gone with the bridge: no connection attempt,
+        // which would otherwise leave through the default route.)
+        assert!(std::net::TcpStream::connect((cfg.tier_host(1), cfg.nginx_port())).is_err(), "nginx still listening");
+    }
 }

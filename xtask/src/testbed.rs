@@ -18,6 +18,10 @@ pub struct Where {
     /// Apache instances behind nginx (the paper uses 4).
     #[arg(long, default_value_t = 4)]
     pub apaches: usize,
+    /// Tiers as separate hosts: L1, L2, L3 each in a network namespace of its own (veth pairs
+    /// on a bridge, 10.203.N.0/24); `down` removes them. Use the same flag for every command.
+    #[arg(long)]
+    pub netns: bool,
 }
 
 impl Where {
@@ -25,6 +29,7 @@ impl Where {
         let mut c = Config::new(self.run_dir.clone().unwrap_or_else(|| root().join("target/testbed")));
         c.base_port = self.base_port;
         c.apaches = self.apaches;
+        c.netns = self.netns;
         c
     }
 }
@@ -139,6 +144,7 @@ pub fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Load { at, connections, duration, warmup, rate, mix, seed, json } => {
             let cfg = at.config();
+            cfg.check_reachable()?;
             let mut l = load::LoadConfig::new(cfg.url());
             l.connections = connections;
             l.duration = duration;
