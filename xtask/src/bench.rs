@@ -26,11 +26,25 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// The shop under the CRUD mix at 8 connections, untraced and then with the four servers
+    /// traced on request-path functions: req/s and latency both ways, events/s and AFCTs/s at
+    /// the analyzer.
+    Testbed {
+        /// Run on the source builds (`cargo xtask testbed build`).
+        #[arg(long)]
+        built: bool,
+        /// Tiers in network namespaces.
+        #[arg(long)]
+        netns: bool,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
 }
 
 pub fn run_bench(which: Which) -> Result<()> {
     match which {
         Which::Probe { calls, reps } => probe(calls, reps),
+        Which::Testbed { built, netns, duration } => testbed_bench(built, netns, duration),
     }
 }
 
@@ -60,8 +74,19 @@ fn measure(prog: &Path, which: &str, calls: u64, reps: usize) -> Result<f64> {
 }
 
 fn start_agent(bin: &Path, plan: &Path, server: &str, dir: &Path, pin: Option<&str>) -> Result<(Child, PathBuf)> {
-    let ready = dir.join("agent.ready");
-    let log = dir.join("agent.log");
+    start_agent_as(bin, plan, server, dir, pin, "bench")
+}
+
+fn start_agent_as(
+    bin: &Path,
+    plan: &Path,
+    server: &str,
+    dir: &Path,
+    pin: Option<&str>,
+    id: &str,
+) -> Result<(Child, PathBuf)> {
+    let ready = dir.join(format!("{id}.ready"));
+    let log = dir.join(format!("{id}.log"));
     let _ = std::fs::remove_file(&ready);
     let mut cmd = match pin {
         Some(cpu) => {
@@ -74,7 +99,7 @@ fn start_agent(bin: &Path, plan: &Path, server: &str, dir: &Path, pin: Option<&s
     let mut child = cmd
         .arg("--plan")
         .arg(plan)
-        .args(["--analyzer", server, "--agent-id", "bench", "--ready-file"])
+        .args(["--analyzer", server, "--agent-id", id, "--ready-file"])
         .arg(&ready)
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
@@ -107,9 +132,16 @@ fn start_analyzer(bin: &Path, dir: &Path, listen: &str, pin: Option<&str>) -> Re
         }
         None => Command::new(bin.join("afetm-analyzer")),
     };
-    let child =
-        cmd.args(["serve", "--listen", listen, "--window", "1s", "--db"]).arg(&db).stderr(Stdio::null()).spawn()?;
+    let log = dir.join("analyzer.log");
+    let mut child = cmd
+        .args(["serve", "--listen", listen, "--window", "1s", "--db"])
+        .arg(&db)
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
     sleep(Duration::from_millis(500));
+    if let Some(status) = child.try_wait()? {
+        bail!("analyzer exited at start ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default().trim());
+    }
     Ok(child)
 }
 
@@ -152,7 +184,7 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let prog = dir.join("probebench");
     run(Command::new("gcc").args(["-O2", "-o"]).arg(&prog).arg(root().join("testbed/progs/probebench.c")))?;
-    let listen = "127.0.0.1:50081";
+    let listen = "127.0.0.1:20081";
     let server = format!("http://{listen}");
     let mut guard = Guard(vec![start_analyzer(&bin, &dir, listen, None)?]);
 
@@ -238,6 +270,127 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
         last.0,
         last.1.as_secs_f64(),
         last.0 as f64 / last.1.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn analyzer_counter(bin: &Path, server: &str, name: &str) -> Result<u64> {
+    let out = Command::new(bin.join("afetm-analyzer")).args(["stats", "--server", server]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")).map(|v| v.trim_end_matches(',').parse::<u64>()))
+        .with_context(|| format!("no {name} counter in analyzer stats"))?
+        .context("bad counter")
+}
+
+fn testbed_bench(built: bool, netns: bool, duration: Duration) -> Result<()> {
+    run(&mut cargo(&["build", "--release", "--workspace", "--bins"]))?;
+    let bin = root().join("target/release");
+    let dir = root().join("target/bench-testbed");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut cfg = testbed::Config::new(dir.join("run"));
+    cfg.base_port = 19080;
+    cfg.netns = netns;
+    if built {
+        cfg.binaries = testbed::build::binaries(&testbed::build::cache_dir())
+            .context("source builds missing: run `cargo xtask testbed build`")?;
+    }
+    struct Down(testbed::Config);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = testbed::down(&self.0);
+        }
+    }
+    let _down = Down(cfg.clone());
+    testbed::up(&cfg)?;
+    let mut l = testbed::load::LoadConfig::new(cfg.url());
+    l.connections = 8;
+    l.duration = duration;
+    l.items = cfg.seed_items;
+    let untraced = testbed::load::run(&l)?;
+
+    let listen = "127.0.0.1:20082";
+    let server = format!("http://{listen}");
+    let mut guard = Guard(vec![start_analyzer(&bin, &dir, listen, None)?]);
+    let b = &cfg.binaries;
+    let sqlite = b
+        .sqlite_lib_dir
+        .clone()
+        .map(|d| d.join("libsqlite3.so.0"))
+        .unwrap_or_else(|| "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0".into());
+    let targets: [(&str, PathBuf, &str); 4] = [
+        (
+            "redis",
+            b.redis.clone(),
+            r#"{"function":"call","mode":"event"},{"function":"processCommand","mode":"callstack"},{"function":"lookupKey","mode":"event"},{"function":"addReply","mode":"event"}"#,
+        ),
+        (
+            "nginx",
+            b.nginx.clone(),
+            r#"{"function":"ngx_http_handler","mode":"callstack"},{"function":"ngx_http_core_run_phases","mode":"event"},{"function":"ngx_http_upstream_init","mode":"event"}"#,
+        ),
+        (
+            "httpd",
+            b.apache2.clone(),
+            r#"{"function":"ap_process_request","mode":"callstack"},{"function":"ap_invoke_handler","mode":"event"},{"function":"ap_die","mode":"event"}"#,
+        ),
+        (
+            "sqlite",
+            sqlite,
+            r#"{"function":"sqlite3_step","mode":"callstack"},{"function":"sqlite3_prepare_v2","mode":"event"},{"function":"sqlite3_finalize","mode":"event"}"#,
+        ),
+    ];
+    let mut agents = Vec::new();
+    for (id, path, points) in &targets {
+        let plan = dir.join(format!("{id}.json"));
+        std::fs::write(&plan, format!(r#"{{"target":{{"path":"{}"}},"points":[{points}]}}"#, path.display()))?;
+        agents.push(start_agent_as(&bin, &plan, &server, &dir, None, id)?);
+    }
+    let (e0, a0) = (analyzer_counter(&bin, &server, "events")?, analyzer_counter(&bin, &server, "afcts")?);
+    let t0 = Instant::now();
+    let traced = testbed::load::run(&l)?;
+    sleep(Duration::from_millis(1500)); // last windows close (1 s windows, 1 s grace)
+    let secs = t0.elapsed().as_secs_f64();
+    let (e1, a1) = (analyzer_counter(&bin, &server, "events")?, analyzer_counter(&bin, &server, "afcts")?);
+    let mut drops = Vec::new();
+    for (child, log) in agents {
+        let log = stop_agent(child, &log)?;
+        let d = log
+            .lines()
+            .find(|l| l.contains("reader finished"))
+            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("kernel_drops=")).map(str::to_string))
+            .unwrap_or_default();
+        drops.push(d);
+    }
+    for mut c in guard.0.drain(..) {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let what = format!(
+        "{} binaries{}",
+        if built { "source-built" } else { "stock" },
+        if netns { ", tiers in namespaces" } else { "" }
+    );
+    println!("\nNHSR-OSW, CRUD mix, 8 connections, {duration:?} closed loop ({what}):");
+    for (label, r) in [("untraced", &untraced), ("traced", &traced)] {
+        println!(
+            "  {label:<9} {:>7.0} req/s  mean {:>6.0} us  p50 {:>6}  p90 {:>6}  p99 {:>7}  errors {}",
+            r.throughput_rps, r.latency.mean_us, r.latency.p50_us, r.latency.p90_us, r.latency.p99_us, r.errors
+        );
+    }
+    println!(
+        "  traced / untraced: throughput {:.2}, mean latency {:.2}",
+        traced.throughput_rps / untraced.throughput_rps,
+        traced.latency.mean_us / untraced.latency.mean_us
+    );
+    println!(
+        "  analyzer: {} events in {secs:.1} s = {:.0} events/s; {} AFCTs = {:.1} AFCTs/s (1 s windows); agents {}",
+        e1 - e0,
+        (e1 - e0) as f64 / secs,
+        a1 - a0,
+        (a1 - a0) as f64 / secs,
+        drops.join(" ")
     );
     Ok(())
 }

@@ -95,7 +95,7 @@ pub fn run() -> Result<()> {
     for ext in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(PathBuf::from(format!("{}{ext}", db.display())));
     }
-    let listen = "127.0.0.1:50071";
+    let listen = "127.0.0.1:20071";
     let server = format!("http://{listen}");
     let analyzer = Command::new(bin.join("afetm-analyzer"))
         .args(["serve", "--listen", listen, "--window", "60s", "--db"])
