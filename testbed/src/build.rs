@@ -50,6 +50,15 @@ const SQLITE_DEFINES: &[&str] = &[
     "-DSQLITE_ENABLE_SESSION",
     "-DSQLITE_ENABLE_STMTVTAB",
     "-DSQLITE_MAX_VARIABLE_NUMBER=250000",
+    // What `configure` detects for Debian's build. Without HAVE_USLEEP the busy handler sleeps
+    // in whole seconds, which showed up as multi-second requests under write contention.
+    "-DHAVE_USLEEP=1",
+    "-DHAVE_FDATASYNC=1",
+    "-DHAVE_LOCALTIME_R=1",
+    "-DHAVE_GMTIME_R=1",
+    "-DHAVE_POSIX_FALLOCATE=1",
+    "-DHAVE_MALLOC_USABLE_SIZE=1",
+    "-DHAVE_STRCHRNUL=1",
 ];
 
 /// Debian packages the builds need besides gcc/make.
@@ -195,19 +204,18 @@ fn key(pkg: Package, version: &str) -> String {
     format!("{}-{}-{:016x}", pkg.source_name(), version.replace(['~', '+', ':'], "_"), h.finish())
 }
 
-/// Where a finished build of `pkg` is, if any.
+/// Where the finished build of `pkg` with the current recipe is, if any (the `done` marker
+/// holds the source version and the recipe).
 pub fn installed(cache: &Path, pkg: Package) -> Option<PathBuf> {
     let prefix = format!("{}-", pkg.source_name());
-    let mut found: Vec<PathBuf> = fs::read_dir(cache)
+    let recipe = pkg.recipe();
+    fs::read_dir(cache)
         .ok()?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)) && p.join("done").exists()
-        })
-        .collect();
-    found.sort();
-    found.pop()
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+        .filter(|p| fs::read_to_string(p.join("done")).is_ok_and(|d| d.lines().nth(1) == Some(recipe.as_str())))
+        .max_by_key(|p| fs::metadata(p.join("done")).and_then(|m| m.modified()).ok())
 }
 
 /// The servers from the cache, when all four are built.
@@ -328,6 +336,17 @@ pub fn build_all(cache: &Path) -> Result<Vec<(Package, PathBuf, f64)>> {
         }
         fs::write(dest.join("done"), format!("{version}\n{}\n", pkg.recipe()))?;
         let _ = fs::remove_dir_all(&work);
+        // Superseded builds of this package (other version or recipe) go.
+        for old in fs::read_dir(cache)?.filter_map(|e| e.ok()).map(|e| e.path()) {
+            let name = old.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if old != dest
+                && old.is_dir()
+                && name.starts_with(&format!("{}-", pkg.source_name()))
+                && !name.starts_with("work-")
+            {
+                let _ = fs::remove_dir_all(&old);
+            }
+        }
         let secs = start.elapsed().as_secs_f64();
         eprintln!("testbed build: {name} {version} done in {secs:.0} s");
         out.push((pkg, dest, secs));
