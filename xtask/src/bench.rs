@@ -26,6 +26,13 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// One MMAS trace point selection (Alg. 1) on a redis-sized instance, next to greedy.
+    Select {
+        #[arg(long, default_value_t = 4300)]
+        functions: usize,
+        #[arg(long, default_value_t = 40_000)]
+        blocks: usize,
+    },
     /// The shop under the CRUD mix at 8 connections, untraced and then with the four servers
     /// traced on request-path functions: req/s and latency both ways, events/s and AFCTs/s at
     /// the analyzer.
@@ -44,6 +51,7 @@ pub enum Which {
 pub fn run_bench(which: Which) -> Result<()> {
     match which {
         Which::Probe { calls, reps } => probe(calls, reps),
+        Which::Select { functions, blocks } => select_bench(functions, blocks),
         Which::Testbed { built, netns, duration } => testbed_bench(built, netns, duration),
     }
 }
@@ -392,5 +400,51 @@ fn testbed_bench(built: bool, netns: bool, duration: Duration) -> Result<()> {
         (a1 - a0) as f64 / secs,
         drops.join(" ")
     );
+    Ok(())
+}
+
+/// `bench select`: one MMAS selection on a redis-sized random instance (4,300 functions,
+/// 40,000 blocks) at P = 10/30/50%, next to greedy set cover timed in the same run.
+pub fn select_bench(functions: usize, blocks: usize) -> Result<()> {
+    if cfg!(debug_assertions) {
+        // Time optimized code: run this same bench from a release build of xtask.
+        return run(cargo(&["run", "--quiet", "--release", "--package", "xtask"]).arg("--").args([
+            "bench",
+            "select",
+            "--functions",
+            &functions.to_string(),
+            "--blocks",
+            &blocks.to_string(),
+        ]));
+    }
+    use afetm_analyzer::selection::{Params, bound_for, greedy, mmas, random_instance};
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let inst = random_instance(blocks, functions, &mut rng);
+    println!("instance: {functions} functions, {blocks} blocks; MMAS {:?}", Params::default());
+    println!(
+        "{:>4} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>9}",
+        "P", "mmas ms", "greedy ms", "mmas cover", "greedy cov", "mmas fns", "greedy fns", "w/w_ub"
+    );
+    for p in [0.1, 0.3, 0.5] {
+        let w_ub = bound_for(&inst, p);
+        let t = Instant::now();
+        let g = greedy(&inst, w_ub);
+        let tg = t.elapsed();
+        let t = Instant::now();
+        let s = mmas(&inst, w_ub, &Params::default())?;
+        let tm = t.elapsed();
+        println!(
+            "{:>3.0}% {:>10.1} {:>10.1} {:>11.2}% {:>11.2}% {:>10} {:>10} {:>9.3}",
+            p * 100.0,
+            tm.as_secs_f64() * 1e3,
+            tg.as_secs_f64() * 1e3,
+            100.0 * s.covered as f64 / blocks as f64,
+            100.0 * g.covered as f64 / blocks as f64,
+            s.functions.len(),
+            g.functions.len(),
+            s.weight / w_ub
+        );
+    }
     Ok(())
 }
