@@ -5,7 +5,7 @@
 pub mod probe_site;
 pub mod procmaps;
 pub mod reader;
-pub mod symbols;
+pub use afetm_elf::symbols;
 pub mod tracer;
 pub mod transport;
 pub mod unwind;

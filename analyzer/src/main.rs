@@ -85,6 +85,15 @@ enum Cmd {
         #[arg(long)]
         plan: PathBuf,
     },
+    /// The blocks and call sites of an ELF binary or library (AFETM's set B and h_ij, read
+    /// from machine code): counts per module, and optionally the structure as JSON.
+    Structure {
+        /// ELF file (executable or shared library).
+        elf: PathBuf,
+        /// Write the structure here (JSON) for the selector.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the analyzer's counters.
     Stats {
         #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -226,6 +235,31 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot reach analyzer at {server}"))?;
             let r = c.set_plan(pb::SetPlanRequest { agent_id: agent, plan: Some(file.to_proto()) }).await?.into_inner();
             println!("delivered to {} agent connection(s)", r.delivered);
+            Ok(())
+        }
+        Cmd::Structure { elf, out } => {
+            let module =
+                afetm_elf::symbols::Module::load(&elf).with_context(|| format!("reading {}", elf.display()))?;
+            let s = afetm_elf::structure::analyze(&module);
+            let c = &s.counts;
+            let covered_fns = s.covers.iter().filter(|c| !c.is_empty()).count();
+            println!(
+                "{}: {} functions ({} called directly somewhere), {} blocks, {} call edges ({} through its own PLT), {} PLT calls to {} imports, {} indirect calls, {} unresolved",
+                s.module,
+                c.functions,
+                covered_fns,
+                c.blocks,
+                c.call_edges,
+                c.own_plt_calls,
+                c.plt_calls,
+                s.imports.len(),
+                c.indirect_calls,
+                c.unresolved_calls
+            );
+            if let Some(path) = out {
+                std::fs::write(&path, serde_json::to_vec(&s)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             Ok(())
         }
         Cmd::Stats { server } => {

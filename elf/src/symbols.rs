@@ -15,7 +15,7 @@ use std::{
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EndianArcSlice, LittleEndian, RegisterRule, UnwindContext, UnwindSection, X86_64,
 };
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ObjectSymbolTable, SymbolKind};
 
 type Reader = EndianArcSlice<LittleEndian>;
 
@@ -77,6 +77,8 @@ pub struct Module {
     segments: Vec<Segment>,
     data: Arc<[u8]>,
     eh: Option<EhIndex>,
+    /// PLT stub address -> imported function name.
+    plt: HashMap<u64, Arc<str>>,
 }
 
 impl std::fmt::Debug for Module {
@@ -168,7 +170,8 @@ impl Module {
                 by_name.entry(f.base_name.clone()).or_default().push(i);
             }
         }
-        Ok(Module { path: path.into(), name, funcs, by_name, segments, data, eh })
+        let plt = load_plt(&file);
+        Ok(Module { path: path.into(), name, funcs, by_name, segments, data, eh, plt })
     }
 
     pub fn functions(&self) -> &[Function] {
@@ -211,6 +214,11 @@ impl Module {
         self.data.get(off..off.saturating_add(len).min(self.data.len())).unwrap_or(&[])
     }
 
+    /// The imported function a PLT stub at `vaddr` jumps to.
+    pub fn plt_name(&self, vaddr: u64) -> Option<&str> {
+        self.plt.get(&vaddr).map(|s| &**s)
+    }
+
     /// The `.eh_frame` rule for the instruction at `vaddr`, cached.
     pub fn frame_rule(&self, vaddr: u64) -> Option<FrameRule> {
         let eh = self.eh.as_ref()?;
@@ -228,6 +236,40 @@ impl Module {
         }
         rule
     }
+}
+
+/// Maps PLT stubs to the imported names their GOT slots are relocated against: each stub's
+/// `jmp [rip+slot]` names a GOT slot, whose JUMP_SLOT/GLOB_DAT relocation names the symbol.
+fn load_plt(file: &object::File) -> HashMap<u64, Arc<str>> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    let mut slots: HashMap<u64, Arc<str>> = HashMap::new();
+    if let (Some(relocs), Some(dynsyms)) = (file.dynamic_relocations(), file.dynamic_symbol_table()) {
+        for (offset, r) in relocs {
+            if let object::RelocationTarget::Symbol(idx) = r.target() {
+                if let Ok(name) = dynsyms.symbol_by_index(idx).and_then(|s| s.name().map(str::to_string)) {
+                    let name = name.split('@').next().unwrap_or(&name).to_string();
+                    slots.insert(offset, name.into());
+                }
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    for sec in file.sections().filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt"))) {
+        let Ok(code) = sec.data() else { continue };
+        let base = sec.address();
+        let mut decoder = Decoder::with_ip(64, code, base, DecoderOptions::NONE);
+        while decoder.can_decode() {
+            let insn = decoder.decode();
+            if insn.flow_control() == FlowControl::IndirectBranch && insn.is_ip_rel_memory_operand() {
+                if let Some(name) = slots.get(&insn.ip_rel_memory_address()) {
+                    // Stubs are 16-byte entries; calls land on the entry's first byte.
+                    let entry = base + ((insn.ip() - base) & !15);
+                    out.insert(entry, name.clone());
+                }
+            }
+        }
+    }
+    out
 }
 
 fn load_eh(file: &object::File, data: &Arc<[u8]>) -> Option<EhIndex> {
