@@ -245,11 +245,11 @@ fn load_plt(file: &object::File) -> HashMap<u64, Arc<str>> {
     let mut slots: HashMap<u64, Arc<str>> = HashMap::new();
     if let (Some(relocs), Some(dynsyms)) = (file.dynamic_relocations(), file.dynamic_symbol_table()) {
         for (offset, r) in relocs {
-            if let object::RelocationTarget::Symbol(idx) = r.target() {
-                if let Ok(name) = dynsyms.symbol_by_index(idx).and_then(|s| s.name().map(str::to_string)) {
-                    let name = name.split('@').next().unwrap_or(&name).to_string();
-                    slots.insert(offset, name.into());
-                }
+            if let object::RelocationTarget::Symbol(idx) = r.target()
+                && let Ok(name) = dynsyms.symbol_by_index(idx).and_then(|s| s.name().map(str::to_string))
+            {
+                let name = name.split('@').next().unwrap_or(&name).to_string();
+                slots.insert(offset, name.into());
             }
         }
     }
@@ -260,12 +260,13 @@ fn load_plt(file: &object::File) -> HashMap<u64, Arc<str>> {
         let mut decoder = Decoder::with_ip(64, code, base, DecoderOptions::NONE);
         while decoder.can_decode() {
             let insn = decoder.decode();
-            if insn.flow_control() == FlowControl::IndirectBranch && insn.is_ip_rel_memory_operand() {
-                if let Some(name) = slots.get(&insn.ip_rel_memory_address()) {
-                    // Stubs are 16-byte entries; calls land on the entry's first byte.
-                    let entry = base + ((insn.ip() - base) & !15);
-                    out.insert(entry, name.clone());
-                }
+            if insn.flow_control() == FlowControl::IndirectBranch
+                && insn.is_ip_rel_memory_operand()
+                && let Some(name) = slots.get(&insn.ip_rel_memory_address())
+            {
+                // Stubs are 16-byte entries; calls land on the entry's first byte.
+                let entry = base + ((insn.ip() - base) & !15);
+                out.insert(entry, name.clone());
             }
         }
     }
