@@ -349,11 +349,21 @@ fn testbed_bench(built: bool, netns: bool, duration: Duration) -> Result<()> {
             r#"{"function":"sqlite3_step","mode":"callstack"},{"function":"sqlite3_prepare_v2","mode":"event"},{"function":"sqlite3_finalize","mode":"event"}"#,
         ),
     ];
-    let mut agents = Vec::new();
+    // Agents are killed on any early return; the normal path drains them with SIGTERM below.
+    struct Agents(Vec<(Child, PathBuf)>);
+    impl Drop for Agents {
+        fn drop(&mut self) {
+            for (c, _) in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut agents = Agents(Vec::new());
     for (id, path, points) in &targets {
         let plan = dir.join(format!("{id}.json"));
         std::fs::write(&plan, format!(r#"{{"target":{{"path":"{}"}},"points":[{points}]}}"#, path.display()))?;
-        agents.push(start_agent_as(&bin, &plan, &server, &dir, None, id)?);
+        agents.0.push(start_agent_as(&bin, &plan, &server, &dir, None, id)?);
     }
     let (e0, a0) = (analyzer_counter(&bin, &server, "events")?, analyzer_counter(&bin, &server, "afcts")?);
     let t0 = Instant::now();
@@ -362,7 +372,7 @@ fn testbed_bench(built: bool, netns: bool, duration: Duration) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     let (e1, a1) = (analyzer_counter(&bin, &server, "events")?, analyzer_counter(&bin, &server, "afcts")?);
     let mut drops = Vec::new();
-    for (child, log) in agents {
+    for (child, log) in std::mem::take(&mut agents.0) {
         let log = stop_agent(child, &log)?;
         let d = log
             .lines()
