@@ -414,30 +414,14 @@ impl Store {
                 "UPDATE processes SET exited = 1 WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
                 params![agent.agent_id, agent.instance as i64, exit.pid],
             )?;
-            let mut stmt = tx.prepare_cached(
-                "SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3 AND closed = 0",
-            )?;
-            for w in stmt.query_map(params![agent.agent_id, agent.instance as i64, exit.pid], |r| r.get(0))? {
-                to_close.push(w?);
-            }
+            to_close.extend(open_windows(&tx, agent, Some(exit.pid), None)?);
         }
         if batch.final_batch {
             // The agent is stopping: nothing more will arrive for this instance.
-            let mut stmt =
-                tx.prepare_cached("SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND closed = 0")?;
-            for w in stmt.query_map(params![agent.agent_id, agent.instance as i64], |r| r.get(0))? {
-                to_close.push(w?);
-            }
+            to_close.extend(open_windows(&tx, agent, None, None)?);
         }
-        {
-            let horizon = batch.agent_clock_ns.saturating_sub(self.window.grace_ns) as i64;
-            let mut stmt = tx.prepare_cached(
-                "SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND closed = 0 AND end_ns <= ?3",
-            )?;
-            for w in stmt.query_map(params![agent.agent_id, agent.instance as i64, horizon], |r| r.get(0))? {
-                to_close.push(w?);
-            }
-        }
+        let horizon = batch.agent_clock_ns.saturating_sub(self.window.grace_ns) as i64;
+        to_close.extend(open_windows(&tx, agent, None, Some(horizon))?);
         to_close.sort_unstable();
         to_close.dedup();
         for w in to_close {
@@ -552,6 +536,21 @@ impl Store {
         let afcts: i64 = self.conn.query_row("SELECT COUNT(*) FROM afcts", [], |r| r.get(0))?;
         Ok((closed as u64, afcts as u64))
     }
+}
+
+/// Open windows of an agent instance, optionally of one process and/or ending by `ended_by`.
+fn open_windows(
+    tx: &Transaction,
+    agent: &AgentKey,
+    pid: Option<u32>,
+    ended_by: Option<i64>,
+) -> Result<Vec<i64>, StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND closed = 0
+         AND (?3 IS NULL OR pid = ?3) AND (?4 IS NULL OR end_ns <= ?4)",
+    )?;
+    let rows = stmt.query_map(params![agent.agent_id, agent.instance as i64, pid, ended_by], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 fn window_for(
