@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
-use crate::{cargo, root, run};
+use crate::{Guard, cargo, root, run};
 
 #[derive(Subcommand, Clone, Copy)]
 pub enum Which {
@@ -53,17 +53,6 @@ pub fn run_bench(which: Which) -> Result<()> {
         Which::Probe { calls, reps } => probe(calls, reps),
         Which::Select { functions, blocks } => select_bench(functions, blocks),
         Which::Testbed { built, netns, duration } => testbed_bench(built, netns, duration),
-    }
-}
-
-struct Guard(Vec<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

@@ -14,22 +14,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, root, run as run_cmd};
+use crate::{Guard, cargo, root, run as run_cmd};
 
 /// The trace point set of the demo: the entry points, the leaf and the two operations reached
 /// through function pointers; everything between them is left untraced.
 pub const TRACED: &str = "main,worker,leaf,op_add,op_mul";
-
-struct Killer(Vec<Child>);
-
-impl Drop for Killer {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn wait_file(path: &Path, what: &str, child: &mut Child) -> Result<()> {
     let start = Instant::now();
@@ -102,7 +91,7 @@ pub fn run() -> Result<()> {
         .arg(&db)
         .spawn()
         .context("starting afetm-analyzer")?;
-    let _guard = Killer(vec![analyzer]);
+    let _guard = Guard(vec![analyzer]);
     sleep(Duration::from_millis(500));
 
     println!("\n### 1. Full trace of {} (every function)\n", prog.display());

@@ -192,6 +192,18 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
+/// Child processes killed (and reaped) when the guard goes, whatever path a task leaves by.
+pub struct Guard(pub Vec<std::process::Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `cargo <args> --ignore-rust-version` in the workspace root (aya declares rust-version 1.98).
 pub fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
