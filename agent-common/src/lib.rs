@@ -25,7 +25,7 @@ pub const RING_BYTES: u32 = 16 << 20;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Probe attached but silent (function left the plan; link not yet released).
+    /// Silent (function not in the plan).
     Off = 0,
     /// One [`EventHeader`] per call: (function, caller).
     Event = 1,
@@ -46,6 +46,69 @@ impl Mode {
         }
     }
 }
+
+/// Link generations are 24-bit; 0 means "none".
+pub const MAX_GENERATION: u32 = (1 << 24) - 1;
+
+/// Generation of throwaway links (used to find functions the kernel cannot probe): never the
+/// owner of a function, so their probes record nothing.
+pub const PROBE_GENERATION: u32 = MAX_GENERATION;
+
+/// The attach cookie of a function's probe in the link of generation `gen`.
+pub const fn cookie(fn_id: u32, generation: u32) -> u64 {
+    ((generation as u64) << 32) | fn_id as u64
+}
+
+/// A function's entry in the `MODES` map: its mode and which uprobe link may record it.
+///
+/// Each uprobe_multi link has a generation (in the attach cookie). Only the probe of the
+/// owner link records; probes of other links on the same function are silent. When a link is
+/// rebuilt (its surviving functions move to a new link so the ones that left can be detached),
+/// the function is handed over without losing or duplicating a call:
+/// 1. the new link is attached while `owner` is the old one (new probes silent);
+/// 2. `incoming` is set to the new link: its probe records and leaves a per-thread mark
+///    (ip, sp, generation); the old probe skips a call so marked. The kernel runs the newest
+///    consumer of a probed address first (kernel/events/uprobes.c adds consumers at the list
+///    head), so within one hit the mark is always written before the old probe looks;
+/// 3. the old link is detached, then `owner` becomes the new link and `incoming` is cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub mode: Mode,
+    pub owner: u32,
+    pub incoming: u32,
+}
+
+impl Slot {
+    pub const OFF: Slot = Slot { mode: Mode::Off, owner: 0, incoming: 0 };
+
+    pub const fn encode(self) -> u64 {
+        (self.mode as u64)
+            | (((self.owner & MAX_GENERATION) as u64) << 8)
+            | (((self.incoming & MAX_GENERATION) as u64) << 32)
+    }
+
+    pub const fn decode(v: u64) -> Slot {
+        Slot {
+            mode: Mode::from_u32((v & 0xff) as u32),
+            owner: ((v >> 8) as u32) & MAX_GENERATION,
+            incoming: ((v >> 32) as u32) & MAX_GENERATION,
+        }
+    }
+}
+
+/// A per-thread handover mark (see [`Slot`]): the incoming link recorded the call at `ip` with
+/// stack pointer `sp`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mark {
+    pub ip: u64,
+    pub sp: u64,
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// Threads that can be in a handover at once (LRU map of marks).
+pub const MAX_MARKS: u32 = 16384;
 
 /// Kind of a ring buffer record.
 pub mod kind {
@@ -121,6 +184,19 @@ mod tests {
         let bytes: [u8; HEADER_LEN] = unsafe { core::mem::transmute(h) };
         assert_eq!(EventHeader::read(&bytes), Some(h));
         assert_eq!(EventHeader::read(&bytes[..10]), None);
+    }
+
+    #[test]
+    fn slot_and_cookie_encoding() {
+        for s in [
+            Slot::OFF,
+            Slot { mode: Mode::CallStack, owner: 1, incoming: 0 },
+            Slot { mode: Mode::Count, owner: MAX_GENERATION - 1, incoming: MAX_GENERATION },
+        ] {
+            assert_eq!(Slot::decode(s.encode()), s);
+        }
+        assert_eq!(cookie(7, 3) as u32, 7);
+        assert_eq!((cookie(7, 3) >> 32) as u32, 3);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The kernel half of the afetm agent: a single uprobe program attached (through uprobe_multi
 //! links) to every traced function.
 //!
-//! The attach cookie is the function id; the per-function mode lives in `MODES` so a plan can
-//! change what a probe does without re-attaching it. Per call it records AFETM's trace tuple
+//! The attach cookie is the function id and the generation of its link; the per-function mode
+//! and owning link live in `MODES` (`agent_common::Slot`), so a plan can change what a probe
+//! does without re-attaching it, and a link can be rebuilt without losing or doubling a call. Per call it records AFETM's trace tuple
 //! (function, caller, callstack) of section III.B: the caller as the return address at `[sp]`,
 //! the call stack as a copy of a bounded window of the user stack plus the registers that the
 //! userspace `.eh_frame` unwinder needs. Records are submitted without a wakeup; the agent polls.
@@ -10,7 +11,8 @@
 #![no_main]
 
 use agent_common::{
-    EventHeader, HEADER_LEN, MAX_FUNCS, MAX_STACK_WINDOW, Mode, RING_BYTES, StackEvent, kind, stat,
+    EventHeader, HEADER_LEN, MAX_FUNCS, MAX_MARKS, MAX_STACK_WINDOW, Mark, Mode, RING_BYTES, Slot, StackEvent, kind,
+    stat,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -20,7 +22,7 @@ use aya_ebpf::{
         generated::bpf_get_attach_cookie,
     },
     macros::{map, uprobe},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 
@@ -30,7 +32,7 @@ use aya_ebpf::{
 static STACK_WINDOW: u32 = agent_common::DEFAULT_STACK_WINDOW;
 
 #[map]
-static MODES: Array<u32> = Array::with_max_entries(MAX_FUNCS, 0);
+static MODES: Array<u64> = Array::with_max_entries(MAX_FUNCS, 0);
 #[map]
 static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_FUNCS, 0);
 #[map]
@@ -39,14 +41,44 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::LEN, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 #[map]
 static SCRATCH: PerCpuArray<StackEvent> = PerCpuArray::with_max_entries(1, 0);
+/// Handover marks per thread id (see `agent_common::Slot`).
+#[map]
+static MARKS: LruHashMap<u32, Mark> = LruHashMap::with_max_entries(MAX_MARKS, 0);
 
 #[uprobe(multi)]
 pub fn afetm_probe(ctx: ProbeContext) -> u32 {
-    let fn_id = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
-    let Some(mode) = MODES.get(fn_id) else {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let (fn_id, generation) = (cookie as u32, (cookie >> 32) as u32);
+    let Some(slot) = MODES.get(fn_id) else {
         return 0;
     };
-    match Mode::from_u32(*mode) {
+    let slot = Slot::decode(*slot);
+    if slot.mode == Mode::Off {
+        return 0;
+    }
+    if generation == slot.owner {
+        if slot.incoming != 0 {
+            // Handover: the incoming link's probe ran first in this hit if it left our mark.
+            let regs = unsafe { &*ctx.regs };
+            let tid = bpf_get_current_pid_tgid() as u32;
+            if let Some(m) = unsafe { MARKS.get(&tid) }
+                && m.ip == regs.rip
+                && m.sp == regs.rsp
+                && m.generation == slot.incoming
+            {
+                let _ = MARKS.remove(&tid);
+                return 0;
+            }
+        }
+    } else if generation == slot.incoming && generation != 0 {
+        let regs = unsafe { &*ctx.regs };
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let mark = Mark { ip: regs.rip, sp: regs.rsp, generation, _pad: 0 };
+        let _ = MARKS.insert(&tid, &mark, 0);
+    } else {
+        return 0; // a link on its way out, or a throwaway probe
+    }
+    match slot.mode {
         Mode::Off => {}
         Mode::Count => {
             if let Some(c) = COUNTS.get_ptr_mut(fn_id) {

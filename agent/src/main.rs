@@ -54,6 +54,10 @@ struct Cli {
     /// Give up sending after shutdown once this much time has passed.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Test knob: hold each link handover in its middle phase this long (widens the window in
+    /// which both links record, so a test can check that no call is lost or doubled there).
+    #[arg(long, hide = true, default_value = "0ms", value_parser = humantime::parse_duration)]
+    handover_hold: Duration,
 }
 
 fn main() {
@@ -129,9 +133,10 @@ fn run(cli: Cli) -> Result<()> {
     let describe = target.describe();
     let module = target.module.clone();
     let (mut tracer, maps, table) = Tracer::load(target, cli.stack_window)?;
+    tracer.set_handover_hold(cli.handover_hold);
     let report = tracer.apply(&plan)?;
     let (n, emulated, moved) = summary(&report);
-    tracing::info!(target = %describe, functions = n, emulated, moved, single_stepped = n - emulated, "probes attached");
+    tracing::info!(target = %describe, functions = n, emulated, moved, single_stepped = n - emulated, unprobeable = report.unprobeable.len(), "probes attached");
     if cli.print_probes {
         print_probes(&report);
     }
@@ -177,7 +182,7 @@ fn run(cli: Cli) -> Result<()> {
                 let report = match result {
                     Ok(r) => {
                         let (n, emulated, _) = summary(&r);
-                        tracing::info!(version, functions = n, attached = r.attached, detached = r.detached, emulated, "new plan applied");
+                        tracing::info!(version, functions = n, attached = r.attached, detached = r.detached, relinked = r.relinked, unprobeable = r.unprobeable.len(), emulated, "new plan applied");
                         r
                     }
                     Err(error) => {

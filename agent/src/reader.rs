@@ -18,7 +18,7 @@ use std::{
 };
 
 use afetm_proto as pb;
-use agent_common::{EventHeader, HEADER_LEN, Mode, kind, stat};
+use agent_common::{EventHeader, HEADER_LEN, kind, stat};
 
 use crate::{
     procmaps::{Mapping, ProcMaps},
@@ -389,9 +389,9 @@ impl Reader {
             table
                 .iter()
                 .enumerate()
-                .filter_map(|(i, e)| {
-                    e.as_ref().filter(|e| e.mode == Mode::Count).map(|e| (i as u32, e.module.clone(), e.name.clone()))
-                })
+                // Every known function, not only those counting now: one that left the plan (or
+                // changed mode) since the last read still has calls to report.
+                .filter_map(|(i, e)| e.as_ref().map(|e| (i as u32, e.module.clone(), e.name.clone())))
                 .collect()
         };
         for (id, module, name) in ids {

@@ -2,20 +2,21 @@
 //! sites, attaches new functions through one uprobe_multi link per plan change, and detaches
 //! only what left the plan.
 //!
-//! Each function gets a small id (the attach cookie) and its mode lives in the `MODES` map, so
-//! a function that stays in the plan keeps its link and never misses an event, and a mode change
-//! (event <-> callstack <-> count) is a map write. A function that leaves the plan is switched
-//! off at once; its link is released when every function of that link has left.
+//! Each function gets a small id (in the attach cookie, with its link's generation) and its mode
+//! lives in the `MODES` map, so a mode change (event <-> callstack <-> count) is a map write. A
+//! function that leaves the plan is switched off at once and its link is rebuilt without it:
+//! the link's other functions are handed over to a new link without losing or doubling a call
+//! (`agent_common::Slot`), and the old link is detached.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     num::NonZeroU32,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
 };
 
 use afetm_proto::{self as pb, plan};
-use agent_common::{MAX_FUNCS, MAX_STACK_WINDOW, Mode};
+use agent_common::{MAX_FUNCS, MAX_STACK_WINDOW, Mode, PROBE_GENERATION, Slot, cookie};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -178,9 +179,10 @@ pub fn resolve(module: &Module, points: &[plan::Point]) -> Result<Vec<Resolved>,
     Ok(out)
 }
 
-struct Group {
-    link: Option<UProbeLinkId>,
-    live: usize,
+/// One uprobe_multi link and the functions it owns.
+struct Link {
+    id: UProbeLinkId,
+    members: HashSet<u32>,
 }
 
 /// The maps the ring buffer reader takes over.
@@ -192,16 +194,46 @@ pub struct ReaderMaps {
 
 pub struct Tracer {
     ebpf: Ebpf,
-    modes: Array<MapData, u32>,
+    modes: Array<MapData, u64>,
     target: Target,
     ids: HashMap<u64, u32>,
-    groups: Vec<Group>,
-    /// fn_id -> (group, current mode) for attached functions.
-    attached: HashMap<u32, (usize, Mode)>,
+    /// Live links by generation.
+    links: HashMap<u32, Link>,
+    next_generation: u32,
+    /// fn_id -> (owning link generation, current mode) for attached functions.
+    attached: HashMap<u32, (u32, Mode)>,
+    /// Functions the kernel refused to probe (entry address -> reason), skipped from then on.
+    unprobeable: HashMap<u64, String>,
     table: FnTable,
+    handover_hold: std::time::Duration,
 }
 
 const PROGRAM: &str = "afetm_probe";
+
+/// Kernel answers to an attach that mean "not this address" rather than "not at all":
+/// ENOTSUPP (524, an instruction uprobes cannot handle) and EINVAL.
+fn refused_address(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(524) | Some(22))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(&format!(": {x}"));
+        src = x.source();
+    }
+    s
+}
 
 impl Tracer {
     /// Loads the eBPF object for `target`, copying `stack_window` bytes of stack per call-stack event.
@@ -234,15 +266,29 @@ impl Tracer {
             modes,
             target,
             ids: HashMap::new(),
-            groups: Vec::new(),
+            links: HashMap::new(),
+            next_generation: 1,
             attached: HashMap::new(),
+            unprobeable: HashMap::new(),
             table: table.clone(),
+            handover_hold: std::time::Duration::ZERO,
         };
         Ok((tracer, maps, table))
     }
 
     pub fn target(&self) -> &Target {
         &self.target
+    }
+
+    /// Keep each handover in its middle phase (both links attached, marks in use) this long; a
+    /// test knob, 0 in normal use.
+    pub fn set_handover_hold(&mut self, hold: std::time::Duration) {
+        self.handover_hold = hold;
+    }
+
+    /// Number of live uprobe_multi links (for tests and reports).
+    pub fn links(&self) -> usize {
+        self.links.len()
     }
 
     fn id_for(&mut self, f: &Function) -> Result<u32, TraceError> {
@@ -257,26 +303,94 @@ impl Tracer {
         Ok(id)
     }
 
-    fn set_mode(&mut self, id: u32, mode: Mode) -> Result<(), TraceError> {
-        self.modes.set(id, &(mode as u32), 0)?;
+    fn set_slot(&mut self, id: u32, slot: Slot) -> Result<(), TraceError> {
+        self.modes.set(id, &slot.encode(), 0)?;
         Ok(())
+    }
+
+    fn program(&mut self) -> Result<&mut UProbe, TraceError> {
+        self.ebpf
+            .program_mut(PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| TraceError::Load("program vanished".into()))
+    }
+
+    /// One uprobe_multi link on `points` (fn_id, file offset) with cookies of `generation`.
+    fn attach(&mut self, points: &[(u32, u64)], generation: u32) -> Result<UProbeLinkId, aya::programs::ProgramError> {
+        let scope = match self.target.pid.and_then(NonZeroU32::new) {
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
+        };
+        let path = self.target.attach_path.clone();
+        let prog = self.program().map_err(|_| aya::programs::ProgramError::NotLoaded)?;
+        let pts = points.iter().map(|(id, off)| UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(*off),
+            cookie: Some(cookie(*id, generation)),
+        });
+        prog.attach(pts, &path, scope)
+    }
+
+    fn detach(&mut self, link: UProbeLinkId) {
+        match self.program() {
+            Ok(prog) => {
+                if let Err(e) = prog.detach(link) {
+                    tracing::warn!(error = %e, "detaching a uprobe link");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "detaching a uprobe link"),
+        }
+    }
+
+    /// The points of `points` the kernel refuses to probe, found by bisection with throwaway
+    /// links whose probes record nothing (at most ~2 k log n attaches for k refused points).
+    fn refused(&mut self, points: &[(u32, u64)]) -> Vec<((u32, u64), String)> {
+        match self.attach(points, PROBE_GENERATION) {
+            Ok(link) => {
+                self.detach(link);
+                Vec::new()
+            }
+            Err(e) if points.len() == 1 => vec![(points[0], chain(&e))],
+            Err(_) => {
+                let (a, b) = points.split_at(points.len() / 2);
+                let mut out = self.refused(a);
+                out.extend(self.refused(b));
+                out
+            }
+        }
     }
 
     /// Applies `plan`: attaches what is new, switches modes, detaches what left. On error the
     /// previous plan stays in force.
+    ///
+    /// Links whose functions all stay are untouched. A link that loses functions is rebuilt:
+    /// its remaining functions move, together with the new ones, to one new link (handover in
+    /// [`Slot`]: no call lost or recorded twice), and the old link is detached, so a function
+    /// that left the plan costs nothing afterwards. Functions the kernel cannot probe are left
+    /// out and named in the report (`unprobeable`).
     pub fn apply(&mut self, plan: &plan::PlanFile) -> Result<pb::PlanReport, TraceError> {
         if plan.target != self.target.spec {
             return Err(TraceError::TargetChanged(format!("{:?} -> {:?}", self.target.spec, plan.target)));
         }
         let resolved = resolve(&self.target.module, &plan.points)?;
-        let mut desired: HashMap<u32, (Resolved, u32)> = HashMap::new();
+        let mut desired: HashMap<u32, Resolved> = HashMap::new();
+        let mut skipped: Vec<String> = Vec::new();
         for r in resolved {
+            if self.unprobeable.contains_key(&r.func.start) {
+                skipped.push(r.func.name.to_string());
+                continue;
+            }
             let id = self.id_for(&r.func)?;
-            desired.insert(id, (r, id));
+            desired.insert(id, r);
         }
-        // New functions: set their mode first so the first hit already counts, then one link.
+        let gone: Vec<u32> = self.attached.keys().filter(|id| !desired.contains_key(id)).copied().collect();
+        let affected: HashSet<u32> = gone.iter().map(|id| self.attached[id].0).collect();
+        let moved: Vec<u32> = affected
+            .iter()
+            .flat_map(|g| self.links[g].members.iter().copied())
+            .filter(|id| desired.contains_key(id))
+            .collect();
         let mut new: Vec<(u32, u64)> = Vec::new();
-        for (id, (r, _)) in &desired {
+        for (id, r) in &desired {
             if !self.attached.contains_key(id) {
                 let off = self
                     .target
@@ -287,72 +401,114 @@ impl Tracer {
             }
         }
         new.sort_unstable();
-        for (id, _) in &new {
-            let mode = desired[id].0.mode;
-            self.set_mode(*id, mode)?;
+        let offset_of =
+            |tracer: &Tracer, id: u32| -> Option<u64> { tracer.target.module.vaddr_to_offset(desired[&id].site.vaddr) };
+        let mut link_points: Vec<(u32, u64)> = new.clone();
+        for id in &moved {
+            link_points.push((
+                *id,
+                offset_of(self, *id).ok_or_else(|| TraceError::NoOffset(desired[id].func.name.to_string()))?,
+            ));
         }
-        if !new.is_empty() {
-            let scope = match self.target.pid.and_then(NonZeroU32::new) {
-                Some(pid) => UProbeScope::OneProcess(pid),
-                None => UProbeScope::AllProcesses,
-            };
-            let prog: &mut UProbe = self
-                .ebpf
-                .program_mut(PROGRAM)
-                .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| TraceError::Load("program vanished".into()))?;
-            let points = new.iter().map(|(id, off)| UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(*off),
-                cookie: Some(*id as u64),
-            });
-            match prog.attach(points, &self.target.attach_path, scope) {
-                Ok(link) => {
-                    let g = self.groups.len();
-                    self.groups.push(Group { link: Some(link), live: new.len() });
+        link_points.sort_unstable();
+
+        let mut generation = 0;
+        if !link_points.is_empty() {
+            if self.next_generation >= PROBE_GENERATION {
+                return Err(TraceError::Load("uprobe link generations exhausted; restart the agent".into()));
+            }
+            generation = self.next_generation;
+            self.next_generation += 1;
+            // New functions are owned by the new link from its first hit; moved ones keep their
+            // old owner until the handover below.
+            for (id, _) in &new {
+                let slot = Slot { mode: desired[id].mode, owner: generation, incoming: 0 };
+                self.set_slot(*id, slot)?;
+            }
+            let link = match self.attach(&link_points, generation) {
+                Ok(link) => link,
+                Err(e) if refused_address(&e) => {
                     for (id, _) in &new {
-                        self.attached.insert(*id, (g, desired[id].0.mode));
+                        self.set_slot(*id, Slot::OFF)?;
+                    }
+                    let bad = self.refused(&new);
+                    if bad.is_empty() {
+                        return Err(TraceError::Attach { path: self.target.attach_path.clone(), error: chain(&e) });
+                    }
+                    let bad_ids: HashSet<u32> = bad.iter().map(|((id, _), _)| *id).collect();
+                    for ((id, _), why) in &bad {
+                        let r = &desired[id];
+                        tracing::warn!(function = %r.func.name, probe = format_args!("{:#x}", r.site.vaddr), instruction = %r.site.instruction, error = %why, "the kernel cannot probe this function; left out");
+                        self.unprobeable.insert(r.func.start, why.clone());
+                        skipped.push(r.func.name.to_string());
+                    }
+                    new.retain(|(id, _)| !bad_ids.contains(id));
+                    link_points.retain(|(id, _)| !bad_ids.contains(id));
+                    for id in &bad_ids {
+                        desired.remove(id);
+                    }
+                    for (id, _) in &new {
+                        let slot = Slot { mode: desired[id].mode, owner: generation, incoming: 0 };
+                        self.set_slot(*id, slot)?;
+                    }
+                    match self.attach(&link_points, generation) {
+                        Ok(link) => link,
+                        Err(e) => {
+                            for (id, _) in &new {
+                                self.set_slot(*id, Slot::OFF)?;
+                            }
+                            return Err(TraceError::Attach { path: self.target.attach_path.clone(), error: chain(&e) });
+                        }
                     }
                 }
                 Err(e) => {
                     for (id, _) in &new {
-                        let _ = self.set_mode(*id, Mode::Off);
+                        self.set_slot(*id, Slot::OFF)?;
                     }
-                    return Err(TraceError::Attach { path: self.target.attach_path.clone(), error: format!("{e:#}") });
+                    return Err(TraceError::Attach { path: self.target.attach_path.clone(), error: chain(&e) });
                 }
-            }
+            };
+            self.links.insert(generation, Link { id: link, members: link_points.iter().map(|(id, _)| *id).collect() });
         }
-        // Mode changes of functions that stay.
-        let stay: Vec<(u32, Mode)> = desired
-            .iter()
-            .filter(|(id, (r, _))| self.attached.get(id).is_some_and(|(_, m)| *m != r.mode))
-            .map(|(id, (r, _))| (*id, r.mode))
-            .collect();
-        for (id, mode) in stay {
-            self.set_mode(id, mode)?;
-            if let Some(a) = self.attached.get_mut(&id) {
-                a.1 = mode;
-            }
+        // Handover step 2: the new link records moved functions, the old one skips what it marked.
+        for id in &moved {
+            let owner = self.attached[id].0;
+            self.set_slot(*id, Slot { mode: desired[id].mode, owner, incoming: generation })?;
         }
-        // Functions that left: off at once, link released with its last function.
-        let gone: Vec<u32> = self.attached.keys().filter(|id| !desired.contains_key(id)).copied().collect();
-        let mut detached = 0u32;
+        if !moved.is_empty() && !self.handover_hold.is_zero() {
+            std::thread::sleep(self.handover_hold);
+        }
+        // Functions that left: silent at once.
         for id in &gone {
-            self.set_mode(*id, Mode::Off)?;
-            if let Some((g, _)) = self.attached.remove(id) {
-                let group = &mut self.groups[g];
-                group.live -= 1;
-                detached += 1;
-                if group.live == 0
-                    && let Some(link) = group.link.take()
-                {
-                    let prog: Option<&mut UProbe> = self.ebpf.program_mut(PROGRAM).and_then(|p| p.try_into().ok());
-                    if let Some(prog) = prog
-                        && let Err(e) = prog.detach(link)
-                    {
-                        tracing::warn!(error = %e, "detaching a uprobe link");
-                    }
-                }
+            self.set_slot(*id, Slot::OFF)?;
+        }
+        // Step 3: old links go; then the new link owns the moved functions.
+        for g in &affected {
+            if let Some(link) = self.links.remove(g) {
+                self.detach(link.id);
             }
+        }
+        for id in &moved {
+            self.set_slot(*id, Slot { mode: desired[id].mode, owner: generation, incoming: 0 })?;
+            self.attached.insert(*id, (generation, desired[id].mode));
+        }
+        for (id, _) in &new {
+            self.attached.insert(*id, (generation, desired[id].mode));
+        }
+        // Mode changes of functions that stay in untouched links.
+        let changed: Vec<(u32, u32, Mode)> = desired
+            .iter()
+            .filter_map(|(id, r)| {
+                let (g, m) = *self.attached.get(id)?;
+                (m != r.mode).then_some((*id, g, r.mode))
+            })
+            .collect();
+        for (id, owner, mode) in changed {
+            self.set_slot(id, Slot { mode, owner, incoming: 0 })?;
+            self.attached.insert(id, (owner, mode));
+        }
+        for id in &gone {
+            self.attached.remove(id);
         }
         // Publish names and modes for the reader.
         {
@@ -362,7 +518,7 @@ impl Tracer {
                     e.mode = Mode::Off;
                 }
             }
-            for (id, (r, _)) in &desired {
+            for (id, r) in &desired {
                 table[*id as usize] = Some(FnEntry {
                     module: self.target.module.name.as_str().into(),
                     name: r.func.name.clone(),
@@ -373,7 +529,7 @@ impl Tracer {
         }
         let mut probes: Vec<pb::PlacedProbe> = desired
             .values()
-            .map(|(r, _)| pb::PlacedProbe {
+            .map(|r| pb::PlacedProbe {
                 function: r.func.name.to_string(),
                 entry: r.func.start,
                 probe: r.site.vaddr,
@@ -382,13 +538,16 @@ impl Tracer {
             })
             .collect();
         probes.sort_by_key(|p| p.entry);
+        skipped.sort();
         Ok(pb::PlanReport {
             version: plan.version,
             ok: true,
             error: String::new(),
             probes,
             attached: new.len() as u32,
-            detached,
+            detached: gone.len() as u32,
+            unprobeable: skipped,
+            relinked: moved.len() as u32,
         })
     }
 }

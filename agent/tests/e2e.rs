@@ -189,36 +189,13 @@ fn plan_changes_at_runtime_attach_and_detach_the_difference() {
         let prog = prog.clone();
         std::thread::spawn(move || run_prog(&prog, 5, 3.6))
     };
-    let push = |version: u64, points: &[(&str, pb::TraceMode)]| -> pb::PlanReport {
-        let plan = pb::Plan {
-            version,
-            points: points.iter().map(|(f, m)| pb::TracePoint { function: f.to_string(), mode: *m as i32 }).collect(),
-            target_path: prog.display().to_string(),
-            target_pid: 0,
-        };
-        rt().block_on(async {
-            control(&an.url)
-                .await
-                .set_plan(pb::SetPlanRequest { agent_id: "live".into(), plan: Some(plan) })
-                .await
-                .expect("set plan");
-        });
-        for _ in 0..100 {
-            if let Some(r) =
-                rt().block_on(agent_info(&an.url, "live")).and_then(|a| a.last_plan).filter(|r| r.version == version)
-            {
-                assert!(r.ok, "plan {version} refused: {}", r.error);
-                return r;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        panic!("plan {version} never applied");
-    };
+    let push = |version: u64, points: &[(&str, pb::TraceMode)]| push_plan(&an.url, "live", &prog, version, points);
     sleep(Duration::from_millis(1000));
     let t1 = monotonic_ns();
     let b = push(2, &[("op_add", pb::TraceMode::Event), ("chain2", pb::TraceMode::Event)]);
     let t1_done = monotonic_ns();
     assert_eq!((b.attached, b.detached), (1, 1), "B adds chain2 and drops leaf; op_add stays attached");
+    assert_eq!(b.relinked, 1, "leaf's link is rebuilt with op_add handed over");
     sleep(Duration::from_millis(1000));
     let t2 = monotonic_ns();
     let c = push(3, &[("op_add", pb::TraceMode::Event), ("leaf", pb::TraceMode::Event)]);
@@ -254,6 +231,87 @@ fn plan_changes_at_runtime_attach_and_detach_the_difference() {
         phases[phase] += 1;
     }
     assert!(phases.iter().all(|n| *n >= 2), "windows per phase: {phases:?}");
+}
+
+/// Rebuilding links while threads call the traced functions as fast as they can: every plan
+/// change drops a function, so the link of the others is rebuilt and they are handed over to a
+/// new link; `hot_a`, in every plan, must still be counted exactly once per call. A function
+/// whose first instruction uprobes refuse is left out and reported, not fatal.
+#[test]
+fn relinking_under_load_loses_and_doubles_no_call() {
+    require_root!();
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let prog = dir.path().join("hotloop");
+    let status = std::process::Command::new("gcc")
+        .args(["-O0", "-pthread", "-o"]) // -O0: every function starts with `push rbp`, an emulated probe
+        .arg(&prog)
+        .arg(repo_root().join("testbed/progs/hotloop.c"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &[]);
+    let plan = write_plan(
+        dir.path(),
+        "h",
+        &prog,
+        &[("hot_a", "count"), ("hot_b", "count"), ("hot_c", "count"), ("locked_fn", "count")],
+    );
+    let (threads, calls) = (2u64, 3_000_000u64);
+    let mut run = std::process::Command::new(&prog)
+        .args([threads.to_string(), calls.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Each handover stays 100 ms in its middle phase, where both links' probes fire on every
+    // call and only the per-thread marks keep hot_a from being counted twice (or not at all,
+    // were the kernel to run the old probe first): most calls below happen in that phase.
+    let agent = AgentProc::start_with(&plan, &an.url, "relink", dir.path(), &["--handover-hold", "100ms"]);
+    let mut first = None;
+    for _ in 0..200 {
+        first = rt().block_on(agent_info(&an.url, "relink")).and_then(|a| a.last_plan);
+        if first.is_some() {
+            break;
+        }
+        sleep(Duration::from_millis(25));
+    }
+    let t0 = std::time::Instant::now();
+    use std::io::Write;
+    run.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    use pb::TraceMode::Count;
+    // Each change drops the function that shares hot_a's link, so hot_a is handed over every time.
+    let plans: [&[(&str, pb::TraceMode)]; 2] =
+        [&[("hot_a", Count), ("hot_c", Count)], &[("hot_a", Count), ("hot_b", Count)]];
+    let mut relinked = 0;
+    let mut version = 1;
+    while run.try_wait().unwrap().is_none() {
+        let r = push_plan(&an.url, "relink", &prog, version, plans[version as usize % 2]);
+        relinked += r.relinked;
+        version += 1;
+        sleep(Duration::from_millis(50));
+    }
+    assert!(run.wait().unwrap().success());
+    eprintln!("{} plan changes in {:.1?}", version - 1, t0.elapsed());
+    agent.stop();
+    let counts = rt().block_on(async {
+        let mut q = afetm_proto::query_client::QueryClient::connect(an.url.clone()).await.unwrap();
+        q.counts(pb::CountsRequest { agent_id: "relink".into() }).await.unwrap().into_inner().counts
+    });
+    let a = counts.iter().find(|c| c.function == "hot_a").expect("hot_a counted");
+    assert!(
+        version >= 10 && u64::from(relinked) >= version - 2,
+        "only {} plan changes ({relinked} relinked) while the program ran",
+        version - 1
+    );
+    assert_eq!(a.calls, threads * calls, "hot_a over {} plan changes, {relinked} functions relinked", version - 1);
+    for f in ["hot_b", "hot_c"] {
+        let c = counts.iter().find(|c| c.function == f).map_or(0, |c| c.calls);
+        assert!(c > 0 && c < threads * calls, "{f} was traced part of the time: {c}");
+    }
+    let first = first.expect("first plan report");
+    assert_eq!(first.unprobeable, vec!["locked_fn".to_string()], "locked_fn cannot be probed");
+    assert_eq!(first.probes.len(), 3);
+    assert!(!counts.iter().any(|c| c.function == "locked_fn"));
 }
 
 /// Count-only mode counts every call and sends no events.

@@ -145,6 +145,11 @@ pub struct AgentProc {
 impl AgentProc {
     /// Starts an agent and waits until its probes are attached.
     pub fn start(plan: &Path, url: &str, agent_id: &str, dir: &Path) -> AgentProc {
+        Self::start_with(plan, url, agent_id, dir, &[])
+    }
+
+    /// Starts an agent with extra command-line arguments and waits until it is attached.
+    pub fn start_with(plan: &Path, url: &str, agent_id: &str, dir: &Path, extra: &[&str]) -> AgentProc {
         let ready = dir.join(format!("{agent_id}.ready"));
         let _ = std::fs::remove_file(&ready);
         let stderr_path = dir.join(format!("{agent_id}.log"));
@@ -154,6 +159,7 @@ impl AgentProc {
             .arg(plan)
             .args(["--analyzer", url, "--agent-id", agent_id, "--ready-file"])
             .arg(&ready)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -263,3 +269,37 @@ pub fn has_path(f: &Forest, t: &FuncTable, names: &[&str]) -> bool {
 
 #[allow(unused_imports)]
 pub use afetm_agent::reader::monotonic_ns;
+
+/// Pushes a plan for `target` to a connected agent through the analyzer and waits for the
+/// agent's report of it; panics if the agent refuses it.
+pub fn push_plan(
+    url: &str,
+    agent: &str,
+    target: &Path,
+    version: u64,
+    points: &[(&str, pb::TraceMode)],
+) -> pb::PlanReport {
+    let plan = pb::Plan {
+        version,
+        points: points.iter().map(|(f, m)| pb::TracePoint { function: f.to_string(), mode: *m as i32 }).collect(),
+        target_path: target.display().to_string(),
+        target_pid: 0,
+    };
+    rt().block_on(async {
+        control(url)
+            .await
+            .set_plan(pb::SetPlanRequest { agent_id: agent.into(), plan: Some(plan) })
+            .await
+            .expect("set plan");
+    });
+    for _ in 0..400 {
+        if let Some(r) =
+            rt().block_on(agent_info(url, agent)).and_then(|a| a.last_plan).filter(|r| r.version == version)
+        {
+            assert!(r.ok, "plan {version} refused: {}", r.error);
+            return r;
+        }
+        sleep(Duration::from_millis(25));
+    }
+    panic!("plan {version} never applied");
+}
