@@ -2,9 +2,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use afetm_analyzer::{
+    selection::{self, Params},
     service::{self, Analyzer},
     store::{Limits, Store, WindowConfig},
     tree::Forest,
+    weights::Weights,
 };
 use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
 use anyhow::{Context, Result, bail};
@@ -94,11 +96,133 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write the weights file (w_j, calls per second) from the counts an agent in count mode
+    /// sent during a sampling period.
+    Weights {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// The agent that counted.
+        #[arg(long)]
+        agent: String,
+        /// Module whose functions are weighed (the traced file's name, e.g. redis-server).
+        #[arg(long)]
+        module: String,
+        /// Length of the sampling period (the agent's counts are divided by it).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        period: Duration,
+        /// What load ran, recorded in the file.
+        #[arg(long, default_value = "")]
+        workload: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Trace point selection (Alg. 1, MMAS) for a binary under sampled weights; writes the plan.
+    /// With normal FCTs (`--db` and `--normal-agent`) coloring them (Alg. 2) gives F^callstack.
+    Select {
+        /// ELF file to select in (its structure is read from the machine code).
+        #[arg(long, required_unless_present = "structure", conflicts_with = "structure")]
+        elf: Option<PathBuf>,
+        /// Or a structure file written by `afetm-analyzer structure --out` (needs `--target`).
+        #[arg(long)]
+        structure: Option<PathBuf>,
+        /// Weights file (`afetm-analyzer weights`, `cargo xtask testbed sample`).
+        #[arg(long)]
+        weights: PathBuf,
+        /// P = w_ub / w_total: the share of the total call rate the plan may trace, as `10%` or
+        /// `0.1`.
+        #[arg(long, default_value = "10%", value_parser = parse_budget)]
+        budget: f64,
+        #[arg(long, value_enum, default_value_t = Algorithm::Mmas)]
+        algorithm: Algorithm,
+        #[command(flatten)]
+        params: MmasArgs,
+        /// Plan target path (default: `--elf`).
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Analyzer database holding the normal FCTs.
+        #[arg(long, requires = "normal_agent")]
+        db: Option<PathBuf>,
+        /// Agent whose closed windows are the normal FCTs (a full trace under normal load).
+        #[arg(long, requires = "db")]
+        normal_agent: Option<String>,
+        /// Where to write the plan (JSON); `-` for stdout.
+        #[arg(long, default_value = "-")]
+        out: String,
+    },
     /// Print the analyzer's counters.
     Stats {
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
     },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Algorithm {
+    /// Max-Min Ant System, Algorithm 1.
+    Mmas,
+    /// Greedy weighted set cover under the bound (the baseline).
+    Greedy,
+}
+
+/// Parameters of Algorithm 1; defaults in `selection::Params`.
+#[derive(clap::Args)]
+struct MmasArgs {
+    /// N_ant, ants per iteration.
+    #[arg(long, default_value_t = Params::default().ants)]
+    ants: usize,
+    /// N_run, iterations.
+    #[arg(long, default_value_t = Params::default().runs)]
+    runs: usize,
+    #[arg(long, default_value_t = Params::default().alpha)]
+    alpha: f64,
+    #[arg(long, default_value_t = Params::default().beta)]
+    beta: f64,
+    /// Evaporation rate rho.
+    #[arg(long, default_value_t = Params::default().rho)]
+    rho: f64,
+    #[arg(long, default_value_t = Params::default().tau_ini)]
+    tau_ini: f64,
+    /// Heuristic of a zero-weight function (eq 8).
+    #[arg(long, default_value_t = Params::default().eta_max)]
+    eta_max: f64,
+    /// Pheromone deposited per update (eq 7).
+    #[arg(long, default_value_t = Params::default().q)]
+    q: f64,
+    /// tau_min = tau_max / l.
+    #[arg(long, default_value_t = Params::default().l)]
+    l: f64,
+    /// Stop after this many iterations without a better solution (0: run all N_run).
+    #[arg(long, default_value_t = Params::default().patience)]
+    patience: usize,
+    #[arg(long, default_value_t = Params::default().seed)]
+    seed: u64,
+}
+
+impl MmasArgs {
+    fn params(&self) -> Params {
+        Params {
+            ants: self.ants,
+            runs: self.runs,
+            alpha: self.alpha,
+            beta: self.beta,
+            rho: self.rho,
+            tau_ini: self.tau_ini,
+            eta_max: self.eta_max,
+            q: self.q,
+            l: self.l,
+            patience: self.patience,
+            seed: self.seed,
+        }
+    }
+}
+
+fn parse_budget(s: &str) -> Result<f64, String> {
+    let (num, scale) = match s.strip_suffix('%') {
+        Some(n) => (n, 0.01),
+        None => (s, 1.0),
+    };
+    let p = num.trim().parse::<f64>().map_err(|e| format!("{s:?}: {e}"))? * scale;
+    if p > 0.0 && p <= 1.0 { Ok(p) } else { Err(format!("{s:?}: the budget must be in (0, 100%]")) }
 }
 
 #[tokio::main]
@@ -262,6 +386,28 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Weights { server, agent, module, period, workload, out } => {
+            let mut q = QueryClient::connect(server.clone())
+                .await
+                .with_context(|| format!("cannot reach analyzer at {server}"))?;
+            let counts = q.counts(pb::CountsRequest { agent_id: agent.clone() }).await?.into_inner().counts;
+            let w = Weights::from_counts(&module, &counts, period.as_secs_f64(), &workload)
+                .with_context(|| format!("agent {agent:?}"))?;
+            std::fs::write(&out, serde_json::to_string_pretty(&w)? + "\n")
+                .with_context(|| format!("writing {}", out.display()))?;
+            let total: f64 = w.functions.values().map(|f| f.per_sec).sum();
+            println!(
+                "{}: {} functions called, {total:.0} calls/s in all over {:.1} s -> {}",
+                w.module,
+                w.functions.len(),
+                w.period_s,
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Select { elf, structure, weights, budget, algorithm, params, target, db, normal_agent, out } => {
+            select(SelectArgs { elf, structure, weights, budget, algorithm, params, target, db, normal_agent, out })
+        }
         Cmd::Stats { server } => {
             let mut q = QueryClient::connect(server.clone())
                 .await
@@ -271,4 +417,157 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+struct SelectArgs {
+    elf: Option<PathBuf>,
+    structure: Option<PathBuf>,
+    weights: PathBuf,
+    budget: f64,
+    algorithm: Algorithm,
+    params: MmasArgs,
+    target: Option<PathBuf>,
+    db: Option<PathBuf>,
+    normal_agent: Option<String>,
+    out: String,
+}
+
+/// `select`: structure + weights -> MWSCP-UBC instance -> Alg. 1 (and greedy, for comparison)
+/// -> plan; with normal FCTs, Alg. 2 colors them against the selection for F^callstack.
+fn select(a: SelectArgs) -> Result<()> {
+    let (structure, target) = match (&a.elf, &a.structure) {
+        (Some(elf), _) => {
+            let module = afetm_elf::symbols::Module::load(elf).with_context(|| format!("reading {}", elf.display()))?;
+            (afetm_elf::structure::analyze(&module), a.target.clone().unwrap_or_else(|| elf.clone()))
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let s: afetm_elf::structure::Structure =
+                serde_json::from_slice(&text).with_context(|| format!("parsing structure {}", path.display()))?;
+            let t = a.target.clone().context("--structure needs --target (the binary the plan traces)")?;
+            (s, t)
+        }
+        (None, None) => bail!("give --elf or --structure"),
+    };
+    let weights = Weights::load(&a.weights)?;
+    if weights.module != structure.module {
+        tracing::warn!(weights = %weights.module, structure = %structure.module, "weights were sampled on another module name");
+    }
+    let (inst, matched) = weights.instance(&structure)?;
+    if !matched.missing.is_empty() {
+        let top: Vec<String> = matched.missing.iter().take(5).map(|(n, w)| format!("{n} ({w:.0}/s)")).collect();
+        tracing::warn!(
+            missing = matched.missing.len(),
+            "weighted functions not in {}: {}",
+            structure.module,
+            top.join(", ")
+        );
+    }
+    let w_ub = selection::bound_for(&inst, a.budget);
+    let t = std::time::Instant::now();
+    let greedy = selection::greedy(&inst, w_ub);
+    let t_greedy = t.elapsed();
+    let t = std::time::Instant::now();
+    let chosen = match a.algorithm {
+        Algorithm::Mmas => selection::mmas(&inst, w_ub, &a.params.params())?,
+        Algorithm::Greedy => greedy.clone(),
+    };
+    let t_sel = t.elapsed();
+    let coverable = {
+        let mut hit = vec![false; inst.blocks];
+        inst.covers.iter().flatten().for_each(|b| hit[*b as usize] = true);
+        hit.iter().filter(|h| **h).count()
+    };
+    let pct = |c: usize| if inst.blocks == 0 { 100.0 } else { 100.0 * c as f64 / inst.blocks as f64 };
+    let called = chosen.functions.iter().filter(|j| inst.weights[**j] > 0.0).count();
+    println!(
+        "{} P={:.0}%: {:?} selected {} functions ({} of them called under the workload), block coverage {:.2}% ({}/{}), weight {:.0}/{:.0} calls/s (bound {:.0}), fitness {:.6}, {:.1} ms",
+        structure.module,
+        a.budget * 100.0,
+        a.algorithm,
+        chosen.functions.len(),
+        called,
+        pct(chosen.covered),
+        chosen.covered,
+        inst.blocks,
+        chosen.weight,
+        inst.total_weight(),
+        w_ub,
+        chosen.fitness,
+        t_sel.as_secs_f64() * 1e3
+    );
+    println!(
+        "  blocks that call a function of the module at all: {:.2}%; selected functions with weight 0: {}",
+        pct(coverable),
+        chosen.functions.len() - called
+    );
+    println!(
+        "  greedy: {} functions, block coverage {:.2}%, weight {:.0}, fitness {:.6}, {:.1} ms",
+        greedy.functions.len(),
+        pct(greedy.covered),
+        greedy.weight,
+        greedy.fitness,
+        t_greedy.as_secs_f64() * 1e3
+    );
+    let names: Vec<String> = chosen.functions.iter().map(|j| structure.functions[*j].name.clone()).collect();
+    if names.is_empty() {
+        bail!("the selection is empty: no function covers a block within the budget");
+    }
+    let callstack: Vec<String> = match (&a.db, &a.normal_agent) {
+        (Some(db), Some(agent)) => {
+            let store = Store::open(db, WindowConfig::default(), Limits::default())
+                .with_context(|| format!("opening database {}", db.display()))?;
+            let windows =
+                store.list_windows(&pb::ListWindowsRequest { agent_id: agent.clone(), pid: 0, closed_only: true })?;
+            let refs: Vec<pb::FctRef> = windows
+                .iter()
+                .flat_map(|w| w.tids.iter().map(|tid| pb::FctRef { window_id: w.id, tid: *tid }))
+                .collect();
+            if refs.is_empty() {
+                bail!("agent {agent:?} has no closed windows in {}: no normal FCTs to color", db.display());
+            }
+            let resp = service::color_stored(&store, &refs, &names).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("  F^callstack: {} functions from {} normal FCTs", resp.callstack.len(), refs.len());
+            resp.callstack
+        }
+        _ => {
+            eprintln!(
+                "no normal FCTs given (--db, --normal-agent): F^callstack is empty, every point is an event point"
+            );
+            Vec::new()
+        }
+    };
+    let cs: std::collections::HashSet<&str> = callstack.iter().map(String::as_str).collect();
+    let plan = PlanFile {
+        target: afetm_proto::plan::Target { path: Some(target), pid: None },
+        version: 0,
+        points: names
+            .iter()
+            .map(|n| afetm_proto::plan::Point {
+                function: n.clone(),
+                mode: if cs.contains(n.as_str()) {
+                    afetm_proto::plan::Mode::Callstack
+                } else {
+                    afetm_proto::plan::Mode::Event
+                },
+            })
+            .collect(),
+        selection: Some(afetm_proto::plan::SelectionSummary {
+            algorithm: format!("{:?}", a.algorithm).to_lowercase(),
+            budget: a.budget,
+            covered: chosen.covered,
+            blocks: inst.blocks,
+            weight: chosen.weight,
+            bound: w_ub,
+            fitness: chosen.fitness,
+            callstack: callstack.clone(),
+        }),
+    };
+    let json = serde_json::to_string_pretty(&plan)?;
+    if a.out == "-" {
+        println!("{json}");
+    } else {
+        std::fs::write(&a.out, json + "\n").with_context(|| format!("writing {}", a.out))?;
+    }
+    Ok(())
 }

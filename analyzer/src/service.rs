@@ -330,46 +330,8 @@ impl Control for Analyzer {
         if req.traced.is_empty() {
             return Err(Status::invalid_argument("color: the trace point set is empty"));
         }
-        let refs = req.fcts.clone();
-        let trees = self
-            .with_store(move |s| {
-                refs.iter().map(|r| s.afct(r.window_id, r.tid).map(|t| (*r, t))).collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(status)?;
-        let mut table = FuncTable::default();
-        let mut fcts = Vec::with_capacity(trees.len());
-        for (r, t) in trees {
-            let t =
-                t.ok_or_else(|| Status::not_found(format!("no FCT for window {} thread {}", r.window_id, r.tid)))?;
-            fcts.push(Forest::from_proto(&t, &mut table).map_err(Status::internal)?);
-        }
-        let traced: HashSet<_> = req.traced.iter().flat_map(|n| table.matching(n).collect::<Vec<_>>()).collect();
-        let out = coloring::color(&fcts, &traced);
-        let callstack_names: Vec<String> = out.callstack.iter().map(|f| table.get(*f).name.to_string()).collect();
-        let cs: HashSet<&str> = callstack_names.iter().map(String::as_str).collect();
-        let plan = pb::Plan {
-            version: 0,
-            points: req
-                .traced
-                .iter()
-                .map(|n| pb::TracePoint {
-                    function: n.clone(),
-                    mode: if cs.contains(n.rsplit(':').next().unwrap_or(n)) {
-                        pb::TraceMode::Callstack
-                    } else {
-                        pb::TraceMode::Event
-                    } as i32,
-                })
-                .collect(),
-            target_path: String::new(),
-            target_pid: 0,
-        };
-        Ok(Response::new(pb::ColorResponse {
-            callstack: callstack_names,
-            colored: out.fcts.iter().map(|f| f.to_proto(&table)).collect(),
-            plan: Some(plan),
-        }))
+        let (fcts, traced) = (req.fcts, req.traced);
+        self.with_store(move |s| Ok(color_stored(s, &fcts, &traced))).await.map_err(status)?.map(Response::new)
     }
 
     async fn set_plan(&self, request: Request<pb::SetPlanRequest>) -> Result<Response<pb::SetPlanResponse>, Status> {
@@ -437,4 +399,43 @@ pub async fn serve(
         .await;
     sweep.abort();
     Ok(result?)
+}
+
+/// Colors stored FCTs against the trace point set `traced` (Alg. 2) and derives the plan:
+/// every traced function in event mode, those in F^callstack in callstack mode.
+pub fn color_stored(store: &Store, refs: &[pb::FctRef], traced: &[String]) -> Result<pb::ColorResponse, Status> {
+    let mut table = FuncTable::default();
+    let mut fcts = Vec::with_capacity(refs.len());
+    for r in refs {
+        let t = store
+            .afct(r.window_id, r.tid)
+            .map_err(status)?
+            .ok_or_else(|| Status::not_found(format!("no FCT for window {} thread {}", r.window_id, r.tid)))?;
+        fcts.push(Forest::from_proto(&t, &mut table).map_err(Status::internal)?);
+    }
+    let traced_ids: HashSet<_> = traced.iter().flat_map(|n| table.matching(n).collect::<Vec<_>>()).collect();
+    let out = coloring::color(&fcts, &traced_ids);
+    let callstack_names: Vec<String> = out.callstack.iter().map(|f| table.get(*f).name.to_string()).collect();
+    let cs: HashSet<&str> = callstack_names.iter().map(String::as_str).collect();
+    let plan = pb::Plan {
+        version: 0,
+        points: traced
+            .iter()
+            .map(|n| pb::TracePoint {
+                function: n.clone(),
+                mode: if cs.contains(n.rsplit(':').next().unwrap_or(n)) {
+                    pb::TraceMode::Callstack
+                } else {
+                    pb::TraceMode::Event
+                } as i32,
+            })
+            .collect(),
+        target_path: String::new(),
+        target_pid: 0,
+    };
+    Ok(pb::ColorResponse {
+        callstack: callstack_names,
+        colored: out.fcts.iter().map(|f| f.to_proto(&table)).collect(),
+        plan: Some(plan),
+    })
 }

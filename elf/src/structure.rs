@@ -12,12 +12,12 @@
 use std::collections::BTreeSet;
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, OpKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::symbols::Module;
 
 /// Counts for `afetm-analyzer structure`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub functions: usize,
     pub blocks: usize,
@@ -33,7 +33,7 @@ pub struct Counts {
 }
 
 /// One function's share of the structure.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FunctionInfo {
     pub name: String,
     pub start: u64,
@@ -44,7 +44,7 @@ pub struct FunctionInfo {
 }
 
 /// The sets B and h of one module, ready for `selection::Instance`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Structure {
     pub module: String,
     pub functions: Vec<FunctionInfo>,

@@ -16,13 +16,38 @@ use serde::{Deserialize, Serialize};
 
 use crate::v1;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanFile {
     pub target: Target,
     #[serde(default)]
     pub version: u64,
     pub points: Vec<Point>,
+    /// How the points were chosen, when `afetm-analyzer select` wrote the plan. Informational:
+    /// the agent ignores it and it is not sent over gRPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<SelectionSummary>,
+}
+
+/// The trace point selection behind a plan (AFETM sec. III.A, MWSCP-UBC).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectionSummary {
+    /// `mmas` or `greedy`.
+    pub algorithm: String,
+    /// P = w_ub / w_total.
+    pub budget: f64,
+    /// Basic blocks covered, out of `blocks` (|B|).
+    pub covered: usize,
+    pub blocks: usize,
+    /// Total weight of the selected functions (calls/s) and the bound w_ub (eq 4).
+    pub weight: f64,
+    pub bound: f64,
+    /// F(x), eq 3.
+    pub fitness: f64,
+    /// Functions of F^callstack, found by coloring the normal FCTs (Alg. 2); empty when no
+    /// normal FCTs were given.
+    pub callstack: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +149,7 @@ impl PlanFile {
             },
             version: plan.version,
             points,
+            selection: None,
         };
         out.check()?;
         Ok(out)

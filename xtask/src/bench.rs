@@ -74,7 +74,7 @@ fn start_agent(bin: &Path, plan: &Path, server: &str, dir: &Path, pin: Option<&s
     start_agent_as(bin, plan, server, dir, pin, "bench")
 }
 
-fn start_agent_as(
+pub fn start_agent_as(
     bin: &Path,
     plan: &Path,
     server: &str,
@@ -110,14 +110,22 @@ fn start_agent_as(
     Ok((child, log))
 }
 
-fn stop_agent(mut child: Child, log: &Path) -> Result<String> {
+pub fn stop_agent(mut child: Child, log: &Path) -> Result<String> {
     signal(&child, "-TERM");
     child.wait()?;
     Ok(std::fs::read_to_string(log).unwrap_or_default())
 }
 
 fn start_analyzer(bin: &Path, dir: &Path, listen: &str, pin: Option<&str>) -> Result<Child> {
-    let db = dir.join("bench.sqlite");
+    start_analyzer_at(bin, dir, &dir.join("bench.sqlite"), listen, pin)
+}
+
+/// An analyzer (1 s windows) on a fresh database `db`, logging into `dir`.
+pub fn start_analyzer_db(bin: &Path, dir: &Path, db: &Path, listen: &str) -> Result<Child> {
+    start_analyzer_at(bin, dir, db, listen, None)
+}
+
+fn start_analyzer_at(bin: &Path, dir: &Path, db: &Path, listen: &str, pin: Option<&str>) -> Result<Child> {
     for ext in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
     }
@@ -132,7 +140,7 @@ fn start_analyzer(bin: &Path, dir: &Path, listen: &str, pin: Option<&str>) -> Re
     let log = dir.join("analyzer.log");
     let mut child = cmd
         .args(["serve", "--listen", listen, "--window", "1s", "--db"])
-        .arg(&db)
+        .arg(db)
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     sleep(Duration::from_millis(500));

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod sample;
 mod testbed;
 
 #[derive(Parser)]

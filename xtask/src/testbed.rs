@@ -59,6 +59,9 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Weights for trace point selection: count every function of one server under the CRUD
+    /// mix, write calls/s per function, then trace the called ones briefly for normal FCTs.
+    Sample(crate::sample::SampleArgs),
     /// Run the CRUD mix against nginx and print latency and throughput.
     Load {
         #[command(flatten)]
@@ -142,6 +145,7 @@ pub fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Sample(a) => crate::sample::sample(a),
         Cmd::Load { at, connections, duration, warmup, rate, mix, seed, json } => {
             let cfg = at.config();
             cfg.check_reachable()?;
