@@ -371,6 +371,7 @@ impl Tracer {
         if plan.target != self.target.spec {
             return Err(TraceError::TargetChanged(format!("{:?} -> {:?}", self.target.spec, plan.target)));
         }
+        let started = std::time::Instant::now();
         let resolved = resolve(&self.target.module, &plan.points)?;
         let mut desired: HashMap<u32, Resolved> = HashMap::new();
         let mut skipped: Vec<String> = Vec::new();
@@ -548,6 +549,7 @@ impl Tracer {
             detached: gone.len() as u32,
             unprobeable: skipped,
             relinked: moved.len() as u32,
+            apply_us: started.elapsed().as_micros() as u64,
         })
     }
 }

@@ -314,6 +314,93 @@ fn relinking_under_load_loses_and_doubles_no_call() {
     assert!(!counts.iter().any(|c| c.function == "locked_fn"));
 }
 
+/// Trace point selection end to end on calltree: count every function (weights), trace all of
+/// them (normal FCTs), `afetm-analyzer weights` + `select` (MMAS, coloring), then trace with
+/// the selected plan: it respects the bound (eq 4), covers blocks, marks F^callstack, and the
+/// agent traces exactly its functions.
+#[test]
+fn selected_plan_from_sampled_weights_traces_its_functions() {
+    require_root!();
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let prog = build_calltree(dir.path(), true);
+    let db = dir.path().join("db.sqlite");
+    let an = AnalyzerProc::start(&db, free_port(), &["--window", "300ms", "--grace", "100ms"]);
+    let agent =
+        AgentProc::start(&write_plan(dir.path(), "count", &prog, &[("*", "count")]), &an.url, "count", dir.path());
+    run_prog(&prog, 40, 0.0);
+    agent.stop();
+    let agent =
+        AgentProc::start(&write_plan(dir.path(), "full", &prog, &[("*", "event")]), &an.url, "full", dir.path());
+    run_prog(&prog, 5, 0.0);
+    agent.stop();
+
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new(analyzer_bin()).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "afetm-analyzer {args:?}: {text}");
+        text
+    };
+    let weights = dir.path().join("w.json");
+    let wp = weights.to_str().unwrap();
+    cli(&[
+        "weights",
+        "--server",
+        &an.url,
+        "--agent",
+        "count",
+        "--module",
+        "calltree-fp",
+        "--period",
+        "1s",
+        "--out",
+        wp,
+    ]);
+    let w: serde_json::Value = serde_json::from_slice(&std::fs::read(&weights).unwrap()).unwrap();
+    // 40 iterations: leaf 17 calls each (see count_only_mode_counts_every_call).
+    assert_eq!(w["functions"]["leaf"]["calls"], 17 * 40, "{w}");
+    let plan = dir.path().join("plan.json");
+    let out = cli(&[
+        "select",
+        "--elf",
+        prog.to_str().unwrap(),
+        "--weights",
+        wp,
+        "--budget",
+        "30%",
+        "--db",
+        db.to_str().unwrap(),
+        "--normal-agent",
+        "full",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    let plan_file = PlanFile::parse(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let sel = plan_file.selection.clone().expect("selection summary");
+    assert!(sel.weight <= sel.bound + 1e-9, "eq 4: {sel:?}");
+    assert!(sel.covered > 0 && sel.covered <= sel.blocks, "{sel:?}");
+    let names: std::collections::BTreeSet<String> = plan_file.points.iter().map(|p| p.function.clone()).collect();
+    for p in &plan_file.points {
+        let cs = sel.callstack.contains(&p.function);
+        assert_eq!(p.mode == afetm_proto::plan::Mode::Callstack, cs, "{} in F^callstack: {cs}", p.function);
+    }
+    eprintln!("{out}");
+    assert!(out.contains("greedy:"), "{out}");
+
+    let agent = AgentProc::start(&plan, &an.url, "selected", dir.path());
+    run_prog(&prog, 5, 0.0);
+    agent.stop();
+    let (table, trees) = rt().block_on(afcts(&an.url, "selected"));
+    let white: std::collections::BTreeSet<String> = trees
+        .iter()
+        .flat_map(|(_, _, f)| {
+            f.nodes.iter().filter(|n| n.color == Color::White).map(|n| table.get(n.func).name.to_string())
+        })
+        .collect();
+    assert!(!white.is_empty(), "the selected plan traced nothing; plan {names:?}");
+    assert!(white.is_subset(&names), "traced {white:?} outside the plan {names:?}");
+}
+
 /// Count-only mode counts every call and sends no events.
 #[test]
 fn count_only_mode_counts_every_call() {

@@ -91,9 +91,12 @@ const CACHE_LIMIT: usize = 1 << 16;
 
 impl Module {
     /// Loads `path`, naming the module after the file's basename.
+    /// Loads `path` under its real file name (symlinks resolved, as processes map it), so
+    /// `.eh_frame`-only functions get the same names here as in the agent.
     pub fn load(path: &Path) -> Result<Module, SymbolError> {
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let name =
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+            real.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
         Module::load_as(path, name)
     }
 

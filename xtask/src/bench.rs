@@ -33,6 +33,12 @@ pub enum Which {
         #[arg(long, default_value_t = 40_000)]
         blocks: usize,
     },
+    /// Live plan changes on redis-server: attach and detach 100, 1,000 and all functions,
+    /// idle and under redis-benchmark, next to a no-op plan change.
+    Attach {
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// The shop under the CRUD mix at 8 connections, untraced and then with the four servers
     /// traced on request-path functions: req/s and latency both ways, events/s and AFCTs/s at
     /// the analyzer.
@@ -52,6 +58,7 @@ pub fn run_bench(which: Which) -> Result<()> {
     match which {
         Which::Probe { calls, reps } => probe(calls, reps),
         Which::Select { functions, blocks } => select_bench(functions, blocks),
+        Which::Attach { reps } => crate::attach::attach_bench(reps),
         Which::Testbed { built, netns, duration } => testbed_bench(built, netns, duration),
     }
 }
