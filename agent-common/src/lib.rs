@@ -110,6 +110,52 @@ pub struct Mark {
 /// Threads that can be in a handover at once (LRU map of marks).
 pub const MAX_MARKS: u32 = 16384;
 
+/// Fault injection (AFETM sec. III.C.1): what the injector's probes do to each call of the
+/// target function, from injection on (permanent faults). Kept in the one-entry `INJECT` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InjectSpec {
+    /// One of [`fault`].
+    pub kind: u32,
+    /// Only this process (thread group id) is touched.
+    pub tgid: u32,
+    /// IP+N: bytes to move the instruction pointer by. Input corruption: the parameter index
+    /// (0..6 are rdi, rsi, rdx, rcx, r8, r9; 6.. the stack slots after the return address).
+    pub arg: u32,
+    /// Input/output corruption: the bit to flip (0..64).
+    pub bit: u32,
+}
+
+impl InjectSpec {
+    /// The map value as the kernel sees it (the `repr(C)` layout, four u32 words).
+    pub const fn words(&self) -> [u32; 4] {
+        [self.kind, self.tgid, self.arg, self.bit]
+    }
+}
+
+/// Fault kinds of [`InjectSpec`].
+pub mod fault {
+    /// At entry: SIGKILL (process crash).
+    pub const CRASH: u32 = 1;
+    /// At entry: SIGSTOP (the process hangs, as in a deadlock).
+    pub const DEADLOCK: u32 = 2;
+    /// At entry: instruction pointer + N.
+    pub const IP_PLUS_N: u32 = 3;
+    /// At entry: one bit of one integer parameter flipped.
+    pub const INPUT: u32 = 4;
+    /// At return: one bit of the integer return value (rax) flipped.
+    pub const OUTPUT: u32 = 5;
+}
+
+/// Index of each counter in the injector's `INJECT_STATS` array.
+pub mod inject_stat {
+    /// Calls the fault was applied to.
+    pub const APPLIED: u32 = 0;
+    /// Calls where applying it failed (signal or user-memory write refused).
+    pub const FAILED: u32 = 1;
+    pub const LEN: u32 = 2;
+}
+
 /// Kind of a ring buffer record.
 pub mod kind {
     /// A call without a stack.
@@ -197,6 +243,13 @@ mod tests {
         }
         assert_eq!(cookie(7, 3) as u32, 7);
         assert_eq!((cookie(7, 3) >> 32) as u32, 3);
+    }
+
+    #[test]
+    fn inject_spec_words_match_layout() {
+        let s = InjectSpec { kind: 1, tgid: 2, arg: 3, bit: 4 };
+        let bytes: [u32; 4] = unsafe { core::mem::transmute(s) };
+        assert_eq!(bytes, s.words());
     }
 
     #[test]

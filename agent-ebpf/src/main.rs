@@ -11,19 +11,20 @@
 #![no_main]
 
 use agent_common::{
-    EventHeader, HEADER_LEN, MAX_FUNCS, MAX_MARKS, MAX_STACK_WINDOW, Mark, Mode, RING_BYTES, Slot, StackEvent, kind,
-    stat,
+    EventHeader, HEADER_LEN, InjectSpec, MAX_FUNCS, MAX_MARKS, MAX_STACK_WINDOW, Mark, Mode, RING_BYTES, Slot,
+    StackEvent, fault, inject_stat, kind, stat,
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
-        generated::bpf_get_attach_cookie,
+        bpf_probe_write_user,
+        generated::{bpf_get_attach_cookie, bpf_send_signal},
     },
-    macros::{map, uprobe},
+    macros::{map, uprobe, uretprobe},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::ProbeContext,
+    programs::{ProbeContext, RetProbeContext},
 };
 
 /// Bytes of user stack to copy for call-stack events; set by the loader, at most
@@ -88,6 +89,104 @@ pub fn afetm_probe(ctx: ProbeContext) -> u32 {
         Mode::Event => emit_call(&ctx, fn_id),
         Mode::CallStack => emit_stack(&ctx, fn_id),
     }
+    0
+}
+
+/// The fault the injector applies (one entry; see `agent_common::InjectSpec`).
+#[map]
+static INJECT: Array<InjectSpec> = Array::with_max_entries(1, 0);
+#[map]
+static INJECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(inject_stat::LEN, 0);
+
+#[inline(always)]
+fn inject_count(index: u32) {
+    if let Some(c) = INJECT_STATS.get_ptr_mut(index) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn inject_spec() -> Option<&'static InjectSpec> {
+    let spec = INJECT.get(0)?;
+    ((bpf_get_current_pid_tgid() >> 32) as u32 == spec.tgid).then_some(spec)
+}
+
+/// Fault injection at function entry by signal (AFETM sec. III.C.1): crash (SIGKILL) and
+/// deadlock (SIGSTOP). Loaded only by `afetm-inject`.
+#[uprobe]
+pub fn afetm_inject_signal(_ctx: ProbeContext) -> u32 {
+    let Some(spec) = inject_spec() else {
+        return 0;
+    };
+    let sig = match spec.kind {
+        fault::CRASH => 9,
+        fault::DEADLOCK => 19,
+        _ => return 0,
+    };
+    let ok = (unsafe { bpf_send_signal(sig) }) == 0;
+    inject_count(if ok { inject_stat::APPLIED } else { inject_stat::FAILED });
+    0
+}
+
+/// Input corruption of a stack parameter (index >= 6) at entry: user memory write.
+#[uprobe]
+pub fn afetm_inject_stack(ctx: ProbeContext) -> u32 {
+    let Some(spec) = inject_spec() else {
+        return 0;
+    };
+    if spec.kind != fault::INPUT || spec.arg < 6 {
+        return 0;
+    }
+    let regs = unsafe { &*ctx.regs };
+    // Slot arg-6 above the return address.
+    let addr = (regs.rsp + 8 * (spec.arg as u64 - 5)) as *mut u64;
+    let ok = match unsafe { bpf_probe_read_user(addr as *const u64) } {
+        Ok(v) => {
+            let flipped = v ^ (1u64 << (spec.bit & 63));
+            unsafe { bpf_probe_write_user(addr, &flipped as *const u64) }.is_ok()
+        }
+        Err(_) => false,
+    };
+    inject_count(if ok { inject_stat::APPLIED } else { inject_stat::FAILED });
+    0
+}
+
+/// IP+N and input corruption of a register parameter at entry: writes the saved registers,
+/// which only kernels that let uprobe programs write their context accept (the injector checks
+/// at start and says so).
+#[uprobe]
+pub fn afetm_inject_regs(ctx: ProbeContext) -> u32 {
+    let Some(spec) = inject_spec() else {
+        return 0;
+    };
+    let regs = unsafe { &mut *ctx.regs };
+    let mask = 1u64 << (spec.bit & 63);
+    match (spec.kind, spec.arg) {
+        (fault::IP_PLUS_N, n) => regs.rip = regs.rip.wrapping_add(n as u64),
+        (fault::INPUT, 0) => regs.rdi ^= mask,
+        (fault::INPUT, 1) => regs.rsi ^= mask,
+        (fault::INPUT, 2) => regs.rdx ^= mask,
+        (fault::INPUT, 3) => regs.rcx ^= mask,
+        (fault::INPUT, 4) => regs.r8 ^= mask,
+        (fault::INPUT, 5) => regs.r9 ^= mask,
+        _ => return 0,
+    }
+    inject_count(inject_stat::APPLIED);
+    0
+}
+
+/// Output corruption at function return: one bit of rax flipped.
+#[uretprobe]
+pub fn afetm_inject_ret(ctx: RetProbeContext) -> u32 {
+    let Some(spec) = inject_spec() else {
+        return 0;
+    };
+    if spec.kind != fault::OUTPUT {
+        return 0;
+    }
+    let regs = unsafe { &mut *ctx.regs };
+    regs.rax ^= 1u64 << (spec.bit & 63);
+    inject_count(inject_stat::APPLIED);
     0
 }
 

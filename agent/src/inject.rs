@@ -1,0 +1,352 @@
+//! Fault injection for the FDDB campaign (AFETM sec. III.C.1), without a kernel module: an eBPF
+//! uprobe on the target function's entry (or a uretprobe on its return) applies the fault to
+//! every call from attach on (permanent faults), in one process only.
+//!
+//! | fault | where | mechanism |
+//! |---|---|---|
+//! | crash | entry | `bpf_send_signal(SIGKILL)` |
+//! | deadlock | entry | `bpf_send_signal(SIGSTOP)` (the whole process stops) |
+//! | IP+N | entry | the uprobe program writes `regs->ip` (kernels that let uprobe programs write their context; the kernel then resumes at the new address) |
+//! | input corruption | entry | register parameters: `regs` write; stack parameters: `bpf_probe_write_user` |
+//! | output corruption | return | uretprobe writes `regs->ax` |
+//!
+//! [`capabilities`] loads each program once. Linux 6.18 (this project's machines) refuses
+//! context writes from uprobe programs ("invalid bpf_context access"), so IP+N, register
+//! parameters and output corruption are unavailable here until the ptrace fallback is built;
+//! crash, deadlock and stack parameters work.
+//!
+//! Safety: an [`Injector`] only ever touches a [`Victim`], which is either a child process the
+//! caller started or a pid named explicitly as foreign; pid 1 and the injector itself are
+//! refused.
+
+use std::{fmt, num::NonZeroU32, path::Path, str::FromStr};
+
+use agent_common::{InjectSpec, fault, inject_stat};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray},
+    programs::{UProbe, uprobe::UProbeScope},
+};
+use iced_x86::{Decoder, DecoderOptions};
+
+use crate::symbols::Module;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("refusing to inject into pid {0}: {1}")]
+    Refused(u32, &'static str),
+    #[error("process {0} is gone")]
+    Gone(u32),
+    #[error(transparent)]
+    Symbols(#[from] crate::symbols::SymbolError),
+    #[error("no function {0:?} in {1}")]
+    UnknownFunction(String, String),
+    #[error("function {0} has no file offset")]
+    NoOffset(String),
+    #[error("bad fault {0:?}: expected crash, deadlock, ip+N, input:ARG:BIT or output:BIT")]
+    BadFault(String),
+    #[error("this kernel cannot apply {fault} with eBPF: {why}")]
+    Unsupported { fault: String, why: String },
+    #[error("loading the injector: {0}")]
+    Load(String),
+    #[error("attaching the injector to {function}: {error}")]
+    Attach { function: String, error: String },
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+}
+
+/// The five fault types of AFETM's fault model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Process crash (SIGKILL at entry).
+    Crash,
+    /// Deadlock: the process stops (SIGSTOP at entry).
+    Deadlock,
+    /// IP+N at entry; `None` = the length of the function's first instruction (the next
+    /// instruction boundary: the first instruction is skipped).
+    IpPlus(Option<u32>),
+    /// One bit of parameter `arg` (0-based, integer/pointer parameters in ABI order) flipped at entry.
+    Input { arg: u32, bit: u32 },
+    /// One bit of the return value flipped at return.
+    Output { bit: u32 },
+}
+
+impl Fault {
+    /// The fault type's name as stored in the FDDB.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Crash => "crash",
+            Fault::Deadlock => "deadlock",
+            Fault::IpPlus(_) => "ip+n",
+            Fault::Input { .. } => "input",
+            Fault::Output { .. } => "output",
+        }
+    }
+
+    /// How this kernel applies it.
+    pub fn mechanism(&self) -> &'static str {
+        match self {
+            Fault::Crash | Fault::Deadlock => "eBPF bpf_send_signal at entry",
+            Fault::IpPlus(_) => "eBPF uprobe context write (ip) at entry",
+            Fault::Input { arg, .. } if *arg < 6 => "eBPF uprobe context write (parameter register) at entry",
+            Fault::Input { .. } => "eBPF bpf_probe_write_user (stack parameter) at entry",
+            Fault::Output { .. } => "eBPF uretprobe context write (rax) at return",
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::Crash => write!(f, "crash"),
+            Fault::Deadlock => write!(f, "deadlock"),
+            Fault::IpPlus(None) => write!(f, "ip+"),
+            Fault::IpPlus(Some(n)) => write!(f, "ip+{n}"),
+            Fault::Input { arg, bit } => write!(f, "input:{arg}:{bit}"),
+            Fault::Output { bit } => write!(f, "output:{bit}"),
+        }
+    }
+}
+
+impl FromStr for Fault {
+    type Err = InjectError;
+
+    fn from_str(s: &str) -> Result<Fault, InjectError> {
+        let bad = || InjectError::BadFault(s.to_string());
+        let num = |v: &str, max: u32| v.parse::<u32>().ok().filter(|n| *n < max).ok_or_else(bad);
+        Ok(match s {
+            "crash" => Fault::Crash,
+            "deadlock" => Fault::Deadlock,
+            "ip+" => Fault::IpPlus(None),
+            _ if s.starts_with("ip+") => Fault::IpPlus(Some(num(&s[3..], 4096)?).filter(|n| *n > 0).or(None)),
+            _ => match s.split(':').collect::<Vec<_>>().as_slice() {
+                ["input", arg, bit] => Fault::Input { arg: num(arg, 32)?, bit: num(bit, 64)? },
+                ["output", bit] => Fault::Output { bit: num(bit, 64)? },
+                _ => return Err(bad()),
+            },
+        })
+    }
+}
+
+/// A process the injector may touch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Victim(NonZeroU32);
+
+impl Victim {
+    /// A process the caller started.
+    pub fn child(child: &std::process::Child) -> Result<Victim, InjectError> {
+        Victim::check(child.id())
+    }
+
+    /// A pid the user named explicitly as one the injector may break.
+    pub fn foreign(pid: u32) -> Result<Victim, InjectError> {
+        Victim::check(pid)
+    }
+
+    fn check(pid: u32) -> Result<Victim, InjectError> {
+        if pid <= 1 {
+            return Err(InjectError::Refused(pid, "pid 0 and init are never injected"));
+        }
+        if pid == std::process::id() {
+            return Err(InjectError::Refused(pid, "that is the injector itself"));
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(InjectError::Gone(pid));
+        }
+        NonZeroU32::new(pid).map(Victim).ok_or(InjectError::Refused(pid, "pid 0"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.get()
+    }
+}
+
+const SIGNAL: &str = "afetm_inject_signal";
+const STACK: &str = "afetm_inject_stack";
+const REGS: &str = "afetm_inject_regs";
+const RETURN: &str = "afetm_inject_ret";
+
+impl Fault {
+    /// The eBPF program that applies this fault.
+    fn program(&self) -> &'static str {
+        match self {
+            Fault::Crash | Fault::Deadlock => SIGNAL,
+            Fault::Input { arg, .. } if *arg >= 6 => STACK,
+            Fault::IpPlus(_) | Fault::Input { .. } => REGS,
+            Fault::Output { .. } => RETURN,
+        }
+    }
+}
+
+fn object() -> Result<Ebpf, InjectError> {
+    EbpfLoader::new()
+        .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/afetm.bpf.o")))
+        .map_err(|e| InjectError::Load(e.to_string()))
+}
+
+fn load(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
+    let prog: &mut UProbe = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load().map_err(|e| {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(x) = src {
+            s.push_str(&format!(": {x}"));
+            src = x.source();
+        }
+        s
+    })
+}
+
+/// What this kernel lets the injector do, per fault type: `Ok` or the verifier's reason.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    /// Crash and deadlock (signals from a uprobe).
+    pub signal: Result<(), String>,
+    /// Input corruption of stack parameters (user memory writes).
+    pub stack: Result<(), String>,
+    /// IP+N and input corruption of register parameters (uprobe context writes).
+    pub regs: Result<(), String>,
+    /// Output corruption (uretprobe context writes).
+    pub ret: Result<(), String>,
+}
+
+/// Loads every injector program once to see what this kernel accepts.
+pub fn capabilities() -> Result<Capabilities, InjectError> {
+    let mut ebpf = object()?;
+    // Only the first line of a verifier refusal: the rest is the verifier log.
+    let mut try_load = |name| {
+        load(&mut ebpf, name).map_err(|e| {
+            e.lines()
+                .rev()
+                .find(|l| {
+                    !l.trim_start_matches(": ").is_empty()
+                        && !l.starts_with("processed")
+                        && !l.starts_with("verification time")
+                        && !l.starts_with("stack depth")
+                        && !l.starts_with(": ")
+                })
+                .unwrap_or(&e)
+                .to_string()
+        })
+    };
+    Ok(Capabilities { signal: try_load(SIGNAL), stack: try_load(STACK), regs: try_load(REGS), ret: try_load(RETURN) })
+}
+
+/// A fault attached to one function of one process; removed when dropped (a stopped or killed
+/// process stays so).
+pub struct Injector {
+    ebpf: Ebpf,
+    stats: PerCpuArray<MapData, u64>,
+    pub function: String,
+    pub fault: Fault,
+    pub victim: Victim,
+}
+
+impl Injector {
+    /// Injects `fault` into `function` of the file `module_path` (an executable or a library
+    /// the victim maps), in `victim` only.
+    pub fn start(victim: Victim, module_path: &Path, function: &str, fault: Fault) -> Result<Injector, InjectError> {
+        if !Path::new(&format!("/proc/{}", victim.pid())).exists() {
+            return Err(InjectError::Gone(victim.pid()));
+        }
+        let module = Module::load(module_path)?;
+        let func = module
+            .find(function)
+            .first()
+            .copied()
+            .cloned()
+            .ok_or_else(|| InjectError::UnknownFunction(function.to_string(), module_path.display().to_string()))?;
+        let offset = module.vaddr_to_offset(func.start).ok_or_else(|| InjectError::NoOffset(function.to_string()))?;
+        let fault = match fault {
+            Fault::IpPlus(None) => {
+                let mut d = Decoder::with_ip(64, module.code(&func), func.start, DecoderOptions::NONE);
+                let first = d.decode();
+                if first.is_invalid() {
+                    return Err(InjectError::BadFault(format!("ip+ ({function} does not start with an instruction)")));
+                }
+                Fault::IpPlus(Some(first.len() as u32))
+            }
+            f => f,
+        };
+        let spec = match fault {
+            Fault::Crash => InjectSpec { kind: fault::CRASH, ..Default::default() },
+            Fault::Deadlock => InjectSpec { kind: fault::DEADLOCK, ..Default::default() },
+            Fault::IpPlus(n) => InjectSpec { kind: fault::IP_PLUS_N, arg: n.unwrap_or(1), ..Default::default() },
+            Fault::Input { arg, bit } => InjectSpec { kind: fault::INPUT, arg, bit, ..Default::default() },
+            Fault::Output { bit } => InjectSpec { kind: fault::OUTPUT, bit, ..Default::default() },
+        };
+        let spec = InjectSpec { tgid: victim.pid(), ..spec };
+        let mut ebpf = object()?;
+        let name = fault.program();
+        load(&mut ebpf, name).map_err(|why| InjectError::Unsupported {
+            fault: fault.to_string(),
+            why: why
+                .lines()
+                .find(|l| l.starts_with("invalid bpf_context access"))
+                .map(|l| {
+                    format!("the verifier refuses uprobe context writes ({l}); a ptrace fallback is not built yet")
+                })
+                .unwrap_or(why.clone()),
+        })?;
+        let mut map: Array<MapData, [u32; 4]> =
+            Array::try_from(ebpf.take_map("INJECT").ok_or_else(|| InjectError::Load("map INJECT missing".into()))?)?;
+        map.set(0, &spec.words(), 0)?;
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map("INJECT_STATS").ok_or_else(|| InjectError::Load("map INJECT_STATS missing".into()))?,
+        )?;
+        let prog: &mut UProbe = ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| InjectError::Load("program vanished".into()))?;
+        prog.attach([offset], module_path, UProbeScope::OneProcess(victim.0))
+            .map_err(|e| InjectError::Attach { function: function.to_string(), error: e.to_string() })?;
+        Ok(Injector { ebpf, stats, function: function.to_string(), fault, victim })
+    }
+
+    /// Calls the fault was applied to, and calls where applying it failed.
+    pub fn applied(&self) -> (u64, u64) {
+        let sum = |i: u32| self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        (sum(inject_stat::APPLIED), sum(inject_stat::FAILED))
+    }
+
+    /// The eBPF object (kept alive with the link).
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_syntax() {
+        assert_eq!("crash".parse::<Fault>().unwrap(), Fault::Crash);
+        assert_eq!("deadlock".parse::<Fault>().unwrap(), Fault::Deadlock);
+        assert_eq!("ip+".parse::<Fault>().unwrap(), Fault::IpPlus(None));
+        assert_eq!("ip+3".parse::<Fault>().unwrap(), Fault::IpPlus(Some(3)));
+        assert_eq!("input:1:0".parse::<Fault>().unwrap(), Fault::Input { arg: 1, bit: 0 });
+        assert_eq!("output:63".parse::<Fault>().unwrap(), Fault::Output { bit: 63 });
+        for bad in ["", "crash!", "output:64", "input:1", "input:x:1", "ip+x", "kill"] {
+            assert!(bad.parse::<Fault>().is_err(), "{bad}");
+        }
+        assert_eq!(Fault::Input { arg: 2, bit: 5 }.to_string(), "input:2:5");
+    }
+
+    #[test]
+    fn victims_are_checked() {
+        assert!(matches!(Victim::foreign(1), Err(InjectError::Refused(1, _))));
+        assert!(matches!(Victim::foreign(std::process::id()), Err(InjectError::Refused(..))));
+        assert!(matches!(Victim::foreign(u32::MAX - 1), Err(InjectError::Gone(_))));
+        let child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let v = Victim::child(&child).unwrap();
+        assert_eq!(v.pid(), child.id());
+        let mut child = child;
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -1,0 +1,168 @@
+//! `afetm-inject` on the real `faulty` test program with real uprobes: crash and deadlock have
+//! their effect (killed by SIGKILL, stopped) and the traced call trees of the faulty runs differ
+//! from the normal one where AFETM says they should (nothing below the injected function
+//! after the fault). Safety refusals are clear errors. Root only.
+mod common;
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use afetm_analyzer::tree::Color;
+use common::*;
+
+fn inject_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_afetm-inject"))
+}
+
+fn build_faulty(dir: &Path) -> PathBuf {
+    let out = dir.join("faulty");
+    let status = Command::new("gcc")
+        .args(["-O0", "-o"])
+        .arg(&out)
+        .arg(repo_root().join("testbed/progs/faulty.c"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    out
+}
+
+/// Runs `faulty 20` under the injector; returns the victim's pid, the injector's JSON report,
+/// and what `faulty` printed.
+fn injected_run(
+    prog: &Path,
+    dir: &Path,
+    fault: &str,
+    while_running: impl FnOnce(u32),
+) -> (u32, serde_json::Value, String) {
+    let ready = dir.join(format!("{fault}.ready"));
+    let mut inj = Command::new(inject_bin())
+        .args(["--module"])
+        .arg(prog)
+        .args(["--function", "work", "--fault", fault, "--ready-file"])
+        .arg(&ready)
+        .arg("--")
+        .arg(prog)
+        .arg("20")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !ready.exists() {
+        assert!(inj.try_wait().unwrap().is_none(), "injector exited early");
+        assert!(t.elapsed() < Duration::from_secs(20), "injector not ready");
+        sleep(Duration::from_millis(20));
+    }
+    let pid: u32 = std::fs::read_to_string(&ready).unwrap().trim().parse().unwrap();
+    inj.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    while_running(pid);
+    let out = inj.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let report = stdout.lines().last().unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(report)
+        .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
+    (pid, json, stdout)
+}
+
+fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim().chars().next()
+}
+
+#[test]
+fn crash_and_deadlock_take_effect_and_change_the_call_trees() {
+    require_root!();
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let prog = build_faulty(dir.path());
+    let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "60s"]);
+    let plan = write_plan(
+        dir.path(),
+        "faulty",
+        &prog,
+        &[("main", "event"), ("step", "event"), ("work", "event"), ("pick", "event"), ("leaf", "event")],
+    );
+    let agent = AgentProc::start(&plan, &an.url, "faulty", dir.path());
+
+    // Normal run.
+    let mut normal = Command::new(&prog).arg("20").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let normal_pid = normal.id();
+    normal.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = normal.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 20);
+
+    // Crash: SIGKILL at the first call of work(); nothing printed.
+    let (crash_pid, r, printed) = injected_run(&prog, dir.path(), "crash", |_| {});
+    assert_eq!(r["ended"], "signal 9", "{r}");
+    assert!(r["applied"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["mechanism"], "eBPF bpf_send_signal at entry");
+    assert_eq!(printed.lines().count(), 1, "only the report: faulty died before printing: {printed}");
+
+    // Deadlock: the process stops at the first call of work() and stays stopped.
+    let (dead_pid, r, _) = injected_run(&prog, dir.path(), "deadlock", |pid| {
+        let t = Instant::now();
+        while state(pid) != Some('T') {
+            assert!(t.elapsed() < Duration::from_secs(10), "pid {pid} never stopped: state {:?}", state(pid));
+            sleep(Duration::from_millis(20));
+        }
+        sleep(Duration::from_millis(300));
+        assert_eq!(state(pid), Some('T'), "still stopped");
+        // SAFETY: kill has no memory preconditions; pid is the victim the injector started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    assert_eq!(r["ended"], "signal 9", "{r}");
+    assert!(r["applied"].as_u64().unwrap() >= 1, "{r}");
+    agent.stop();
+
+    // Call trees: the normal run reaches leaf under work; the faulty runs enter work and never
+    // get below it.
+    let (table, trees) = rt().block_on(afcts(&an.url, "faulty"));
+    let names_of = |pid: u32| -> std::collections::BTreeSet<String> {
+        trees
+            .iter()
+            .filter(|(w, _, _)| w.pid == pid)
+            .flat_map(|(_, _, f)| {
+                f.nodes.iter().filter(|n| n.color == Color::White).map(|n| table.get(n.func).name.to_string())
+            })
+            .collect()
+    };
+    let normal = names_of(normal_pid);
+    assert!(["main", "step", "work", "pick", "leaf"].iter().all(|f| normal.contains(*f)), "normal: {normal:?}");
+    for (what, pid) in [("crash", crash_pid), ("deadlock", dead_pid)] {
+        let t = names_of(pid);
+        assert!(t.contains("work"), "{what}: the injected function was entered: {t:?}");
+        assert!(!t.contains("leaf") && !t.contains("pick"), "{what}: nothing below work after the fault: {t:?}");
+    }
+}
+
+#[test]
+fn injector_refuses_foreign_pids_init_unknown_functions_and_bad_faults() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let prog = build_faulty(dir.path());
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(inject_bin()).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let p = prog.to_str().unwrap();
+    let pid = other.id().to_string();
+    let (ok, err) = run(&["--module", p, "--function", "work", "--fault", "crash", "--pid", &pid]);
+    assert!(!ok && err.contains("--foreign") && err.trim().lines().count() == 1, "{err}");
+    let (ok, err) = run(&["--module", p, "--function", "work", "--fault", "crash", "--pid", "1", "--foreign"]);
+    assert!(!ok && err.contains("init"), "{err}");
+    let (ok, err) = run(&["--module", p, "--function", "nosuch", "--fault", "crash", "--pid", &pid, "--foreign"]);
+    assert!(!ok && err.contains("no function \"nosuch\""), "{err}");
+    let (ok, err) = run(&["--module", p, "--function", "work", "--fault", "output:99", "--pid", &pid, "--foreign"]);
+    assert!(!ok && err.contains("bad fault"), "{err}");
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "the foreign process was not touched");
+    other.kill().unwrap();
+    other.wait().unwrap();
+}
