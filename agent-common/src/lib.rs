@@ -145,6 +145,10 @@ pub mod fault {
     pub const INPUT: u32 = 4;
     /// At return: one bit of the integer return value (rax) flipped.
     pub const OUTPUT: u32 = 5;
+    /// At entry or return: SIGTRAP to the calling thread, which the injector traces with
+    /// ptrace and whose registers it changes in the signal-delivery stop (kernels whose
+    /// uprobe programs cannot write registers).
+    pub const TRAP: u32 = 6;
 }
 
 /// Index of each counter in the injector's `INJECT_STATS` array.

@@ -20,7 +20,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
         bpf_probe_write_user,
-        generated::{bpf_get_attach_cookie, bpf_send_signal},
+        generated::{bpf_get_attach_cookie, bpf_send_signal, bpf_send_signal_thread},
     },
     macros::{map, uprobe, uretprobe},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -111,19 +111,20 @@ fn inject_spec() -> Option<&'static InjectSpec> {
     ((bpf_get_current_pid_tgid() >> 32) as u32 == spec.tgid).then_some(spec)
 }
 
-/// Fault injection at function entry by signal (AFETM sec. III.C.1): crash (SIGKILL) and
-/// deadlock (SIGSTOP). Loaded only by `afetm-inject`.
+/// Fault injection at function entry by signal (AFETM sec. III.C.1): crash (SIGKILL),
+/// deadlock (SIGSTOP), or SIGTRAP to the thread for the injector's ptrace fallback. Loaded only
+/// by `afetm-inject`.
 #[uprobe]
 pub fn afetm_inject_signal(_ctx: ProbeContext) -> u32 {
     let Some(spec) = inject_spec() else {
         return 0;
     };
-    let sig = match spec.kind {
-        fault::CRASH => 9,
-        fault::DEADLOCK => 19,
+    let ok = match spec.kind {
+        fault::CRASH => (unsafe { bpf_send_signal(9) }) == 0,
+        fault::DEADLOCK => (unsafe { bpf_send_signal(19) }) == 0,
+        fault::TRAP => (unsafe { bpf_send_signal_thread(5) }) == 0,
         _ => return 0,
     };
-    let ok = (unsafe { bpf_send_signal(sig) }) == 0;
     inject_count(if ok { inject_stat::APPLIED } else { inject_stat::FAILED });
     0
 }
@@ -172,6 +173,21 @@ pub fn afetm_inject_regs(ctx: ProbeContext) -> u32 {
         _ => return 0,
     }
     inject_count(inject_stat::APPLIED);
+    0
+}
+
+/// At function return: SIGTRAP to the thread for the ptrace fallback of output corruption
+/// (delivered on the return to the caller, where rax holds the return value).
+#[uretprobe]
+pub fn afetm_inject_trap_ret(_ctx: RetProbeContext) -> u32 {
+    let Some(spec) = inject_spec() else {
+        return 0;
+    };
+    if spec.kind != fault::TRAP {
+        return 0;
+    }
+    let ok = (unsafe { bpf_send_signal_thread(5) }) == 0;
+    inject_count(if ok { inject_stat::APPLIED } else { inject_stat::FAILED });
     0
 }
 

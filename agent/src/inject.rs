@@ -6,20 +6,20 @@
 //! |---|---|---|
 //! | crash | entry | `bpf_send_signal(SIGKILL)` |
 //! | deadlock | entry | `bpf_send_signal(SIGSTOP)` (the whole process stops) |
-//! | IP+N | entry | the uprobe program writes `regs->ip` (kernels that let uprobe programs write their context; the kernel then resumes at the new address) |
-//! | input corruption | entry | register parameters: `regs` write; stack parameters: `bpf_probe_write_user` |
-//! | output corruption | return | uretprobe writes `regs->ax` |
+//! | IP+N | entry | the uprobe program writes `regs->ip`, or ([`ptrace`] fallback) SIGTRAP + ptrace |
+//! | input corruption | entry | register parameters: `regs` write or ptrace fallback; stack parameters: `bpf_probe_write_user` |
+//! | output corruption | return | uretprobe writes `regs->ax`, or SIGTRAP + ptrace |
 //!
-//! [`capabilities`] loads each program once. Linux 6.18 (this project's machines) refuses
-//! context writes from uprobe programs ("invalid bpf_context access"), so IP+N, register
-//! parameters and output corruption are unavailable here until the ptrace fallback is built;
-//! crash, deadlock and stack parameters work.
+//! Each eBPF program is tried first; Linux 6.18 (this project's machines) refuses context
+//! writes from uprobe programs ("invalid bpf_context access") and `bpf_probe_write_user`, so
+//! register faults go through the ptrace fallback there and stack parameters are unavailable.
+//! [`capabilities`] reports what the running kernel accepts.
 //!
 //! Safety: an [`Injector`] only ever touches a [`Victim`], which is either a child process the
 //! caller started or a pid named explicitly as foreign; pid 1 and the injector itself are
 //! refused.
 
-use std::{fmt, num::NonZeroU32, path::Path, str::FromStr};
+use std::{fmt, num::NonZeroU32, path::Path, str::FromStr, sync::atomic::AtomicBool};
 
 use agent_common::{InjectSpec, fault, inject_stat};
 use aya::{
@@ -30,6 +30,30 @@ use aya::{
 use iced_x86::{Decoder, DecoderOptions};
 
 use crate::symbols::Module;
+
+pub mod ptrace;
+
+/// How the victim ended, as the injector saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    Exit(i32),
+    Signal(i32),
+    /// The process is gone (not the injector's child, so its status is unknown).
+    Gone,
+    /// The injector was stopped first; the process runs on.
+    Stopped,
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ended::Exit(c) => write!(f, "exit {c}"),
+            Ended::Signal(s) => write!(f, "signal {s}"),
+            Ended::Gone => write!(f, "gone"),
+            Ended::Stopped => write!(f, "injector stopped"),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InjectError {
@@ -130,12 +154,12 @@ impl FromStr for Fault {
 
 /// A process the injector may touch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Victim(NonZeroU32);
+pub struct Victim(NonZeroU32, bool);
 
 impl Victim {
     /// A process the caller started.
     pub fn child(child: &std::process::Child) -> Result<Victim, InjectError> {
-        Victim::check(child.id())
+        Victim::check(child.id()).map(|v| Victim(v.0, true))
     }
 
     /// A pid the user named explicitly as one the injector may break.
@@ -153,11 +177,16 @@ impl Victim {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             return Err(InjectError::Gone(pid));
         }
-        NonZeroU32::new(pid).map(Victim).ok_or(InjectError::Refused(pid, "pid 0"))
+        NonZeroU32::new(pid).map(|p| Victim(p, false)).ok_or(InjectError::Refused(pid, "pid 0"))
     }
 
     pub fn pid(&self) -> u32 {
         self.0.get()
+    }
+
+    /// Whether the caller started it (so it may die with the injector).
+    pub fn is_child(&self) -> bool {
+        self.1
     }
 }
 
@@ -165,6 +194,7 @@ const SIGNAL: &str = "afetm_inject_signal";
 const STACK: &str = "afetm_inject_stack";
 const REGS: &str = "afetm_inject_regs";
 const RETURN: &str = "afetm_inject_ret";
+const TRAP_RETURN: &str = "afetm_inject_trap_ret";
 
 impl Fault {
     /// The eBPF program that applies this fault.
@@ -239,16 +269,20 @@ pub fn capabilities() -> Result<Capabilities, InjectError> {
 /// A fault attached to one function of one process; removed when dropped (a stopped or killed
 /// process stays so).
 pub struct Injector {
-    ebpf: Ebpf,
+    ebpf: Option<Ebpf>,
     stats: PerCpuArray<MapData, u64>,
+    ptrace: Option<ptrace::Session>,
     pub function: String,
     pub fault: Fault,
     pub victim: Victim,
+    /// How this kernel applies the fault.
+    pub mechanism: &'static str,
 }
 
 impl Injector {
     /// Injects `fault` into `function` of the file `module_path` (an executable or a library
-    /// the victim maps), in `victim` only.
+    /// the victim maps), in `victim` only. Register faults fall back to ptrace where the kernel
+    /// refuses uprobe context writes; then [`Injector::wait`] must run on this same thread.
     pub fn start(victim: Victim, module_path: &Path, function: &str, fault: Fault) -> Result<Injector, InjectError> {
         if !Path::new(&format!("/proc/{}", victim.pid())).exists() {
             return Err(InjectError::Gone(victim.pid()));
@@ -261,37 +295,72 @@ impl Injector {
             .cloned()
             .ok_or_else(|| InjectError::UnknownFunction(function.to_string(), module_path.display().to_string()))?;
         let offset = module.vaddr_to_offset(func.start).ok_or_else(|| InjectError::NoOffset(function.to_string()))?;
-        let fault = match fault {
-            Fault::IpPlus(None) => {
-                let mut d = Decoder::with_ip(64, module.code(&func), func.start, DecoderOptions::NONE);
-                let first = d.decode();
-                if first.is_invalid() {
-                    return Err(InjectError::BadFault(format!("ip+ ({function} does not start with an instruction)")));
-                }
-                Fault::IpPlus(Some(first.len() as u32))
+        // Lengths of the function's first two instructions (IP+N defaults).
+        let lens: Vec<u32> = Decoder::with_ip(64, module.code(&func), func.start, DecoderOptions::NONE)
+            .into_iter()
+            .take(2)
+            .take_while(|i| !i.is_invalid())
+            .map(|i| i.len() as u32)
+            .collect();
+        let mut ebpf = object()?;
+        let direct = load(&mut ebpf, fault.program());
+        let (fault, spec, name, mechanism, session) = match (direct, fault) {
+            (Ok(()), f) => {
+                let f = match f {
+                    Fault::IpPlus(None) => Fault::IpPlus(Some(*lens.first().ok_or_else(|| {
+                        InjectError::BadFault(format!("ip+ ({function} does not start with an instruction)"))
+                    })?)),
+                    f => f,
+                };
+                let spec = match f {
+                    Fault::Crash => InjectSpec { kind: fault::CRASH, ..Default::default() },
+                    Fault::Deadlock => InjectSpec { kind: fault::DEADLOCK, ..Default::default() },
+                    Fault::IpPlus(n) => {
+                        InjectSpec { kind: fault::IP_PLUS_N, arg: n.unwrap_or(1), ..Default::default() }
+                    }
+                    Fault::Input { arg, bit } => InjectSpec { kind: fault::INPUT, arg, bit, ..Default::default() },
+                    Fault::Output { bit } => InjectSpec { kind: fault::OUTPUT, bit, ..Default::default() },
+                };
+                (f, spec, f.program(), f.mechanism(), None)
             }
-            f => f,
-        };
-        let spec = match fault {
-            Fault::Crash => InjectSpec { kind: fault::CRASH, ..Default::default() },
-            Fault::Deadlock => InjectSpec { kind: fault::DEADLOCK, ..Default::default() },
-            Fault::IpPlus(n) => InjectSpec { kind: fault::IP_PLUS_N, arg: n.unwrap_or(1), ..Default::default() },
-            Fault::Input { arg, bit } => InjectSpec { kind: fault::INPUT, arg, bit, ..Default::default() },
-            Fault::Output { bit } => InjectSpec { kind: fault::OUTPUT, bit, ..Default::default() },
+            (Err(_), f @ (Fault::IpPlus(_) | Fault::Input { arg: 0..6, .. } | Fault::Output { .. })) => {
+                let f = match f {
+                    Fault::IpPlus(None) => Fault::IpPlus(Some(*lens.get(1).ok_or_else(|| {
+                        InjectError::BadFault(format!("ip+ ({function} has fewer than two instructions)"))
+                    })?)),
+                    f => f,
+                };
+                let (name, mechanism) = match f {
+                    Fault::Output { .. } => {
+                        (TRAP_RETURN, "ptrace: SIGTRAP from a uretprobe, rax flipped in the caller after the return")
+                    }
+                    Fault::IpPlus(_) => {
+                        (SIGNAL, "ptrace: SIGTRAP from a uprobe at entry, ip moved after the first instruction")
+                    }
+                    _ => {
+                        (SIGNAL, "ptrace: SIGTRAP from a uprobe at entry, register flipped after the first instruction")
+                    }
+                };
+                load(&mut ebpf, name).map_err(|why| InjectError::Unsupported { fault: f.to_string(), why })?;
+                // Trace every thread before the first SIGTRAP can be sent.
+                let session = ptrace::Session::seize(victim.pid(), victim.is_child()).map_err(|e| {
+                    InjectError::Attach { function: function.to_string(), error: format!("ptrace: {e}") }
+                })?;
+                (f, InjectSpec { kind: fault::TRAP, ..Default::default() }, name, mechanism, Some(session))
+            }
+            (Err(why), f) => {
+                return Err(InjectError::Unsupported {
+                    fault: f.to_string(),
+                    why: why
+                        .lines()
+                        .rev()
+                        .find(|l| l.contains("cannot use helper") || l.starts_with("invalid bpf_context access"))
+                        .map(|l| format!("the verifier says: {l}"))
+                        .unwrap_or(why.clone()),
+                });
+            }
         };
         let spec = InjectSpec { tgid: victim.pid(), ..spec };
-        let mut ebpf = object()?;
-        let name = fault.program();
-        load(&mut ebpf, name).map_err(|why| InjectError::Unsupported {
-            fault: fault.to_string(),
-            why: why
-                .lines()
-                .find(|l| l.starts_with("invalid bpf_context access"))
-                .map(|l| {
-                    format!("the verifier refuses uprobe context writes ({l}); a ptrace fallback is not built yet")
-                })
-                .unwrap_or(why.clone()),
-        })?;
         let mut map: Array<MapData, [u32; 4]> =
             Array::try_from(ebpf.take_map("INJECT").ok_or_else(|| InjectError::Load("map INJECT missing".into()))?)?;
         map.set(0, &spec.words(), 0)?;
@@ -304,18 +373,93 @@ impl Injector {
             .ok_or_else(|| InjectError::Load("program vanished".into()))?;
         prog.attach([offset], module_path, UProbeScope::OneProcess(victim.0))
             .map_err(|e| InjectError::Attach { function: function.to_string(), error: e.to_string() })?;
-        Ok(Injector { ebpf, stats, function: function.to_string(), fault, victim })
+        Ok(Injector {
+            ebpf: Some(ebpf),
+            stats,
+            ptrace: session,
+            function: function.to_string(),
+            fault,
+            victim,
+            mechanism,
+        })
     }
 
-    /// Calls the fault was applied to, and calls where applying it failed.
+    /// Calls the fault was applied to, and calls where applying it failed. With ptrace, the
+    /// register changes actually made.
     pub fn applied(&self) -> (u64, u64) {
         let sum = |i: u32| self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
-        (sum(inject_stat::APPLIED), sum(inject_stat::FAILED))
+        match &self.ptrace {
+            Some(s) => (s.applied, sum(inject_stat::FAILED) + sum(inject_stat::APPLIED).saturating_sub(s.applied)),
+            None => (sum(inject_stat::APPLIED), sum(inject_stat::FAILED)),
+        }
     }
 
-    /// The eBPF object (kept alive with the link).
-    pub fn ebpf(&self) -> &Ebpf {
-        &self.ebpf
+    /// Runs until the victim ends or `stop` is set. `child`: the victim's process handle when
+    /// the caller started it (reaped here).
+    pub fn wait(&mut self, mut child: Option<&mut std::process::Child>, stop: &AtomicBool) -> Ended {
+        if let Some(session) = self.ptrace.as_mut() {
+            let fault = self.fault;
+            let ended = session.run(
+                |regs| match fault {
+                    Fault::IpPlus(n) => {
+                        regs.rip = regs.rip.wrapping_add(n.unwrap_or(1) as u64);
+                        true
+                    }
+                    Fault::Input { arg, bit } => {
+                        let r = match arg {
+                            0 => &mut regs.rdi,
+                            1 => &mut regs.rsi,
+                            2 => &mut regs.rdx,
+                            3 => &mut regs.rcx,
+                            4 => &mut regs.r8,
+                            5 => &mut regs.r9,
+                            _ => return false,
+                        };
+                        *r ^= 1u64 << (bit & 63);
+                        true
+                    }
+                    Fault::Output { bit } => {
+                        regs.rax ^= 1u64 << (bit & 63);
+                        true
+                    }
+                    _ => false,
+                },
+                stop,
+            );
+            // No more SIGTRAPs, then let the threads go.
+            let stats_applied = self.applied();
+            self.ebpf = None;
+            if let Some(s) = self.ptrace.as_mut() {
+                s.detach();
+            }
+            let _ = stats_applied;
+            if let (Some(c), Ended::Exit(_) | Ended::Signal(_)) = (child.as_mut(), ended) {
+                let _ = c.try_wait(); // already reaped by the session
+            }
+            return ended;
+        }
+        loop {
+            if let Some(c) = child.as_mut() {
+                match c.try_wait() {
+                    Ok(Some(status)) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        return match (status.code(), status.signal()) {
+                            (Some(code), _) => Ended::Exit(code),
+                            (_, Some(sig)) => Ended::Signal(sig),
+                            _ => Ended::Gone,
+                        };
+                    }
+                    Ok(None) => {}
+                    Err(_) => return Ended::Gone,
+                }
+            } else if !Path::new(&format!("/proc/{}", self.victim.pid())).exists() {
+                return Ended::Gone;
+            }
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ended::Stopped;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 

@@ -1,7 +1,8 @@
-//! `afetm-inject` on the real `faulty` test program with real uprobes: crash and deadlock have
-//! their effect (killed by SIGKILL, stopped) and the traced call trees of the faulty runs differ
-//! from the normal one where AFETM says they should (nothing below the injected function
-//! after the fault). Safety refusals are clear errors. Root only.
+//! `afetm-inject` on the real `faulty` test program with real uprobes (and ptrace where this
+//! kernel needs it): each of the five fault types has its effect (killed, stopped, control
+//! flow changed, wrong values seen) and the traced call trees of the faulty runs differ from
+//! the normal one (nothing below the injected function after a crash or hang; the faulty path
+//! after IP+N and interface corruption). Safety refusals are clear errors. Root only.
 mod common;
 
 use std::{
@@ -36,14 +37,15 @@ fn build_faulty(dir: &Path) -> PathBuf {
 fn injected_run(
     prog: &Path,
     dir: &Path,
+    function: &str,
     fault: &str,
     while_running: impl FnOnce(u32),
 ) -> (u32, serde_json::Value, String) {
-    let ready = dir.join(format!("{fault}.ready"));
+    let ready = dir.join(format!("{}.ready", fault.replace(':', "_")));
     let mut inj = Command::new(inject_bin())
         .args(["--module"])
         .arg(prog)
-        .args(["--function", "work", "--fault", fault, "--ready-file"])
+        .args(["--function", function, "--fault", fault, "--ready-file"])
         .arg(&ready)
         .arg("--")
         .arg(prog)
@@ -75,20 +77,18 @@ fn state(pid: u32) -> Option<char> {
     stat.rsplit(')').next()?.trim().chars().next()
 }
 
+/// Every fault type of the paper's model into `faulty`, each run traced by a real agent: the
+/// effect the fault type must have, and call trees that differ from the normal run's.
 #[test]
-fn crash_and_deadlock_take_effect_and_change_the_call_trees() {
+fn each_fault_type_takes_effect_and_changes_the_call_trees() {
     require_root!();
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let prog = build_faulty(dir.path());
     let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "60s"]);
-    let plan = write_plan(
-        dir.path(),
-        "faulty",
-        &prog,
-        &[("main", "event"), ("step", "event"), ("work", "event"), ("pick", "event"), ("leaf", "event")],
-    );
-    let agent = AgentProc::start(&plan, &an.url, "faulty", dir.path());
+    let fns = ["main", "step", "work", "pick", "leaf", "check", "mark"];
+    let points: Vec<(&str, &str)> = fns.iter().map(|f| (*f, "event")).collect();
+    let agent = AgentProc::start(&write_plan(dir.path(), "faulty", &prog, &points), &an.url, "faulty", dir.path());
 
     // Normal run.
     let mut normal = Command::new(&prog).arg("20").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
@@ -96,17 +96,17 @@ fn crash_and_deadlock_take_effect_and_change_the_call_trees() {
     normal.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let out = normal.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 20);
+    let normal_out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(normal_out.lines().count(), 20);
 
     // Crash: SIGKILL at the first call of work(); nothing printed.
-    let (crash_pid, r, printed) = injected_run(&prog, dir.path(), "crash", |_| {});
+    let (crash_pid, r, printed) = injected_run(&prog, dir.path(), "work", "crash", |_| {});
     assert_eq!(r["ended"], "signal 9", "{r}");
     assert!(r["applied"].as_u64().unwrap() >= 1, "{r}");
-    assert_eq!(r["mechanism"], "eBPF bpf_send_signal at entry");
     assert_eq!(printed.lines().count(), 1, "only the report: faulty died before printing: {printed}");
 
     // Deadlock: the process stops at the first call of work() and stays stopped.
-    let (dead_pid, r, _) = injected_run(&prog, dir.path(), "deadlock", |pid| {
+    let (dead_pid, r, _) = injected_run(&prog, dir.path(), "work", "deadlock", |pid| {
         let t = Instant::now();
         while state(pid) != Some('T') {
             assert!(t.elapsed() < Duration::from_secs(10), "pid {pid} never stopped: state {:?}", state(pid));
@@ -118,11 +118,21 @@ fn crash_and_deadlock_take_effect_and_change_the_call_trees() {
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     });
     assert_eq!(r["ended"], "signal 9", "{r}");
-    assert!(r["applied"].as_u64().unwrap() >= 1, "{r}");
+
+    // IP+N in check() (the jump over `return 2` is skipped), output corruption of check's
+    // return value, input corruption of work's b: each run completes with other values.
+    let mut changed = Vec::new();
+    for (func, fault) in [("check", "ip+"), ("check", "output:1"), ("work", "input:1:30")] {
+        let (pid, r, printed) = injected_run(&prog, dir.path(), func, fault, |_| {});
+        assert_eq!(r["ended"], "exit 0", "{fault}: {r}");
+        assert_eq!(r["applied"].as_u64().unwrap(), 20, "{fault}: once per call: {r}");
+        let values: String = printed.lines().take(20).map(|l| format!("{l}\n")).collect();
+        assert_ne!(values, normal_out, "{fault}: the program must see the fault");
+        eprintln!("{fault} in {func}: {}", r["mechanism"]);
+        changed.push((fault, pid));
+    }
     agent.stop();
 
-    // Call trees: the normal run reaches leaf under work; the faulty runs enter work and never
-    // get below it.
     let (table, trees) = rt().block_on(afcts(&an.url, "faulty"));
     let names_of = |pid: u32| -> std::collections::BTreeSet<String> {
         trees
@@ -134,11 +144,19 @@ fn crash_and_deadlock_take_effect_and_change_the_call_trees() {
             .collect()
     };
     let normal = names_of(normal_pid);
-    assert!(["main", "step", "work", "pick", "leaf"].iter().all(|f| normal.contains(*f)), "normal: {normal:?}");
+    assert!(
+        ["main", "step", "work", "pick", "leaf", "check"].iter().all(|f| normal.contains(*f)),
+        "normal: {normal:?}"
+    );
+    assert!(!normal.contains("mark"), "mark is only on faulty paths: {normal:?}");
     for (what, pid) in [("crash", crash_pid), ("deadlock", dead_pid)] {
         let t = names_of(pid);
         assert!(t.contains("work"), "{what}: the injected function was entered: {t:?}");
         assert!(!t.contains("leaf") && !t.contains("pick"), "{what}: nothing below work after the fault: {t:?}");
+    }
+    for (what, pid) in changed {
+        let t = names_of(pid);
+        assert!(t.contains("mark"), "{what}: the faulty path (mark) shows in the call tree: {t:?}");
     }
 }
 

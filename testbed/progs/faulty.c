@@ -1,9 +1,14 @@
 /*
  * faulty: a small, deterministic program for the fault injection tests. After a line on stdin
  * (so an injector and a tracer can attach first) it runs `rounds` rounds of
- *     main -> step(i) -> work(i, i+1) -> leaf(x)    (and pick() decides odd/even)
- * printing one line per round, 10 ms apart. A fault in work() shows in what it prints and in
- * the call trees: after a crash or a hang leaf() is never called again.
+ *     main -> step(i) -> work(i, i+1) -> pick, odd|even -> leaf
+ *                     -> check()
+ * printing one line per round, 10 ms apart. mark() is only ever called on a faulty path:
+ *   - work(a, b) calls mark when b is huge (input corruption of b, a high bit);
+ *   - step calls mark when check() does not return 1: check's second instruction jumps over
+ *     `return 2`, so IP moved past it (IP+N) or a flipped return value (output corruption)
+ *     both lead to mark.
+ * A crash or hang in work() ends the trees there: pick and leaf are never reached.
  *
  * Usage: faulty rounds
  */
@@ -11,17 +16,39 @@
 #include <stdlib.h>
 #include <time.h>
 
+__asm__(
+    ".text\n"
+    ".globl check\n.type check,@function\n"
+    "check:\n"
+    "  push %rbp\n"
+    "  jmp 1f\n"
+    "  mov $2,%eax\n"
+    "  pop %rbp\n"
+    "  ret\n"
+    "1:\n"
+    "  mov $1,%eax\n"
+    "  pop %rbp\n"
+    "  ret\n"
+    ".size check,.-check\n");
+long check(void);
+
 __attribute__((noinline)) long leaf(long x) { return x * 3; }
 __attribute__((noinline)) long even(long x) { return leaf(x) + 2; }
 __attribute__((noinline)) long odd(long x) { return leaf(x) + 1; }
 __attribute__((noinline)) long pick(long x) { return x & 1; }
+__attribute__((noinline)) long mark(long x) { return -x; }
 
 __attribute__((noinline)) long work(long a, long b) {
+    if (b > (1L << 20)) return mark(b);
     long s = a * 1000 + b;
     return pick(s) ? odd(s) : even(s);
 }
 
-__attribute__((noinline)) long step(long i) { return work(i, i + 1); }
+__attribute__((noinline)) long step(long i) {
+    long r = work(i, i + 1);
+    if (check() != 1) r += mark(i);
+    return r;
+}
 
 int main(int argc, char **argv) {
     if (argc < 2) {

@@ -11,14 +11,12 @@
 //! needs `--foreign`; the injector then runs until that process exits or it gets SIGINT/SIGTERM.
 //! It never injects into pid 1 or itself. Root only.
 use std::{
-    os::unix::process::ExitStatusExt,
     path::PathBuf,
     process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
 use afetm_agent::inject::{Fault, Injector, Victim, capabilities};
@@ -83,6 +81,11 @@ fn run(cli: Cli) -> Result<i32> {
         println!("input, stack parameters (bpf_probe_write_user at entry): {}", show(&c.stack));
         println!("ip+N, input, register parameters (uprobe context write): {}", show(&c.regs));
         println!("output (uretprobe context write): {}", show(&c.ret));
+        if c.regs.is_err() || c.ret.is_err() {
+            println!(
+                "ip+N, register parameters and output use the ptrace fallback (SIGTRAP from the probe, registers set in the signal stop)"
+            );
+        }
         return Ok(0);
     }
     let (module, function, fault) = match (cli.module, cli.function, cli.fault) {
@@ -105,7 +108,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         (None, None) => bail!("give the command to start after --, or --pid N --foreign"),
     };
-    let injector = match Injector::start(victim, &module, &function, fault) {
+    let mut injector = match Injector::start(victim, &module, &function, fault) {
         Ok(i) => i,
         Err(e) => {
             if let Some(mut c) = child {
@@ -115,32 +118,15 @@ fn run(cli: Cli) -> Result<i32> {
             return Err(e.into());
         }
     };
-    tracing::info!(pid = victim.pid(), %function, fault = %injector.fault, mechanism = injector.fault.mechanism(), "fault injected");
+    tracing::info!(pid = victim.pid(), %function, fault = %injector.fault, mechanism = injector.mechanism, "fault injected");
     if let Some(path) = &cli.ready_file {
         std::fs::write(path, format!("{}\n", victim.pid())).with_context(|| format!("writing {}", path.display()))?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic flag.
         signal_hook_flag(sig, stop.clone());
     }
-    let ended = loop {
-        if let Some(c) = child.as_mut() {
-            if let Some(status) = c.try_wait()? {
-                break match (status.code(), status.signal()) {
-                    (Some(code), _) => format!("exit {code}"),
-                    (_, Some(sig)) => format!("signal {sig}"),
-                    _ => "unknown".to_string(),
-                };
-            }
-        } else if !std::path::Path::new(&format!("/proc/{}", victim.pid())).exists() {
-            break "gone".to_string();
-        }
-        if stop.load(Ordering::Relaxed) {
-            break "injector stopped".to_string();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let ended = injector.wait(child.as_mut(), &stop);
     let (applied, failed) = injector.applied();
     println!(
         "{}",
@@ -148,10 +134,10 @@ fn run(cli: Cli) -> Result<i32> {
             "pid": victim.pid(),
             "function": function,
             "fault": injector.fault.to_string(),
-            "mechanism": injector.fault.mechanism(),
+            "mechanism": injector.mechanism,
             "applied": applied,
             "failed": failed,
-            "ended": ended,
+            "ended": ended.to_string(),
         })
     );
     Ok(0)
