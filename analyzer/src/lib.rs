@@ -7,6 +7,7 @@
 
 pub mod afct;
 pub mod coloring;
+pub mod fddb;
 pub mod selection;
 pub mod service;
 pub mod store;
