@@ -6,6 +6,7 @@
 //! AFCTs in SQLite, [`selection`] is Algorithm 1 over the weights of [`weights`], [`ingest`] turns agent batches into windows, [`service`] is the gRPC surface.
 
 pub mod afct;
+pub mod campaign;
 pub mod coloring;
 pub mod fddb;
 pub mod selection;

@@ -99,6 +99,8 @@ pub struct LoadConfig {
     pub seed: u64,
     /// Items the shop was seeded with (ids 1..=items).
     pub items: u32,
+    /// A request without an answer after this long counts as an error (a hung server).
+    pub request_timeout: Duration,
 }
 
 impl LoadConfig {
@@ -112,6 +114,7 @@ impl LoadConfig {
             mix: Mix::default(),
             seed: 1,
             items: 200,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -207,7 +210,7 @@ pub fn run(cfg: &LoadConfig) -> Result<Report> {
         handles.push(std::thread::spawn(move || -> Result<ThreadResult> {
             let agent: ureq::Agent = ureq::Agent::config_builder()
                 .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(30)))
+                .timeout_global(Some(cfg.request_timeout))
                 .build()
                 .into();
             let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(t as u64));

@@ -1,0 +1,197 @@
+//! The fault injection campaign's plan (AFETM sec. III.C.1, IV.A): which faults to inject.
+//!
+//! The injection targets are the functions the workload activates (called at least once while
+//! sampling, i.e. weight > 0). Per function: one IP+N, one crash and one deadlock; one input
+//! corruption per parameter passed in a general purpose register; one output corruption if it
+//! returns an integer or pointer. Parameters and return types come from DWARF
+//! (`afetm_elf::dwarf`); a function without a DWARF signature gets the three faults that need
+//! none, and the plan counts how many interface faults were left out that way.
+//!
+//! Which bit an interface fault flips is drawn from bits 0..32 by a seeded generator, so a
+//! campaign is reproducible and still corrupts low and high bits across functions. How each
+//! manifested is classified by [`classify`].
+
+use std::{collections::HashMap, str::FromStr};
+
+use afetm_elf::dwarf::{Signature, ValueClass};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+use crate::fddb::Manifestation;
+
+/// Which activated functions a campaign covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    /// The N most frequently called.
+    Top(usize),
+    /// N drawn at random with a seed.
+    Random {
+        n: usize,
+        seed: u64,
+    },
+}
+
+impl FromStr for Scope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Scope, String> {
+        let bad = || format!("scope {s:?}: expected all, top:N or random:N:SEED");
+        match s.split(':').collect::<Vec<_>>().as_slice() {
+            ["all"] => Ok(Scope::All),
+            ["top", n] => n.parse().map(Scope::Top).map_err(|_| bad()),
+            ["random", n, seed] => {
+                Ok(Scope::Random { n: n.parse().map_err(|_| bad())?, seed: seed.parse().map_err(|_| bad())? })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// One fault to inject: the injector's `--fault` syntax in `spec`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedFault {
+    pub function: String,
+    /// crash, deadlock, ip+n, input, output.
+    pub kind: &'static str,
+    pub spec: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub functions: Vec<String>,
+    pub faults: Vec<PlannedFault>,
+    /// Functions in scope without a DWARF signature (no interface faults for them).
+    pub without_signature: usize,
+}
+
+/// Picks the functions in `scope` from the activated ones (name, calls per second; only
+/// weight > 0 counts) and lists their faults.
+pub fn plan(activated: &[(String, f64)], signatures: &HashMap<String, Signature>, scope: Scope, seed: u64) -> Plan {
+    let mut funcs: Vec<(String, f64)> = activated.iter().filter(|(_, w)| *w > 0.0).cloned().collect();
+    funcs.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let chosen: Vec<String> = match scope {
+        Scope::All => funcs.into_iter().map(|f| f.0).collect(),
+        Scope::Top(n) => funcs.into_iter().take(n).map(|f| f.0).collect(),
+        Scope::Random { n, seed } => {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut v: Vec<String> = funcs.into_iter().map(|f| f.0).collect();
+            // Partial Fisher-Yates: the first n are the sample.
+            let n = n.min(v.len());
+            for i in 0..n {
+                let j = rng.random_range(i..v.len());
+                v.swap(i, j);
+            }
+            v.truncate(n);
+            v
+        }
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Plan::default();
+    for f in &chosen {
+        for (kind, spec) in [("ip+n", "ip+"), ("crash", "crash"), ("deadlock", "deadlock")] {
+            out.faults.push(PlannedFault { function: f.clone(), kind, spec: spec.to_string() });
+        }
+        match signatures.get(f) {
+            Some(sig) => {
+                for (_, reg) in sig.register_params() {
+                    let bit = rng.random_range(0..32u32);
+                    out.faults.push(PlannedFault {
+                        function: f.clone(),
+                        kind: "input",
+                        spec: format!("input:{reg}:{bit}"),
+                    });
+                }
+                if sig.returns == Some(ValueClass::Integer) {
+                    let bit = rng.random_range(0..32u32);
+                    out.faults.push(PlannedFault {
+                        function: f.clone(),
+                        kind: "output",
+                        spec: format!("output:{bit}"),
+                    });
+                }
+            }
+            None => out.without_signature += 1,
+        }
+    }
+    out.functions = chosen;
+    out
+}
+
+/// What a run looked like from outside, for [`classify`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Observed {
+    /// A target process died during the run.
+    pub died: bool,
+    /// A target process was stopped (state T) at the end of the run.
+    pub stopped: bool,
+    pub requests: u64,
+    pub errors: u64,
+    pub mean_latency_us: f64,
+}
+
+/// The manifestation of a faulty run, against the mean latency of the normal runs: crash,
+/// then hang (stopped, or no request answered), then errors, then slow (mean latency above
+/// `slow_factor` x normal), else nothing.
+pub fn classify(o: &Observed, normal_mean_latency_us: f64, slow_factor: f64) -> Manifestation {
+    if o.died {
+        Manifestation::Crash
+    } else if o.stopped || (o.requests > 0 && o.errors == o.requests && o.mean_latency_us > 1e6) {
+        Manifestation::Hang
+    } else if o.errors > 0 {
+        Manifestation::Errors
+    } else if normal_mean_latency_us > 0.0 && o.mean_latency_us > slow_factor * normal_mean_latency_us {
+        Manifestation::Slow
+    } else {
+        Manifestation::Nothing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sig(params: Vec<ValueClass>, returns: Option<ValueClass>) -> Signature {
+        Signature { name: String::new(), params, returns }
+    }
+
+    #[test]
+    fn faults_per_function_follow_the_paper() {
+        use ValueClass::*;
+        let activated =
+            vec![("a".to_string(), 10.0), ("b".to_string(), 50.0), ("c".to_string(), 0.0), ("d".into(), 1.0)];
+        let sigs: HashMap<String, Signature> = [
+            ("a".to_string(), sig(vec![Integer, Float, Integer], Some(Integer))),
+            ("b".to_string(), sig(vec![], None)),
+        ]
+        .into();
+        let p = plan(&activated, &sigs, Scope::All, 7);
+        assert_eq!(p.functions, vec!["b", "a", "d"], "most called first; c was never called");
+        let kinds = |f: &str| p.faults.iter().filter(|x| x.function == f).map(|x| x.kind).collect::<Vec<_>>();
+        assert_eq!(kinds("a"), vec!["ip+n", "crash", "deadlock", "input", "input", "output"]);
+        assert_eq!(kinds("b"), vec!["ip+n", "crash", "deadlock"], "void, no parameters");
+        assert_eq!(kinds("d"), vec!["ip+n", "crash", "deadlock"]);
+        assert_eq!(p.without_signature, 1);
+        let specs: Vec<&str> = p.faults.iter().filter(|x| x.kind == "input").map(|x| x.spec.as_str()).collect();
+        assert!(specs[0].starts_with("input:0:") && specs[1].starts_with("input:1:"), "registers rdi, rsi: {specs:?}");
+        assert_eq!(plan(&activated, &sigs, Scope::All, 7), p, "same seed, same plan");
+        assert_eq!(plan(&activated, &sigs, Scope::Top(1), 7).functions, vec!["b"]);
+        let r = plan(&activated, &sigs, Scope::Random { n: 2, seed: 3 }, 7);
+        assert_eq!(r.functions.len(), 2);
+        assert_eq!(r, plan(&activated, &sigs, Scope::Random { n: 2, seed: 3 }, 7));
+        assert_eq!("top:5".parse::<Scope>().unwrap(), Scope::Top(5));
+        assert_eq!("random:3:9".parse::<Scope>().unwrap(), Scope::Random { n: 3, seed: 9 });
+        assert!("top".parse::<Scope>().is_err() && "some".parse::<Scope>().is_err());
+    }
+
+    #[test]
+    fn manifestations() {
+        let o =
+            |died, stopped, requests, errors, lat| Observed { died, stopped, requests, errors, mean_latency_us: lat };
+        assert_eq!(classify(&o(true, false, 10, 10, 5.0), 100.0, 2.0), Manifestation::Crash);
+        assert_eq!(classify(&o(false, true, 10, 0, 5.0), 100.0, 2.0), Manifestation::Hang);
+        assert_eq!(classify(&o(false, false, 4, 4, 2e6), 100.0, 2.0), Manifestation::Hang);
+        assert_eq!(classify(&o(false, false, 10, 1, 100.0), 100.0, 2.0), Manifestation::Errors);
+        assert_eq!(classify(&o(false, false, 10, 0, 300.0), 100.0, 2.0), Manifestation::Slow);
+        assert_eq!(classify(&o(false, false, 10, 0, 150.0), 100.0, 2.0), Manifestation::Nothing);
+    }
+}
