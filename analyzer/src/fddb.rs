@@ -107,6 +107,15 @@ pub struct PendingFault {
     pub spec: String,
 }
 
+/// Whether recording a run finishes its fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Done {
+    Yes,
+    No,
+    /// Done when the run added no new unique FCT (AFETM: inject until nothing new appears).
+    IfNothingNew,
+}
+
 /// One finished run: what happened and which FCTs it produced.
 #[derive(Clone, Debug)]
 pub struct Run {
@@ -206,15 +215,15 @@ impl Fddb {
     }
 
     /// Records a finished run of `fault` (None: a normal run) with the FCTs it produced, in
-    /// one transaction; with `fault_done` the fault is marked done in the same transaction.
-    /// Returns how many of the FCTs were new for the target.
+    /// one transaction, which also marks the fault done as `done` says. Returns how many of
+    /// the FCTs were new for the target.
     pub fn record_run(
         &mut self,
         target: i64,
         fault: Option<i64>,
         run: &Run,
         fcts: &[(Forest, FuncTable)],
-        fault_done: bool,
+        done: Done,
     ) -> Result<usize, FddbError> {
         let tx = self.conn.transaction()?;
         let attempt: i64 = tx.query_row(
@@ -263,11 +272,50 @@ impl Fddb {
                 params![run_id, source, excerpt],
             )?;
         }
+        let fault_done = match done {
+            Done::Yes => true,
+            Done::No => false,
+            Done::IfNothingNew => new == 0,
+        };
         if fault_done && let Some(f) = fault {
             tx.execute("UPDATE faults SET done = 1 WHERE id = ?1", [f])?;
         }
         tx.commit()?;
         Ok(new)
+    }
+
+    /// Runs recorded for a fault so far.
+    pub fn runs_of_fault(&self, fault: i64) -> Result<u64, FddbError> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM runs WHERE fault_id = ?1", [fault], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// Names of a target's functions.
+    pub fn function_names(&self, target: i64) -> Result<Vec<String>, FddbError> {
+        let mut st = self.conn.prepare("SELECT name FROM functions WHERE target_id = ?1 ORDER BY name")?;
+        let rows = st.query_map([target], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Normal runs recorded for a target.
+    pub fn normal_runs(&self, target: i64) -> Result<u64, FddbError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM runs WHERE target_id = ?1 AND fault_id IS NULL",
+            [target],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// Mean request latency of the normal runs (0 without any).
+    pub fn normal_mean_latency(&self, target: i64) -> Result<f64, FddbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT AVG(mean_latency_us) FROM runs WHERE target_id = ?1 AND fault_id IS NULL",
+                [target],
+                |r| r.get::<_, Option<f64>>(0),
+            )?
+            .unwrap_or(0.0))
     }
 
     /// Unique FCTs produced by a fault's runs so far.
@@ -291,6 +339,13 @@ impl Fddb {
             pb::Tree::decode(b.as_slice()).map_err(|e| FddbError::Import(0, format!("stored FCT: {e}")))
         })
         .collect()
+    }
+
+    /// Names of the targets in the database.
+    pub fn targets(&self) -> Result<Vec<String>, FddbError> {
+        let mut st = self.conn.prepare("SELECT name FROM targets ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn target_id(&self, name: &str) -> Result<Option<i64>, FddbError> {
@@ -628,14 +683,23 @@ mod tests {
         let b = db.fault(f, "input", "input:0:3").unwrap();
         assert_eq!(db.pending(t).unwrap().len(), 2);
         assert_eq!(
-            db.record_run(t, None, &run(Manifestation::Normal), &[forest(&["main", "call"])], false).unwrap(),
+            db.record_run(t, None, &run(Manifestation::Normal), &[forest(&["main", "call"])], Done::No).unwrap(),
             1
         );
         let new = db
-            .record_run(t, Some(a), &run(Manifestation::Crash), &[forest(&["main", "call"]), forest(&["main"])], false)
+            .record_run(
+                t,
+                Some(a),
+                &run(Manifestation::Crash),
+                &[forest(&["main", "call"]), forest(&["main"])],
+                Done::IfNothingNew,
+            )
             .unwrap();
         assert_eq!(new, 1, "main->call is known from the normal run");
-        assert_eq!(db.record_run(t, Some(a), &run(Manifestation::Crash), &[forest(&["main"])], true).unwrap(), 0);
+        assert_eq!(
+            db.record_run(t, Some(a), &run(Manifestation::Crash), &[forest(&["main"])], Done::IfNothingNew).unwrap(),
+            0
+        );
         assert_eq!(db.fcts_of_fault(a).unwrap(), 2);
         assert_eq!(db.pending(t).unwrap().iter().map(|p| p.id).collect::<Vec<_>>(), vec![b]);
         let s = db.summary(t).unwrap();

@@ -149,11 +149,63 @@ enum Cmd {
         #[arg(long, default_value = "-")]
         out: String,
     },
+    /// Run (or resume) the fault injection campaign on the testbed and fill the FDDB (root).
+    Campaign {
+        #[arg(long, value_enum)]
+        target: afetm_analyzer::campaign::runner::Target,
+        /// all, top:N (most called), random:N:SEED, or functions:F1,F2
+        #[arg(long, default_value = "top:5")]
+        scope: afetm_analyzer::campaign::Scope,
+        #[arg(long, default_value = "fddb.sqlite")]
+        db: PathBuf,
+        /// Working folder (stack run folder, analyzer database, logs).
+        #[arg(long, default_value = "campaign")]
+        work_dir: PathBuf,
+        /// Where afetm-agent and afetm-inject are (default: next to this program).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 21080)]
+        base_port: u16,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        window: Duration,
+        #[arg(long, default_value_t = 3)]
+        cap: usize,
+        #[arg(long, default_value_t = 2)]
+        normal_runs: usize,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        sample: Duration,
+        /// Debian's binaries instead of the source builds (no DWARF: no interface faults).
+        #[arg(long)]
+        stock: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        max_faults: Option<usize>,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+    },
+    /// The FDDB: per-target summary, export to JSON lines, import (merge).
+    Fddb {
+        #[arg(long, default_value = "fddb.sqlite")]
+        db: PathBuf,
+        #[command(subcommand)]
+        op: FddbOp,
+    },
     /// Print the analyzer's counters.
     Stats {
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
     },
+}
+
+#[derive(Subcommand)]
+enum FddbOp {
+    /// Figures per target.
+    Summary,
+    /// Write the content as JSON lines.
+    Export { out: PathBuf },
+    /// Merge an export into this FDDB.
+    Import { file: PathBuf },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -407,6 +459,71 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Select { elf, structure, weights, budget, algorithm, params, target, db, normal_agent, out } => {
             select(SelectArgs { elf, structure, weights, budget, algorithm, params, target, db, normal_agent, out })
+        }
+        Cmd::Campaign {
+            target,
+            scope,
+            db,
+            work_dir,
+            bin_dir,
+            base_port,
+            window,
+            cap,
+            normal_runs,
+            sample,
+            stock,
+            seed,
+            max_faults,
+            connections,
+        } => {
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()?.parent().context("program directory")?.to_path_buf(),
+            };
+            let cfg = afetm_analyzer::campaign::runner::Config {
+                target,
+                work_dir,
+                base_port,
+                built: !stock,
+                bin_dir,
+                db,
+                scope,
+                seed,
+                window,
+                cap,
+                normal_runs,
+                sample,
+                connections,
+                max_faults,
+                slow_factor: 2.0,
+            };
+            // The runner blocks (processes, the workload); keep it off the async runtime.
+            let out = tokio::task::spawn_blocking(move || {
+                afetm_analyzer::campaign::runner::run(&cfg, std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            })
+            .await??;
+            println!(
+                "{} faults done this time, {} runs in {:.0} s, {} pending",
+                out.faults_done,
+                out.runs,
+                out.wall.as_secs_f64(),
+                out.pending
+            );
+            Ok(())
+        }
+        Cmd::Fddb { db, op } => {
+            let mut f = afetm_analyzer::fddb::Fddb::open(&db)?;
+            match op {
+                FddbOp::Summary => {
+                    for t in f.targets()? {
+                        let id = f.target_id(&t)?.context("target vanished")?;
+                        println!("{t}: {}", serde_json::to_string(&f.summary(id)?)?);
+                    }
+                }
+                FddbOp::Export { out } => println!("{} lines -> {}", f.export(&out)?, out.display()),
+                FddbOp::Import { file } => println!("{} lines merged from {}", f.import(&file)?, file.display()),
+            }
+            Ok(())
         }
         Cmd::Stats { server } => {
             let mut q = QueryClient::connect(server.clone())

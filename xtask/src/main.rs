@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod attach;
 mod bench;
+mod campaign;
 mod demo;
 mod sample;
 mod testbed;
@@ -44,6 +45,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: testbed::Cmd,
     },
+    /// The fault injection campaign on the testbed; fills the FDDB (resumes where it stopped).
+    Campaign(campaign::CampaignArgs),
     /// Benchmarks that print figures as ratios to a baseline taken in the same run.
     Bench {
         #[command(subcommand)]
@@ -237,6 +240,7 @@ fn main() {
         }),
         Cmd::Demo => setup().and_then(|_| demo::run()),
         Cmd::Testbed { cmd } => testbed::run(cmd),
+        Cmd::Campaign(a) => check().and_then(|_| campaign::campaign(a)),
         Cmd::Bench { which } => check().and_then(|_| bench::run_bench(which)),
     };
     if let Err(e) = result {

@@ -18,10 +18,14 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 use crate::fddb::Manifestation;
 
+pub mod runner;
+
 /// Which activated functions a campaign covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
     All,
+    /// These functions (those of them the workload activates).
+    Named(Vec<String>),
     /// The N most frequently called.
     Top(usize),
     /// N drawn at random with a seed.
@@ -35,7 +39,11 @@ impl FromStr for Scope {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Scope, String> {
-        let bad = || format!("scope {s:?}: expected all, top:N or random:N:SEED");
+        let bad = || format!("scope {s:?}: expected all, top:N, random:N:SEED or functions:F1,F2,...");
+        if let Some(list) = s.strip_prefix("functions:") {
+            let names: Vec<String> = list.split(',').filter(|n| !n.is_empty()).map(str::to_string).collect();
+            return if names.is_empty() { Err(bad()) } else { Ok(Scope::Named(names)) };
+        }
         match s.split(':').collect::<Vec<_>>().as_slice() {
             ["all"] => Ok(Scope::All),
             ["top", n] => n.parse().map(Scope::Top).map_err(|_| bad()),
@@ -66,13 +74,15 @@ pub struct Plan {
 
 /// Picks the functions in `scope` from the activated ones (name, calls per second; only
 /// weight > 0 counts) and lists their faults.
-pub fn plan(activated: &[(String, f64)], signatures: &HashMap<String, Signature>, scope: Scope, seed: u64) -> Plan {
+pub fn plan(activated: &[(String, f64)], signatures: &HashMap<String, Signature>, scope: &Scope, seed: u64) -> Plan {
     let mut funcs: Vec<(String, f64)> = activated.iter().filter(|(_, w)| *w > 0.0).cloned().collect();
     funcs.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let chosen: Vec<String> = match scope {
         Scope::All => funcs.into_iter().map(|f| f.0).collect(),
-        Scope::Top(n) => funcs.into_iter().take(n).map(|f| f.0).collect(),
+        Scope::Named(names) => funcs.into_iter().map(|f| f.0).filter(|f| names.contains(f)).collect(),
+        Scope::Top(n) => funcs.into_iter().take(*n).map(|f| f.0).collect(),
         Scope::Random { n, seed } => {
+            let (n, seed) = (*n, *seed);
             let mut rng = StdRng::seed_from_u64(seed);
             let mut v: Vec<String> = funcs.into_iter().map(|f| f.0).collect();
             // Partial Fisher-Yates: the first n are the sample.
@@ -164,7 +174,7 @@ mod tests {
             ("b".to_string(), sig(vec![], None)),
         ]
         .into();
-        let p = plan(&activated, &sigs, Scope::All, 7);
+        let p = plan(&activated, &sigs, &Scope::All, 7);
         assert_eq!(p.functions, vec!["b", "a", "d"], "most called first; c was never called");
         let kinds = |f: &str| p.faults.iter().filter(|x| x.function == f).map(|x| x.kind).collect::<Vec<_>>();
         assert_eq!(kinds("a"), vec!["ip+n", "crash", "deadlock", "input", "input", "output"]);
@@ -173,14 +183,16 @@ mod tests {
         assert_eq!(p.without_signature, 1);
         let specs: Vec<&str> = p.faults.iter().filter(|x| x.kind == "input").map(|x| x.spec.as_str()).collect();
         assert!(specs[0].starts_with("input:0:") && specs[1].starts_with("input:1:"), "registers rdi, rsi: {specs:?}");
-        assert_eq!(plan(&activated, &sigs, Scope::All, 7), p, "same seed, same plan");
-        assert_eq!(plan(&activated, &sigs, Scope::Top(1), 7).functions, vec!["b"]);
-        let r = plan(&activated, &sigs, Scope::Random { n: 2, seed: 3 }, 7);
+        assert_eq!(plan(&activated, &sigs, &Scope::All, 7), p, "same seed, same plan");
+        assert_eq!(plan(&activated, &sigs, &Scope::Top(1), 7).functions, vec!["b"]);
+        let r = plan(&activated, &sigs, &Scope::Random { n: 2, seed: 3 }, 7);
         assert_eq!(r.functions.len(), 2);
-        assert_eq!(r, plan(&activated, &sigs, Scope::Random { n: 2, seed: 3 }, 7));
+        assert_eq!(r, plan(&activated, &sigs, &Scope::Random { n: 2, seed: 3 }, 7));
         assert_eq!("top:5".parse::<Scope>().unwrap(), Scope::Top(5));
         assert_eq!("random:3:9".parse::<Scope>().unwrap(), Scope::Random { n: 3, seed: 9 });
         assert!("top".parse::<Scope>().is_err() && "some".parse::<Scope>().is_err());
+        let named = "functions:a,c,x".parse::<Scope>().unwrap();
+        assert_eq!(plan(&activated, &sigs, &named, 7).functions, vec!["a"], "c was never called, x does not exist");
     }
 
     #[test]
