@@ -183,6 +183,9 @@ enum Cmd {
         max_faults: Option<usize>,
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// A run still going after this long is ended (target killed, recorded as a hang).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        fault_timeout: Duration,
     },
     /// The FDDB: per-target summary, export to JSON lines, import (merge).
     Fddb {
@@ -475,6 +478,7 @@ async fn run(cli: Cli) -> Result<()> {
             seed,
             max_faults,
             connections,
+            fault_timeout,
         } => {
             let bin_dir = match bin_dir {
                 Some(d) => d,
@@ -496,6 +500,7 @@ async fn run(cli: Cli) -> Result<()> {
                 connections,
                 max_faults,
                 slow_factor: 2.0,
+                fault_timeout,
             };
             // The runner blocks (processes, the workload); keep it off the async runtime.
             let out = tokio::task::spawn_blocking(move || {

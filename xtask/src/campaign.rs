@@ -45,6 +45,9 @@ pub struct CampaignArgs {
     pub max_faults: Option<usize>,
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+    /// A run still going after this long is ended (target killed, recorded as a hang).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub fault_timeout: Duration,
 }
 
 pub fn campaign(a: CampaignArgs) -> Result<()> {
@@ -81,6 +84,7 @@ pub fn campaign(a: CampaignArgs) -> Result<()> {
             connections: a.connections,
             max_faults: a.max_faults,
             slow_factor: 2.0,
+            fault_timeout: a.fault_timeout,
         };
         let out = runner::run(&cfg, true).with_context(|| format!("campaign on {}", t.name()))?;
         let fddb = Fddb::open(&db)?;

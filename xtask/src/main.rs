@@ -217,6 +217,11 @@ pub fn cargo(args: &[&str]) -> Command {
 }
 
 fn main() {
+    // Library code (the campaign runner) logs through tracing.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Setup => setup(),

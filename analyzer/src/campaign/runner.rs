@@ -109,6 +109,9 @@ pub struct Config {
     pub max_faults: Option<usize>,
     /// A run's manifestation is `slow` above this factor x the normal mean latency.
     pub slow_factor: f64,
+    /// A run still going after this long is ended: the target's processes are killed and the
+    /// run is recorded as a hang.
+    pub fault_timeout: Duration,
 }
 
 /// What one invocation did.
@@ -235,6 +238,9 @@ impl Session {
         if victims.is_empty() {
             bail!("no {} process is running", self.cfg.target.name());
         }
+        // Per-fault timeout: past it, the target's processes are killed, which ends the
+        // injectors (their victims are gone) and makes the rest of the workload fail fast.
+        let watchdog = Watchdog::start(victims.clone(), started + self.cfg.fault_timeout);
         let mut injectors = Vec::new();
         let mut injector_errors = Vec::new();
         if let Some((function, spec)) = fault {
@@ -285,12 +291,20 @@ impl Session {
                 unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
             }
         }
+        let timed_out = watchdog.finish();
         testbed::down(&self.stack)?;
         let fcts = self.fcts_of(&victims)?;
         let mut logs = read_new_logs(&self.stack.logs_dir(), &logs_at);
         logs.extend(injector_errors.iter().map(|e| ("afetm-inject".to_string(), e.clone())));
+        if timed_out {
+            logs.push((
+                "campaign".to_string(),
+                format!("run exceeded the fault timeout ({:?}); target processes killed", self.cfg.fault_timeout),
+            ));
+        }
         let manifestation = match fault {
             None => Manifestation::Normal,
+            Some(_) if timed_out => Manifestation::Hang,
             Some(_) => classify(
                 &Observed {
                     died,
@@ -354,6 +368,40 @@ impl Session {
             }
             anyhow::Ok(out)
         })
+    }
+}
+
+/// Kills `victims` if still running at `deadline`, unless finished first.
+struct Watchdog {
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    fn start(victims: Vec<u32>, deadline: Instant) -> Watchdog {
+        use std::sync::atomic::Ordering;
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = cancel.clone();
+        let handle = std::thread::spawn(move || {
+            while !c.load(Ordering::Relaxed) {
+                if Instant::now() >= deadline {
+                    for pid in &victims {
+                        // SAFETY: kill has no memory preconditions; processes of this run.
+                        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                    }
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        });
+        Watchdog { cancel, handle }
+    }
+
+    /// Stops watching; whether the deadline had passed (and the victims were killed).
+    fn finish(self) -> bool {
+        self.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or(false)
     }
 }
 
@@ -552,4 +600,24 @@ fn normal_runs(db: &Fddb, target: i64) -> Result<usize> {
 
 fn normal_mean_latency(db: &Fddb, target: i64) -> Result<f64> {
     Ok(db.normal_mean_latency(target)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_kills_only_after_its_deadline() {
+        let mut slow = Command::new("sleep").arg("30").spawn().unwrap();
+        let w = Watchdog::start(vec![slow.id()], Instant::now() + Duration::from_millis(200));
+        let status = slow.wait().unwrap();
+        assert!(w.finish(), "the deadline passed");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+        let mut quick = Command::new("sleep").arg("30").spawn().unwrap();
+        let w = Watchdog::start(vec![quick.id()], Instant::now() + Duration::from_secs(60));
+        assert!(!w.finish(), "finished before the deadline");
+        assert!(quick.try_wait().unwrap().is_none(), "not killed");
+        quick.kill().unwrap();
+        quick.wait().unwrap();
+    }
 }
