@@ -11,14 +11,6 @@ use afetm_proto::{self as pb, query_client::QueryClient};
 use common::*;
 use testbed::{Config, load};
 
-struct Stack(Config);
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let _ = testbed::down(&self.0);
-    }
-}
-
 #[test]
 fn three_live_plan_changes_under_testbed_load() {
     require_root!();

@@ -8,14 +8,6 @@ use afetm_analyzer::tree::Color;
 use common::*;
 use testbed::{Config, group_members, load};
 
-struct Stack(Config);
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let _ = testbed::down(&self.0);
-    }
-}
-
 #[test]
 fn agent_traces_the_stock_testbed_servers_under_load() {
     require_root!();

@@ -303,3 +303,12 @@ pub fn push_plan(
     }
     panic!("plan {version} never applied");
 }
+
+/// A testbed stack stopped (by pid) when dropped, whatever way the test leaves.
+pub struct Stack(pub testbed::Config);
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = testbed::down(&self.0);
+    }
+}
