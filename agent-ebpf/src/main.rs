@@ -98,6 +98,10 @@ static INJECT: Array<InjectSpec> = Array::with_max_entries(1, 0);
 #[map]
 static INJECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(inject_stat::LEN, 0);
 
+/// Stack pointer at the entry of the injected function, per thread (ptrace fallback).
+#[map]
+static ENTRY_SP: LruHashMap<u32, u64> = LruHashMap::with_max_entries(MAX_MARKS, 0);
+
 #[inline(always)]
 fn inject_count(index: u32) {
     if let Some(c) = INJECT_STATS.get_ptr_mut(index) {
@@ -122,7 +126,15 @@ pub fn afetm_inject_signal(_ctx: ProbeContext) -> u32 {
     let ok = match spec.kind {
         fault::CRASH => (unsafe { bpf_send_signal(9) }) == 0,
         fault::DEADLOCK => (unsafe { bpf_send_signal(19) }) == 0,
-        fault::TRAP => (unsafe { bpf_send_signal_thread(5) }) == 0,
+        fault::TRAP => {
+            // The stack pointer at entry, for the injector's stack parameter flips (the thread
+            // stops only after the first instruction, which may move rsp).
+            // Copied to the stack: the map helper takes no pointer into the context.
+            let sp: u64 = unsafe { core::ptr::read_volatile(&(*_ctx.regs).rsp) };
+            let tid = bpf_get_current_pid_tgid() as u32;
+            let _ = ENTRY_SP.insert(&tid, &sp, 0);
+            (unsafe { bpf_send_signal_thread(5) }) == 0
+        }
         _ => return 0,
     };
     inject_count(if ok { inject_stat::APPLIED } else { inject_stat::FAILED });

@@ -7,7 +7,7 @@
 //! | crash | entry | `bpf_send_signal(SIGKILL)` |
 //! | deadlock | entry | `bpf_send_signal(SIGSTOP)` (the whole process stops) |
 //! | IP+N | entry | the uprobe program writes `regs->ip`, or ([`ptrace`] fallback) SIGTRAP + ptrace |
-//! | input corruption | entry | register parameters: `regs` write or ptrace fallback; stack parameters: `bpf_probe_write_user` |
+//! | input corruption | entry | register parameters: `regs` write or ptrace fallback; stack parameters: `bpf_probe_write_user`, or ptrace `POKEDATA` at the entry rsp the probe recorded |
 //! | output corruption | return | uretprobe writes `regs->ax`, or SIGTRAP + ptrace |
 //!
 //! Each eBPF program is tried first; Linux 6.18 (this project's machines) refuses context
@@ -271,6 +271,8 @@ pub fn capabilities() -> Result<Capabilities, InjectError> {
 pub struct Injector {
     ebpf: Option<Ebpf>,
     stats: PerCpuArray<MapData, u64>,
+    /// tid -> rsp at the function's entry (ptrace fallback of stack parameter flips).
+    entry_sp: Option<aya::maps::HashMap<MapData, u32, u64>>,
     ptrace: Option<ptrace::Session>,
     pub function: String,
     pub fault: Fault,
@@ -323,7 +325,7 @@ impl Injector {
                 };
                 (f, spec, f.program(), f.mechanism(), None)
             }
-            (Err(_), f @ (Fault::IpPlus(_) | Fault::Input { arg: 0..6, .. } | Fault::Output { .. })) => {
+            (Err(_), f @ (Fault::IpPlus(_) | Fault::Input { .. } | Fault::Output { .. })) => {
                 let f = match f {
                     Fault::IpPlus(None) => Fault::IpPlus(Some(*lens.get(1).ok_or_else(|| {
                         InjectError::BadFault(format!("ip+ ({function} has fewer than two instructions)"))
@@ -337,6 +339,10 @@ impl Injector {
                     Fault::IpPlus(_) => {
                         (SIGNAL, "ptrace: SIGTRAP from a uprobe at entry, ip moved after the first instruction")
                     }
+                    Fault::Input { arg, .. } if arg >= 6 => (
+                        SIGNAL,
+                        "ptrace: SIGTRAP from a uprobe at entry, stack parameter flipped (entry rsp from the probe)",
+                    ),
                     _ => {
                         (SIGNAL, "ptrace: SIGTRAP from a uprobe at entry, register flipped after the first instruction")
                     }
@@ -367,6 +373,10 @@ impl Injector {
         let stats = PerCpuArray::try_from(
             ebpf.take_map("INJECT_STATS").ok_or_else(|| InjectError::Load("map INJECT_STATS missing".into()))?,
         )?;
+        let entry_sp = match ebpf.take_map("ENTRY_SP") {
+            Some(m) => Some(aya::maps::HashMap::try_from(m)?),
+            None => None,
+        };
         let prog: &mut UProbe = ebpf
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
@@ -376,6 +386,7 @@ impl Injector {
         Ok(Injector {
             ebpf: Some(ebpf),
             stats,
+            entry_sp,
             ptrace: session,
             function: function.to_string(),
             fault,
@@ -399,11 +410,19 @@ impl Injector {
     pub fn wait(&mut self, mut child: Option<&mut std::process::Child>, stop: &AtomicBool) -> Ended {
         if let Some(session) = self.ptrace.as_mut() {
             let fault = self.fault;
+            let entry_sp = self.entry_sp.as_ref();
             let ended = session.run(
-                |regs| match fault {
+                |tid, regs, mem| match fault {
                     Fault::IpPlus(n) => {
                         regs.rip = regs.rip.wrapping_add(n.unwrap_or(1) as u64);
                         true
+                    }
+                    Fault::Input { arg, bit } if arg >= 6 => {
+                        // Slot arg-6 above the return address, from the rsp the probe saw.
+                        match entry_sp.and_then(|m| m.get(&(tid as u32), 0).ok()) {
+                            Some(sp) => mem.xor_u64(sp + 8 * (arg as u64 - 5), 1u64 << (bit & 63)),
+                            None => false,
+                        }
                     }
                     Fault::Input { arg, bit } => {
                         let r = match arg {

@@ -120,9 +120,10 @@ fn each_fault_type_takes_effect_and_changes_the_call_trees() {
     assert_eq!(r["ended"], "signal 9", "{r}");
 
     // IP+N in check() (the jump over `return 2` is skipped), output corruption of check's
-    // return value, input corruption of work's b: each run completes with other values.
+    // return value, input corruption of work's b (a register) and of many's g (on the stack):
+    // each run completes with other values.
     let mut changed = Vec::new();
-    for (func, fault) in [("check", "ip+"), ("check", "output:1"), ("work", "input:1:30")] {
+    for (func, fault) in [("check", "ip+"), ("check", "output:1"), ("work", "input:1:30"), ("many", "input:6:30")] {
         let (pid, r, printed) = injected_run(&prog, dir.path(), func, fault, |_| {});
         assert_eq!(r["ended"], "exit 0", "{fault}: {r}");
         assert_eq!(r["applied"].as_u64().unwrap(), 20, "{fault}: once per call: {r}");

@@ -65,6 +65,35 @@ impl Signature {
     }
 }
 
+impl Signature {
+    /// Integer parameters passed on the stack (the seventh integer parameter on), as
+    /// (parameter index, stack slot above the return address). Stops at the first `Other`
+    /// parameter and once floats spill past the eight xmm registers (their slots interleave).
+    pub fn stack_params(&self) -> Vec<(usize, u32)> {
+        let (mut ints, mut floats, mut slot) = (0u32, 0u32, 0u32);
+        let mut out = Vec::new();
+        for (i, c) in self.params.iter().enumerate() {
+            match c {
+                ValueClass::Integer => {
+                    ints += 1;
+                    if ints > 6 {
+                        out.push((i, slot));
+                        slot += 1;
+                    }
+                }
+                ValueClass::Float => {
+                    floats += 1;
+                    if floats > 8 {
+                        break;
+                    }
+                }
+                ValueClass::Other => break,
+            }
+        }
+        out
+    }
+}
+
 type R<'a> = EndianSlice<'a, RunTimeEndian>;
 
 /// Signatures of the functions defined in `path`, by entry address.
@@ -232,5 +261,12 @@ mod tests {
         assert_eq!(s.register_params(), vec![(0, 0), (2, 1)]);
         let many = Signature { name: "g".into(), params: vec![Integer; 8], returns: Some(Integer) };
         assert_eq!(many.register_params().len(), 6);
+        assert_eq!(many.stack_params(), vec![(6, 0), (7, 1)]);
+        let mixed = Signature {
+            name: "h".into(),
+            params: vec![Integer, Float, Integer, Integer, Integer, Integer, Integer, Integer],
+            returns: None,
+        };
+        assert_eq!(mixed.stack_params(), vec![(7, 0)], "the double does not take an integer register");
     }
 }

@@ -4,7 +4,8 @@
  *     main -> step(i) -> work(i, i+1) -> pick, odd|even -> leaf
  *                     -> check()
  * printing one line per round, 10 ms apart. mark() is only ever called on a faulty path:
- *   - work(a, b) calls mark when b is huge (input corruption of b, a high bit);
+ *   - work(a, b) calls mark when b is huge (input corruption of b, a high bit), and so does
+ *     many() for its seventh parameter g, which is passed on the stack;
  *   - step calls mark when check() does not return 1: check's second instruction jumps over
  *     `return 2`, so IP moved past it (IP+N) or a flipped return value (output corruption)
  *     both lead to mark.
@@ -44,10 +45,16 @@ __attribute__((noinline)) long work(long a, long b) {
     return pick(s) ? odd(s) : even(s);
 }
 
+/* Eight parameters: g and h are passed on the stack. */
+__attribute__((noinline)) long many(long a, long b, long c, long d, long e, long f, long g, long h) {
+    if (g > (1L << 20)) return mark(g);
+    return a + b + c + d + e + f + g + h;
+}
+
 __attribute__((noinline)) long step(long i) {
     long r = work(i, i + 1);
     if (check() != 1) r += mark(i);
-    return r;
+    return r + many(i, 1, 2, 3, 4, 5, 6, 7);
 }
 
 int main(int argc, char **argv) {

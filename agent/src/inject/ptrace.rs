@@ -25,6 +25,25 @@ use super::Ended;
 /// `si_code` of a signal sent by the kernel (`bpf_send_signal_thread` sends SI_KERNEL).
 const SI_KERNEL: i32 = 0x80;
 
+/// A stopped thread's memory, for the fault handler.
+pub struct Memory(i32);
+
+impl Memory {
+    /// XORs the 8 bytes at `addr` with `mask`; false if the address is not writable.
+    pub fn xor_u64(&mut self, addr: u64, mask: u64) -> bool {
+        // SAFETY: PEEKDATA/POKEDATA on a thread stopped under our ptrace; errno tells failure.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let v = libc::ptrace(libc::PTRACE_PEEKDATA, self.0, addr as *mut libc::c_void, 0);
+            if v == -1 && errno() != 0 {
+                return false;
+            }
+            libc::ptrace(libc::PTRACE_POKEDATA, self.0, addr as *mut libc::c_void, (v as u64 ^ mask) as libc::c_long)
+                == 0
+        }
+    }
+}
+
 /// The traced threads of one victim process.
 pub struct Session {
     pid: i32,
@@ -85,7 +104,11 @@ impl Session {
     /// Handles the victim's stops until it ends or `stop` is set: SIGTRAPs the kernel sent
     /// go to `apply` (which changes the registers and says whether it did) and are
     /// suppressed; every other signal is delivered as it would have been.
-    pub fn run(&mut self, mut apply: impl FnMut(&mut libc::user_regs_struct) -> bool, stop: &AtomicBool) -> Ended {
+    pub fn run(
+        &mut self,
+        mut apply: impl FnMut(i32, &mut libc::user_regs_struct, &mut Memory) -> bool,
+        stop: &AtomicBool,
+    ) -> Ended {
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Ended::Stopped;
@@ -142,7 +165,7 @@ impl Session {
                     let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
                     if unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0, &mut regs as *mut libc::user_regs_struct) }
                         == 0
-                        && apply(&mut regs)
+                        && apply(tid, &mut regs, &mut Memory(tid))
                         && unsafe { libc::ptrace(libc::PTRACE_SETREGS, tid, 0, &regs as *const libc::user_regs_struct) }
                             == 0
                     {

@@ -2,7 +2,8 @@
 //!
 //! The injection targets are the functions the workload activates (called at least once while
 //! sampling, i.e. weight > 0). Per function: one IP+N, one crash and one deadlock; one input
-//! corruption per parameter passed in a general purpose register; one output corruption if it
+//! corruption per integer or pointer parameter (in a register or on the stack; float and
+//! by-value aggregate parameters are left out); one output corruption if it
 //! returns an integer or pointer. Parameters and return types come from DWARF
 //! (`afetm_elf::dwarf`); a function without a DWARF signature gets the three faults that need
 //! none, and the plan counts how many interface faults were left out that way.
@@ -103,12 +104,17 @@ pub fn plan(activated: &[(String, f64)], signatures: &HashMap<String, Signature>
         }
         match signatures.get(f) {
             Some(sig) => {
-                for (_, reg) in sig.register_params() {
+                // The injector's parameter index: registers 0..6, then 6 + stack slot.
+                let params = sig
+                    .register_params()
+                    .into_iter()
+                    .chain(sig.stack_params().into_iter().map(|(i, slot)| (i, 6 + slot)));
+                for (_, arg) in params {
                     let bit = rng.random_range(0..32u32);
                     out.faults.push(PlannedFault {
                         function: f.clone(),
                         kind: "input",
-                        spec: format!("input:{reg}:{bit}"),
+                        spec: format!("input:{arg}:{bit}"),
                     });
                 }
                 if sig.returns == Some(ValueClass::Integer) {
@@ -191,6 +197,14 @@ mod tests {
         assert_eq!("top:5".parse::<Scope>().unwrap(), Scope::Top(5));
         assert_eq!("random:3:9".parse::<Scope>().unwrap(), Scope::Random { n: 3, seed: 9 });
         assert!("top".parse::<Scope>().is_err() && "some".parse::<Scope>().is_err());
+        let eight: HashMap<String, Signature> = [("a".to_string(), sig(vec![Integer; 8], None))].into();
+        let args: Vec<String> = plan(&activated, &eight, &Scope::Named(vec!["a".into()]), 1)
+            .faults
+            .iter()
+            .filter(|x| x.kind == "input")
+            .map(|x| x.spec.split(':').nth(1).unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(args, ["0", "1", "2", "3", "4", "5", "6", "7"], "six registers, then stack slots 0 and 1");
         let named = "functions:a,c,x".parse::<Scope>().unwrap();
         assert_eq!(plan(&activated, &sigs, &named, 7).functions, vec!["a"], "c was never called, x does not exist");
     }
