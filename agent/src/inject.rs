@@ -445,15 +445,11 @@ impl Injector {
                 },
                 stop,
             );
-            // No more SIGTRAPs, then let the threads go.
-            let stats_applied = self.applied();
+            // No more SIGTRAPs, then let the threads go. (A child that ended was reaped by the
+            // session's waitpid.)
             self.ebpf = None;
             if let Some(s) = self.ptrace.as_mut() {
                 s.detach();
-            }
-            let _ = stats_applied;
-            if let (Some(c), Ended::Exit(_) | Ended::Signal(_)) = (child.as_mut(), ended) {
-                let _ = c.try_wait(); // already reaped by the session
             }
             return ended;
         }

@@ -107,19 +107,8 @@ fn run(cli: Cli) -> Result<()> {
     if cli.dry_run {
         let target = Target::open(&plan.target)?;
         let resolved = tracer::resolve(&target.module, &plan.points)?;
-        let report = pb::PlanReport {
-            probes: resolved
-                .iter()
-                .map(|r| pb::PlacedProbe {
-                    function: r.func.name.to_string(),
-                    entry: r.func.start,
-                    probe: r.site.vaddr,
-                    instruction: r.site.instruction.clone(),
-                    emulated: r.site.emulated,
-                })
-                .collect(),
-            ..Default::default()
-        };
+        let report =
+            pb::PlanReport { probes: resolved.iter().map(tracer::Resolved::placed).collect(), ..Default::default() };
         print_probes(&report);
         let (n, emulated, moved) = summary(&report);
         eprintln!(

@@ -18,7 +18,7 @@ use std::{
 };
 
 use afetm_proto as pb;
-use agent_common::{EventHeader, HEADER_LEN, kind, stat};
+use agent_common::{EventHeader, HEADER_LEN, Mode, kind, stat};
 
 use crate::{
     procmaps::{Mapping, ProcMaps},
@@ -128,6 +128,8 @@ pub struct Reader {
     exits: Vec<pb::ProcessExit>,
     live: HashSet<u32>,
     counts_prev: HashMap<u32, u64>,
+    /// Functions out of count mode whose counts were read after they left it.
+    drained: HashSet<u32>,
     stats: ReaderStats,
 }
 
@@ -158,6 +160,7 @@ impl Reader {
             exits: Vec::new(),
             live: HashSet::new(),
             counts_prev: HashMap::new(),
+            drained: HashSet::new(),
             stats: ReaderStats::default(),
         }
     }
@@ -384,17 +387,27 @@ impl Reader {
     }
 
     fn read_counts(&mut self, interval: Duration) {
-        let ids: Vec<(u32, Arc<str>, Arc<str>)> = {
+        let ids: Vec<(u32, bool, Arc<str>, Arc<str>)> = {
             let table = self.table.read().unwrap_or_else(|p| p.into_inner());
             table
                 .iter()
                 .enumerate()
-                // Every known function, not only those counting now: one that left the plan (or
-                // changed mode) since the last read still has calls to report.
-                .filter_map(|(i, e)| e.as_ref().map(|e| (i as u32, e.module.clone(), e.name.clone())))
+                // Those counting now, and once more those that left count mode (the plan
+                // changed) since the last read: their last calls are still to report.
+                .filter_map(|(i, e)| {
+                    let e = e.as_ref()?;
+                    let counting = e.mode == Mode::Count;
+                    (counting || (e.counted && !self.drained.contains(&(i as u32))))
+                        .then(|| (i as u32, counting, e.module.clone(), e.name.clone()))
+                })
                 .collect()
         };
-        for (id, module, name) in ids {
+        for (id, counting, module, name) in ids {
+            if counting {
+                self.drained.remove(&id);
+            } else {
+                self.drained.insert(id);
+            }
             let total: u64 = match self.maps.counts.get(&id, 0) {
                 Ok(values) => values.iter().sum(),
                 Err(_) => continue,

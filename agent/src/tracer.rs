@@ -112,6 +112,9 @@ pub struct FnEntry {
     pub mode: Mode,
     /// Module virtual address of the probe: an event's ip minus this is the module's load bias.
     pub probe_vaddr: u64,
+    /// Has been in count mode since the agent started, so `COUNTS` may hold calls the reader
+    /// has not reported yet.
+    pub counted: bool,
 }
 
 /// fn_id -> function, shared with the ring buffer reader.
@@ -123,6 +126,19 @@ pub struct Resolved {
     pub func: Function,
     pub site: ProbeSite,
     pub mode: Mode,
+}
+
+impl Resolved {
+    /// Where its probe went, as plan reports and `--print-probes` show it.
+    pub fn placed(&self) -> pb::PlacedProbe {
+        pb::PlacedProbe {
+            function: self.func.name.to_string(),
+            entry: self.func.start,
+            probe: self.site.vaddr,
+            instruction: self.site.instruction.clone(),
+            emulated: self.site.emulated,
+        }
+    }
 }
 
 /// Resolves the plan's points against the target module. `*` means every function.
@@ -390,26 +406,24 @@ impl Tracer {
             .flat_map(|g| self.links[g].members.iter().copied())
             .filter(|id| desired.contains_key(id))
             .collect();
-        let mut new: Vec<(u32, u64)> = Vec::new();
-        for (id, r) in &desired {
-            if !self.attached.contains_key(id) {
-                let off = self
-                    .target
-                    .module
-                    .vaddr_to_offset(r.site.vaddr)
-                    .ok_or_else(|| TraceError::NoOffset(r.func.name.to_string()))?;
-                new.push((*id, off));
-            }
-        }
+        let point = |id: u32| -> Result<(u32, u64), TraceError> {
+            let r = &desired[&id];
+            let off = self
+                .target
+                .module
+                .vaddr_to_offset(r.site.vaddr)
+                .ok_or_else(|| TraceError::NoOffset(r.func.name.to_string()))?;
+            Ok((id, off))
+        };
+        let mut new: Vec<(u32, u64)> = desired
+            .keys()
+            .filter(|id| !self.attached.contains_key(id))
+            .map(|id| point(*id))
+            .collect::<Result<_, _>>()?;
         new.sort_unstable();
-        let offset_of =
-            |tracer: &Tracer, id: u32| -> Option<u64> { tracer.target.module.vaddr_to_offset(desired[&id].site.vaddr) };
         let mut link_points: Vec<(u32, u64)> = new.clone();
         for id in &moved {
-            link_points.push((
-                *id,
-                offset_of(self, *id).ok_or_else(|| TraceError::NoOffset(desired[id].func.name.to_string()))?,
-            ));
+            link_points.push(point(*id)?);
         }
         link_points.sort_unstable();
 
@@ -520,24 +534,17 @@ impl Tracer {
                 }
             }
             for (id, r) in &desired {
+                let counted = table[*id as usize].as_ref().is_some_and(|e| e.counted) || r.mode == Mode::Count;
                 table[*id as usize] = Some(FnEntry {
                     module: self.target.module.name.as_str().into(),
                     name: r.func.name.clone(),
                     mode: r.mode,
                     probe_vaddr: r.site.vaddr,
+                    counted,
                 });
             }
         }
-        let mut probes: Vec<pb::PlacedProbe> = desired
-            .values()
-            .map(|r| pb::PlacedProbe {
-                function: r.func.name.to_string(),
-                entry: r.func.start,
-                probe: r.site.vaddr,
-                instruction: r.site.instruction.clone(),
-                emulated: r.site.emulated,
-            })
-            .collect();
+        let mut probes: Vec<pb::PlacedProbe> = desired.values().map(Resolved::placed).collect();
         probes.sort_by_key(|p| p.entry);
         skipped.sort();
         Ok(pb::PlanReport {

@@ -34,6 +34,7 @@ use super::{Observed, Scope, classify, plan};
 use crate::{
     fddb::{Done, Fddb, FunctionRow, Manifestation, Run},
     tree::{Forest, FuncTable},
+    weights::Weights,
 };
 
 /// Which server of the shop a campaign injects into.
@@ -193,10 +194,12 @@ impl Session {
         Ok(p)
     }
 
-    fn load(&self) -> Result<testbed::load::Report> {
+    /// The CRUD mix for `duration`, without warm-up; a request unanswered past the window
+    /// (plus a second) counts as failed.
+    fn load(&self, duration: Duration) -> Result<testbed::load::Report> {
         let mut l = testbed::load::LoadConfig::new(self.stack.url());
         l.connections = self.cfg.connections;
-        l.duration = self.cfg.window;
+        l.duration = duration;
         l.warmup = Duration::ZERO;
         l.items = self.stack.seed_items;
         l.request_timeout = self.cfg.window + Duration::from_secs(1);
@@ -204,16 +207,11 @@ impl Session {
     }
 
     /// Activated functions (name, calls per second) from count mode under the workload.
-    fn sample(&self) -> Result<Vec<(String, f64)>> {
+    fn sample(&self, module: &str) -> Result<Vec<(String, f64)>> {
         testbed::up(&self.stack).context("testbed up")?;
         let agent = self.agent("count", serde_json::json!([{"function": "*", "mode": "count"}]))?;
         let t = Instant::now();
-        let mut l = testbed::load::LoadConfig::new(self.stack.url());
-        l.connections = self.cfg.connections;
-        l.duration = self.cfg.sample;
-        l.warmup = Duration::ZERO;
-        l.items = self.stack.seed_items;
-        let report = testbed::load::run(&l);
+        let report = self.load(self.cfg.sample);
         let secs = t.elapsed().as_secs_f64();
         stop_gently(agent);
         testbed::down(&self.stack)?;
@@ -225,7 +223,8 @@ impl Session {
             let mut q = QueryClient::connect(self.url.clone()).await?;
             anyhow::Ok(q.counts(pb::CountsRequest { agent_id: "count".into() }).await?.into_inner().counts)
         })?;
-        Ok(counts.into_iter().filter(|c| c.calls > 0).map(|c| (c.function, c.calls as f64 / secs)).collect())
+        let w = Weights::from_counts(module, &counts, secs, "campaign sampling")?;
+        Ok(w.functions.into_iter().map(|(f, w)| (f, w.per_sec)).collect())
     }
 
     /// One run: fresh stack, injectors (for `fault`), workload, FCTs of the target's processes.
@@ -268,7 +267,7 @@ impl Session {
                 }
             }
         }
-        let report = self.load()?;
+        let report = self.load(self.cfg.window)?;
         let died = victims.iter().any(|p| state(*p).is_none_or(|s| s == 'Z' || s == 'X'));
         let stopped = victims.iter().any(|p| state(*p) == Some('T'));
         let mut applied = 0;
@@ -494,10 +493,7 @@ pub fn run(cfg: &Config, progress: bool) -> Result<Outcome> {
     let m = Module::load(&module).with_context(|| format!("reading {}", module.display()))?;
     let target = db.target(cfg.target.name(), &m.name)?;
     if db.summary(target)?.faults == 0 {
-        let activated = s.sample()?;
-        if activated.is_empty() {
-            bail!("no function of {} was called while sampling", module.display());
-        }
+        let activated = s.sample(&m.name)?;
         let by_start: HashMap<u64, &str> = m.functions().iter().map(|f| (f.start, &*f.name)).collect();
         let sigs: HashMap<String, dwarf::Signature> = dwarf::signatures(&module)
             .unwrap_or_default()
@@ -533,21 +529,16 @@ pub fn run(cfg: &Config, progress: bool) -> Result<Outcome> {
         );
     }
     // Full tracing of the planned functions for the rest of the campaign.
-    let traced: Vec<serde_json::Value> = {
-        let mut names: Vec<String> = db.pending(target)?.into_iter().map(|p| p.function).collect();
-        names.extend(db_functions(&db, target)?);
-        names.sort();
-        names.dedup();
-        names.iter().map(|f| serde_json::json!({"function": f, "mode": "event"})).collect()
-    };
+    let traced: Vec<serde_json::Value> =
+        db.function_names(target)?.iter().map(|f| serde_json::json!({"function": f, "mode": "event"})).collect();
     let full = s.agent("full", serde_json::Value::Array(traced))?;
     let mut runs = 0;
-    for _ in normal_runs(&db, target)?..cfg.normal_runs {
+    for _ in db.normal_runs(target)? as usize..cfg.normal_runs {
         let (run, fcts) = s.run_once(None, 0.0)?;
         db.record_run(target, None, &run, &fcts, Done::No)?;
         runs += 1;
     }
-    let normal_latency = normal_mean_latency(&db, target)?;
+    let normal_latency = db.normal_mean_latency(target)?;
     let pending = db.pending(target)?;
     let todo = cfg.max_faults.map_or(pending.len(), |n| n.min(pending.len()));
     let bar = progress.then(|| {
@@ -588,18 +579,6 @@ pub fn run(cfg: &Config, progress: bool) -> Result<Outcome> {
     drop(full);
     testbed::down(&s.stack)?;
     Ok(Outcome { faults_done: done, runs, pending: db.pending(target)?.len(), wall: started.elapsed() })
-}
-
-fn db_functions(db: &Fddb, target: i64) -> Result<Vec<String>> {
-    Ok(db.function_names(target)?)
-}
-
-fn normal_runs(db: &Fddb, target: i64) -> Result<usize> {
-    Ok(db.normal_runs(target)? as usize)
-}
-
-fn normal_mean_latency(db: &Fddb, target: i64) -> Result<f64> {
-    Ok(db.normal_mean_latency(target)?)
 }
 
 #[cfg(test)]
