@@ -109,6 +109,29 @@ fn inject_count(index: u32) {
     }
 }
 
+/// Per thread of the victim, `[first_ns, last_ns, count]` of the applications
+/// (`bpf_ktime_get_ns`, the agent's event clock): the campaign labels only the threads and
+/// windows a fault reached.
+#[map]
+static APPLIED_AT: LruHashMap<u32, [u64; 3]> = LruHashMap::with_max_entries(MAX_MARKS, 0);
+
+/// Counts one application and notes when and in which thread it happened.
+#[inline(always)]
+fn note_applied() {
+    inject_count(inject_stat::APPLIED);
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+    match APPLIED_AT.get_ptr_mut(&tid) {
+        Some(v) => unsafe {
+            (*v)[1] = now;
+            (*v)[2] += 1;
+        },
+        None => {
+            let _ = APPLIED_AT.insert(&tid, &[now, now, 1], 0);
+        }
+    }
+}
+
 #[inline(always)]
 fn inject_spec() -> Option<&'static InjectSpec> {
     let spec = INJECT.get(0)?;
@@ -137,7 +160,11 @@ pub fn afetm_inject_signal(_ctx: ProbeContext) -> u32 {
         }
         _ => return 0,
     };
-    inject_count(if ok { inject_stat::APPLIED } else { inject_stat::FAILED });
+    if ok {
+        note_applied();
+    } else {
+        inject_count(inject_stat::FAILED);
+    }
     0
 }
 
@@ -160,7 +187,11 @@ pub fn afetm_inject_stack(ctx: ProbeContext) -> u32 {
         }
         Err(_) => false,
     };
-    inject_count(if ok { inject_stat::APPLIED } else { inject_stat::FAILED });
+    if ok {
+        note_applied();
+    } else {
+        inject_count(inject_stat::FAILED);
+    }
     0
 }
 
@@ -184,7 +215,7 @@ pub fn afetm_inject_regs(ctx: ProbeContext) -> u32 {
         (fault::INPUT, 5) => regs.r9 ^= mask,
         _ => return 0,
     }
-    inject_count(inject_stat::APPLIED);
+    note_applied();
     0
 }
 
@@ -199,7 +230,11 @@ pub fn afetm_inject_trap_ret(_ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let ok = (unsafe { bpf_send_signal_thread(5) }) == 0;
-    inject_count(if ok { inject_stat::APPLIED } else { inject_stat::FAILED });
+    if ok {
+        note_applied();
+    } else {
+        inject_count(inject_stat::FAILED);
+    }
     0
 }
 
@@ -214,7 +249,7 @@ pub fn afetm_inject_ret(ctx: RetProbeContext) -> u32 {
     }
     let regs = unsafe { &mut *ctx.regs };
     regs.rax ^= 1u64 << (spec.bit & 63);
-    inject_count(inject_stat::APPLIED);
+    note_applied();
     0
 }
 

@@ -19,7 +19,9 @@
 //! caller started or a pid named explicitly as foreign; pid 1 and the injector itself are
 //! refused.
 
-use std::{fmt, num::NonZeroU32, path::Path, str::FromStr, sync::atomic::AtomicBool};
+use std::{fmt, num::NonZeroU32, path::Path, sync::atomic::AtomicBool};
+
+pub use afetm_fault::Fault;
 
 use agent_common::{InjectSpec, fault, inject_stat};
 use aya::{
@@ -79,79 +81,6 @@ pub enum InjectError {
     Map(#[from] aya::maps::MapError),
 }
 
-/// The five fault types of AFETM's fault model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// Process crash (SIGKILL at entry).
-    Crash,
-    /// Deadlock: the process stops (SIGSTOP at entry).
-    Deadlock,
-    /// IP+N at entry; `None` = the length of the function's first instruction (the next
-    /// instruction boundary: the first instruction is skipped).
-    IpPlus(Option<u32>),
-    /// One bit of parameter `arg` (0-based, integer/pointer parameters in ABI order) flipped at entry.
-    Input { arg: u32, bit: u32 },
-    /// One bit of the return value flipped at return.
-    Output { bit: u32 },
-}
-
-impl Fault {
-    /// The fault type's name as stored in the FDDB.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Fault::Crash => "crash",
-            Fault::Deadlock => "deadlock",
-            Fault::IpPlus(_) => "ip+n",
-            Fault::Input { .. } => "input",
-            Fault::Output { .. } => "output",
-        }
-    }
-
-    /// How this kernel applies it.
-    pub fn mechanism(&self) -> &'static str {
-        match self {
-            Fault::Crash | Fault::Deadlock => "eBPF bpf_send_signal at entry",
-            Fault::IpPlus(_) => "eBPF uprobe context write (ip) at entry",
-            Fault::Input { arg, .. } if *arg < 6 => "eBPF uprobe context write (parameter register) at entry",
-            Fault::Input { .. } => "eBPF bpf_probe_write_user (stack parameter) at entry",
-            Fault::Output { .. } => "eBPF uretprobe context write (rax) at return",
-        }
-    }
-}
-
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Fault::Crash => write!(f, "crash"),
-            Fault::Deadlock => write!(f, "deadlock"),
-            Fault::IpPlus(None) => write!(f, "ip+"),
-            Fault::IpPlus(Some(n)) => write!(f, "ip+{n}"),
-            Fault::Input { arg, bit } => write!(f, "input:{arg}:{bit}"),
-            Fault::Output { bit } => write!(f, "output:{bit}"),
-        }
-    }
-}
-
-impl FromStr for Fault {
-    type Err = InjectError;
-
-    fn from_str(s: &str) -> Result<Fault, InjectError> {
-        let bad = || InjectError::BadFault(s.to_string());
-        let num = |v: &str, max: u32| v.parse::<u32>().ok().filter(|n| *n < max).ok_or_else(bad);
-        Ok(match s {
-            "crash" => Fault::Crash,
-            "deadlock" => Fault::Deadlock,
-            "ip+" => Fault::IpPlus(None),
-            _ if s.starts_with("ip+") => Fault::IpPlus(Some(num(&s[3..], 4096)?).filter(|n| *n > 0).or(None)),
-            _ => match s.split(':').collect::<Vec<_>>().as_slice() {
-                ["input", arg, bit] => Fault::Input { arg: num(arg, 32)?, bit: num(bit, 64)? },
-                ["output", bit] => Fault::Output { bit: num(bit, 64)? },
-                _ => return Err(bad()),
-            },
-        })
-    }
-}
-
 /// A process the injector may touch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Victim(NonZeroU32, bool);
@@ -196,15 +125,24 @@ const REGS: &str = "afetm_inject_regs";
 const RETURN: &str = "afetm_inject_ret";
 const TRAP_RETURN: &str = "afetm_inject_trap_ret";
 
-impl Fault {
-    /// The eBPF program that applies this fault.
-    fn program(&self) -> &'static str {
-        match self {
-            Fault::Crash | Fault::Deadlock => SIGNAL,
-            Fault::Input { arg, .. } if *arg >= 6 => STACK,
-            Fault::IpPlus(_) | Fault::Input { .. } => REGS,
-            Fault::Output { .. } => RETURN,
-        }
+/// The eBPF program that applies `fault` where the kernel allows it.
+fn program(fault: Fault) -> &'static str {
+    match fault {
+        Fault::Crash | Fault::Deadlock => SIGNAL,
+        Fault::Input { arg, .. } if arg >= 6 => STACK,
+        Fault::IpPlus(_) | Fault::Input { .. } => REGS,
+        Fault::Output { .. } => RETURN,
+    }
+}
+
+/// How the eBPF programs apply `fault` where the kernel allows them to.
+fn direct_mechanism(fault: Fault) -> &'static str {
+    match fault {
+        Fault::Crash | Fault::Deadlock => "eBPF bpf_send_signal at entry",
+        Fault::IpPlus(_) => "eBPF uprobe context write (ip) at entry",
+        Fault::Input { arg, .. } if arg < 6 => "eBPF uprobe context write (parameter register) at entry",
+        Fault::Input { .. } => "eBPF bpf_probe_write_user (stack parameter) at entry",
+        Fault::Output { .. } => "eBPF uretprobe context write (rax) at return",
     }
 }
 
@@ -271,6 +209,8 @@ pub fn capabilities() -> Result<Capabilities, InjectError> {
 pub struct Injector {
     ebpf: Option<Ebpf>,
     stats: PerCpuArray<MapData, u64>,
+    /// tid -> [first_ns, last_ns, count] of the applications in that thread.
+    applied_at: aya::maps::HashMap<MapData, u32, [u64; 3]>,
     /// tid -> rsp at the function's entry (ptrace fallback of stack parameter flips).
     entry_sp: Option<aya::maps::HashMap<MapData, u32, u64>>,
     ptrace: Option<ptrace::Session>,
@@ -305,7 +245,7 @@ impl Injector {
             .map(|i| i.len() as u32)
             .collect();
         let mut ebpf = object()?;
-        let direct = load(&mut ebpf, fault.program());
+        let direct = load(&mut ebpf, program(fault));
         let (fault, spec, name, mechanism, session) = match (direct, fault) {
             (Ok(()), f) => {
                 let f = match f {
@@ -323,7 +263,7 @@ impl Injector {
                     Fault::Input { arg, bit } => InjectSpec { kind: fault::INPUT, arg, bit, ..Default::default() },
                     Fault::Output { bit } => InjectSpec { kind: fault::OUTPUT, bit, ..Default::default() },
                 };
-                (f, spec, f.program(), f.mechanism(), None)
+                (f, spec, program(f), direct_mechanism(f), None)
             }
             (Err(_), f @ (Fault::IpPlus(_) | Fault::Input { .. } | Fault::Output { .. })) => {
                 let f = match f {
@@ -373,6 +313,9 @@ impl Injector {
         let stats = PerCpuArray::try_from(
             ebpf.take_map("INJECT_STATS").ok_or_else(|| InjectError::Load("map INJECT_STATS missing".into()))?,
         )?;
+        let applied_at = aya::maps::HashMap::try_from(
+            ebpf.take_map("APPLIED_AT").ok_or_else(|| InjectError::Load("map APPLIED_AT missing".into()))?,
+        )?;
         let entry_sp = match ebpf.take_map("ENTRY_SP") {
             Some(m) => Some(aya::maps::HashMap::try_from(m)?),
             None => None,
@@ -386,6 +329,7 @@ impl Injector {
         Ok(Injector {
             ebpf: Some(ebpf),
             stats,
+            applied_at,
             entry_sp,
             ptrace: session,
             function: function.to_string(),
@@ -403,6 +347,20 @@ impl Injector {
             Some(s) => (s.applied, sum(inject_stat::FAILED) + sum(inject_stat::APPLIED).saturating_sub(s.applied)),
             None => (sum(inject_stat::APPLIED), sum(inject_stat::FAILED)),
         }
+    }
+
+    /// Per thread: when the fault was first and last applied there, and how often (the probe's
+    /// count; with the ptrace fallback, the signals sent). Sorted by first application.
+    pub fn applications(&self) -> Vec<afetm_fault::Applied> {
+        let pid = self.victim.pid();
+        let mut v: Vec<afetm_fault::Applied> = self
+            .applied_at
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(tid, [first_ns, last_ns, count])| afetm_fault::Applied { pid, tid, first_ns, last_ns, count })
+            .collect();
+        v.sort_by_key(|a| (a.first_ns, a.tid));
+        v
     }
 
     /// Runs until the victim ends or `stop` is set. `child`: the victim's process handle when
@@ -481,20 +439,6 @@ impl Injector {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fault_syntax() {
-        assert_eq!("crash".parse::<Fault>().unwrap(), Fault::Crash);
-        assert_eq!("deadlock".parse::<Fault>().unwrap(), Fault::Deadlock);
-        assert_eq!("ip+".parse::<Fault>().unwrap(), Fault::IpPlus(None));
-        assert_eq!("ip+3".parse::<Fault>().unwrap(), Fault::IpPlus(Some(3)));
-        assert_eq!("input:1:0".parse::<Fault>().unwrap(), Fault::Input { arg: 1, bit: 0 });
-        assert_eq!("output:63".parse::<Fault>().unwrap(), Fault::Output { bit: 63 });
-        for bad in ["", "crash!", "output:64", "input:1", "input:x:1", "ip+x", "kill"] {
-            assert!(bad.parse::<Fault>().is_err(), "{bad}");
-        }
-        assert_eq!(Fault::Input { arg: 2, bit: 5 }.to_string(), "input:2:5");
-    }
 
     #[test]
     fn victims_are_checked() {

@@ -40,6 +40,10 @@ pub struct ReaderConfig {
     pub max_frames: usize,
     /// Count-only functions are reported this often.
     pub count_interval: Duration,
+    /// Traced processes are checked for exit this often; an exit closes the process's windows
+    /// in the analyzer (the campaign ends each run by killing the target, so this bounds how
+    /// long a run waits for its trees).
+    pub exit_check: Duration,
 }
 
 impl Default for ReaderConfig {
@@ -51,6 +55,7 @@ impl Default for ReaderConfig {
             max_batch_events: 16_384,
             max_frames: 128,
             count_interval: Duration::from_secs(1),
+            exit_check: Duration::from_millis(50),
         }
     }
 }
@@ -174,7 +179,7 @@ impl Reader {
         loop {
             let stopping = stop.load(Ordering::Relaxed);
             self.drain();
-            if stopping || last_exit_check.elapsed() >= Duration::from_millis(250) {
+            if stopping || last_exit_check.elapsed() >= self.cfg.exit_check {
                 self.check_exits();
                 last_exit_check = Instant::now();
             }

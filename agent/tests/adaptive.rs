@@ -6,7 +6,7 @@ mod common;
 
 use std::{collections::BTreeSet, thread::sleep, time::Duration};
 
-use afetm_analyzer::tree::Color;
+use afetm_calltree::tree::Color;
 use afetm_proto::{self as pb, query_client::QueryClient};
 use common::*;
 use testbed::{Config, load};

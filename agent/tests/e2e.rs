@@ -4,7 +4,7 @@ mod common;
 
 use std::{thread::sleep, time::Duration};
 
-use afetm_analyzer::{
+use afetm_calltree::{
     coloring::{compare_threads, mask_red},
     tree::{Color, Forest, FuncTable},
 };

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use afetm_analyzer::tree::Color;
+use afetm_calltree::tree::Color;
 use common::*;
 
 fn inject_bin() -> PathBuf {

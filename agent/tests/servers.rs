@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use afetm_analyzer::tree::Color;
+use afetm_calltree::tree::Color;
 use common::*;
 use testbed::{Config, group_members, load};
 

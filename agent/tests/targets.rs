@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use afetm_analyzer::tree::Color;
+use afetm_calltree::tree::Color;
 use common::*;
 
 fn gcc(args: &[&str], dir: &Path) {

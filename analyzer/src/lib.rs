@@ -1,16 +1,12 @@
-//! The afetm analyzer: rebuilds approximate function call trees (AFCTs) from the agent's trace
-//! events and serves them over gRPC.
+//! The afetm analyzer daemon: ingests the agent's trace events, builds approximate function
+//! call trees (AFCTs) and serves them over gRPC.
 //!
-//! Modules follow the AFETM paper (004_eb31801e7dc37aff.txt): [`afct`] is Algorithm 3,
-//! [`coloring`] is Algorithm 2, [`tree`] the FCT data model; [`store`] persists windows and
-//! AFCTs in SQLite, [`selection`] is Algorithm 1 over the weights of [`weights`], [`ingest`] turns agent batches into windows, [`service`] is the gRPC surface.
+//! [`store`] cuts agent batches into windows and persists windows and AFCTs in SQLite;
+//! [`service`] is the gRPC surface (ingest, query, control). The algorithms live in their own
+//! crates: call trees, Alg. 2 and Alg. 3 in `afetm-calltree`, trace point selection (Alg. 1)
+//! in `afetm-selection`, the FDDB in `afetm-fddb`, the campaign in `afetm-campaign`.
 
-pub mod afct;
-pub mod campaign;
-pub mod coloring;
-pub mod fddb;
-pub mod selection;
 pub mod service;
 pub mod store;
-pub mod tree;
-pub mod weights;
+
+pub use afetm_calltree::{afct, coloring, tree};

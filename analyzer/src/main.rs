@@ -2,10 +2,12 @@
 use std::{path::PathBuf, time::Duration};
 
 use afetm_analyzer::{
-    selection::{self, Params},
     service::{self, Analyzer},
     store::{Limits, Store, WindowConfig},
     tree::Forest,
+};
+use afetm_selection::{
+    self as selection, Params,
     weights::Weights,
 };
 use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
@@ -149,45 +151,7 @@ enum Cmd {
         #[arg(long, default_value = "-")]
         out: String,
     },
-    /// Run (or resume) the fault injection campaign on the testbed and fill the FDDB (root).
-    Campaign {
-        #[arg(long, value_enum)]
-        target: afetm_analyzer::campaign::runner::Target,
-        /// all, top:N (most called), random:N:SEED, or functions:F1,F2
-        #[arg(long, default_value = "top:5")]
-        scope: afetm_analyzer::campaign::Scope,
-        #[arg(long, default_value = "fddb.sqlite")]
-        db: PathBuf,
-        /// Working folder (stack run folder, analyzer database, logs).
-        #[arg(long, default_value = "campaign")]
-        work_dir: PathBuf,
-        /// Where afetm-agent and afetm-inject are (default: next to this program).
-        #[arg(long)]
-        bin_dir: Option<PathBuf>,
-        #[arg(long, default_value_t = 21080)]
-        base_port: u16,
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        window: Duration,
-        #[arg(long, default_value_t = 3)]
-        cap: usize,
-        #[arg(long, default_value_t = 2)]
-        normal_runs: usize,
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        sample: Duration,
-        /// Debian's binaries instead of the source builds (no DWARF: no interface faults).
-        #[arg(long)]
-        stock: bool,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long)]
-        max_faults: Option<usize>,
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-        /// A run still going after this long is ended (target killed, recorded as a hang).
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-        fault_timeout: Duration,
-    },
-    /// The FDDB: per-target summary, export to JSON lines, import (merge).
+    /// The FDDB: per-target summary, export to JSON lines, import (merge), training dataset.
     Fddb {
         #[arg(long, default_value = "fddb.sqlite")]
         db: PathBuf,
@@ -209,6 +173,19 @@ enum FddbOp {
     Export { out: PathBuf },
     /// Merge an export into this FDDB.
     Import { file: PathBuf },
+    /// One JSON line per tree of the target's valid runs, labelled (see the fddb crate's
+    /// `dataset` docs); with --plan, colored against the plan (Alg. 2) with red nodes masked.
+    Dataset {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Only training or only evaluation runs.
+        #[arg(long)]
+        role: Option<afetm_fddb::Role>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -463,61 +440,11 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Select { elf, structure, weights, budget, algorithm, params, target, db, normal_agent, out } => {
             select(SelectArgs { elf, structure, weights, budget, algorithm, params, target, db, normal_agent, out })
         }
-        Cmd::Campaign {
-            target,
-            scope,
-            db,
-            work_dir,
-            bin_dir,
-            base_port,
-            window,
-            cap,
-            normal_runs,
-            sample,
-            stock,
-            seed,
-            max_faults,
-            connections,
-            fault_timeout,
-        } => {
-            let bin_dir = match bin_dir {
-                Some(d) => d,
-                None => std::env::current_exe()?.parent().context("program directory")?.to_path_buf(),
-            };
-            let cfg = afetm_analyzer::campaign::runner::Config {
-                target,
-                work_dir,
-                base_port,
-                built: !stock,
-                bin_dir,
-                db,
-                scope,
-                seed,
-                window,
-                cap,
-                normal_runs,
-                sample,
-                connections,
-                max_faults,
-                slow_factor: 2.0,
-                fault_timeout,
-            };
-            // The runner blocks (processes, the workload); keep it off the async runtime.
-            let out = tokio::task::spawn_blocking(move || {
-                afetm_analyzer::campaign::runner::run(&cfg, std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            })
-            .await??;
-            println!(
-                "{} faults done this time, {} runs in {:.0} s, {} pending",
-                out.faults_done,
-                out.runs,
-                out.wall.as_secs_f64(),
-                out.pending
-            );
-            Ok(())
-        }
         Cmd::Fddb { db, op } => {
-            let mut f = afetm_analyzer::fddb::Fddb::open(&db)?;
+            if !db.exists() {
+                bail!("no FDDB at {} (run a campaign first, or give --db)", db.display());
+            }
+            let mut f = afetm_fddb::Fddb::open(&db)?;
             match op {
                 FddbOp::Summary => {
                     for t in f.targets()? {
@@ -527,6 +454,30 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 FddbOp::Export { out } => println!("{} lines -> {}", f.export(&out)?, out.display()),
                 FddbOp::Import { file } => println!("{} lines merged from {}", f.import(&file)?, file.display()),
+                FddbOp::Dataset { target, plan, role, out } => {
+                    let plan = match plan {
+                        Some(p) => Some(
+                            PlanFile::parse(
+                                &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+                            )
+                            .with_context(|| format!("plan {}", p.display()))?,
+                        ),
+                        None => None,
+                    };
+                    let file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+                    let mut w = std::io::BufWriter::new(file);
+                    let opts = afetm_fddb::dataset::DatasetOptions { role, plan };
+                    let stats = f.dataset(&target, &opts, &mut w)?;
+                    std::io::Write::flush(&mut w)?;
+                    println!(
+                        "{} trees ({} faulty, {} of them normal-like; {} masked to nothing) -> {}",
+                        stats.trees,
+                        stats.faulty,
+                        stats.normal_like,
+                        stats.empty,
+                        out.display()
+                    );
+                }
             }
             Ok(())
         }

@@ -10,6 +10,7 @@
 
 pub mod build;
 pub mod load;
+pub mod ports;
 mod stack;
 
 pub use stack::*;

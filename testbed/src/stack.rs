@@ -179,6 +179,15 @@ fn spawn(
     if !exe.exists() {
         bail!("{name}: {} not found (install the Debian package or run `cargo xtask testbed build`)", exe.display());
     }
+    if !cfg.netns {
+        let held = crate::ports::holders(&crate::ports::listening_inodes(None, port));
+        if !held.is_empty() {
+            bail!(
+                "{name}: port {port} is already served by {} (another shop? `down` it or use another base port)",
+                held.join(", ")
+            );
+        }
+    }
     let log = fs::File::create(cfg.logs_dir().join(format!("{name}.stdout.log")))?;
     // `ip netns exec` enters the namespace and execs the server: the pid stays the server's.
     let mut cmd = if cfg.netns {
@@ -209,21 +218,53 @@ fn spawn(
     Ok(server)
 }
 
-fn wait_port(host: &str, port: u16, name: &str, pid: u32, timeout: Duration) -> Result<()> {
-    let addr: SocketAddr = format!("{host}:{port}").parse()?;
+/// Waits until `server`'s port is listened on by a process of its group. Fails, naming the
+/// holder, when the server exits first or the port stays held by someone else.
+fn wait_listening(cfg: &Config, server: &Server, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        let inodes = crate::ports::listening_inodes(Some(server.pid), server.port);
+        if group_members(server.pid).iter().any(|m| crate::ports::holds(*m, &inodes)) {
             return Ok(());
         }
-        if !alive(pid) {
-            bail!("{name} (pid {pid}) exited during start-up; see its logs");
+        let held = || match crate::ports::holders(&inodes).as_slice() {
+            [] => String::new(),
+            h => format!("; port {} is held by {}", server.port, h.join(", ")),
+        };
+        if !alive(server.pid) {
+            bail!("{} (pid {}) exited during start-up{}; {}", server.name, server.pid, held(), log_tail(cfg, &server.name));
         }
         if start.elapsed() > timeout {
-            bail!("{name} did not open {addr} within {timeout:?}");
+            bail!("{} does not listen on port {} after {timeout:?}{}", server.name, server.port, held());
         }
-        sleep(Duration::from_millis(50));
+        sleep(Duration::from_millis(10));
     }
+}
+
+/// Reaps a server this process started, once it is gone (a no-op for one another process
+/// started): long-running callers such as the campaign restart servers thousands of times.
+fn reap(pid: u32) {
+    // SAFETY: WNOHANG, no status pointer; fails harmlessly (ECHILD) for a non-child.
+    unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+}
+
+/// The last lines of a server's logs (`logs/<name>*`), for start-up errors.
+fn log_tail(cfg: &Config, name: &str) -> String {
+    let mut out = Vec::new();
+    if let Ok(dir) = fs::read_dir(cfg.logs_dir()) {
+        for e in dir.filter_map(|e| e.ok()) {
+            let file = e.file_name().to_string_lossy().into_owned();
+            if !file.starts_with(name) || file.contains("access") {
+                continue;
+            }
+            let text = fs::read_to_string(e.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().rev().take(3).collect();
+            if !lines.is_empty() {
+                out.push(format!("{file}: {}", lines.into_iter().rev().collect::<Vec<_>>().join(" | ")));
+            }
+        }
+    }
+    if out.is_empty() { "its logs are empty".into() } else { out.join("; ") }
 }
 
 /// Whether `pid` is a live (non-zombie) process.
@@ -279,11 +320,29 @@ pub fn redis_ping(host: &str, port: u16) -> bool {
     s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
 }
 
-/// Starts the whole shop and waits until every tier answers; seeds the database.
-pub fn up(cfg: &Config) -> Result<Vec<Server>> {
-    if !servers(cfg)?.is_empty() {
-        bail!("{} already has running servers; run `down` first", cfg.run_dir.display());
+/// A tier of the shop: what a campaign restarts after a fault in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// L1, nginx.
+    Nginx,
+    /// L2, the Apache + mod_php instances (and the libsqlite3 inside them).
+    Apache,
+    /// L3, Redis.
+    Redis,
+}
+
+impl Tier {
+    fn owns(&self, server: &str) -> bool {
+        match self {
+            Tier::Nginx => server == "nginx",
+            Tier::Apache => server.starts_with("apache"),
+            Tier::Redis => server == "redis",
+        }
     }
+}
+
+/// Renders the configs into the run folder (idempotent); returns the folder, canonical.
+fn prepare(cfg: &Config) -> Result<PathBuf> {
     for d in ["conf", "data", "logs", "pids", "tmp", "www"] {
         fs::create_dir_all(cfg.run_dir.join(d))?;
     }
@@ -308,28 +367,27 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
     for d in ["data", "logs", "tmp"] {
         chown_www(&run.join(d))?;
     }
+    Ok(run)
+}
 
-    if cfg.netns {
-        create_netns(cfg)?;
+fn start_redis(cfg: &Config, run: &Path) -> Result<Vec<Server>> {
+    let conf = run.join("conf/redis.conf").display().to_string();
+    let redis = spawn(cfg, 3, "redis", cfg.redis_port(), &cfg.binaries.redis, &[conf], &[])?;
+    wait_listening(cfg, &redis, Duration::from_secs(20))?;
+    Ok(vec![redis])
+}
+
+fn start_apaches(cfg: &Config, run: &Path) -> Result<Vec<Server>> {
+    let mut env = vec![("PHP_INI_SCAN_DIR", String::new())];
+    if let Some(dir) = &cfg.binaries.sqlite_lib_dir {
+        env.push(("LD_LIBRARY_PATH", dir.display().to_string()));
     }
     let mut started = Vec::new();
-    let redis = spawn(
-        cfg,
-        3,
-        "redis",
-        cfg.redis_port(),
-        &cfg.binaries.redis,
-        &[run.join("conf/redis.conf").display().to_string()],
-        &[],
-    )?;
-    wait_port(&cfg.tier_host(3), redis.port, "redis", redis.pid, Duration::from_secs(20))?;
-    started.push(redis);
-    let mut apache_env = vec![("PHP_INI_SCAN_DIR", String::new())];
-    if let Some(dir) = &cfg.binaries.sqlite_lib_dir {
-        apache_env.push(("LD_LIBRARY_PATH", dir.display().to_string()));
-    }
     for i in 0..cfg.apaches {
         let name = format!("apache{i}");
+        // A killed instance leaves its PidFile; Apache refuses to start while that pid exists
+        // (a zombie not yet reaped counts).
+        let _ = fs::remove_file(run.join("pids").join(format!("{name}.httpd.pid")));
         let args: Vec<String> = vec![
             "-d".into(),
             run.display().to_string(),
@@ -341,13 +399,20 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
             format!("Define NAME {name}"),
             "-DFOREGROUND".into(),
         ];
-        let s = spawn(cfg, 2, &name, cfg.apache_port(i), &cfg.binaries.apache2, &args, &apache_env)?;
-        started.push(s);
+        started.push(spawn(cfg, 2, &name, cfg.apache_port(i), &cfg.binaries.apache2, &args, &env)?);
     }
-    for s in started.iter().filter(|s| s.name.starts_with("apache")) {
-        wait_port(&cfg.tier_host(2), s.port, &s.name, s.pid, Duration::from_secs(30))?;
+    for s in &started {
+        wait_listening(cfg, s, Duration::from_secs(30))?;
+        let (code, body) = http_get(&cfg.tier_host(2), s.port, "/shop.php?op=ping")?;
+        if code != 200 {
+            bail!("{} answers {code} to ping: {body}", s.name);
+        }
     }
-    let nginx_args: Vec<String> = vec![
+    Ok(started)
+}
+
+fn start_nginx(cfg: &Config, run: &Path) -> Result<Vec<Server>> {
+    let args: Vec<String> = vec![
         "-p".into(),
         format!("{}/", run.display()),
         "-c".into(),
@@ -355,23 +420,101 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
         "-e".into(),
         run.join("logs/nginx-error.log").display().to_string(),
     ];
-    let nginx = spawn(cfg, 1, "nginx", cfg.nginx_port(), &cfg.binaries.nginx, &nginx_args, &[])?;
-    wait_port(&cfg.tier_host(1), nginx.port, "nginx", nginx.pid, Duration::from_secs(20))?;
-    started.push(nginx);
+    let nginx = spawn(cfg, 1, "nginx", cfg.nginx_port(), &cfg.binaries.nginx, &args, &[])?;
+    wait_listening(cfg, &nginx, Duration::from_secs(20))?;
+    Ok(vec![nginx])
+}
 
-    // Every Apache answers PHP, then the shop is seeded through L1.
-    for s in started.iter().filter(|s| s.name.starts_with("apache")) {
-        let (code, body) = http_get(&cfg.tier_host(2), s.port, "/shop.php?op=ping")?;
-        if code != 200 {
-            bail!("{} answers {code} to ping: {body}", s.name);
-        }
+/// Starts the whole shop and waits until every tier listens (each port held by the server
+/// started for it, never by another process) and answers; seeds the database.
+pub fn up(cfg: &Config) -> Result<Vec<Server>> {
+    if !servers(cfg)?.is_empty() {
+        bail!("{} already has running servers; run `down` first", cfg.run_dir.display());
     }
+    let run = prepare(cfg)?;
+    if cfg.netns {
+        create_netns(cfg)?;
+    }
+    let mut started = start_redis(cfg, &run)?;
+    started.extend(start_apaches(cfg, &run)?);
+    started.extend(start_nginx(cfg, &run)?);
     let (code, body) =
         http_get(&cfg.tier_host(1), cfg.nginx_port(), &format!("/shop.php?op=seed&n={}", cfg.seed_items))?;
     if code != 200 {
         bail!("seeding through nginx failed with {code}: {body}");
     }
     Ok(started)
+}
+
+/// Kills one tier's servers (SIGKILL to their process groups: a faulty server may be stopped
+/// or stuck) and waits until they are gone.
+pub fn stop_tier(cfg: &Config, tier: Tier) -> Result<()> {
+    let list: Vec<Server> = servers(cfg)?.into_iter().filter(|s| tier.owns(&s.name)).collect();
+    for s in &list {
+        if s.pid > 1 && !group_members(s.pid).is_empty() {
+            // SAFETY: signalling a process group we created.
+            unsafe { libc::kill(-(s.pid as i32), libc::SIGKILL) };
+        }
+    }
+    let start = Instant::now();
+    for s in &list {
+        while s.pid > 1 && !group_members(s.pid).is_empty() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("{} (process group {}) survived SIGKILL", s.name, s.pid);
+            }
+            sleep(Duration::from_millis(5));
+        }
+        reap(s.pid);
+        let _ = fs::remove_file(pid_file(cfg, &s.name));
+    }
+    Ok(())
+}
+
+/// Copies an SQLite database with its write-ahead log (no writer may have it open): SQLite
+/// replays the log when the copy is opened. Leftover `-wal`/`-shm` files at `to` are removed.
+fn copy_db(from: &Path, to: &Path, for_www: bool) -> Result<()> {
+    let with = |p: &Path, ext: &str| PathBuf::from(format!("{}{ext}", p.display()));
+    for ext in ["-wal", "-shm"] {
+        let _ = fs::remove_file(with(to, ext));
+    }
+    fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    if with(from, "-wal").exists() {
+        fs::copy(with(from, "-wal"), with(to, "-wal"))?;
+    }
+    if for_www {
+        chown_www(to)?;
+        if with(to, "-wal").exists() {
+            chown_www(&with(to, "-wal"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A pristine copy of the shop database, for [`start_tier`] to restore (Apache must be down:
+/// [`stop_tier`] first).
+pub fn snapshot_db(cfg: &Config, to: &Path) -> Result<()> {
+    if servers(cfg)?.iter().any(|s| Tier::Apache.owns(&s.name) && !group_members(s.pid).is_empty()) {
+        bail!("Apache is running: stop its tier before taking a copy of the database");
+    }
+    copy_db(&cfg.db_path(), to, false)
+}
+
+/// Starts one tier of a shop whose other tiers run (after [`stop_tier`]); with `restore`,
+/// the shop database is first replaced by that pristine copy (only while Apache is down: the
+/// workers hold the file open).
+pub fn start_tier(cfg: &Config, tier: Tier, restore: Option<&Path>) -> Result<Vec<Server>> {
+    let run = cfg.run_dir.canonicalize()?;
+    if let Some(pristine) = restore {
+        if tier != Tier::Apache {
+            bail!("the shop database can only be restored while Apache is down");
+        }
+        copy_db(pristine, &cfg.db_path(), true)?;
+    }
+    match tier {
+        Tier::Nginx => start_nginx(cfg, &run),
+        Tier::Apache => start_apaches(cfg, &run),
+        Tier::Redis => start_redis(cfg, &run),
+    }
 }
 
 /// Servers recorded in the run folder (running or not).
@@ -423,6 +566,7 @@ pub fn down(cfg: &Config) -> Result<Vec<String>> {
             }
             sleep(Duration::from_millis(50));
         }
+        reap(s.pid);
         let _ = fs::remove_file(pid_file(cfg, &s.name));
         stopped.push(s.name.clone());
     }

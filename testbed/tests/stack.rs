@@ -147,3 +147,70 @@ fn shop(netns: bool) {
         assert!(std::net::TcpStream::connect((cfg.tier_host(1), cfg.nginx_port())).is_err(), "nginx still listening");
     }
 }
+
+/// A second shop on ports another one holds must not pass for started (its redis logs
+/// "Address already in use" and exits while the other one answers the health checks): `up`
+/// fails and names the holder, and `down` of the second leaves the first untouched. Then one
+/// tier is restarted alone: new processes, the others the same, and Apache's restart restores
+/// the database from a pristine copy.
+#[test]
+fn ports_held_by_another_shop_and_single_tier_restarts() {
+    if !is_root() {
+        eprintln!("SKIPPED: the testbed servers are started as root and drop to www-data; run as root (cargo xtask test)");
+        return;
+    }
+    struct Down(Config);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = down(&self.0);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Config::new(dir.path().join("first"));
+    first.base_port = 26580;
+    first.apaches = 1;
+    first.children = 2;
+    first.seed_items = 10;
+    let _down = Down(first.clone());
+    if let Err(e) = up(&first) {
+        panic!("up failed: {e:#}");
+    }
+    let mut second = first.clone();
+    second.run_dir = dir.path().join("second");
+    let err = up(&second).expect_err("the ports are taken");
+    let _ = down(&second);
+    let text = format!("{err:#}");
+    assert!(text.contains("already served by") && text.contains("redis"), "{text}");
+    assert!(status(&first).unwrap().iter().all(|s| s.healthy), "the first shop is untouched");
+
+    // Redis alone: new pid, nginx and Apache the same.
+    let before = servers(&first).unwrap();
+    let pid = |list: &[testbed::Server], name: &str| list.iter().find(|s| s.name == name).map(|s| s.pid);
+    testbed::stop_tier(&first, testbed::Tier::Redis).unwrap();
+    testbed::start_tier(&first, testbed::Tier::Redis, None).unwrap();
+    let after = servers(&first).unwrap();
+    assert_ne!(pid(&before, "redis"), pid(&after, "redis"));
+    assert_eq!(pid(&before, "nginx"), pid(&after, "nginx"));
+    assert_eq!(pid(&before, "apache0"), pid(&after, "apache0"));
+    assert!(status(&first).unwrap().iter().all(|s| s.healthy), "{:?}", status(&first));
+
+    // Apache with the database restored: what was added after the copy is gone.
+    let pristine = dir.path().join("pristine.sqlite");
+    assert!(testbed::snapshot_db(&first, &pristine).is_err(), "not while Apache runs");
+    testbed::stop_tier(&first, testbed::Tier::Apache).unwrap();
+    testbed::snapshot_db(&first, &pristine).unwrap();
+    testbed::start_tier(&first, testbed::Tier::Apache, None).unwrap();
+    let (code, _) = get(&first, "/shop.php?op=add&name=extra&price=3");
+    assert_eq!(code, 200);
+    let count = || {
+        let c = rusqlite::Connection::open(first.db_path()).unwrap();
+        c.query_row("SELECT COUNT(*) FROM items", [], |r| r.get::<_, i64>(0)).unwrap()
+    };
+    assert_eq!(count(), 11);
+    testbed::stop_tier(&first, testbed::Tier::Apache).unwrap();
+    testbed::start_tier(&first, testbed::Tier::Apache, Some(&pristine)).unwrap();
+    assert_eq!(count(), 10, "restored");
+    assert!(testbed::start_tier(&first, testbed::Tier::Redis, Some(&pristine)).is_err(), "only with Apache down");
+    assert!(status(&first).unwrap().iter().all(|s| s.healthy), "{:?}", status(&first));
+    down(&first).unwrap();
+}

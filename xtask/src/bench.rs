@@ -431,7 +431,7 @@ pub fn select_bench(functions: usize, blocks: usize) -> Result<()> {
             &blocks.to_string(),
         ]));
     }
-    use afetm_analyzer::selection::{Params, bound_for, greedy, mmas, random_instance};
+    use afetm_selection::{Params, bound_for, greedy, mmas, random_instance};
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let inst = random_instance(blocks, functions, &mut rng);

@@ -46,7 +46,11 @@ enum Cmd {
         cmd: testbed::Cmd,
     },
     /// The fault injection campaign on the testbed; fills the FDDB (resumes where it stopped).
-    Campaign(campaign::CampaignArgs),
+    /// Arguments go to `afetm-campaign` (see its --help).
+    Campaign {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks that print figures as ratios to a baseline taken in the same run.
     Bench {
         #[command(subcommand)]
@@ -245,7 +249,7 @@ fn main() {
         }),
         Cmd::Demo => setup().and_then(|_| demo::run()),
         Cmd::Testbed { cmd } => testbed::run(cmd),
-        Cmd::Campaign(a) => check().and_then(|_| campaign::campaign(a)),
+        Cmd::Campaign { args } => check().and_then(|_| campaign::campaign(args)),
         Cmd::Bench { which } => check().and_then(|_| bench::run_bench(which)),
     };
     if let Err(e) = result {

@@ -137,6 +137,7 @@ fn run(cli: Cli) -> Result<i32> {
             "mechanism": injector.mechanism,
             "applied": applied,
             "failed": failed,
+            "applications": injector.applications(),
             "ended": ended.to_string(),
         })
     );

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use afetm_analyzer::tree::{Forest, FuncTable};
+use afetm_calltree::tree::{Forest, FuncTable};
 use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
 
 /// Root tests share two cores and the uprobe subsystem; one at a time keeps timings sane.

@@ -44,6 +44,16 @@ impl FuncTable {
         id
     }
 
+    /// Functions interned so far; ids are `0..len`.
+    pub fn len(&self) -> usize {
+        self.funcs.len()
+    }
+
+    /// Whether nothing was interned.
+    pub fn is_empty(&self) -> bool {
+        self.funcs.is_empty()
+    }
+
     pub fn get(&self, id: FuncId) -> &Func {
         &self.funcs[id.0 as usize]
     }
@@ -150,6 +160,18 @@ impl Forest {
             walk(self, table, r, 0, &mut out);
         }
         out
+    }
+
+    /// The SHA-256 of [`Forest::canonical`], as hex: equal for structurally equal trees (the
+    /// FDDB's identity of an FCT; calls on edges do not count).
+    pub fn hash(&self, table: &FuncTable) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for line in self.canonical(table) {
+            h.update(line.as_bytes());
+            h.update(b"\n");
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Indented text rendering for people.

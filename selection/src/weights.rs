@@ -16,7 +16,7 @@ use afetm_elf::structure::Structure;
 use afetm_proto as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::selection::Instance;
+use crate::Instance;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {

@@ -1,4 +1,4 @@
-//! Trace point selection: AFETM sec. III.A, the minimum weighted set cover problem with an
+//! Trace point selection (crate `afetm-selection`): AFETM sec. III.A, the minimum weighted set cover problem with an
 //! upper bound on total weight (MWSCP-UBC, eqs 1-4), solved by the Max-Min Ant System of
 //! Algorithm 1 (eqs 5-8).
 //!
@@ -23,6 +23,8 @@
 //!   random instances; with it on at least 90%.
 
 use rand::{Rng, RngExt, SeedableRng, rngs::StdRng};
+
+pub mod weights;
 
 /// The MWSCP-UBC instance: `covers[j]` are the blocks function `j` covers, `weights[j]` its
 /// cost (calls per second), `blocks` the size of B.

@@ -1,0 +1,145 @@
+//! Processes the runner starts and watches: children that die with it, ready files, a
+//! per-run watchdog, and the servers' log lines of a run.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Seek, SeekFrom},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+/// A child that dies with the runner and is killed when dropped.
+pub(crate) struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub(crate) fn spawn(cmd: &mut Command) -> std::io::Result<Proc> {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().map(Proc)
+}
+
+pub(crate) fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim().chars().next()
+}
+
+pub(crate) fn wait_file(path: &Path, child: &mut Child, what: &str, log: &Path) -> Result<()> {
+    let t = Instant::now();
+    while !path.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited ({status}): {}", std::fs::read_to_string(log).unwrap_or_default().trim());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("{what} not ready after 30 s: {}", std::fs::read_to_string(log).unwrap_or_default().trim());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Kills `victims` if still running at `deadline`, unless finished first.
+pub(crate) struct Watchdog {
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    pub(crate) fn start(victims: Vec<u32>, deadline: Instant) -> Watchdog {
+        use std::sync::atomic::Ordering;
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = cancel.clone();
+        let handle = std::thread::spawn(move || {
+            while !c.load(Ordering::Relaxed) {
+                if Instant::now() >= deadline {
+                    for pid in &victims {
+                        // SAFETY: kill has no memory preconditions; processes of this run.
+                        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                    }
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        });
+        Watchdog { cancel, handle }
+    }
+
+    /// Stops watching; whether the deadline had passed (and the victims were killed).
+    pub(crate) fn finish(self) -> bool {
+        self.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or(false)
+    }
+}
+
+pub(crate) fn stop_gently(p: Proc) {
+    // SAFETY: kill has no memory preconditions; the pid is our child.
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+    let mut p = p;
+    let t = Instant::now();
+    while p.0.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub(crate) fn log_sizes(dir: &Path) -> HashMap<PathBuf, u64> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| Some((e.path(), e.metadata().ok()?.len()))).collect())
+        .unwrap_or_default()
+}
+
+/// Lines the servers logged during a run: what each log file grew by, the last 4 KiB of it.
+pub(crate) fn read_new_logs(dir: &Path, before: &HashMap<PathBuf, u64>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (path, len) in log_sizes(dir) {
+        let from = before.get(&path).copied().unwrap_or(0).min(len);
+        if len == from {
+            continue;
+        }
+        let start = from.max(len.saturating_sub(4096));
+        let Ok(mut f) = std::fs::File::open(&path) else { continue };
+        let mut buf = String::new();
+        if f.seek(SeekFrom::Start(start)).is_ok() && f.take(4096).read_to_string(&mut buf).is_ok() {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if !buf.trim().is_empty() {
+                out.push((name, buf));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_kills_only_after_its_deadline() {
+        let mut slow = Command::new("sleep").arg("30").spawn().unwrap();
+        let w = Watchdog::start(vec![slow.id()], Instant::now() + Duration::from_millis(200));
+        let status = slow.wait().unwrap();
+        assert!(w.finish(), "the deadline passed");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+        let mut quick = Command::new("sleep").arg("30").spawn().unwrap();
+        let w = Watchdog::start(vec![quick.id()], Instant::now() + Duration::from_secs(60));
+        assert!(!w.finish(), "finished before the deadline");
+        assert!(quick.try_wait().unwrap().is_none(), "not killed");
+        quick.kill().unwrap();
+        quick.wait().unwrap();
+    }
+}

@@ -1,0 +1,797 @@
+//! Runs the fault injection campaign on the NHSR-OSW testbed and fills the FDDB (AFETM
+//! sec. III.C.1, IV.A).
+//!
+//! 1. The shop comes up once; the analyzer and the agents stay for the whole campaign.
+//! 2. Activated functions: every function of the target counted (count mode) under the CRUD
+//!    mix for `sample`; those called are the injection targets, planned by
+//!    [`crate::plan::plan`] with the binary's DWARF signatures. Scope, seed and the other
+//!    settings are stored with the target; a resumed campaign says what changed.
+//! 3. Full tracing: one agent traces **every** function of the target module (`*`, event
+//!    mode), attached while the target's processes run (the kernel checks a probe's
+//!    instruction only in processes that map the file at attach time). The FDDB records the
+//!    traced set.
+//! 4. The workload rate: `--rate`, or the highest of a doubling series of short probes at
+//!    which full tracing lost no event and the shop kept the rate, times 0.75 (stored).
+//! 5. Normal runs, then per fault its training runs (until one adds no FCT new for that fault,
+//!    at most `cap`) and its evaluation runs. A run: the target's tier restarted (Apache with
+//!    the shop database restored from a pristine copy), one `afetm-inject` per target process,
+//!    the CRUD mix at the fixed rate for `window`, the injectors stopped (each reports where
+//!    and when it applied the fault), the tier killed (its processes' exits close their
+//!    windows at once), the windows' FCTs labelled ([`crate::label`]), drops and logs.
+//!
+//! Every run is one FDDB transaction and a fault's done flag goes with its last training run,
+//! so a killed campaign resumes at the first fault with work left and never repeats a run. The
+//! processes the runner starts die with it (`PR_SET_PDEATHSIG`); the stack is stopped by pid at
+//! the start.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use afetm_calltree::tree::{Forest, FuncTable};
+use afetm_elf::{dwarf, symbols::Module};
+use afetm_fault::{Applied, Fault};
+use afetm_fddb::{Done, Fddb, FunctionRow, LabelledTree, Manifestation, Phases, Role, Run, RunStatus, Settings};
+use afetm_proto::{self as pb, query_client::QueryClient};
+use afetm_selection::weights::Weights;
+use anyhow::{Context, Result, bail};
+use testbed::Tier;
+
+use crate::{
+    label::{self, Window},
+    plan::{Observed, Scope, classify, plan},
+    procs::{Proc, Watchdog, log_sizes, read_new_logs, spawn, state, stop_gently, wait_file},
+};
+
+/// Which server of the shop a campaign injects into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// redis-server.
+    Redis,
+    /// nginx.
+    Nginx,
+    /// Apache httpd (the apache2 binary).
+    Httpd,
+    /// libsqlite3 inside the Apache/PHP workers.
+    Sqlite,
+}
+
+impl Target {
+    /// The target's name in the FDDB.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Target::Redis => "redis",
+            Target::Nginx => "nginx",
+            Target::Httpd => "httpd",
+            Target::Sqlite => "sqlite",
+        }
+    }
+
+    /// The file the target's code is in, for this stack's binaries.
+    pub fn module_path(&self, b: &testbed::Binaries) -> PathBuf {
+        match self {
+            Target::Redis => b.redis.clone(),
+            Target::Nginx => b.nginx.clone(),
+            Target::Httpd => b.apache2.clone(),
+            Target::Sqlite => b
+                .sqlite_lib_dir
+                .as_ref()
+                .map(|d| d.join("libsqlite3.so.0"))
+                .unwrap_or_else(|| "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0".into()),
+        }
+    }
+
+    /// The tier whose processes run the target's code.
+    pub fn tier(&self) -> Tier {
+        match self {
+            Target::Redis => Tier::Redis,
+            Target::Nginx => Tier::Nginx,
+            Target::Httpd | Target::Sqlite => Tier::Apache,
+        }
+    }
+
+    /// The processes that run the target's code: redis; nginx master and workers; every
+    /// Apache process (httpd and libsqlite3 inside PHP).
+    fn processes(&self, cfg: &testbed::Config) -> Result<Vec<u32>> {
+        let want = match self {
+            Target::Redis => "redis",
+            Target::Nginx => "nginx",
+            Target::Httpd | Target::Sqlite => "apache",
+        };
+        let mut pids: Vec<u32> = testbed::servers(cfg)?
+            .iter()
+            .filter(|s| s.name.starts_with(want))
+            .flat_map(|s| testbed::group_members(s.pid))
+            .collect();
+        pids.sort_unstable();
+        Ok(pids)
+    }
+}
+
+/// A campaign for one target.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The server to inject into.
+    pub target: Target,
+    /// Working folder: the stack's run folder, the analyzer database, logs.
+    pub work_dir: PathBuf,
+    /// The shop's base port.
+    pub base_port: u16,
+    /// Source-built servers (with DWARF: interface faults possible) instead of Debian's.
+    pub built: bool,
+    /// Where afetm-agent, afetm-analyzer and afetm-inject are.
+    pub bin_dir: PathBuf,
+    /// The FDDB.
+    pub db: PathBuf,
+    /// Which activated functions.
+    pub scope: Scope,
+    /// Seed of the scope's sample and the flipped bits.
+    pub seed: u64,
+    /// Load per run.
+    pub window: Duration,
+    /// Training runs per fault at most.
+    pub cap: usize,
+    /// Evaluation runs per fault, and normal evaluation runs.
+    pub eval_runs: usize,
+    /// Normal training runs.
+    pub normal_runs: usize,
+    /// Count-mode sampling for the activated functions.
+    pub sample: Duration,
+    /// Client connections of the workload.
+    pub connections: usize,
+    /// Fixed request rate; None: calibrated (or the stored one when resuming).
+    pub rate: Option<f64>,
+    /// Stop after this many faults (the rest stays pending for the next invocation).
+    pub max_faults: Option<usize>,
+    /// A run's manifestation is `slow` above this factor x the normal mean latency.
+    pub slow_factor: f64,
+    /// A run still going after this long is ended: the target's processes are killed and the
+    /// run is recorded as a hang.
+    pub fault_timeout: Duration,
+}
+
+/// What one invocation did.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Faults whose work was finished.
+    pub faults_done: usize,
+    /// Runs recorded.
+    pub runs: usize,
+    /// Faults with work left.
+    pub pending: usize,
+    /// The workload rate used.
+    pub rate: f64,
+    /// Time per run by phase, and whole (ms), for every run of this invocation.
+    pub timings: Vec<(Phases, u64)>,
+    /// Wall time of the invocation.
+    pub wall: Duration,
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of the agent's events (`bpf_ktime_get_ns`).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// One tree the analyzer built for a target process.
+struct Fct {
+    window: Window,
+    forest: Forest,
+    table: FuncTable,
+}
+
+struct Session {
+    cfg: Config,
+    stack: testbed::Config,
+    module: PathBuf,
+    url: String,
+    rt: tokio::runtime::Runtime,
+    pristine: Option<PathBuf>,
+    rate: f64,
+    _analyzer: Proc,
+}
+
+impl Session {
+    fn agent(&self, id: &str, points: serde_json::Value) -> Result<Proc> {
+        let dir = &self.cfg.work_dir;
+        let plan = dir.join(format!("{id}.plan.json"));
+        std::fs::write(&plan, serde_json::json!({"target": {"path": self.module}, "points": points}).to_string())?;
+        let ready = dir.join(format!("{id}.ready"));
+        let log = dir.join(format!("{id}.log"));
+        let _ = std::fs::remove_file(&ready);
+        let mut p = spawn(
+            Command::new(self.cfg.bin_dir.join("afetm-agent"))
+                .arg("--plan")
+                .arg(&plan)
+                .args(["--analyzer", &self.url, "--agent-id", id, "--ready-file"])
+                .arg(&ready)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?),
+        )?;
+        wait_file(&ready, &mut p.0, &format!("agent {id}"), &log)?;
+        Ok(p)
+    }
+
+    /// The CRUD mix for `duration` at `rate` (None: closed loop), the same request sequence
+    /// every time; a request unanswered past the window (plus a second) counts as failed.
+    fn load(&self, duration: Duration, rate: Option<f64>) -> Result<testbed::load::Report> {
+        let mut l = testbed::load::LoadConfig::new(self.stack.url());
+        l.connections = self.cfg.connections;
+        l.duration = duration;
+        l.warmup = Duration::ZERO;
+        l.rate = rate;
+        l.items = self.stack.seed_items;
+        l.request_timeout = self.cfg.window + Duration::from_secs(1);
+        testbed::load::run(&l)
+    }
+
+    fn query<T>(&self, f: impl AsyncFnOnce(QueryClient<tonic::transport::Channel>) -> Result<T>) -> Result<T> {
+        self.rt.block_on(async {
+            let q = QueryClient::connect(self.url.clone()).await.context("connecting to the campaign's analyzer")?;
+            f(q).await
+        })
+    }
+
+    /// Kernel and queue drops the agent `id` reported so far.
+    fn drops(&self, id: &str) -> Result<(u64, u64)> {
+        self.query(async |mut q| {
+            let agents = q.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
+            Ok(agents.iter().filter(|a| a.agent_id == id).fold((0, 0), |acc, a| {
+                (acc.0 + a.kernel_drops, acc.1 + a.queue_drops)
+            }))
+        })
+    }
+
+    /// Activated functions (name, calls per second) from count mode under the workload.
+    fn sample(&self, module: &str) -> Result<Vec<(String, f64)>> {
+        let agent = self.agent("count", serde_json::json!([{"function": "*", "mode": "count"}]))?;
+        let t = Instant::now();
+        let report = self.load(self.cfg.sample, None);
+        let secs = t.elapsed().as_secs_f64();
+        stop_gently(agent);
+        let report = report?;
+        if report.errors > 0 {
+            tracing::warn!(errors = report.errors, "requests failed while sampling");
+        }
+        let counts = self.query(async |mut q| {
+            Ok(q.counts(pb::CountsRequest { agent_id: "count".into() }).await?.into_inner().counts)
+        })?;
+        let w = Weights::from_counts(module, &counts, secs, "campaign sampling")?;
+        Ok(w.functions.into_iter().map(|(f, w)| (f, w.per_sec)).collect())
+    }
+
+    /// The highest rate of 25, 50, 100, ... req/s (1 s each, at most `max`) at which the full
+    /// trace lost nothing and the shop kept up, times 0.75 for margin.
+    fn calibrate(&self, max: f64) -> Result<f64> {
+        let mut best = None;
+        let mut rate = 25.0;
+        while rate <= max {
+            let before = self.drops("full")?;
+            let r = self.load(Duration::from_secs(1), Some(rate))?;
+            std::thread::sleep(Duration::from_millis(300)); // the agent's next batch reports drops
+            let after = self.drops("full")?;
+            let lost = (after.0 - before.0) + (after.1 - before.1);
+            let kept_up = r.errors == 0 && r.throughput_rps >= 0.9 * rate;
+            tracing::info!(rate, lost, throughput = r.throughput_rps, errors = r.errors, "calibrating the workload rate");
+            if lost > 0 || !kept_up {
+                break;
+            }
+            best = Some(rate);
+            rate *= 2.0;
+        }
+        let best = best.context("even 25 req/s lost events under full tracing; give --rate")?;
+        Ok((best * 0.75_f64).max(10.0))
+    }
+
+    /// One run: the target's tier restarted, injectors (for `fault`), the workload at the
+    /// fixed rate, the tier killed, the labelled FCTs of its processes.
+    fn run_once(&self, fault: Option<(&str, Fault)>, role: Role, normal_latency: f64) -> Result<(Run, Vec<LabelledTree>)> {
+        let started = Instant::now();
+        let tier = self.cfg.target.tier();
+        testbed::stop_tier(&self.stack, tier)?;
+        testbed::start_tier(&self.stack, tier, self.pristine.as_deref()).context("restarting the target's tier")?;
+        let victims = self.cfg.target.processes(&self.stack)?;
+        if victims.is_empty() {
+            bail!("no {} process is running", self.cfg.target.name());
+        }
+        let drops_before = self.drops("full")?;
+        let logs_at = log_sizes(&self.stack.logs_dir());
+        let restarted = Instant::now();
+        // Past the per-fault timeout the target's processes are killed, which ends the
+        // injectors (their victims are gone) and makes the rest of the workload fail fast.
+        let watchdog = Watchdog::start(victims.clone(), started + self.cfg.fault_timeout);
+        let (injectors, mut problems) = match fault {
+            Some((function, f)) => self.inject(&victims, function, f)?,
+            None => (Vec::new(), Vec::new()),
+        };
+        let from_ns = monotonic_ns();
+        let injected = Instant::now();
+        let report = self.load(self.cfg.window, Some(self.rate))?;
+        let loaded = Instant::now();
+        let died = victims.iter().any(|p| state(*p).is_none_or(|s| s == 'Z' || s == 'X'));
+        let stopped = victims.iter().any(|p| state(*p) == Some('T'));
+        let (applied, applications) = collect_injectors(injectors);
+        let timed_out = watchdog.finish();
+        testbed::stop_tier(&self.stack, tier)?; // exits close the processes' windows
+        let fcts = self.fcts_of(&victims, from_ns)?;
+        let drops_after = self.drops("full")?;
+        let (kernel_drops, queue_drops) = (drops_after.0 - drops_before.0, drops_after.1 - drops_before.1);
+        let mut logs = read_new_logs(&self.stack.logs_dir(), &logs_at);
+        if timed_out {
+            problems.push(format!("run exceeded the fault timeout ({:?}); target processes killed", self.cfg.fault_timeout));
+        }
+        logs.extend(problems.into_iter().map(|p| ("campaign".to_string(), p)));
+        let manifestation = match fault {
+            None => Manifestation::Normal,
+            Some(_) if timed_out => Manifestation::Hang,
+            Some(_) => classify(
+                &Observed {
+                    died,
+                    stopped,
+                    requests: report.requests,
+                    errors: report.errors,
+                    mean_latency_us: report.latency.mean_us,
+                },
+                normal_latency,
+                self.cfg.slow_factor,
+            ),
+        };
+        let status = if kernel_drops + queue_drops > 0 {
+            RunStatus::Dropped
+        } else if fault.is_some() && applied == 0 {
+            RunStatus::NotActivated
+        } else {
+            RunStatus::Ok
+        };
+        let trees = fcts
+            .into_iter()
+            .map(|f| LabelledTree {
+                faulty: fault.is_some_and(|(_, x)| label::faulty(&x, &applications, &f.window)),
+                pid: f.window.pid,
+                tid: f.window.tid,
+                start_ns: f.window.start_ns,
+                forest: f.forest,
+                table: f.table,
+            })
+            .collect();
+        let done = Instant::now();
+        let phases = Phases {
+            restart_ms: ms(restarted - started),
+            inject_ms: ms(injected - restarted),
+            load_ms: ms(loaded - injected),
+            collect_ms: ms(done - loaded),
+        };
+        let run = Run {
+            role,
+            status,
+            manifestation,
+            requests: report.requests,
+            errors: report.errors,
+            mean_latency_us: report.latency.mean_us,
+            applied,
+            kernel_drops,
+            queue_drops,
+            phases,
+            wall_ms: ms(done - started),
+            logs,
+            applications,
+        };
+        Ok((run, trees))
+    }
+
+    /// One `afetm-inject` per victim, all started before any is waited for.
+    fn inject(&self, victims: &[u32], function: &str, fault: Fault) -> Result<(Vec<(Proc, PathBuf)>, Vec<String>)> {
+        let mut started = Vec::new();
+        for pid in victims {
+            let ready = self.cfg.work_dir.join(format!("inject-{pid}.ready"));
+            let out = self.cfg.work_dir.join(format!("inject-{pid}.out"));
+            let err = self.cfg.work_dir.join(format!("inject-{pid}.err"));
+            let _ = std::fs::remove_file(&ready);
+            let p = spawn(
+                Command::new(self.cfg.bin_dir.join("afetm-inject"))
+                    .arg("--module")
+                    .arg(&self.module)
+                    .args(["--function", function, "--fault", &fault.to_string(), "--pid", &pid.to_string()])
+                    .arg("--foreign")
+                    .arg("--ready-file")
+                    .arg(&ready)
+                    .stdout(std::fs::File::create(&out)?)
+                    .stderr(std::fs::File::create(&err)?),
+            )?;
+            started.push((*pid, p, ready, out, err));
+        }
+        let mut injectors = Vec::new();
+        let mut problems = Vec::new();
+        for (pid, mut p, ready, out, err) in started {
+            match wait_file(&ready, &mut p.0, "afetm-inject", &err) {
+                Ok(()) => injectors.push((p, out)),
+                // A process that exits at the fault's first call can take its injector with it
+                // before it is ready (its report still counts: the injector prints on exit).
+                Err(e) if state(pid).is_none() => {
+                    tracing::debug!(pid, error = %e, "victim gone at injection");
+                    injectors.push((p, out));
+                }
+                Err(e) => problems.push(format!("afetm-inject pid {pid}: {e:#}")),
+            }
+        }
+        Ok((injectors, problems))
+    }
+
+    /// The FCTs of `pids`' windows that ended at or after `from_ns`, once all are closed.
+    fn fcts_of(&self, pids: &[u32], from_ns: u64) -> Result<Vec<Fct>> {
+        let pids: HashSet<u32> = pids.iter().copied().collect();
+        self.query(async |mut q| {
+            let t = Instant::now();
+            let windows = loop {
+                let mut mine: Vec<pb::WindowInfo> = Vec::new();
+                for pid in &pids {
+                    let req = pb::ListWindowsRequest { agent_id: "full".into(), pid: *pid, closed_only: false };
+                    mine.extend(q.list_windows(req).await?.into_inner().windows);
+                }
+                if mine.iter().all(|w| w.closed) || t.elapsed() > Duration::from_secs(10) {
+                    break mine;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            let mut out = Vec::new();
+            for w in windows.iter().filter(|w| w.closed) {
+                for tid in &w.tids {
+                    let window = Window { pid: w.pid, tid: *tid, start_ns: w.start_ns, end_ns: w.end_ns };
+                    if !label::kept(&window, from_ns) {
+                        continue;
+                    }
+                    let req = pb::GetAfctRequest { window_id: w.id, tid: *tid };
+                    let tree = q.get_afct(req).await?.into_inner().tree.unwrap_or_default();
+                    let mut table = FuncTable::default();
+                    let forest = Forest::from_proto(&tree, &mut table).map_err(anyhow::Error::msg)?;
+                    if !forest.is_empty() {
+                        out.push(Fct { window, forest, table });
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Stops the injectors; the calls they applied the fault to and where and when.
+fn collect_injectors(injectors: Vec<(Proc, PathBuf)>) -> (u64, Vec<Applied>) {
+    let mut applied = 0;
+    let mut applications = Vec::new();
+    for (p, out) in injectors {
+        // SAFETY: kill has no memory preconditions; the pid is our injector.
+        unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+        let mut p = p;
+        let t = Instant::now();
+        while p.0.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(v) = text.lines().last().and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            applied += v["applied"].as_u64().unwrap_or(0);
+            if let Ok(a) = serde_json::from_value::<Vec<Applied>>(v["applications"].clone()) {
+                applications.extend(a);
+            }
+        }
+    }
+    (applied, applications)
+}
+
+/// Makes the fault plan on a new target (sampling the activated functions).
+fn ensure_plan(s: &Session, db: &mut Fddb, target: i64, m: &Module) -> Result<()> {
+    if db.summary(target)?.faults > 0 {
+        return Ok(());
+    }
+    let activated = s.sample(&m.name)?;
+    let by_start: HashMap<u64, &str> = m.functions().iter().map(|f| (f.start, &*f.name)).collect();
+    let sigs: HashMap<String, dwarf::Signature> = dwarf::signatures(&s.module)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(start, sig)| Some((by_start.get(&start)?.to_string(), sig)))
+        .collect();
+    if sigs.is_empty() {
+        tracing::warn!(module = %s.module.display(), "no DWARF: only crash, deadlock and IP+N faults (use source builds for interface faults)");
+    }
+    let p = plan(&activated, &sigs, &s.cfg.scope, s.cfg.seed);
+    let weight: HashMap<&str, f64> = activated.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+    let mut ids = HashMap::new();
+    for f in &p.functions {
+        let sig = sigs.get(f);
+        let row = FunctionRow {
+            name: f.clone(),
+            params: sig.map(|s| s.params.len() as u32),
+            returns_value: sig.map(|s| s.returns.is_some()),
+            calls_per_sec: weight.get(f.as_str()).copied().unwrap_or(0.0),
+        };
+        ids.insert(f.clone(), db.function(target, &row)?);
+    }
+    for f in &p.faults {
+        db.fault(ids[&f.function], f.fault)?;
+    }
+    tracing::info!(
+        target = s.cfg.target.name(),
+        activated = activated.len(),
+        functions = p.functions.len(),
+        faults = p.faults.len(),
+        without_signature = p.without_signature,
+        "campaign planned"
+    );
+    Ok(())
+}
+
+/// The settings to run with: a new campaign stores the given ones; a resumed one keeps the
+/// plan's scope and seed (refusing others), and says how the other settings change.
+fn settings(cfg: &Config, stored: Option<Settings>) -> Result<Settings> {
+    let mut s = Settings {
+        scope: cfg.scope.to_string(),
+        seed: cfg.seed,
+        cap: cfg.cap as u32,
+        eval_runs: cfg.eval_runs as u32,
+        normal_runs: cfg.normal_runs as u32,
+        window_ms: ms(cfg.window),
+        rate: cfg.rate.unwrap_or(0.0),
+    };
+    let Some(old) = stored else { return Ok(s) };
+    if old.scope != s.scope || old.seed != s.seed {
+        bail!(
+            "this FDDB's fault plan was made for scope {} seed {}; this run asks for scope {} seed {}: \
+             resume with those, or give another --db for a new plan",
+            old.scope,
+            old.seed,
+            s.scope,
+            s.seed
+        );
+    }
+    if cfg.rate.is_none() {
+        s.rate = old.rate; // keep the calibrated rate: runs stay comparable
+    }
+    let changes: Vec<String> = [
+        ("cap", old.cap.to_string(), s.cap.to_string(), "faults already done stay done; pending ones run up to the new cap"),
+        ("eval-runs", old.eval_runs.to_string(), s.eval_runs.to_string(), "faults get evaluation runs up to the new count"),
+        ("normal-runs", old.normal_runs.to_string(), s.normal_runs.to_string(), "normal runs are added up to the new count"),
+        ("window", format!("{}ms", old.window_ms), format!("{}ms", s.window_ms), "new runs use the new window; older ones keep theirs"),
+        ("rate", old.rate.to_string(), s.rate.to_string(), "new runs use the new rate; older ones keep theirs"),
+    ]
+    .into_iter()
+    .filter(|(_, a, b, _)| a != b)
+    .map(|(k, a, b, what)| format!("{k} {a} -> {b}: {what}"))
+    .collect();
+    for c in &changes {
+        tracing::warn!("resuming with a changed setting: {c}");
+    }
+    Ok(s)
+}
+
+fn start_analyzer(cfg: &Config) -> Result<(Proc, String)> {
+    let adb = cfg.work_dir.join("analyzer.sqlite");
+    for ext in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", adb.display()));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let listen = format!("127.0.0.1:{port}");
+    let analyzer = spawn(
+        Command::new(cfg.bin_dir.join("afetm-analyzer"))
+            .args(["serve", "--listen", &listen, "--window", "1s", "--grace", "500ms", "--db"])
+            .arg(&adb)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(cfg.work_dir.join("analyzer.log"))?),
+    )?;
+    let t = Instant::now();
+    while std::net::TcpStream::connect(&listen).is_err() {
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!("analyzer did not come up: {}", std::fs::read_to_string(cfg.work_dir.join("analyzer.log"))?);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((analyzer, format!("http://{listen}")))
+}
+
+/// The shop for a campaign: one Apache instance with four workers (each run restarts the
+/// target's tier, and every Apache process gets an injector); source builds unless `--stock`.
+fn stack_config(cfg: &Config) -> Result<testbed::Config> {
+    let mut stack = testbed::Config::new(cfg.work_dir.join("stack"));
+    stack.base_port = cfg.base_port;
+    stack.apaches = 1;
+    stack.children = 4;
+    stack.seed_items = 50;
+    if cfg.built {
+        stack.binaries = testbed::build::binaries(&testbed::build::cache_dir())
+            .context("source builds missing: run `cargo xtask testbed build`")?;
+    }
+    Ok(stack)
+}
+
+/// Runs (or resumes) the campaign for one target.
+pub fn run(cfg: &Config, progress: bool) -> Result<Outcome> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.work_dir)?;
+    let stack = stack_config(cfg)?;
+    testbed::down(&stack)?; // leftovers of an interrupted campaign
+    let module = cfg.target.module_path(&stack.binaries);
+    let (analyzer, url) = start_analyzer(cfg)?;
+    let mut db = Fddb::open(&cfg.db).with_context(|| format!("opening FDDB {}", cfg.db.display()))?;
+    let m = Module::load(&module).with_context(|| format!("reading {}", module.display()))?;
+    let target = db.target(cfg.target.name(), &m.name)?;
+    let mut settings = settings(cfg, db.settings(target)?)?;
+    testbed::up(&stack).context("testbed up")?;
+    let mut s = Session {
+        cfg: cfg.clone(),
+        stack,
+        module: module.clone(),
+        url,
+        rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        pristine: None,
+        rate: settings.rate,
+        _analyzer: analyzer,
+    };
+    let result = campaign(&mut s, &mut db, target, &m, &mut settings, progress);
+    let _ = testbed::down(&s.stack);
+    let (done, runs, timings) = result?;
+    Ok(Outcome {
+        faults_done: done,
+        runs,
+        pending: db.pending(target, cfg.eval_runs as u64)?.len(),
+        rate: s.rate,
+        timings,
+        wall: started.elapsed(),
+    })
+}
+
+type Timings = Vec<(Phases, u64)>;
+
+fn campaign(
+    s: &mut Session,
+    db: &mut Fddb,
+    target: i64,
+    m: &Module,
+    settings: &mut Settings,
+    progress: bool,
+) -> Result<(usize, usize, Timings)> {
+    ensure_plan(s, db, target, m)?;
+    if s.cfg.target.tier() == Tier::Apache {
+        testbed::stop_tier(&s.stack, Tier::Apache)?;
+        let pristine = s.cfg.work_dir.join("pristine.sqlite");
+        testbed::snapshot_db(&s.stack, &pristine)?;
+        testbed::start_tier(&s.stack, Tier::Apache, None)?;
+        s.pristine = Some(pristine);
+    }
+    // Full tracing of the whole module, attached while its processes run.
+    let full = s.agent("full", serde_json::json!([{"function": "*", "mode": "event"}]))?;
+    let names: Vec<String> = m.functions().iter().map(|f| f.name.to_string()).collect();
+    db.add_traced(target, &names)?;
+    if s.rate <= 0.0 {
+        s.rate = s.calibrate(1600.0)?;
+        tracing::info!(rate = s.rate, "workload rate for the campaign");
+    }
+    settings.rate = s.rate;
+    db.set_settings(target, settings)?;
+    let mut timings = Vec::new();
+    let mut runs = 0;
+    for role in [Role::Train, Role::Eval] {
+        let want = if role == Role::Train { s.cfg.normal_runs } else { s.cfg.eval_runs } as u64;
+        while db.valid_normal_runs(target, role)? < want && db.normal_runs(target, role)? < want + 3 {
+            let (run, trees) = s.run_once(None, role, 0.0)?;
+            timings.push((run.phases, run.wall_ms));
+            db.record_run(target, None, &run, &trees, Done::No)?;
+            runs += 1;
+        }
+    }
+    let normal_latency = db.normal_mean_latency(target)?;
+    let pending = db.pending(target, s.cfg.eval_runs as u64)?;
+    let todo = s.cfg.max_faults.map_or(pending.len(), |n| n.min(pending.len()));
+    let bar = progress.then(|| {
+        let b = indicatif::ProgressBar::new(todo as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} faults, ETA {eta} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_prefix(s.cfg.target.name());
+        b
+    });
+    let mut done = 0;
+    for fault in pending.iter().take(todo) {
+        if let Some(b) = &bar {
+            b.set_message(format!("{} {}", fault.function, fault.fault));
+        }
+        let (r, t) = fault_runs(s, db, target, fault, normal_latency)?;
+        runs += r;
+        timings.extend(t);
+        done += 1;
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    drop(full);
+    Ok((done, runs, timings))
+}
+
+/// A fault's remaining training runs (until nothing new, at most `cap` in all, runs of an
+/// interrupted invocation included), then its evaluation runs.
+fn fault_runs(
+    s: &Session,
+    db: &mut Fddb,
+    target: i64,
+    fault: &afetm_fddb::PendingFault,
+    normal_latency: f64,
+) -> Result<(usize, Timings)> {
+    let mut timings = Vec::new();
+    let cap = s.cfg.cap.max(1) as u64;
+    if !fault.done && fault.train_runs >= cap {
+        db.mark_done(fault.id)?; // the cap was lowered since these runs
+    } else if !fault.done {
+        for attempt in fault.train_runs + 1..=cap {
+            let (run, trees) = s.run_once(Some((&fault.function, fault.fault)), Role::Train, normal_latency)?;
+            timings.push((run.phases, run.wall_ms));
+            let rule = if attempt == cap { Done::Yes } else { Done::IfNothingNew };
+            let r = db.record_run(target, Some(fault.id), &run, &trees, rule)?;
+            tracing::debug!(function = %fault.function, fault = %fault.fault, attempt, new = r.new,
+                status = run.status.as_str(), manifestation = run.manifestation.as_str(), "run");
+            if r.done {
+                break;
+            }
+        }
+    }
+    for _ in fault.eval_runs..s.cfg.eval_runs as u64 {
+        let (run, trees) = s.run_once(Some((&fault.function, fault.fault)), Role::Eval, normal_latency)?;
+        timings.push((run.phases, run.wall_ms));
+        db.record_run(target, Some(fault.id), &run, &trees, Done::No)?;
+    }
+    let runs = timings.len();
+    Ok((runs, timings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config {
+            target: Target::Redis,
+            work_dir: "w".into(),
+            base_port: 1,
+            built: true,
+            bin_dir: "b".into(),
+            db: "d".into(),
+            scope: Scope::Top(5),
+            seed: 1,
+            window: Duration::from_secs(1),
+            cap: 3,
+            eval_runs: 1,
+            normal_runs: 3,
+            sample: Duration::from_secs(5),
+            connections: 4,
+            rate: None,
+            max_faults: None,
+            slow_factor: 2.0,
+            fault_timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn resuming_keeps_the_plan_and_says_what_changes() {
+        let first = settings(&cfg(), None).unwrap();
+        assert_eq!((first.scope.as_str(), first.rate), ("top:5", 0.0));
+        let stored = Settings { rate: 180.0, ..first };
+        // Same settings: the calibrated rate is kept.
+        assert_eq!(settings(&cfg(), Some(stored.clone())).unwrap(), stored);
+        // Another scope or seed would need another plan: refused, saying how to go on.
+        let err = settings(&Config { scope: Scope::All, ..cfg() }, Some(stored.clone())).unwrap_err().to_string();
+        assert!(err.contains("scope top:5 seed 1") && err.contains("scope all") && err.contains("--db"), "{err}");
+        assert!(settings(&Config { seed: 2, ..cfg() }, Some(stored.clone())).is_err());
+        // Cap and rate may change; the new values are used.
+        let s = settings(&Config { cap: 5, rate: Some(90.0), ..cfg() }, Some(stored)).unwrap();
+        assert_eq!((s.cap, s.rate), (5, 90.0));
+    }
+}

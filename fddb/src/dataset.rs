@@ -1,0 +1,202 @@
+//! The training dataset: one JSON line per tree of a valid run, readable without afetm (a
+//! PyTorch user needs only `json`).
+//!
+//! ```json
+//! {"target":"redis","run":12,"role":"train","label":{"function":"zmalloc","kind":"crash","fault":"crash"},
+//!  "manifestation":"crash","normal_like":false,"pid":4711,"tid":4711,"start_ns":123,
+//!  "nodes":[{"function":"main","module":"redis-server","color":"white","parent":null,"calls":1}, ...]}
+//! ```
+//! `label` is `"normal"` for trees of normal runs and for trees of fault runs the fault did not
+//! reach. `nodes` are in preorder; `calls` is the count of the (parent, node) edge in that
+//! thread and window, not of that calling context (afetm folds recursion). With a plan, every
+//! tree is colored against the plan's trace points (Algorithm 2) and its red nodes are masked:
+//! exactly the tree an agent running that plan would give the analyzer (Algorithm 3's AFCT),
+//! which is what the diagnosis model sees at run time. Runs that dropped events or never
+//! applied their fault are not written.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::Write,
+};
+
+use afetm_calltree::{
+    coloring,
+    tree::{Color, Forest, FuncTable},
+};
+use afetm_proto::plan::{Mode, PlanFile};
+use rusqlite::params;
+use serde::Serialize;
+
+use crate::{Fddb, FddbError, Role, decode_tree};
+
+/// What to write.
+#[derive(Clone, Debug, Default)]
+pub struct DatasetOptions {
+    /// Only runs of this role (both without).
+    pub role: Option<Role>,
+    /// Color against this plan's trace points and mask red nodes.
+    pub plan: Option<PlanFile>,
+}
+
+/// What was written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DatasetStats {
+    /// Lines (trees).
+    pub trees: u64,
+    /// Trees labelled with a fault.
+    pub faulty: u64,
+    /// Of those, equal to a normal tree.
+    pub normal_like: u64,
+    /// Trees masked to nothing by the plan (not written).
+    pub empty: u64,
+}
+
+#[derive(Serialize)]
+struct Node<'a> {
+    function: &'a str,
+    module: &'a str,
+    color: &'static str,
+    parent: Option<u32>,
+    calls: u64,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Label {
+    Normal(&'static str),
+    Fault { function: String, kind: String, fault: String },
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    target: &'a str,
+    run: i64,
+    role: String,
+    label: Label,
+    manifestation: String,
+    normal_like: bool,
+    pid: u32,
+    tid: u32,
+    start_ns: u64,
+    nodes: Vec<Node<'a>>,
+}
+
+/// The plan's trace points as function names, checked against what the campaign traced.
+fn plan_points(plan: &PlanFile, traced: &HashSet<String>) -> Result<HashSet<String>, FddbError> {
+    let mut points = HashSet::new();
+    for p in plan.points.iter().filter(|p| p.mode != Mode::Count) {
+        if p.function == "*" {
+            points.extend(traced.iter().cloned());
+        } else {
+            points.insert(p.function.clone());
+        }
+    }
+    let mut outside: Vec<&String> = points.iter().filter(|f| !traced.contains(*f)).collect();
+    if !outside.is_empty() {
+        outside.sort();
+        let n = outside.len();
+        outside.truncate(5);
+        return Err(FddbError::Plan(format!(
+            "the plan traces {n} function(s) the campaign's full trace did not ({}{}): its FCTs cannot be colored against it",
+            outside.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            if n > 5 { ", ..." } else { "" }
+        )));
+    }
+    Ok(points)
+}
+
+/// Colors `forest` against `points` of `module` (Alg. 2) and masks its red nodes.
+fn as_afct(forest: &Forest, table: &FuncTable, module: &str, points: &HashSet<String>) -> Forest {
+    let traced = (0..)
+        .map(afetm_calltree::tree::FuncId)
+        .take_while(|id| (id.0 as usize) < table.len())
+        .filter(|id| {
+            let f = table.get(*id);
+            &*f.module == module && points.contains(&*f.name)
+        })
+        .collect();
+    let colored = coloring::color(std::slice::from_ref(forest), &traced);
+    coloring::mask_red(&colored.fcts[0])
+}
+
+impl Fddb {
+    /// Writes the dataset of target `name` to `out` (see the module docs).
+    pub fn dataset(&self, name: &str, opts: &DatasetOptions, out: &mut impl Write) -> Result<DatasetStats, FddbError> {
+        let target = self.target_id(name)?.ok_or_else(|| FddbError::Plan(format!("no target {name:?} in the FDDB")))?;
+        let module = self.module(target)?;
+        let points = match &opts.plan {
+            Some(p) => Some(plan_points(p, &self.traced(target)?)?),
+            None => None,
+        };
+        let mut st = self.conn.prepare(
+            "SELECT r.id, r.role, r.manifestation, fu.name, fa.kind, fa.spec, rt.fct_id, rt.pid, rt.tid, rt.start_ns,
+               rt.faulty, rt.normal_like
+             FROM run_trees rt JOIN runs r ON r.id = rt.run_id LEFT JOIN faults fa ON fa.id = r.fault_id
+             LEFT JOIN functions fu ON fu.id = fa.function_id
+             WHERE r.target_id = ?1 AND r.status = 'ok' AND (?2 IS NULL OR r.role = ?2)
+             ORDER BY r.id, rt.pid, rt.tid, rt.start_ns",
+        )?;
+        let mut tree_st = self.conn.prepare("SELECT tree FROM fcts WHERE id = ?1")?;
+        let mut cache: HashMap<i64, (Forest, FuncTable)> = HashMap::new();
+        let mut stats = DatasetStats::default();
+        let mut rows = st.query(params![target, opts.role.map(|r| r.as_str())])?;
+        while let Some(r) = rows.next()? {
+            let fct: i64 = r.get(6)?;
+            if !cache.contains_key(&fct) {
+                let bytes: Vec<u8> = tree_st.query_row([fct], |r| r.get(0))?;
+                let mut table = FuncTable::default();
+                let forest = Forest::from_proto(&decode_tree(&bytes)?, &mut table).map_err(FddbError::Stored)?;
+                let forest = match &points {
+                    Some(p) => as_afct(&forest, &table, &module, p),
+                    None => forest,
+                };
+                cache.insert(fct, (forest, table));
+            }
+            let (forest, table) = &cache[&fct];
+            if forest.is_empty() {
+                stats.empty += 1;
+                continue;
+            }
+            let faulty: bool = r.get(10)?;
+            let label = match (faulty, r.get::<_, Option<String>>(3)?) {
+                (true, Some(function)) => Label::Fault { function, kind: r.get(4)?, fault: r.get(5)? },
+                _ => Label::Normal("normal"),
+            };
+            let line = Line {
+                target: name,
+                run: r.get(0)?,
+                role: r.get(1)?,
+                label,
+                manifestation: r.get(2)?,
+                normal_like: r.get(11)?,
+                pid: r.get(7)?,
+                tid: r.get(8)?,
+                start_ns: r.get::<_, i64>(9)? as u64,
+                nodes: forest
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let f = table.get(n.func);
+                        Node {
+                            function: &f.name,
+                            module: &f.module,
+                            color: match n.color {
+                                Color::White => "white",
+                                Color::Blue => "blue",
+                                Color::Red => "red",
+                            },
+                            parent: n.parent,
+                            calls: n.calls,
+                        }
+                    })
+                    .collect(),
+            };
+            stats.trees += 1;
+            stats.faulty += faulty as u64;
+            stats.normal_like += line.normal_like as u64;
+            serde_json::to_writer(&mut *out, &line).map_err(|e| FddbError::Io("dataset".into(), e.into()))?;
+            out.write_all(b"\n").map_err(|e| FddbError::Io("dataset".into(), e))?;
+        }
+        Ok(stats)
+    }
+}

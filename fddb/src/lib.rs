@@ -1,0 +1,765 @@
+//! The fault diagnosis database (AFETM, 004_eb31801e7dc37aff.txt, sec. III.C.1): for each
+//! (function, fault), the FCTs of a **full** trace of the target, labelled tree by tree, plus
+//! how each injection manifested and what the servers logged.
+//!
+//! Tables: `targets` (with the campaign's [`Settings`]), `traced` (the functions the full trace
+//! covered: [`dataset`] colors only against plans inside that set), `functions` (DWARF
+//! parameter counts, calls per second), `faults` (one row per (function, [`Fault`])), `fcts`
+//! (unique per target by [`Forest::hash`]), `runs` (one injection or normal run, its
+//! [`Role`], [`RunStatus`], manifestation, drops and phase timings), `run_trees` (every tree of
+//! a run: process, thread, window start, whether the fault reached it, whether it equals a
+//! normal tree), `applications` (where and when the injector applied the fault) and `logs`.
+//!
+//! Labels: a tree of a fault run is *faulty* when the runner says the fault reached its thread
+//! and window; every other tree is normal. A faulty tree whose structure equals a tree of a
+//! normal run is kept but marked `normal_like`. Novelty is per (function, fault) (the paper's
+//! stopping rule): a run's new FCTs are its faulty, not normal-like trees that no earlier
+//! training run of the same fault produced.
+//!
+//! Resuming: a run is written in one transaction ([`Fddb::record_run`]) together with its
+//! fault's done flag, so an interrupted campaign leaves no half run. [`exchange`] moves the
+//! content between databases as JSON lines; [`dataset`] writes the trees for training.
+#![deny(missing_docs)]
+
+use std::{collections::HashSet, path::Path, str::FromStr};
+
+use afetm_calltree::tree::{Forest, FuncTable};
+pub use afetm_fault::{Applied, Fault, FaultKind};
+use afetm_proto as pb;
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+pub mod dataset;
+pub mod exchange;
+
+/// What can go wrong with an FDDB.
+#[derive(Debug, thiserror::Error)]
+pub enum FddbError {
+    /// SQLite said no.
+    #[error("FDDB: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A file could not be read or written.
+    #[error("FDDB file {0}: {1}")]
+    Io(String, std::io::Error),
+    /// A line of an export could not be imported.
+    #[error("FDDB export line {0}: {1}")]
+    Import(usize, String),
+    /// The database was written by another version of afetm.
+    #[error("FDDB {path}: schema version {found}, this afetm reads {SCHEMA_VERSION}; re-run the campaign into a new --db")]
+    Schema {
+        /// The database file.
+        path: String,
+        /// Its `user_version`.
+        found: i64,
+    },
+    /// A stored value does not parse (a fault spec, a tree).
+    #[error("FDDB: stored {0}")]
+    Stored(String),
+    /// A plan asks for something the stored data cannot give.
+    #[error("{0}")]
+    Plan(String),
+}
+
+/// The schema this code reads and writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 2;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS targets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, module TEXT NOT NULL,
+  settings TEXT);
+CREATE TABLE IF NOT EXISTS traced (target_id INTEGER NOT NULL REFERENCES targets(id), name TEXT NOT NULL,
+  PRIMARY KEY (target_id, name));
+CREATE TABLE IF NOT EXISTS functions (id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL REFERENCES targets(id),
+  name TEXT NOT NULL, params INTEGER, returns_value INTEGER, calls_per_sec REAL NOT NULL DEFAULT 0,
+  UNIQUE(target_id, name));
+CREATE TABLE IF NOT EXISTS faults (id INTEGER PRIMARY KEY, function_id INTEGER NOT NULL REFERENCES functions(id),
+  kind TEXT NOT NULL, spec TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, UNIQUE(function_id, spec));
+CREATE TABLE IF NOT EXISTS fcts (id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL REFERENCES targets(id),
+  hash TEXT NOT NULL, nodes INTEGER NOT NULL, tree BLOB NOT NULL, UNIQUE(target_id, hash));
+CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL REFERENCES targets(id),
+  fault_id INTEGER REFERENCES faults(id), role TEXT NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
+  manifestation TEXT NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL, mean_latency_us REAL NOT NULL,
+  applied INTEGER NOT NULL, kernel_drops INTEGER NOT NULL, queue_drops INTEGER NOT NULL,
+  restart_ms INTEGER NOT NULL, inject_ms INTEGER NOT NULL, load_ms INTEGER NOT NULL, collect_ms INTEGER NOT NULL,
+  wall_ms INTEGER NOT NULL, new_fcts INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS run_trees (run_id INTEGER NOT NULL REFERENCES runs(id),
+  fct_id INTEGER NOT NULL REFERENCES fcts(id), pid INTEGER NOT NULL, tid INTEGER NOT NULL, start_ns INTEGER NOT NULL,
+  faulty INTEGER NOT NULL, normal_like INTEGER NOT NULL, PRIMARY KEY (run_id, pid, tid, start_ns));
+CREATE TABLE IF NOT EXISTS applications (run_id INTEGER NOT NULL REFERENCES runs(id), pid INTEGER NOT NULL,
+  tid INTEGER NOT NULL, first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS logs (run_id INTEGER NOT NULL REFERENCES runs(id), source TEXT NOT NULL, excerpt TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS runs_fault ON runs(fault_id, role);
+CREATE INDEX IF NOT EXISTS run_trees_fct ON run_trees(fct_id);
+";
+
+/// How an injection showed from outside (AFETM's manifestation classes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Manifestation {
+    /// No fault (a normal run).
+    Normal,
+    /// The target process died.
+    Crash,
+    /// The target process stopped or stopped answering.
+    Hang,
+    /// Requests failed.
+    Errors,
+    /// Requests succeeded but clearly slower than in the normal runs.
+    Slow,
+    /// Nothing visible from outside.
+    Nothing,
+}
+
+impl Manifestation {
+    /// The name stored in the FDDB.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Manifestation::Normal => "normal",
+            Manifestation::Crash => "crash",
+            Manifestation::Hang => "hang",
+            Manifestation::Errors => "errors",
+            Manifestation::Slow => "slow",
+            Manifestation::Nothing => "nothing",
+        }
+    }
+}
+
+/// Which side of the train/evaluation split a run is on. Evaluation runs are fresh injections
+/// made after a fault's training runs; nothing that trains or tunes a model may read them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Training (and validation) data.
+    Train,
+    /// Held out for the evaluation.
+    Eval,
+}
+
+impl Role {
+    /// The name stored in the FDDB.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Train => "train",
+            Role::Eval => "eval",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "train" => Ok(Role::Train),
+            "eval" => Ok(Role::Eval),
+            _ => Err(format!("role {s:?}: expected train or eval")),
+        }
+    }
+}
+
+/// Whether a run's trees can be trusted as labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// A valid run: nothing lost, and (for a fault run) the fault was applied.
+    Ok,
+    /// The injector never applied the fault (the function was not called in the victims).
+    NotActivated,
+    /// Events were lost (kernel ring or agent queue): its trees would be wrong labels.
+    Dropped,
+}
+
+impl RunStatus {
+    /// The name stored in the FDDB.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RunStatus::Ok => "ok",
+            RunStatus::NotActivated => "not_activated",
+            RunStatus::Dropped => "dropped",
+        }
+    }
+}
+
+/// A campaign's settings, stored with its target so that a resumed campaign can say what
+/// changed instead of silently ignoring it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// The scope the fault plan was made for (`all`, `top:N`, ...).
+    pub scope: String,
+    /// Seed of the scope's sample and of the flipped bits.
+    pub seed: u64,
+    /// Training runs per fault at most.
+    pub cap: u32,
+    /// Evaluation runs per fault (and normal evaluation runs).
+    pub eval_runs: u32,
+    /// Normal training runs.
+    pub normal_runs: u32,
+    /// Load per run, ms.
+    pub window_ms: u64,
+    /// The workload's fixed rate, requests per second.
+    pub rate: f64,
+}
+
+/// A function of a target and what its signature allows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FunctionRow {
+    /// Symbol name.
+    pub name: String,
+    /// Parameters from DWARF (None without debug info).
+    pub params: Option<u32>,
+    /// Whether it returns a value (None without debug info).
+    pub returns_value: Option<bool>,
+    /// Calls per second while sampling.
+    pub calls_per_sec: f64,
+}
+
+/// A fault with work left: training runs until done, then evaluation runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingFault {
+    /// Row id.
+    pub id: i64,
+    /// The faulty function.
+    pub function: String,
+    /// The fault.
+    pub fault: Fault,
+    /// Whether its training runs are over.
+    pub done: bool,
+    /// Training runs so far (all statuses).
+    pub train_runs: u64,
+    /// Evaluation runs so far (all statuses).
+    pub eval_runs: u64,
+}
+
+/// Whether recording a training run finishes its fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Done {
+    /// Finished whatever the run brought.
+    Yes,
+    /// Not finished.
+    No,
+    /// Finished when the run was valid and added no FCT new for its fault (AFETM: inject until
+    /// nothing new appears).
+    IfNothingNew,
+}
+
+/// Wall time of a run by phase, ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phases {
+    /// Restarting the target's tier and restoring its data.
+    pub restart_ms: u64,
+    /// Starting the injectors.
+    pub inject_ms: u64,
+    /// The workload.
+    pub load_ms: u64,
+    /// Stopping injectors, closing windows, fetching trees.
+    pub collect_ms: u64,
+}
+
+/// One finished run: what happened, what was lost, where the fault was applied.
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// Train or eval.
+    pub role: Role,
+    /// Valid, not activated, or dropped events.
+    pub status: RunStatus,
+    /// How it showed from outside.
+    pub manifestation: Manifestation,
+    /// Requests sent.
+    pub requests: u64,
+    /// Requests failed.
+    pub errors: u64,
+    /// Mean latency, us.
+    pub mean_latency_us: f64,
+    /// Calls the fault was applied to.
+    pub applied: u64,
+    /// Ring buffer records lost during the run.
+    pub kernel_drops: u64,
+    /// Events the agent's queue dropped during the run.
+    pub queue_drops: u64,
+    /// Time by phase.
+    pub phases: Phases,
+    /// Whole run, ms.
+    pub wall_ms: u64,
+    /// (log source, excerpt)
+    pub logs: Vec<(String, String)>,
+    /// Where and when the fault was applied.
+    pub applications: Vec<Applied>,
+}
+
+/// One tree of a run with its label.
+#[derive(Clone, Debug)]
+pub struct LabelledTree {
+    /// The FCT.
+    pub forest: Forest,
+    /// Its functions.
+    pub table: FuncTable,
+    /// Process.
+    pub pid: u32,
+    /// Thread.
+    pub tid: u32,
+    /// Start of its window (agent clock, ns).
+    pub start_ns: u64,
+    /// Whether the fault reached this thread and window.
+    pub faulty: bool,
+}
+
+/// What recording a run added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    /// The run's row id.
+    pub run_id: i64,
+    /// FCTs new for the fault (faulty, not normal-like, not produced by an earlier training
+    /// run of the fault); for a normal run, trees not seen in earlier normal runs.
+    pub new: usize,
+    /// Faulty trees equal to a normal tree.
+    pub normal_like: usize,
+    /// Whether the fault is now done.
+    pub done: bool,
+}
+
+/// Per-target figures for reports.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// Functions in scope.
+    pub functions: u64,
+    /// Functions the full trace covered.
+    pub traced: u64,
+    /// Faults planned.
+    pub faults: u64,
+    /// Faults whose training runs are over.
+    pub faults_done: u64,
+    /// Faults per kind.
+    pub faults_by_kind: Vec<(String, u64)>,
+    /// Runs in all.
+    pub runs: u64,
+    /// Runs per `role/status`.
+    pub runs_by_role_status: Vec<(String, u64)>,
+    /// Not-activated fault runs per kind.
+    pub not_activated_by_kind: Vec<(String, u64)>,
+    /// Unique FCTs.
+    pub unique_fcts: u64,
+    /// Unique FCTs of valid normal runs.
+    pub normal_fcts: u64,
+    /// Unique faulty, not normal-like FCTs per done fault: mean and max.
+    pub fcts_per_fault_mean: f64,
+    /// See `fcts_per_fault_mean`.
+    pub fcts_per_fault_max: u64,
+    /// Faulty trees (valid fault runs).
+    pub faulty_trees: u64,
+    /// Of those, equal to a normal tree.
+    pub normal_like_trees: u64,
+    /// Runs per manifestation.
+    pub manifestations: Vec<(String, u64)>,
+    /// Seconds per run: median and 90th percentile.
+    pub seconds_per_run_median: f64,
+    /// See `seconds_per_run_median`.
+    pub seconds_per_run_p90: f64,
+    /// Median time per phase.
+    pub phases_median: Phases,
+}
+
+/// An open FDDB.
+pub struct Fddb {
+    conn: Connection,
+}
+
+fn parse_fault(spec: &str) -> Result<Fault, FddbError> {
+    spec.parse().map_err(|e: afetm_fault::BadFault| FddbError::Stored(e.to_string()))
+}
+
+impl Fddb {
+    /// Opens (creating if new) the FDDB at `path`; refuses one of another schema version.
+    pub fn open(path: &Path) -> Result<Fddb, FddbError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION && (version != 0 || tables > 0) {
+            return Err(FddbError::Schema { path: path.display().to_string(), found: version });
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        Ok(Fddb { conn })
+    }
+
+    /// The target's id, created if new.
+    pub fn target(&mut self, name: &str, module: &str) -> Result<i64, FddbError> {
+        self.conn.execute(
+            "INSERT INTO targets(name, module) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET module = ?2",
+            params![name, module],
+        )?;
+        Ok(self.conn.query_row("SELECT id FROM targets WHERE name = ?1", [name], |r| r.get(0))?)
+    }
+
+    /// The module (file name) of a target.
+    pub fn module(&self, target: i64) -> Result<String, FddbError> {
+        Ok(self.conn.query_row("SELECT module FROM targets WHERE id = ?1", [target], |r| r.get(0))?)
+    }
+
+    /// The campaign settings stored with a target (None before its first campaign).
+    pub fn settings(&self, target: i64) -> Result<Option<Settings>, FddbError> {
+        let text: Option<String> =
+            self.conn.query_row("SELECT settings FROM targets WHERE id = ?1", [target], |r| r.get(0))?;
+        text.map(|t| serde_json::from_str(&t).map_err(|e| FddbError::Stored(format!("settings: {e}")))).transpose()
+    }
+
+    /// Stores a target's campaign settings.
+    pub fn set_settings(&mut self, target: i64, s: &Settings) -> Result<(), FddbError> {
+        let text = serde_json::to_string(s).map_err(|e| FddbError::Stored(e.to_string()))?;
+        self.conn.execute("UPDATE targets SET settings = ?1 WHERE id = ?2", params![text, target])?;
+        Ok(())
+    }
+
+    /// Records the functions the campaign's full trace covers (added to those already there).
+    pub fn add_traced(&mut self, target: i64, names: &[String]) -> Result<(), FddbError> {
+        let tx = self.conn.transaction()?;
+        for n in names {
+            tx.execute("INSERT OR IGNORE INTO traced(target_id, name) VALUES (?1, ?2)", params![target, n])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The functions the campaign's full trace covers.
+    pub fn traced(&self, target: i64) -> Result<HashSet<String>, FddbError> {
+        let mut st = self.conn.prepare("SELECT name FROM traced WHERE target_id = ?1")?;
+        let rows = st.query_map([target], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a function (updating its signature and weight) and returns its id.
+    pub fn function(&mut self, target: i64, f: &FunctionRow) -> Result<i64, FddbError> {
+        self.conn.execute(
+            "INSERT INTO functions(target_id, name, params, returns_value, calls_per_sec) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(target_id, name) DO UPDATE SET params = ?3, returns_value = ?4, calls_per_sec = ?5",
+            params![target, f.name, f.params, f.returns_value, f.calls_per_sec],
+        )?;
+        Ok(self.conn.query_row(
+            "SELECT id FROM functions WHERE target_id = ?1 AND name = ?2",
+            params![target, f.name],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Adds a fault unless that (function, fault) is already there; returns its id.
+    pub fn fault(&mut self, function: i64, fault: Fault) -> Result<i64, FddbError> {
+        let spec = fault.to_string();
+        self.conn.execute(
+            "INSERT OR IGNORE INTO faults(function_id, kind, spec) VALUES (?1, ?2, ?3)",
+            params![function, fault.kind().as_str(), spec],
+        )?;
+        Ok(self.conn.query_row(
+            "SELECT id FROM faults WHERE function_id = ?1 AND spec = ?2",
+            params![function, spec],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Faults of a target with work left (not done, or fewer than `eval_runs` evaluation
+    /// runs), in insertion order.
+    pub fn pending(&self, target: i64, eval_runs: u64) -> Result<Vec<PendingFault>, FddbError> {
+        let mut st = self.conn.prepare(
+            "SELECT fa.id, fu.name, fa.spec, fa.done,
+               (SELECT COUNT(*) FROM runs r WHERE r.fault_id = fa.id AND r.role = 'train'),
+               (SELECT COUNT(*) FROM runs r WHERE r.fault_id = fa.id AND r.role = 'eval')
+             FROM faults fa JOIN functions fu ON fu.id = fa.function_id WHERE fu.target_id = ?1 ORDER BY fa.id",
+        )?;
+        let rows = st.query_map([target], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, i64>(4)? as u64,
+                r.get::<_, i64>(5)? as u64,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, function, spec, done, train_runs, evals) = row?;
+            if !done || evals < eval_runs {
+                out.push(PendingFault { id, function, fault: parse_fault(&spec)?, done, train_runs, eval_runs: evals });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a finished run of `fault` (None: a normal run) with its labelled trees, in one
+    /// transaction, which also marks the fault done as `done` says (training runs only).
+    pub fn record_run(
+        &mut self,
+        target: i64,
+        fault: Option<i64>,
+        run: &Run,
+        trees: &[LabelledTree],
+        done: Done,
+    ) -> Result<Recorded, FddbError> {
+        let tx = self.conn.transaction()?;
+        let attempt: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM runs WHERE target_id = ?1 AND fault_id IS ?2 AND role = ?3",
+            params![target, fault, run.role.as_str()],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO runs(target_id, fault_id, role, attempt, status, manifestation, requests, errors, mean_latency_us,
+               applied, kernel_drops, queue_drops, restart_ms, inject_ms, load_ms, collect_ms, wall_ms, new_fcts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 0)",
+            params![
+                target,
+                fault,
+                run.role.as_str(),
+                attempt + 1,
+                run.status.as_str(),
+                run.manifestation.as_str(),
+                run.requests as i64,
+                run.errors as i64,
+                run.mean_latency_us,
+                run.applied as i64,
+                run.kernel_drops as i64,
+                run.queue_drops as i64,
+                run.phases.restart_ms as i64,
+                run.phases.inject_ms as i64,
+                run.phases.load_ms as i64,
+                run.phases.collect_ms as i64,
+                run.wall_ms as i64
+            ],
+        )?;
+        let run_id = tx.last_insert_rowid();
+        let normal: HashSet<i64> = ids(
+            &tx,
+            "SELECT DISTINCT rt.fct_id FROM run_trees rt JOIN runs r ON r.id = rt.run_id
+             WHERE r.target_id = ?1 AND r.fault_id IS NULL AND r.status = 'ok' AND r.id != ?2",
+            params![target, run_id],
+        )?;
+        // What earlier training runs of the same fault (or earlier normal runs) produced.
+        let seen: HashSet<i64> = match fault {
+            Some(f) => ids(
+                &tx,
+                "SELECT DISTINCT rt.fct_id FROM run_trees rt JOIN runs r ON r.id = rt.run_id
+                 WHERE r.fault_id = ?1 AND r.role = 'train' AND r.status = 'ok' AND rt.faulty = 1 AND rt.normal_like = 0
+                   AND r.id != ?2",
+                params![f, run_id],
+            )?,
+            None => normal.clone(),
+        };
+        let mut new: HashSet<i64> = HashSet::new();
+        let mut normal_like = 0;
+        for t in trees {
+            let fct = store_fct(&tx, target, &t.forest, &t.table)?;
+            let faulty = fault.is_some() && t.faulty;
+            let like = faulty && normal.contains(&fct);
+            normal_like += like as usize;
+            let counts = if fault.is_some() { faulty && !like } else { true };
+            if run.status == RunStatus::Ok && counts && !seen.contains(&fct) {
+                new.insert(fct);
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO run_trees(run_id, fct_id, pid, tid, start_ns, faulty, normal_like)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![run_id, fct, t.pid, t.tid, t.start_ns as i64, faulty, like],
+            )?;
+        }
+        tx.execute("UPDATE runs SET new_fcts = ?1 WHERE id = ?2", params![new.len() as i64, run_id])?;
+        for (source, excerpt) in &run.logs {
+            tx.execute(
+                "INSERT INTO logs(run_id, source, excerpt) VALUES (?1, ?2, ?3)",
+                params![run_id, source, excerpt],
+            )?;
+        }
+        for a in &run.applications {
+            tx.execute(
+                "INSERT INTO applications(run_id, pid, tid, first_ns, last_ns, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![run_id, a.pid, a.tid, a.first_ns as i64, a.last_ns as i64, a.count as i64],
+            )?;
+        }
+        let fault_done = run.role == Role::Train
+            && match done {
+                Done::Yes => true,
+                Done::No => false,
+                Done::IfNothingNew => run.status == RunStatus::Ok && new.is_empty(),
+            };
+        if fault_done && let Some(f) = fault {
+            tx.execute("UPDATE faults SET done = 1 WHERE id = ?1", [f])?;
+        }
+        tx.commit()?;
+        Ok(Recorded { run_id, new: new.len(), normal_like, done: fault_done })
+    }
+
+    /// Marks a fault's training runs over.
+    pub fn mark_done(&mut self, fault: i64) -> Result<(), FddbError> {
+        self.conn.execute("UPDATE faults SET done = 1 WHERE id = ?1", [fault])?;
+        Ok(())
+    }
+
+    /// Normal runs recorded for a target in `role` (all statuses).
+    pub fn normal_runs(&self, target: i64, role: Role) -> Result<u64, FddbError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM runs WHERE target_id = ?1 AND fault_id IS NULL AND role = ?2",
+            params![target, role.as_str()],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// Valid normal runs of a target in `role`.
+    pub fn valid_normal_runs(&self, target: i64, role: Role) -> Result<u64, FddbError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM runs WHERE target_id = ?1 AND fault_id IS NULL AND role = ?2 AND status = 'ok'",
+            params![target, role.as_str()],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// Mean request latency of the valid normal training runs (0 without any).
+    pub fn normal_mean_latency(&self, target: i64) -> Result<f64, FddbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT AVG(mean_latency_us) FROM runs
+                 WHERE target_id = ?1 AND fault_id IS NULL AND role = 'train' AND status = 'ok'",
+                [target],
+                |r| r.get::<_, Option<f64>>(0),
+            )?
+            .unwrap_or(0.0))
+    }
+
+    /// Distinct FCTs of valid normal runs of a target (any role).
+    pub fn normal_fcts(&self, target: i64) -> Result<Vec<pb::Tree>, FddbError> {
+        let mut st = self.conn.prepare(
+            "SELECT DISTINCT f.id, f.tree FROM fcts f JOIN run_trees rt ON rt.fct_id = f.id JOIN runs r ON r.id = rt.run_id
+             WHERE r.target_id = ?1 AND r.fault_id IS NULL AND r.status = 'ok' ORDER BY f.id",
+        )?;
+        let rows = st.query_map([target], |r| r.get::<_, Vec<u8>>(1))?;
+        rows.map(|b| decode_tree(&b?)).collect()
+    }
+
+    /// Names of the targets in the database.
+    pub fn targets(&self) -> Result<Vec<String>, FddbError> {
+        let mut st = self.conn.prepare("SELECT name FROM targets ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A target's id by name.
+    pub fn target_id(&self, name: &str) -> Result<Option<i64>, FddbError> {
+        Ok(self.conn.query_row("SELECT id FROM targets WHERE name = ?1", [name], |r| r.get(0)).optional()?)
+    }
+
+    /// Figures of one target.
+    pub fn summary(&self, target: i64) -> Result<Summary, FddbError> {
+        let one = |sql: &str| -> Result<u64, FddbError> {
+            Ok(self.conn.query_row(sql, [target], |r| r.get::<_, i64>(0))? as u64)
+        };
+        let pairs = |sql: &str| -> Result<Vec<(String, u64)>, FddbError> {
+            let mut st = self.conn.prepare(sql)?;
+            let rows = st.query_map([target], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        };
+        let per_fault: Vec<(String, u64)> = pairs(
+            "SELECT CAST(fa.id AS TEXT), COUNT(DISTINCT CASE WHEN rt.faulty = 1 AND rt.normal_like = 0 AND r.status = 'ok'
+                 THEN rt.fct_id END)
+             FROM faults fa JOIN functions fu ON fu.id = fa.function_id
+             JOIN runs r ON r.fault_id = fa.id AND r.role = 'train' LEFT JOIN run_trees rt ON rt.run_id = r.id
+             WHERE fu.target_id = ?1 AND fa.done = 1 GROUP BY fa.id",
+        )?;
+        let n = per_fault.len().max(1) as f64;
+        let mut walls: Vec<Phases> = Vec::new();
+        let mut totals: Vec<u64> = Vec::new();
+        {
+            let mut st = self.conn.prepare(
+                "SELECT restart_ms, inject_ms, load_ms, collect_ms, wall_ms FROM runs WHERE target_id = ?1 AND wall_ms > 0",
+            )?;
+            let rows = st.query_map([target], |r| {
+                Ok((
+                    Phases {
+                        restart_ms: r.get::<_, i64>(0)? as u64,
+                        inject_ms: r.get::<_, i64>(1)? as u64,
+                        load_ms: r.get::<_, i64>(2)? as u64,
+                        collect_ms: r.get::<_, i64>(3)? as u64,
+                    },
+                    r.get::<_, i64>(4)? as u64,
+                ))
+            })?;
+            for row in rows {
+                let (p, w) = row?;
+                walls.push(p);
+                totals.push(w);
+            }
+        }
+        let median = |mut v: Vec<u64>| -> u64 { quantile(&mut v, 0.5) };
+        Ok(Summary {
+            functions: one("SELECT COUNT(*) FROM functions WHERE target_id = ?1")?,
+            traced: one("SELECT COUNT(*) FROM traced WHERE target_id = ?1")?,
+            faults: one(
+                "SELECT COUNT(*) FROM faults fa JOIN functions fu ON fu.id = fa.function_id WHERE fu.target_id = ?1",
+            )?,
+            faults_done: one(
+                "SELECT COUNT(*) FROM faults fa JOIN functions fu ON fu.id = fa.function_id WHERE fu.target_id = ?1 AND fa.done = 1",
+            )?,
+            faults_by_kind: pairs(
+                "SELECT fa.kind, COUNT(*) FROM faults fa JOIN functions fu ON fu.id = fa.function_id
+                 WHERE fu.target_id = ?1 GROUP BY fa.kind ORDER BY fa.kind",
+            )?,
+            runs: one("SELECT COUNT(*) FROM runs WHERE target_id = ?1")?,
+            runs_by_role_status: pairs(
+                "SELECT role || '/' || status, COUNT(*) FROM runs WHERE target_id = ?1 GROUP BY role, status ORDER BY 1",
+            )?,
+            not_activated_by_kind: pairs(
+                "SELECT fa.kind, COUNT(*) FROM runs r JOIN faults fa ON fa.id = r.fault_id
+                 WHERE r.target_id = ?1 AND r.status = 'not_activated' GROUP BY fa.kind ORDER BY fa.kind",
+            )?,
+            unique_fcts: one("SELECT COUNT(*) FROM fcts WHERE target_id = ?1")?,
+            normal_fcts: one("SELECT COUNT(DISTINCT rt.fct_id) FROM run_trees rt JOIN runs r ON r.id = rt.run_id
+                 WHERE r.target_id = ?1 AND r.fault_id IS NULL AND r.status = 'ok'")?,
+            fcts_per_fault_mean: per_fault.iter().map(|(_, c)| *c as f64).sum::<f64>() / n,
+            fcts_per_fault_max: per_fault.iter().map(|(_, c)| *c).max().unwrap_or(0),
+            faulty_trees: one("SELECT COUNT(*) FROM run_trees rt JOIN runs r ON r.id = rt.run_id
+                 WHERE r.target_id = ?1 AND r.status = 'ok' AND rt.faulty = 1")?,
+            normal_like_trees: one("SELECT COUNT(*) FROM run_trees rt JOIN runs r ON r.id = rt.run_id
+                 WHERE r.target_id = ?1 AND r.status = 'ok' AND rt.faulty = 1 AND rt.normal_like = 1")?,
+            manifestations: pairs(
+                "SELECT manifestation, COUNT(*) FROM runs WHERE target_id = ?1 GROUP BY manifestation ORDER BY manifestation",
+            )?,
+            seconds_per_run_median: quantile(&mut totals.clone(), 0.5) as f64 / 1000.0,
+            seconds_per_run_p90: quantile(&mut totals, 0.9) as f64 / 1000.0,
+            phases_median: Phases {
+                restart_ms: median(walls.iter().map(|p| p.restart_ms).collect()),
+                inject_ms: median(walls.iter().map(|p| p.inject_ms).collect()),
+                load_ms: median(walls.iter().map(|p| p.load_ms).collect()),
+                collect_ms: median(walls.iter().map(|p| p.collect_ms).collect()),
+            },
+        })
+    }
+}
+
+/// The `q` quantile (nearest rank) of `v`; 0 for none.
+fn quantile(v: &mut [u64], q: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+fn ids(tx: &rusqlite::Transaction, sql: &str, p: impl rusqlite::Params) -> Result<HashSet<i64>, FddbError> {
+    let mut st = tx.prepare(sql)?;
+    let rows = st.query_map(p, |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Stores an FCT unless its structure is there already; its id either way.
+fn store_fct(tx: &rusqlite::Transaction, target: i64, forest: &Forest, table: &FuncTable) -> Result<i64, FddbError> {
+    let hash = forest.hash(table);
+    tx.execute(
+        "INSERT OR IGNORE INTO fcts(target_id, hash, nodes, tree) VALUES (?1, ?2, ?3, ?4)",
+        params![target, hash, forest.nodes.len() as i64, forest.to_proto(table).encode_to_vec()],
+    )?;
+    Ok(tx.query_row("SELECT id FROM fcts WHERE target_id = ?1 AND hash = ?2", params![target, hash], |r| r.get(0))?)
+}
+
+fn decode_tree(bytes: &[u8]) -> Result<pb::Tree, FddbError> {
+    pb::Tree::decode(bytes).map_err(|e| FddbError::Stored(format!("FCT: {e}")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,181 @@
+use afetm_calltree::tree::Color;
+
+use super::*;
+use crate::dataset::DatasetOptions;
+
+fn tree(names: &[&str], faulty: bool, tid: u32) -> LabelledTree {
+    let mut table = FuncTable::default();
+    let mut forest = Forest::default();
+    let mut parent = None;
+    for n in names {
+        let id = table.intern("m", n);
+        parent = Some(forest.push(id, Color::White, parent, 1));
+    }
+    LabelledTree { forest, table, pid: 1, tid, start_ns: 0, faulty }
+}
+
+fn run(role: Role, status: RunStatus, m: Manifestation) -> Run {
+    Run {
+        role,
+        status,
+        manifestation: m,
+        requests: 10,
+        errors: 0,
+        mean_latency_us: 1.0,
+        applied: 3,
+        kernel_drops: 0,
+        queue_drops: 0,
+        phases: Phases { restart_ms: 1, inject_ms: 2, load_ms: 3, collect_ms: 4 },
+        wall_ms: 10,
+        logs: vec![("redis.log".into(), "line".into())],
+        applications: vec![Applied { pid: 1, tid: 1, first_ns: 5, last_ns: 9, count: 3 }],
+    }
+}
+
+fn setup(dir: &Path) -> (Fddb, i64, i64, i64) {
+    let mut db = Fddb::open(&dir.join("f.sqlite")).unwrap();
+    let t = db.target("redis", "m").unwrap();
+    db.add_traced(t, &["main".into(), "call".into(), "leaf".into(), "other".into()]).unwrap();
+    let f = db
+        .function(t, &FunctionRow { name: "call".into(), params: Some(2), returns_value: Some(false), calls_per_sec: 5.0 })
+        .unwrap();
+    let a = db.fault(f, Fault::Crash).unwrap();
+    assert_eq!(db.fault(f, Fault::Crash).unwrap(), a, "never two rows for one fault");
+    let b = db.fault(f, Fault::Input { arg: 0, bit: 3 }).unwrap();
+    (db, t, a, b)
+}
+
+#[test]
+fn novelty_is_per_fault_and_normal_like_trees_are_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, a, b) = setup(dir.path());
+    let normal = run(Role::Train, RunStatus::Ok, Manifestation::Normal);
+    let r = db.record_run(t, None, &normal, &[tree(&["main", "call"], false, 1)], Done::No).unwrap();
+    assert_eq!(r.new, 1);
+    // Fault a: one tree equal to the normal one (normal-like), one new; an untouched thread's
+    // tree is normal and never counts.
+    let crash = run(Role::Train, RunStatus::Ok, Manifestation::Crash);
+    let r = db
+        .record_run(
+            t,
+            Some(a),
+            &crash,
+            &[tree(&["main", "call"], true, 1), tree(&["main"], true, 2), tree(&["main", "leaf"], false, 3)],
+            Done::IfNothingNew,
+        )
+        .unwrap();
+    assert_eq!((r.new, r.normal_like, r.done), (1, 1, false));
+    // Fault b produces main alone too: new *for b* although a produced it.
+    let input = run(Role::Train, RunStatus::Ok, Manifestation::Nothing);
+    let r = db.record_run(t, Some(b), &input, &[tree(&["main"], true, 1)], Done::IfNothingNew).unwrap();
+    assert_eq!((r.new, r.done), (1, false), "novelty is per (function, fault)");
+    // a again with nothing new: done.
+    let r = db.record_run(t, Some(a), &crash, &[tree(&["main"], true, 1)], Done::IfNothingNew).unwrap();
+    assert_eq!((r.new, r.done), (0, true));
+    // b: a run that never applied the fault or dropped events is not a reason to stop.
+    let idle = Run { applied: 0, ..run(Role::Train, RunStatus::NotActivated, Manifestation::Nothing) };
+    let r = db.record_run(t, Some(b), &idle, &[tree(&["main"], false, 1)], Done::IfNothingNew).unwrap();
+    assert!(!r.done, "not activated");
+    let dropped = run(Role::Train, RunStatus::Dropped, Manifestation::Nothing);
+    assert!(!db.record_run(t, Some(b), &dropped, &[], Done::IfNothingNew).unwrap().done, "dropped");
+    // Pending: b (training not done) and, with one evaluation run asked for, a as well.
+    let ids = |v: Vec<PendingFault>| v.iter().map(|p| p.id).collect::<Vec<_>>();
+    assert_eq!(ids(db.pending(t, 0).unwrap()), vec![b]);
+    assert_eq!(ids(db.pending(t, 1).unwrap()), vec![a, b]);
+    let eval = run(Role::Eval, RunStatus::Ok, Manifestation::Crash);
+    let r = db.record_run(t, Some(a), &eval, &[tree(&["main", "x"], true, 1)], Done::No).unwrap();
+    assert_eq!(r.new, 1);
+    assert_eq!(ids(db.pending(t, 1).unwrap()), vec![b]);
+    let s = db.summary(t).unwrap();
+    assert_eq!((s.faults, s.faults_done, s.runs, s.traced), (2, 1, 7, 4));
+    assert_eq!((s.faulty_trees, s.normal_like_trees), (5, 1), "{s:?}");
+    assert_eq!(s.not_activated_by_kind, vec![("input".to_string(), 1)]);
+    assert_eq!(s.fcts_per_fault_max, 1, "a: main alone (main->call is normal-like)");
+    assert_eq!(s.phases_median, Phases { restart_ms: 1, inject_ms: 2, load_ms: 3, collect_ms: 4 });
+}
+
+#[test]
+fn export_import_round_trip_and_idempotence() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, a, _) = setup(dir.path());
+    db.set_settings(
+        t,
+        &Settings { scope: "top:5".into(), seed: 1, cap: 2, eval_runs: 1, normal_runs: 2, window_ms: 1000, rate: 100.0 },
+    )
+    .unwrap();
+    let normal = run(Role::Train, RunStatus::Ok, Manifestation::Normal);
+    db.record_run(t, None, &normal, &[tree(&["main", "call"], false, 1)], Done::No).unwrap();
+    let crash = run(Role::Train, RunStatus::Ok, Manifestation::Crash);
+    db.record_run(t, Some(a), &crash, &[tree(&["main"], true, 1), tree(&["main", "call"], true, 2)], Done::Yes)
+        .unwrap();
+    let out = dir.path().join("export.jsonl");
+    let n = db.export(&out).unwrap();
+    let mut other = Fddb::open(&dir.path().join("g.sqlite")).unwrap();
+    assert_eq!(other.import(&out).unwrap(), n);
+    assert_eq!(other.export_lines().unwrap(), db.export_lines().unwrap());
+    other.import(&out).unwrap();
+    assert_eq!(other.export_lines().unwrap(), db.export_lines().unwrap(), "import is idempotent");
+    std::fs::write(&out, "{\"type\":\"fault\",\"target\":\"nope\",\"function\":\"f\",\"fault\":\"crash\",\"done\":false}\n")
+        .unwrap();
+    assert!(matches!(other.import(&out), Err(FddbError::Import(1, _))));
+    std::fs::write(&out, "{\"type\":\"fault\",\"target\":\"redis\",\"function\":\"call\",\"fault\":\"crash:9\",\"done\":false}\n")
+        .unwrap();
+    assert!(matches!(other.import(&out), Err(FddbError::Import(1, _))), "a bad fault spec is refused");
+}
+
+#[test]
+fn dataset_labels_colors_against_a_plan_and_refuses_untraced_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, a, _) = setup(dir.path());
+    let normal = run(Role::Train, RunStatus::Ok, Manifestation::Normal);
+    db.record_run(t, None, &normal, &[tree(&["main", "call", "leaf"], false, 1)], Done::No).unwrap();
+    let crash = run(Role::Train, RunStatus::Ok, Manifestation::Crash);
+    db.record_run(t, Some(a), &crash, &[tree(&["main", "call"], true, 1), tree(&["main"], false, 2)], Done::Yes)
+        .unwrap();
+    let eval = run(Role::Eval, RunStatus::Ok, Manifestation::Crash);
+    db.record_run(t, Some(a), &eval, &[tree(&["main", "call"], true, 1)], Done::No).unwrap();
+    let dropped = run(Role::Eval, RunStatus::Dropped, Manifestation::Crash);
+    db.record_run(t, Some(a), &dropped, &[tree(&["main", "other"], true, 1)], Done::No).unwrap();
+
+    let lines = |opts: DatasetOptions| -> Vec<serde_json::Value> {
+        let mut buf = Vec::new();
+        db.dataset("redis", &opts, &mut buf).unwrap();
+        String::from_utf8(buf).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let all = lines(DatasetOptions::default());
+    assert_eq!(all.len(), 4, "the dropped run is left out");
+    let train = lines(DatasetOptions { role: Some(Role::Train), plan: None });
+    assert_eq!(train.len(), 3);
+    assert!(train.iter().all(|l| l["role"] == "train"));
+    let faulty: Vec<&serde_json::Value> = train.iter().filter(|l| l["label"] != "normal").collect();
+    assert_eq!(faulty.len(), 1, "only the thread the fault reached");
+    assert_eq!(faulty[0]["label"]["function"], "call");
+    assert_eq!(faulty[0]["label"]["kind"], "crash");
+    assert_eq!(faulty[0]["nodes"][1]["parent"], 0);
+
+    // Plan {leaf}: main and call turn blue above it, the rest is masked.
+    let plan: afetm_proto::plan::PlanFile = serde_json::from_value(serde_json::json!({
+        "target": {"path": "/bin/m"}, "points": [{"function": "leaf", "mode": "callstack"}]
+    }))
+    .unwrap();
+    let colored = lines(DatasetOptions { role: Some(Role::Train), plan: Some(plan) });
+    assert_eq!(colored.len(), 1, "trees without leaf mask to nothing");
+    let colors: Vec<&str> = colored[0]["nodes"].as_array().unwrap().iter().map(|n| n["color"].as_str().unwrap()).collect();
+    assert_eq!(colors, vec!["blue", "blue", "white"]);
+    let outside: afetm_proto::plan::PlanFile = serde_json::from_value(serde_json::json!({
+        "target": {"path": "/bin/m"}, "points": [{"function": "nowhere", "mode": "event"}]
+    }))
+    .unwrap();
+    let err = db.dataset("redis", &DatasetOptions { role: None, plan: Some(outside) }, &mut Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("nowhere"), "{err}");
+}
+
+#[test]
+fn another_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("old.sqlite");
+    let c = Connection::open(&p).unwrap();
+    c.execute_batch("CREATE TABLE runs (id INTEGER PRIMARY KEY);").unwrap();
+    drop(c);
+    assert!(matches!(Fddb::open(&p), Err(FddbError::Schema { found: 0, .. })));
+}
