@@ -54,6 +54,10 @@ struct Cli {
     /// Give up sending after shutdown once this much time has passed.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Longest time an event waits in the agent before it is sent (smaller: fresher windows,
+    /// more batches).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    flush: Duration,
     /// Test knob: hold each link handover in its middle phase this long (widens the window in
     /// which both links record, so a test can check that no call is lost or doubled there).
     #[arg(long, hide = true, default_value = "0ms", value_parser = humantime::parse_duration)]
@@ -132,7 +136,8 @@ fn run(cli: Cli) -> Result<()> {
 
     let outbox = Outbox::new(cli.queue_events);
     let stop = Arc::new(AtomicBool::new(false));
-    let reader = Reader::new(maps, table, module, outbox.clone(), ReaderConfig::default());
+    let reader_cfg = ReaderConfig { flush: cli.flush.max(Duration::from_millis(1)), ..ReaderConfig::default() };
+    let reader = Reader::new(maps, table, module, outbox.clone(), reader_cfg);
     let reader_stop = stop.clone();
     let reader_thread =
         std::thread::Builder::new().name("afetm-reader".into()).spawn(move || reader.run(reader_stop))?;

@@ -103,6 +103,9 @@ fn each_fault_type_takes_effect_and_changes_the_call_trees() {
     let (crash_pid, r, printed) = injected_run(&prog, dir.path(), "work", "crash", |_| {});
     assert_eq!(r["ended"], "signal 9", "{r}");
     assert!(r["applied"].as_u64().unwrap() >= 1, "{r}");
+    let apps = r["applications"].as_array().unwrap();
+    assert_eq!(apps.len(), 1, "one thread: {r}");
+    assert_eq!((apps[0]["pid"].as_u64(), apps[0]["tid"].as_u64()), (Some(crash_pid as u64), Some(crash_pid as u64)));
     assert_eq!(printed.lines().count(), 1, "only the report: faulty died before printing: {printed}");
 
     // Deadlock: the process stops at the first call of work() and stays stopped.
@@ -127,6 +130,12 @@ fn each_fault_type_takes_effect_and_changes_the_call_trees() {
         let (pid, r, printed) = injected_run(&prog, dir.path(), func, fault, |_| {});
         assert_eq!(r["ended"], "exit 0", "{fault}: {r}");
         assert_eq!(r["applied"].as_u64().unwrap(), 20, "{fault}: once per call: {r}");
+        // Where and when: the one thread, 20 times, on the agent's clock (CLOCK_MONOTONIC).
+        let apps = r["applications"].as_array().unwrap();
+        assert_eq!(apps.len(), 1, "{fault}: {r}");
+        let (first, last) = (apps[0]["first_ns"].as_u64().unwrap(), apps[0]["last_ns"].as_u64().unwrap());
+        assert_eq!((apps[0]["tid"].as_u64(), apps[0]["count"].as_u64()), (Some(pid as u64), Some(20)), "{r}");
+        assert!(first < last && last <= afetm_agent::reader::monotonic_ns(), "{r}");
         let values: String = printed.lines().take(20).map(|l| format!("{l}\n")).collect();
         assert_ne!(values, normal_out, "{fault}: the program must see the fault");
         eprintln!("{fault} in {func}: {}", r["mechanism"]);

@@ -6,11 +6,8 @@ use afetm_analyzer::{
     store::{Limits, Store, WindowConfig},
     tree::Forest,
 };
-use afetm_selection::{
-    self as selection, Params,
-    weights::Weights,
-};
 use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
+use afetm_selection::{self as selection, Params, weights::Weights};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 

@@ -264,13 +264,19 @@ impl Ingest for Analyzer {
 
 #[tonic::async_trait]
 impl Query for Analyzer {
-    async fn list_agents(&self, _: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let without_plans = req.into_inner().without_plans;
         let mut agents = self.with_store(|s| s.list_agents()).await.map_err(status)?;
         let connected = lock(&self.agents);
         for a in &mut agents {
             if let Some(c) = connected.get(&a.agent_id).and_then(|l| l.iter().find(|c| c.instance == a.instance)) {
                 a.connected = true;
-                a.last_plan = c.last_plan.clone();
+                if !without_plans {
+                    a.last_plan = c.last_plan.clone();
+                }
             }
         }
         Ok(Response::new(pb::ListAgentsResponse { agents }))
@@ -352,6 +358,15 @@ impl Control for Analyzer {
             return Err(Status::not_found(format!("agent {:?} is not connected", req.agent_id)));
         }
         Ok(Response::new(pb::SetPlanResponse { delivered }))
+    }
+
+    async fn cut(&self, request: Request<pb::CutRequest>) -> Result<Response<pb::CutResponse>, Status> {
+        let req = request.into_inner();
+        if req.pids.is_empty() {
+            return Err(Status::invalid_argument("cut: no pids"));
+        }
+        let discarded = self.with_store(move |s| s.cut(&req.agent_id, &req.pids, req.at_ns)).await.map_err(status)?;
+        Ok(Response::new(pb::CutResponse { windows_discarded: discarded }))
     }
 }
 

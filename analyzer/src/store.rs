@@ -88,6 +88,8 @@ pub struct Applied {
     pub duplicate: bool,
     pub events: u64,
     pub late_events: u64,
+    /// Events older than their process's last cut ([`Store::cut`]), dropped.
+    pub cut_events: u64,
     pub windows_closed: u64,
     pub afcts: u64,
 }
@@ -115,7 +117,8 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS symbols (agent_id TEXT NOT NULL, instance INTEGER NOT NULL, sym_id INTEGER NOT NULL,
   function_id INTEGER NOT NULL REFERENCES functions(id), PRIMARY KEY(agent_id, instance, sym_id));
 CREATE TABLE IF NOT EXISTS processes (agent_id TEXT NOT NULL, instance INTEGER NOT NULL, pid INTEGER NOT NULL,
-  first_ts_ns INTEGER NOT NULL, exited INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(agent_id, instance, pid));
+  first_ts_ns INTEGER NOT NULL, exited INTEGER NOT NULL DEFAULT 0, cut_ns INTEGER NOT NULL DEFAULT 0,
+  idx_base INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(agent_id, instance, pid));
 CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY, agent_id TEXT NOT NULL, instance INTEGER NOT NULL,
   pid INTEGER NOT NULL, idx INTEGER NOT NULL, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
   events INTEGER NOT NULL DEFAULT 0, closed INTEGER NOT NULL DEFAULT 0, UNIQUE(agent_id, instance, pid, idx));
@@ -141,6 +144,17 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Databases from before window cuts: add the columns (their windows keep working).
+        let has_cut: i64 =
+            conn.query_row("SELECT COUNT(*) FROM pragma_table_info('processes') WHERE name = 'cut_ns'", [], |r| {
+                r.get(0)
+            })?;
+        if has_cut == 0 {
+            conn.execute_batch(
+                "ALTER TABLE processes ADD COLUMN cut_ns INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE processes ADD COLUMN idx_base INTEGER NOT NULL DEFAULT 0;",
+            )?;
+        }
         let mut funcs = FuncTable::default();
         {
             let mut stmt = conn.prepare("SELECT id, module, name FROM functions ORDER BY id")?;
@@ -339,18 +353,24 @@ impl Store {
             let t = first_ts.entry(e.pid).or_insert(e.ts_ns);
             *t = (*t).min(e.ts_ns);
         }
-        let mut anchors: HashMap<u32, u64> = HashMap::new();
+        let mut anchors: HashMap<u32, Anchor> = HashMap::new();
         for (pid, ts) in first_ts {
             tx.execute(
                 "INSERT INTO processes(agent_id, instance, pid, first_ts_ns) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
                 params![agent.agent_id, agent.instance as i64, pid, ts as i64],
             )?;
-            let anchor: i64 = tx.query_row(
-                "SELECT first_ts_ns FROM processes WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
+            let anchor = tx.query_row(
+                "SELECT first_ts_ns, cut_ns, idx_base FROM processes WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
                 params![agent.agent_id, agent.instance as i64, pid],
-                |r| r.get(0),
+                |r| {
+                    Ok(Anchor {
+                        origin: r.get::<_, i64>(0)? as u64,
+                        cut: r.get::<_, i64>(1)? as u64,
+                        base: r.get::<_, i64>(2)? as u64,
+                    })
+                },
             )?;
-            anchors.insert(pid, anchor as u64);
+            anchors.insert(pid, anchor);
         }
 
         // Group events by (window, thread) into Alg. 3 trace data.
@@ -359,12 +379,17 @@ impl Store {
         let mut window_events: HashMap<i64, u64> = HashMap::new();
         let len = self.window.len_ns.max(1);
         for e in &batch.events {
-            let anchor = anchors[&e.pid];
-            let idx = e.ts_ns.saturating_sub(anchor) / len;
+            let a = anchors[&e.pid];
+            if e.ts_ns < a.cut {
+                applied.cut_events += 1;
+                continue;
+            }
+            let rel = e.ts_ns.saturating_sub(a.origin) / len;
+            let idx = a.base + rel;
             let (wid, closed) = match windows.get(&(e.pid, idx)) {
                 Some(w) => *w,
                 None => {
-                    let w = window_for(&tx, agent, e.pid, idx, anchor + idx * len, anchor + (idx + 1) * len)?;
+                    let w = window_for(&tx, agent, e.pid, idx, a.origin + rel * len, a.origin + (rel + 1) * len)?;
                     windows.insert((e.pid, idx), w);
                     w
                 }
@@ -433,6 +458,46 @@ impl Store {
             session.symbols.insert(sym, f);
         }
         Ok(applied)
+    }
+
+    /// Cuts the windows of `pids` of the agent `agent_id` (its newest instance) at `at_ns` on
+    /// the agent clock: their open windows are discarded with their events, events older than
+    /// `at_ns` that still arrive are dropped, and new windows start at `at_ns`. The campaign
+    /// cuts each run's restarted processes when it injects, so that no window mixes a
+    /// process's start-up with the run. Returns the windows discarded.
+    pub fn cut(&mut self, agent_id: &str, pids: &[u32], at_ns: u64) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let instance: Option<i64> =
+            tx.query_row("SELECT MAX(instance) FROM agents WHERE agent_id = ?1", [agent_id], |r| r.get(0))?;
+        let instance = instance.ok_or_else(|| invalid("agent", format!("no agent {agent_id:?} has connected")))?;
+        let mut discarded = 0;
+        for pid in pids {
+            let key = params![agent_id, instance, pid];
+            tx.execute(
+                "INSERT INTO processes(agent_id, instance, pid, first_ts_ns) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                params![agent_id, instance, pid, at_ns as i64],
+            )?;
+            tx.execute(
+                "DELETE FROM edges WHERE window_id IN
+                   (SELECT id FROM windows WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3 AND closed = 0)",
+                key,
+            )?;
+            discarded += tx
+                .execute("DELETE FROM windows WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3 AND closed = 0", key)?
+                as u64;
+            let base: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(idx) + 1, 0) FROM windows WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
+                key,
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "UPDATE processes SET first_ts_ns = ?4, cut_ns = ?4, idx_base = ?5
+                 WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
+                params![agent_id, instance, pid, at_ns as i64, base.max(0)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(discarded)
     }
 
     /// Closes every open window whose agent was last seen more than `idle_secs` ago.
@@ -536,6 +601,15 @@ impl Store {
         let afcts: i64 = self.conn.query_row("SELECT COUNT(*) FROM afcts", [], |r| r.get(0))?;
         Ok((closed as u64, afcts as u64))
     }
+}
+
+/// Where a process's windows start: `origin` (its first event, or its last cut), the window
+/// index at the origin (`base`), and events before `cut` are dropped.
+#[derive(Clone, Copy, Debug)]
+struct Anchor {
+    origin: u64,
+    cut: u64,
+    base: u64,
 }
 
 /// Open windows of an agent instance, optionally of one process and/or ending by `ended_by`.

@@ -234,3 +234,48 @@ async fn reflection_and_health_answer() {
     assert_eq!(st.status, ServingStatus::Serving as i32);
     server.shutdown().await;
 }
+
+/// A cut (Control.Cut) discards a process's open windows and restarts its windows at the cut:
+/// start-up events before it never reach a tree, in-flight ones are dropped, later events land
+/// in windows that start at the cut. Unknown agents are refused.
+#[tokio::test]
+async fn a_cut_discards_open_windows_and_restarts_them_at_its_instant() {
+    use afetm_proto::control_client::ControlClient;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("cut.sqlite")).await;
+    // Start-up: main -> leaf at 1 us.
+    let (acks, err) = exchange(&server.url, 1, vec![good(1)]).await;
+    assert_eq!((acks, err.map(|e| e.code())), (vec![1], None));
+    let mut control = ControlClient::connect(server.url.clone()).await.unwrap();
+    let at = 2_000_000; // 2 ms
+    let r = control.cut(pb::CutRequest { agent_id: "t".into(), pids: vec![42], at_ns: at }).await.unwrap().into_inner();
+    assert_eq!(r.windows_discarded, 1, "the start-up window");
+    let missing = control.cut(pb::CutRequest { agent_id: "nobody".into(), pids: vec![42], at_ns: at }).await;
+    assert_eq!(missing.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // A late start-up event and the run's events after the cut, then the process exits.
+    let run = pb::Batch {
+        seq: 2,
+        agent_clock_ns: at + 10_000,
+        symbols: vec![sym(1, "main"), sym(2, "libc_start"), sym(3, "leaf"), sym(4, "serve")],
+        events: vec![ev(3, 1, 1_500), ev(4, 1, at + 1_000), ev(3, 4, at + 2_000)],
+        exits: vec![pb::ProcessExit { pid: 42, ts_ns: at + 5_000 }],
+        ..Default::default()
+    };
+    let (acks, err) = exchange(&server.url, 1, vec![run]).await;
+    assert_eq!((acks, err.map(|e| e.code())), (vec![2], None));
+    let ws = windows(&server.url).await;
+    assert_eq!(ws.len(), 1, "{ws:?}");
+    assert!(ws[0].closed && ws[0].start_ns == at && ws[0].events == 2, "{:?}", ws[0]);
+    let tree = QueryClient::connect(server.url.clone())
+        .await
+        .unwrap()
+        .get_afct(pb::GetAfctRequest { window_id: ws[0].id, tid: 42 })
+        .await
+        .unwrap()
+        .into_inner()
+        .tree
+        .unwrap();
+    let names: Vec<&str> = tree.nodes.iter().map(|n| n.function.as_str()).collect();
+    assert_eq!(names, ["main", "serve", "leaf"], "main -> leaf of the start-up is gone");
+    server.shutdown().await;
+}

@@ -62,6 +62,10 @@ struct Cli {
     /// found when a target's campaign starts and stored with it.
     #[arg(long)]
     rate: Option<f64>,
+    /// Sample and plan, print the plan's size, and stop (for sizing a scope: use a scratch --db,
+    /// the plan stays in it).
+    #[arg(long)]
+    plan_only: bool,
     /// A run still going after this long is ended (target killed, recorded as a hang).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     fault_timeout: Duration,
@@ -115,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
             connections: cli.connections,
             rate: cli.rate,
             max_faults: cli.max_faults,
+            plan_only: cli.plan_only,
             slow_factor: 2.0,
             fault_timeout: cli.fault_timeout,
         };

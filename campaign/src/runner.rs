@@ -35,7 +35,7 @@ use afetm_calltree::tree::{Forest, FuncTable};
 use afetm_elf::{dwarf, symbols::Module};
 use afetm_fault::{Applied, Fault};
 use afetm_fddb::{Done, Fddb, FunctionRow, LabelledTree, Manifestation, Phases, Role, Run, RunStatus, Settings};
-use afetm_proto::{self as pb, query_client::QueryClient};
+use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
 use afetm_selection::weights::Weights;
 use anyhow::{Context, Result, bail};
 use testbed::Tier;
@@ -146,6 +146,8 @@ pub struct Config {
     pub rate: Option<f64>,
     /// Stop after this many faults (the rest stays pending for the next invocation).
     pub max_faults: Option<usize>,
+    /// Sample and plan, then stop (for sizing a scope; the plan stays in the FDDB).
+    pub plan_only: bool,
     /// A run's manifestation is `slow` above this factor x the normal mean latency.
     pub slow_factor: f64,
     /// A run still going after this long is ended: the target's processes are killed and the
@@ -197,6 +199,8 @@ struct Session {
     rt: tokio::runtime::Runtime,
     pristine: Option<PathBuf>,
     rate: f64,
+    /// The target's tier starting in the background for the next run.
+    next_tier: std::sync::Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
     _analyzer: Proc,
 }
 
@@ -212,7 +216,7 @@ impl Session {
             Command::new(self.cfg.bin_dir.join("afetm-agent"))
                 .arg("--plan")
                 .arg(&plan)
-                .args(["--analyzer", &self.url, "--agent-id", id, "--ready-file"])
+                .args(["--analyzer", &self.url, "--agent-id", id, "--flush", "20ms", "--ready-file"])
                 .arg(&ready)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log)?),
@@ -236,18 +240,32 @@ impl Session {
 
     fn query<T>(&self, f: impl AsyncFnOnce(QueryClient<tonic::transport::Channel>) -> Result<T>) -> Result<T> {
         self.rt.block_on(async {
-            let q = QueryClient::connect(self.url.clone()).await.context("connecting to the campaign's analyzer")?;
+            let q = QueryClient::connect(self.url.clone())
+                .await
+                .context("connecting to the campaign's analyzer")?
+                .max_decoding_message_size(256 << 20);
             f(q).await
+        })
+    }
+
+    /// Cuts the full trace's windows of `pids` at `at_ns` (`Control.Cut`).
+    fn cut(&self, pids: &[u32], at_ns: u64) -> Result<()> {
+        self.rt.block_on(async {
+            let mut c = ControlClient::connect(self.url.clone()).await.context("connecting to the analyzer")?;
+            c.cut(pb::CutRequest { agent_id: "full".into(), pids: pids.to_vec(), at_ns }).await.context("Cut")?;
+            Ok(())
         })
     }
 
     /// Kernel and queue drops the agent `id` reported so far.
     fn drops(&self, id: &str) -> Result<(u64, u64)> {
         self.query(async |mut q| {
-            let agents = q.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
-            Ok(agents.iter().filter(|a| a.agent_id == id).fold((0, 0), |acc, a| {
-                (acc.0 + a.kernel_drops, acc.1 + a.queue_drops)
-            }))
+            let req = pb::ListAgentsRequest { without_plans: true };
+            let agents = q.list_agents(req).await.context("ListAgents")?.into_inner().agents;
+            Ok(agents
+                .iter()
+                .filter(|a| a.agent_id == id)
+                .fold((0, 0), |acc, a| (acc.0 + a.kernel_drops, acc.1 + a.queue_drops)))
         })
     }
 
@@ -281,7 +299,13 @@ impl Session {
             let after = self.drops("full")?;
             let lost = (after.0 - before.0) + (after.1 - before.1);
             let kept_up = r.errors == 0 && r.throughput_rps >= 0.9 * rate;
-            tracing::info!(rate, lost, throughput = r.throughput_rps, errors = r.errors, "calibrating the workload rate");
+            tracing::info!(
+                rate,
+                lost,
+                throughput = r.throughput_rps,
+                errors = r.errors,
+                "calibrating the workload rate"
+            );
             if lost > 0 || !kept_up {
                 break;
             }
@@ -294,17 +318,24 @@ impl Session {
 
     /// One run: the target's tier restarted, injectors (for `fault`), the workload at the
     /// fixed rate, the tier killed, the labelled FCTs of its processes.
-    fn run_once(&self, fault: Option<(&str, Fault)>, role: Role, normal_latency: f64) -> Result<(Run, Vec<LabelledTree>)> {
+    fn run_once(
+        &self,
+        fault: Option<(&str, Fault)>,
+        role: Role,
+        normal_latency: f64,
+    ) -> Result<(Run, Vec<LabelledTree>)> {
         let started = Instant::now();
-        let tier = self.cfg.target.tier();
-        testbed::stop_tier(&self.stack, tier)?;
-        testbed::start_tier(&self.stack, tier, self.pristine.as_deref()).context("restarting the target's tier")?;
+        self.fresh_tier()?;
         let victims = self.cfg.target.processes(&self.stack)?;
         if victims.is_empty() {
             bail!("no {} process is running", self.cfg.target.name());
         }
         let drops_before = self.drops("full")?;
         let logs_at = log_sizes(&self.stack.logs_dir());
+        // The run starts here: the new processes' windows are cut, so that no tree mixes the
+        // tier's start-up (a 70,000-node FCT for redis) with the run.
+        let from_ns = monotonic_ns();
+        self.cut(&victims, from_ns)?;
         let restarted = Instant::now();
         // Past the per-fault timeout the target's processes are killed, which ends the
         // injectors (their victims are gone) and makes the rest of the workload fail fast.
@@ -313,7 +344,6 @@ impl Session {
             Some((function, f)) => self.inject(&victims, function, f)?,
             None => (Vec::new(), Vec::new()),
         };
-        let from_ns = monotonic_ns();
         let injected = Instant::now();
         let report = self.load(self.cfg.window, Some(self.rate))?;
         let loaded = Instant::now();
@@ -321,13 +351,17 @@ impl Session {
         let stopped = victims.iter().any(|p| state(*p) == Some('T'));
         let (applied, applications) = collect_injectors(injectors);
         let timed_out = watchdog.finish();
-        testbed::stop_tier(&self.stack, tier)?; // exits close the processes' windows
+        // The exits close the processes' windows; the next run's tier starts meanwhile.
+        self.restart_in_background()?;
         let fcts = self.fcts_of(&victims, from_ns)?;
         let drops_after = self.drops("full")?;
         let (kernel_drops, queue_drops) = (drops_after.0 - drops_before.0, drops_after.1 - drops_before.1);
         let mut logs = read_new_logs(&self.stack.logs_dir(), &logs_at);
         if timed_out {
-            problems.push(format!("run exceeded the fault timeout ({:?}); target processes killed", self.cfg.fault_timeout));
+            problems.push(format!(
+                "run exceeded the fault timeout ({:?}); target processes killed",
+                self.cfg.fault_timeout
+            ));
         }
         logs.extend(problems.into_iter().map(|p| ("campaign".to_string(), p)));
         let manifestation = match fault {
@@ -388,6 +422,35 @@ impl Session {
         Ok((run, trees))
     }
 
+    /// Kills the target's tier and starts it again on another thread: its start-up (half a
+    /// second for redis under a full trace: ~90,000 traced calls) overlaps this run's
+    /// collection. [`Session::fresh_tier`] waits for it.
+    fn restart_in_background(&self) -> Result<()> {
+        let tier = self.cfg.target.tier();
+        testbed::stop_tier(&self.stack, tier)?;
+        let (stack, pristine) = (self.stack.clone(), self.pristine.clone());
+        let handle = std::thread::spawn(move || {
+            testbed::start_tier(&stack, tier, pristine.as_deref()).map(|_| ()).context("restarting the target's tier")
+        });
+        *self.next_tier.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    /// A freshly started target tier: the one started in the background, or one restarted now.
+    fn fresh_tier(&self) -> Result<()> {
+        let pending = self.next_tier.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match pending {
+            Some(h) => h.join().map_err(|_| anyhow::anyhow!("the tier's restart thread panicked"))?,
+            None => {
+                let tier = self.cfg.target.tier();
+                testbed::stop_tier(&self.stack, tier)?;
+                testbed::start_tier(&self.stack, tier, self.pristine.as_deref())
+                    .map(|_| ())
+                    .context("restarting the target's tier")
+            }
+        }
+    }
+
     /// One `afetm-inject` per victim, all started before any is waited for.
     fn inject(&self, victims: &[u32], function: &str, fault: Fault) -> Result<(Vec<(Proc, PathBuf)>, Vec<String>)> {
         let mut started = Vec::new();
@@ -435,7 +498,7 @@ impl Session {
                 let mut mine: Vec<pb::WindowInfo> = Vec::new();
                 for pid in &pids {
                     let req = pb::ListWindowsRequest { agent_id: "full".into(), pid: *pid, closed_only: false };
-                    mine.extend(q.list_windows(req).await?.into_inner().windows);
+                    mine.extend(q.list_windows(req).await.context("ListWindows")?.into_inner().windows);
                 }
                 if mine.iter().all(|w| w.closed) || t.elapsed() > Duration::from_secs(10) {
                     break mine;
@@ -450,9 +513,18 @@ impl Session {
                         continue;
                     }
                     let req = pb::GetAfctRequest { window_id: w.id, tid: *tid };
-                    let tree = q.get_afct(req).await?.into_inner().tree.unwrap_or_default();
+                    let tree = q.get_afct(req).await.context("GetAfct")?.into_inner().tree.unwrap_or_default();
                     let mut table = FuncTable::default();
                     let forest = Forest::from_proto(&tree, &mut table).map_err(anyhow::Error::msg)?;
+                    tracing::debug!(
+                        pid = w.pid,
+                        tid,
+                        start_ns = w.start_ns,
+                        from_ns,
+                        nodes = forest.len(),
+                        truncated = forest.truncated,
+                        "tree"
+                    );
                     if !forest.is_empty() {
                         out.push(Fct { window, forest, table });
                     }
@@ -555,10 +627,30 @@ fn settings(cfg: &Config, stored: Option<Settings>) -> Result<Settings> {
         s.rate = old.rate; // keep the calibrated rate: runs stay comparable
     }
     let changes: Vec<String> = [
-        ("cap", old.cap.to_string(), s.cap.to_string(), "faults already done stay done; pending ones run up to the new cap"),
-        ("eval-runs", old.eval_runs.to_string(), s.eval_runs.to_string(), "faults get evaluation runs up to the new count"),
-        ("normal-runs", old.normal_runs.to_string(), s.normal_runs.to_string(), "normal runs are added up to the new count"),
-        ("window", format!("{}ms", old.window_ms), format!("{}ms", s.window_ms), "new runs use the new window; older ones keep theirs"),
+        (
+            "cap",
+            old.cap.to_string(),
+            s.cap.to_string(),
+            "faults already done stay done; pending ones run up to the new cap",
+        ),
+        (
+            "eval-runs",
+            old.eval_runs.to_string(),
+            s.eval_runs.to_string(),
+            "faults get evaluation runs up to the new count",
+        ),
+        (
+            "normal-runs",
+            old.normal_runs.to_string(),
+            s.normal_runs.to_string(),
+            "normal runs are added up to the new count",
+        ),
+        (
+            "window",
+            format!("{}ms", old.window_ms),
+            format!("{}ms", s.window_ms),
+            "new runs use the new window; older ones keep theirs",
+        ),
         ("rate", old.rate.to_string(), s.rate.to_string(), "new runs use the new rate; older ones keep theirs"),
     ]
     .into_iter()
@@ -631,9 +723,13 @@ pub fn run(cfg: &Config, progress: bool) -> Result<Outcome> {
         rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
         pristine: None,
         rate: settings.rate,
+        next_tier: std::sync::Mutex::new(None),
         _analyzer: analyzer,
     };
     let result = campaign(&mut s, &mut db, target, &m, &mut settings, progress);
+    if let Some(h) = s.next_tier.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = h.join();
+    }
     let _ = testbed::down(&s.stack);
     let (done, runs, timings) = result?;
     Ok(Outcome {
@@ -657,6 +753,9 @@ fn campaign(
     progress: bool,
 ) -> Result<(usize, usize, Timings)> {
     ensure_plan(s, db, target, m)?;
+    if s.cfg.plan_only {
+        return Ok((0, 0, Vec::new()));
+    }
     if s.cfg.target.tier() == Tier::Apache {
         testbed::stop_tier(&s.stack, Tier::Apache)?;
         let pristine = s.cfg.work_dir.join("pristine.sqlite");
@@ -774,6 +873,7 @@ mod tests {
             connections: 4,
             rate: None,
             max_faults: None,
+            plan_only: false,
             slow_factor: 2.0,
             fault_timeout: Duration::from_secs(60),
         }

@@ -88,8 +88,10 @@ fn small_redis_campaign_full_traces_honest_labels_resumable() {
 
     // Every fault: done, 1-2 training runs, exactly one evaluation run; nothing repeated.
     let faults: Vec<&serde_json::Value> = lines.iter().filter(|v| v["type"] == "fault").collect();
-    let kinds: BTreeSet<String> =
-        faults.iter().map(|f| f["fault"].as_str().unwrap().split(':').next().unwrap().replace(char::is_numeric, "")).collect();
+    let kinds: BTreeSet<String> = faults
+        .iter()
+        .map(|f| f["fault"].as_str().unwrap().split(':').next().unwrap().replace(char::is_numeric, ""))
+        .collect();
     assert_eq!(kinds.len(), 5, "all five fault types: {kinds:?}");
     for f in &faults {
         let spec = f["fault"].as_str().unwrap().to_string();

@@ -129,7 +129,12 @@ impl FromStr for Fault {
         let bad = || BadFault(s.to_string());
         let num = |v: &str, max: u32| {
             // Digits only: u32's parser would also take "+3".
-            v.bytes().all(|b| b.is_ascii_digit()).then_some(()).and_then(|_| v.parse::<u32>().ok()).filter(|n| *n < max).ok_or_else(bad)
+            v.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then_some(())
+                .and_then(|_| v.parse::<u32>().ok())
+                .filter(|n| *n < max)
+                .ok_or_else(bad)
         };
         Ok(match s {
             "crash" => Fault::Crash,

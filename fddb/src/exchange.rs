@@ -119,9 +119,9 @@ impl Fddb {
         for (target, function, spec, done) in faults {
             out.push(json(&Line::Fault { target, function, fault: crate::parse_fault(&spec)?, done }));
         }
-        let mut st = self
-            .conn
-            .prepare("SELECT t.name, f.hash, f.tree FROM fcts f JOIN targets t ON t.id = f.target_id ORDER BY t.name, f.hash")?;
+        let mut st = self.conn.prepare(
+            "SELECT t.name, f.hash, f.tree FROM fcts f JOIN targets t ON t.id = f.target_id ORDER BY t.name, f.hash",
+        )?;
         for r in st.query_map([], |r| {
             Ok(Line::Fct { target: r.get(0)?, hash: r.get(1)?, tree: hex(&r.get::<_, Vec<u8>>(2)?) })
         })? {

@@ -46,7 +46,9 @@ pub enum FddbError {
     #[error("FDDB export line {0}: {1}")]
     Import(usize, String),
     /// The database was written by another version of afetm.
-    #[error("FDDB {path}: schema version {found}, this afetm reads {SCHEMA_VERSION}; re-run the campaign into a new --db")]
+    #[error(
+        "FDDB {path}: schema version {found}, this afetm reads {SCHEMA_VERSION}; re-run the campaign into a new --db"
+    )]
     Schema {
         /// The database file.
         path: String,
@@ -373,7 +375,8 @@ impl Fddb {
         let conn = Connection::open(path)?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;")?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
+        let tables: i64 =
+            conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
         if version != SCHEMA_VERSION && (version != 0 || tables > 0) {
             return Err(FddbError::Schema { path: path.display().to_string(), found: version });
         }

@@ -37,7 +37,10 @@ fn setup(dir: &Path) -> (Fddb, i64, i64, i64) {
     let t = db.target("redis", "m").unwrap();
     db.add_traced(t, &["main".into(), "call".into(), "leaf".into(), "other".into()]).unwrap();
     let f = db
-        .function(t, &FunctionRow { name: "call".into(), params: Some(2), returns_value: Some(false), calls_per_sec: 5.0 })
+        .function(
+            t,
+            &FunctionRow { name: "call".into(), params: Some(2), returns_value: Some(false), calls_per_sec: 5.0 },
+        )
         .unwrap();
     let a = db.fault(f, Fault::Crash).unwrap();
     assert_eq!(db.fault(f, Fault::Crash).unwrap(), a, "never two rows for one fault");
@@ -100,7 +103,15 @@ fn export_import_round_trip_and_idempotence() {
     let (mut db, t, a, _) = setup(dir.path());
     db.set_settings(
         t,
-        &Settings { scope: "top:5".into(), seed: 1, cap: 2, eval_runs: 1, normal_runs: 2, window_ms: 1000, rate: 100.0 },
+        &Settings {
+            scope: "top:5".into(),
+            seed: 1,
+            cap: 2,
+            eval_runs: 1,
+            normal_runs: 2,
+            window_ms: 1000,
+            rate: 100.0,
+        },
     )
     .unwrap();
     let normal = run(Role::Train, RunStatus::Ok, Manifestation::Normal);
@@ -115,11 +126,17 @@ fn export_import_round_trip_and_idempotence() {
     assert_eq!(other.export_lines().unwrap(), db.export_lines().unwrap());
     other.import(&out).unwrap();
     assert_eq!(other.export_lines().unwrap(), db.export_lines().unwrap(), "import is idempotent");
-    std::fs::write(&out, "{\"type\":\"fault\",\"target\":\"nope\",\"function\":\"f\",\"fault\":\"crash\",\"done\":false}\n")
-        .unwrap();
+    std::fs::write(
+        &out,
+        "{\"type\":\"fault\",\"target\":\"nope\",\"function\":\"f\",\"fault\":\"crash\",\"done\":false}\n",
+    )
+    .unwrap();
     assert!(matches!(other.import(&out), Err(FddbError::Import(1, _))));
-    std::fs::write(&out, "{\"type\":\"fault\",\"target\":\"redis\",\"function\":\"call\",\"fault\":\"crash:9\",\"done\":false}\n")
-        .unwrap();
+    std::fs::write(
+        &out,
+        "{\"type\":\"fault\",\"target\":\"redis\",\"function\":\"call\",\"fault\":\"crash:9\",\"done\":false}\n",
+    )
+    .unwrap();
     assert!(matches!(other.import(&out), Err(FddbError::Import(1, _))), "a bad fault spec is refused");
 }
 
@@ -160,7 +177,8 @@ fn dataset_labels_colors_against_a_plan_and_refuses_untraced_points() {
     .unwrap();
     let colored = lines(DatasetOptions { role: Some(Role::Train), plan: Some(plan) });
     assert_eq!(colored.len(), 1, "trees without leaf mask to nothing");
-    let colors: Vec<&str> = colored[0]["nodes"].as_array().unwrap().iter().map(|n| n["color"].as_str().unwrap()).collect();
+    let colors: Vec<&str> =
+        colored[0]["nodes"].as_array().unwrap().iter().map(|n| n["color"].as_str().unwrap()).collect();
     assert_eq!(colors, vec!["blue", "blue", "white"]);
     let outside: afetm_proto::plan::PlanFile = serde_json::from_value(serde_json::json!({
         "target": {"path": "/bin/m"}, "points": [{"function": "nowhere", "mode": "event"}]

@@ -266,6 +266,23 @@ pub fn run(cfg: &LoadConfig) -> Result<Report> {
                     }
                     None => res.errors += 1,
                 }
+                // A slow or hung server must not stretch a fixed-rate run: once the run's time
+                // is over, the slots still due are failed requests whose latency is at least
+                // how late they are (coordinated omission corrected), and nothing more is sent.
+                if let Some(i) = interval {
+                    let now = Instant::now();
+                    if now >= end {
+                        while next < end {
+                            if next >= record_from {
+                                let late = now.duration_since(next).as_micros().max(1) as u64;
+                                let _ = res.hist.record(late.min(60_000_000));
+                                res.errors += 1;
+                            }
+                            next += i;
+                        }
+                        break;
+                    }
+                }
             }
             Ok(res)
         }));

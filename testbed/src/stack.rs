@@ -232,7 +232,13 @@ fn wait_listening(cfg: &Config, server: &Server, timeout: Duration) -> Result<()
             h => format!("; port {} is held by {}", server.port, h.join(", ")),
         };
         if !alive(server.pid) {
-            bail!("{} (pid {}) exited during start-up{}; {}", server.name, server.pid, held(), log_tail(cfg, &server.name));
+            bail!(
+                "{} (pid {}) exited during start-up{}; {}",
+                server.name,
+                server.pid,
+                held(),
+                log_tail(cfg, &server.name)
+            );
         }
         if start.elapsed() > timeout {
             bail!("{} does not listen on port {} after {timeout:?}{}", server.name, server.port, held());

@@ -156,7 +156,9 @@ fn shop(netns: bool) {
 #[test]
 fn ports_held_by_another_shop_and_single_tier_restarts() {
     if !is_root() {
-        eprintln!("SKIPPED: the testbed servers are started as root and drop to www-data; run as root (cargo xtask test)");
+        eprintln!(
+            "SKIPPED: the testbed servers are started as root and drop to www-data; run as root (cargo xtask test)"
+        );
         return;
     }
     struct Down(Config);

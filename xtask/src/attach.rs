@@ -45,7 +45,7 @@ impl Pusher {
             c.set_plan(pb::SetPlanRequest { agent_id: "attach".into(), plan: Some(plan) }).await?;
             let mut q = QueryClient::connect(url).await?;
             loop {
-                let agents = q.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
+                let agents = q.list_agents(pb::ListAgentsRequest { without_plans: false }).await?.into_inner().agents;
                 if let Some(r) = agents.into_iter().find(|a| a.agent_id == "attach").and_then(|a| a.last_plan)
                     && r.version == version
                 {

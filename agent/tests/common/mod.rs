@@ -240,8 +240,9 @@ pub async fn control(url: &str) -> ControlClient<tonic::transport::Channel> {
 }
 
 pub async fn agent_info(url: &str, agent: &str) -> Option<pb::AgentInfo> {
-    let mut q = QueryClient::connect(url.to_string()).await.expect("connect");
-    q.list_agents(pb::ListAgentsRequest {})
+    // A plan report of every function of a large binary is several MB.
+    let mut q = QueryClient::connect(url.to_string()).await.expect("connect").max_decoding_message_size(64 << 20);
+    q.list_agents(pb::ListAgentsRequest { without_plans: false })
         .await
         .expect("list agents")
         .into_inner()
