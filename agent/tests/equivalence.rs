@@ -1,0 +1,246 @@
+//! AFETM's equivalence claim (sec. III.B) on a real server and on the data the diagnosis model
+//! learns from: two agents trace the same source-built redis-server at once under the shop's
+//! CRUD mix, one every function (the campaign's full trace), one a 10% plan from `select`
+//! (weights from count mode, F^callstack from coloring normal FCTs). Per thread, the plan
+//! agent's AFCT is compared with the full FCT colored against the plan with its red nodes
+//! masked, i.e. what `afetm-analyzer fddb dataset --plan` writes.
+//!
+//! What holds exactly: the white nodes (traced calls) and the caller edges between them. What
+//! does not, measured here on redis (and printed): (1) call stacks reach above the frames that
+//! were entered before the window (libc -> main -> aeMain), which a full trace in event mode
+//! cannot know, so paths are compared from the masked FCT's roots; (2) a traced function
+//! reached through an untraced one on a path the normal FCTs never showed has no call stack, so
+//! its untraced caller becomes a root of the AFCT instead of hanging under its own callers (the
+//! paper's F^callstack is only as good as the normal FCTs it is computed from). The test
+//! requires 80% of the masked FCTs' paths in the AFCTs (87% measured: 178 of 205, the rest all
+//! of kind 2: dictGenericDelete, dictExpandAllowed, beforeSleep, connSocketClose).
+//!
+//! Windows are aligned by cutting both agents' windows of the redis process at one instant
+//! (`Control.Cut`) and using one window longer than the run: each thread then has one tree per
+//! agent, from the cut to the process's exit. Root only; needs the source builds.
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use afetm_calltree::{
+    coloring,
+    tree::{Color, Forest, FuncTable},
+};
+use afetm_proto::{self as pb, plan::PlanFile};
+use common::*;
+use testbed::{Config, Tier};
+
+fn load(cfg: &Config, secs: u64) {
+    let mut l = testbed::load::LoadConfig::new(cfg.url());
+    l.connections = 4;
+    l.duration = Duration::from_secs(secs);
+    l.warmup = Duration::ZERO;
+    l.rate = Some(100.0);
+    l.items = cfg.seed_items;
+    let r = testbed::load::run(&l).expect("load");
+    assert_eq!(r.errors, 0, "{}", r.text());
+}
+
+/// Functions of the white nodes.
+fn white(f: &Forest, t: &FuncTable) -> BTreeSet<String> {
+    f.nodes.iter().filter(|n| n.color == Color::White).map(|n| t.get(n.func).to_string()).collect()
+}
+
+/// (parent, child) of the edges between two white nodes: caller attributes of traced calls.
+fn white_edges(f: &Forest, t: &FuncTable) -> BTreeSet<(String, String)> {
+    f.nodes
+        .iter()
+        .filter(|n| n.color == Color::White)
+        .filter_map(|n| {
+            let p = &f.nodes[n.parent? as usize];
+            (p.color == Color::White).then(|| (t.get(p.func).to_string(), t.get(n.func).to_string()))
+        })
+        .collect()
+}
+
+/// Functions at the roots.
+fn roots(f: &Forest, t: &FuncTable) -> BTreeSet<String> {
+    f.roots().map(|r| t.get(f.nodes[r as usize].func).to_string()).collect()
+}
+
+/// Every root-to-node path as `a>b>c [color]`; with `reroot`, a path starts at its last node
+/// whose function is one of those (stack frames above where a full trace's window begins).
+fn paths(f: &Forest, t: &FuncTable, reroot: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, n) in f.nodes.iter().enumerate() {
+        let mut chain = vec![i];
+        let mut cur = n.parent;
+        while let Some(p) = cur {
+            chain.push(p as usize);
+            cur = f.nodes[p as usize].parent;
+        }
+        chain.reverse();
+        if let Some(k) = chain.iter().rposition(|j| reroot.contains(&t.get(f.nodes[*j].func).to_string())) {
+            chain.drain(..k);
+        }
+        let names: Vec<String> = chain.iter().map(|j| t.get(f.nodes[*j].func).name.to_string()).collect();
+        out.insert(format!("{} [{:?}]", names.join(">"), n.color));
+    }
+    out
+}
+
+fn redis_pid(cfg: &Config) -> u32 {
+    testbed::servers(cfg).unwrap().iter().find(|s| s.name == "redis").expect("redis runs").pid
+}
+
+/// Per thread: the AFCTs of `agent`'s closed windows of `pid` that start at `at`.
+fn trees(url: &str, agent: &str, pid: u32, at: u64) -> (FuncTable, BTreeMap<u32, Forest>) {
+    let (table, all) = rt().block_on(afcts(url, agent));
+    let mut out = BTreeMap::new();
+    for (w, tid, f) in all {
+        if w.pid == pid && w.start_ns == at {
+            assert!(out.insert(tid, f).is_none(), "one window per thread");
+        }
+    }
+    (table, out)
+}
+
+#[test]
+fn afcts_of_a_selected_plan_equal_masked_full_fcts_on_redis() {
+    require_root!();
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new(dir.path().join("run"));
+    cfg.base_port = 25580;
+    cfg.binaries = testbed::build::binaries(&testbed::build::cache_dir())
+        .expect("source builds missing: run `cargo xtask testbed build`");
+    cfg.apaches = 1;
+    cfg.children = 4;
+    cfg.seed_items = 50;
+    let _stack = Stack(cfg.clone());
+    testbed::up(&cfg).unwrap_or_else(|e| panic!("testbed up: {e:#}"));
+    let db = dir.path().join("db.sqlite");
+    let an = AnalyzerProc::start(&db, free_port(), &["--window", "60s", "--grace", "0s"]);
+    let redis = cfg.binaries.redis.clone();
+    let module = afetm_elf::symbols::Module::load(&redis).unwrap().name.to_string();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(analyzer_bin()).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "afetm-analyzer {args:?}: {text}");
+    };
+
+    // Weights (count mode), then normal FCTs from the full trace, then the 10% plan.
+    let count =
+        AgentProc::start(&write_plan(dir.path(), "count", &redis, &[("*", "count")]), &an.url, "count", dir.path());
+    load(&cfg, 3);
+    count.stop();
+    let weights = dir.path().join("w.json");
+    let wp = weights.to_str().unwrap();
+    cli(&["weights", "--server", &an.url, "--agent", "count", "--module", &module, "--period", "3s", "--out", wp]);
+    let full =
+        AgentProc::start(&write_plan(dir.path(), "full", &redis, &[("*", "event")]), &an.url, "full", dir.path());
+    load(&cfg, 3);
+    testbed::stop_tier(&cfg, Tier::Redis).unwrap(); // its exit closes the normal windows
+    testbed::start_tier(&cfg, Tier::Redis, None).unwrap();
+    let plan = dir.path().join("plan.json");
+    let (dbp, pp, rp) = (db.to_str().unwrap(), plan.to_str().unwrap(), redis.to_str().unwrap());
+    cli(&[
+        "select",
+        "--elf",
+        rp,
+        "--weights",
+        wp,
+        "--budget",
+        "10%",
+        "--db",
+        dbp,
+        "--normal-agent",
+        "full",
+        "--out",
+        pp,
+    ]);
+    let plan_file = PlanFile::parse(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let selected = plan_file.selection.clone().expect("selection summary");
+    assert!(!selected.callstack.is_empty(), "F^callstack from the normal FCTs: {selected:?}");
+
+    // Both agents on the same process; windows cut at one instant.
+    let planned = AgentProc::start(&plan, &an.url, "plan", dir.path());
+    let pid = redis_pid(&cfg);
+    let at = afetm_agent::reader::monotonic_ns();
+    rt().block_on(async {
+        let mut c = control(&an.url).await;
+        for agent in ["full", "plan"] {
+            c.cut(pb::CutRequest { agent_id: agent.into(), pids: vec![pid], at_ns: at }).await.expect("cut");
+        }
+    });
+    load(&cfg, 3);
+    testbed::stop_tier(&cfg, Tier::Redis).unwrap();
+    let t = std::time::Instant::now();
+    while ["full", "plan"]
+        .iter()
+        .any(|a| rt().block_on(windows(&an.url, a, false)).iter().any(|w| w.pid == pid && !w.closed))
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "windows of pid {pid} never closed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for agent in ["full", "plan"] {
+        let info = rt().block_on(agent_info(&an.url, agent)).expect("agent known");
+        assert_eq!((info.kernel_drops, info.queue_drops), (0, 0), "{agent} lost events");
+    }
+    full.stop();
+    planned.stop();
+
+    // Per thread: plan AFCT == full FCT colored against the plan, red masked.
+    let (ft, full_trees) = trees(&an.url, "full", pid, at);
+    let (pt, plan_trees) = trees(&an.url, "plan", pid, at);
+    let points: std::collections::HashSet<&str> = plan_file
+        .points
+        .iter()
+        .filter(|p| p.mode != afetm_proto::plan::Mode::Count)
+        .map(|p| p.function.as_str())
+        .collect();
+    let traced = (0..ft.len() as u32)
+        .map(afetm_calltree::tree::FuncId)
+        .filter(|id| *ft.get(*id).module == *module && points.contains(&*ft.get(*id).name))
+        .collect();
+    let mut compared = 0;
+    let (mut shared, mut only_fct, mut only_afct) = (0usize, Vec::new(), Vec::new());
+    for (tid, fct) in &full_trees {
+        let masked = coloring::mask_red(&coloring::color(std::slice::from_ref(fct), &traced).fcts[0]);
+        let Some(afct) = plan_trees.get(tid) else {
+            assert!(
+                masked.is_empty(),
+                "thread {tid}: the plan agent saw nothing, the masked FCT has {} nodes",
+                masked.len()
+            );
+            continue;
+        };
+        // Exact: both agents saw the same traced calls (white nodes) and the same caller
+        // edges between traced functions.
+        assert_eq!(white(afct, &pt), white(&masked, &ft), "thread {tid}: traced functions");
+        assert_eq!(white_edges(afct, &pt), white_edges(&masked, &ft), "thread {tid}: traced caller edges");
+        // Measured: root-to-node paths, the AFCT re-rooted at the masked FCT's roots.
+        let (a, m) = (paths(afct, &pt, &roots(&masked, &ft)), paths(&masked, &ft, &Default::default()));
+        shared += a.intersection(&m).count();
+        only_fct.extend(m.difference(&a).cloned());
+        only_afct.extend(a.difference(&m).cloned());
+        compared += 1;
+        if *tid == pid {
+            assert!(masked.len() >= 10 && fct.len() > masked.len(), "main thread: {} of {}", masked.len(), fct.len());
+        }
+    }
+    assert!(plan_trees.keys().all(|t| full_trees.contains_key(t)), "the full trace saw every thread");
+    assert!(compared >= 1 && plan_trees.contains_key(&pid), "compared {compared} threads");
+    let total = shared + only_fct.len();
+    eprintln!(
+        "paths: {shared} shared, {} only in the masked FCTs, {} only in the AFCTs\nonly in the masked FCTs: {only_fct:#?}\nonly in the AFCTs: {only_afct:#?}",
+        only_fct.len(),
+        only_afct.len()
+    );
+    // The differences left are paths through an untraced function whose traced callee had no
+    // call stack because the normal FCTs behind F^callstack never showed that path (see the
+    // module doc); they stay a small share (87% shared in the runs measured here).
+    assert!(shared * 10 >= total * 8, "{shared} of {total} paths of the masked FCTs in the AFCTs");
+    eprintln!(
+        "equivalence on redis: {compared} threads, main thread FCT {} nodes, {shared} of {total} paths",
+        full_trees[&pid].len()
+    );
+}
