@@ -133,7 +133,8 @@ fn run(cli: Cli) -> Result<()> {
         println!(
             "{}: {} functions traced, {} in scope, {} faults ({} done, {} pending) {:?}; rate {:.0} req/s; \
              {} runs this time in {:.0} s, {:.2} s per run (median; p90 {:.2}; phases restart {} / inject {} / load {} / collect {} ms); \
-             runs {:?}, not activated {:?}; unique FCTs {} ({} normal), new per fault mean {:.2} max {}; \
+             runs {:?}, not activated {:?}; unique FCTs {} ({} normal, {} truncated, nodes mean {:.0} max {}), \
+             new per fault mean {:.2} max {}; \
              faulty trees {} ({} normal-like); manifestations {:?}",
             t.name(),
             s.traced,
@@ -155,6 +156,9 @@ fn run(cli: Cli) -> Result<()> {
             s.not_activated_by_kind,
             s.unique_fcts,
             s.normal_fcts,
+            s.truncated_fcts,
+            s.fct_nodes_mean,
+            s.fct_nodes_max,
             s.fcts_per_fault_mean,
             s.fcts_per_fault_max,
             s.faulty_trees,

@@ -147,6 +147,10 @@ pub fn plan(activated: &[(String, f64)], signatures: &HashMap<String, Signature>
     out
 }
 
+/// Mean latency (us) of a run whose requests all failed above which it counts as a hang: the
+/// campaign's requests time out after 500 ms.
+pub const HANG_LATENCY_US: f64 = 400_000.0;
+
 /// What a run looked like from outside, for [`classify`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Observed {
@@ -163,12 +167,13 @@ pub struct Observed {
 }
 
 /// The manifestation of a faulty run, against the mean latency of the normal runs: crash,
-/// then hang (stopped, or no request answered), then errors, then slow (mean latency above
-/// `slow_factor` x normal), else nothing.
+/// then hang (stopped, or every request failed after a mean wait of at least
+/// [`HANG_LATENCY_US`]: timeouts, not quick error answers), then errors, then slow (mean
+/// latency above `slow_factor` x normal), else nothing.
 pub fn classify(o: &Observed, normal_mean_latency_us: f64, slow_factor: f64) -> Manifestation {
     if o.died {
         Manifestation::Crash
-    } else if o.stopped || (o.requests > 0 && o.errors == o.requests && o.mean_latency_us > 1e6) {
+    } else if o.stopped || (o.requests > 0 && o.errors == o.requests && o.mean_latency_us >= HANG_LATENCY_US) {
         Manifestation::Hang
     } else if o.errors > 0 {
         Manifestation::Errors
@@ -241,6 +246,8 @@ mod tests {
         assert_eq!(classify(&o(true, false, 10, 10, 5.0), 100.0, 2.0), Manifestation::Crash);
         assert_eq!(classify(&o(false, true, 10, 0, 5.0), 100.0, 2.0), Manifestation::Hang);
         assert_eq!(classify(&o(false, false, 4, 4, 2e6), 100.0, 2.0), Manifestation::Hang);
+        assert_eq!(classify(&o(false, false, 4, 4, 5e5), 100.0, 2.0), Manifestation::Hang);
+        assert_eq!(classify(&o(false, false, 4, 4, 900.0), 100.0, 2.0), Manifestation::Errors, "quick 5xx");
         assert_eq!(classify(&o(false, false, 10, 1, 100.0), 100.0, 2.0), Manifestation::Errors);
         assert_eq!(classify(&o(false, false, 10, 0, 300.0), 100.0, 2.0), Manifestation::Slow);
         assert_eq!(classify(&o(false, false, 10, 0, 150.0), 100.0, 2.0), Manifestation::Nothing);

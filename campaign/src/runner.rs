@@ -15,9 +15,10 @@
 //! 5. Normal runs, then per fault its training runs (until one adds no FCT new for that fault,
 //!    at most `cap`) and its evaluation runs. A run: the target's tier restarted (Apache with
 //!    the shop database restored from a pristine copy), one `afetm-inject` per target process,
-//!    the CRUD mix at the fixed rate for `window`, the injectors stopped (each reports where
-//!    and when it applied the fault), the tier killed (its processes' exits close their
-//!    windows at once), the windows' FCTs labelled ([`crate::label`]), drops and logs.
+//!    the CRUD mix at the fixed rate for `window`, the tier killed (its processes' exits close
+//!    their windows at once and end the injectors, which report where and when they applied
+//!    the fault) and started again in the background for the next run, the windows' FCTs
+//!    labelled ([`crate::label`]), drops and logs.
 //!
 //! Every run is one FDDB transaction and a fault's done flag goes with its last training run,
 //! so a killed campaign resumes at the first fault with work left and never repeats a run. The
@@ -172,6 +173,10 @@ pub struct Outcome {
     pub wall: Duration,
 }
 
+/// A request of the campaign's workload unanswered this long has failed: the shop answers in
+/// a few ms, and a hung or crashed server must not stretch a run by more than this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// `CLOCK_MONOTONIC` in ns: the clock of the agent's events (`bpf_ktime_get_ns`).
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -226,7 +231,7 @@ impl Session {
     }
 
     /// The CRUD mix for `duration` at `rate` (None: closed loop), the same request sequence
-    /// every time; a request unanswered past the window (plus a second) counts as failed.
+    /// every time; a request unanswered after [`REQUEST_TIMEOUT`] counts as failed.
     fn load(&self, duration: Duration, rate: Option<f64>) -> Result<testbed::load::Report> {
         let mut l = testbed::load::LoadConfig::new(self.stack.url());
         l.connections = self.cfg.connections;
@@ -234,7 +239,7 @@ impl Session {
         l.warmup = Duration::ZERO;
         l.rate = rate;
         l.items = self.stack.seed_items;
-        l.request_timeout = self.cfg.window + Duration::from_secs(1);
+        l.request_timeout = REQUEST_TIMEOUT;
         testbed::load::run(&l)
     }
 
@@ -349,12 +354,22 @@ impl Session {
         let loaded = Instant::now();
         let died = victims.iter().any(|p| state(*p).is_none_or(|s| s == 'Z' || s == 'X'));
         let stopped = victims.iter().any(|p| state(*p) == Some('T'));
-        let (applied, applications) = collect_injectors(injectors);
+        // The exits close the processes' windows (and end the injectors, whose reports hold
+        // what they applied); the next run's tier starts meanwhile.
         let timed_out = watchdog.finish();
-        // The exits close the processes' windows; the next run's tier starts meanwhile.
         self.restart_in_background()?;
+        let killed = Instant::now();
+        let (applied, applications) = collect_injectors(injectors);
+        let injectors_stopped = Instant::now();
         let fcts = self.fcts_of(&victims, from_ns)?;
+        let fetched = Instant::now();
         let drops_after = self.drops("full")?;
+        tracing::debug!(
+            kill_ms = ms(killed - loaded),
+            injectors_ms = ms(injectors_stopped - killed),
+            trees_ms = ms(fetched - injectors_stopped),
+            "collected"
+        );
         let (kernel_drops, queue_drops) = (drops_after.0 - drops_before.0, drops_after.1 - drops_before.1);
         let mut logs = read_new_logs(&self.stack.logs_dir(), &logs_at);
         if timed_out {
@@ -535,17 +550,19 @@ impl Session {
     }
 }
 
-/// Stops the injectors; the calls they applied the fault to and where and when.
+/// Stops the injectors (all signalled first, then waited for: each detaches from its victim's
+/// threads); the calls they applied the fault to and where and when.
 fn collect_injectors(injectors: Vec<(Proc, PathBuf)>) -> (u64, Vec<Applied>) {
-    let mut applied = 0;
-    let mut applications = Vec::new();
-    for (p, out) in injectors {
+    for (p, _) in &injectors {
         // SAFETY: kill has no memory preconditions; the pid is our injector.
         unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
-        let mut p = p;
-        let t = Instant::now();
+    }
+    let mut applied = 0;
+    let mut applications = Vec::new();
+    let t = Instant::now();
+    for (mut p, out) in injectors {
         while p.0.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(1));
         }
         let text = std::fs::read_to_string(&out).unwrap_or_default();
         if let Some(v) = text.lines().last().and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {

@@ -6,7 +6,7 @@
 //!  "manifestation":"crash","normal_like":false,"pid":4711,"tid":4711,"start_ns":123,
 //!  "nodes":[{"function":"main","module":"redis-server","color":"white","parent":null,"calls":1}, ...]}
 //! ```
-//! `label` is `"normal"` for trees of normal runs and for trees of fault runs the fault did not
+//! `truncated` says the analyzer's node cap cut the tree. `label` is `"normal"` for trees of normal runs and for trees of fault runs the fault did not
 //! reach. `nodes` are in preorder; `calls` is the count of the (parent, node) edge in that
 //! thread and window, not of that calling context (afetm folds recursion). With a plan, every
 //! tree is colored against the plan's trace points (Algorithm 2) and its red nodes are masked:
@@ -78,6 +78,8 @@ struct Line<'a> {
     pid: u32,
     tid: u32,
     start_ns: u64,
+    /// The analyzer's node cap cut the tree.
+    truncated: bool,
     nodes: Vec<Node<'a>>,
 }
 
@@ -172,6 +174,7 @@ impl Fddb {
                 pid: r.get(7)?,
                 tid: r.get(8)?,
                 start_ns: r.get::<_, i64>(9)? as u64,
+                truncated: forest.truncated,
                 nodes: forest
                     .nodes
                     .iter()

@@ -1,7 +1,7 @@
 //! Moving an FDDB's content between databases: JSON lines without row ids, in a stable order.
 //! [`Fddb::import`] merges by natural keys (target name; function name; (function, fault);
 //! FCT hash; (fault, role, attempt) for runs), so importing twice changes nothing. Trees are
-//! stored once, as `fct` lines carrying the protobuf tree in hex (lossless); runs name them by
+//! stored once, as `fct` lines carrying the deflated protobuf tree in hex (lossless); runs name them by
 //! hash. For a readable form of the trees, see [`crate::dataset`].
 
 use std::{
@@ -12,7 +12,7 @@ use std::{
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::{Applied, Fault, Fddb, FddbError, FunctionRow, Phases, Settings, decode_tree};
+use crate::{Applied, Fault, Fddb, FddbError, FunctionRow, Phases, RunRow, Settings, decode_tree, insert_run};
 
 /// A tree of a run, by its FCT's hash.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -49,7 +49,7 @@ enum Line {
     Fct {
         target: String,
         hash: String,
-        /// Protobuf `afetm.v1.Tree`, hex.
+        /// Protobuf `afetm.v1.Tree`, deflated, hex.
         tree: String,
     },
     Run {
@@ -240,7 +240,7 @@ impl Fddb {
     pub fn import(&mut self, path: &Path) -> Result<usize, FddbError> {
         let p = path.display().to_string();
         let file = std::fs::File::open(path).map_err(|e| FddbError::Io(p.clone(), e))?;
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut n = 0;
         for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
             let line = line.map_err(|e| FddbError::Io(p.clone(), e))?;
@@ -313,10 +313,10 @@ fn import_line(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
         }
         Line::Fct { target, hash, tree } => {
             let bytes = unhex(tree).ok_or("bad tree hex")?;
-            let nodes = decode_tree(&bytes)?.nodes.len() as i64;
+            let tree = decode_tree(&bytes)?;
             tx.execute(
-                "INSERT OR IGNORE INTO fcts(target_id, hash, nodes, tree) VALUES (?1, ?2, ?3, ?4)",
-                params![target_id(tx, target)?, hash, nodes, bytes],
+                "INSERT OR IGNORE INTO fcts(target_id, hash, nodes, truncated, tree) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![target_id(tx, target)?, hash, tree.nodes.len() as i64, tree.truncated, bytes],
             )?;
         }
         Line::Run { .. } => import_run(tx, l)?,
@@ -369,32 +369,24 @@ fn import_run(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
     if exists.is_some() {
         return Ok(());
     }
-    tx.execute(
-        "INSERT INTO runs(target_id, fault_id, role, attempt, status, manifestation, requests, errors, mean_latency_us,
-           applied, kernel_drops, queue_drops, restart_ms, inject_ms, load_ms, collect_ms, wall_ms, new_fcts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-        params![
-            t,
-            fault_id,
-            role,
-            attempt,
-            status,
-            manifestation,
-            requests,
-            errors,
-            mean_latency_us,
-            applied,
-            kernel_drops,
-            queue_drops,
-            phases.restart_ms as i64,
-            phases.inject_ms as i64,
-            phases.load_ms as i64,
-            phases.collect_ms as i64,
-            wall_ms,
-            new_fcts
-        ],
-    )?;
-    let run = tx.last_insert_rowid();
+    let row = RunRow {
+        target: t,
+        fault: fault_id,
+        role,
+        attempt: *attempt,
+        status,
+        manifestation,
+        requests: *requests,
+        errors: *errors,
+        mean_latency_us: *mean_latency_us,
+        applied: *applied,
+        kernel_drops: *kernel_drops,
+        queue_drops: *queue_drops,
+        phases: *phases,
+        wall_ms: *wall_ms,
+        new_fcts: *new_fcts,
+    };
+    let run = insert_run(tx, &row, logs, applications)?;
     for rt in trees {
         let fct: i64 = tx
             .query_row("SELECT id FROM fcts WHERE target_id = ?1 AND hash = ?2", params![t, rt.hash], |r| r.get(0))
@@ -403,15 +395,6 @@ fn import_run(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
         tx.execute(
             "INSERT INTO run_trees(run_id, fct_id, pid, tid, start_ns, faulty, normal_like) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![run, fct, rt.pid, rt.tid, rt.start_ns as i64, rt.faulty, rt.normal_like],
-        )?;
-    }
-    for (source, excerpt) in logs {
-        tx.execute("INSERT INTO logs(run_id, source, excerpt) VALUES (?1, ?2, ?3)", params![run, source, excerpt])?;
-    }
-    for a in applications {
-        tx.execute(
-            "INSERT INTO applications(run_id, pid, tid, first_ns, last_ns, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![run, a.pid, a.tid, a.first_ns as i64, a.last_ns as i64, a.count as i64],
         )?;
     }
     Ok(())

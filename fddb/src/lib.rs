@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS functions (id INTEGER PRIMARY KEY, target_id INTEGER 
 CREATE TABLE IF NOT EXISTS faults (id INTEGER PRIMARY KEY, function_id INTEGER NOT NULL REFERENCES functions(id),
   kind TEXT NOT NULL, spec TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, UNIQUE(function_id, spec));
 CREATE TABLE IF NOT EXISTS fcts (id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL REFERENCES targets(id),
-  hash TEXT NOT NULL, nodes INTEGER NOT NULL, tree BLOB NOT NULL, UNIQUE(target_id, hash));
+  hash TEXT NOT NULL, nodes INTEGER NOT NULL, truncated INTEGER NOT NULL DEFAULT 0, tree BLOB NOT NULL,
+  UNIQUE(target_id, hash));
 CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL REFERENCES targets(id),
   fault_id INTEGER REFERENCES faults(id), role TEXT NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
   manifestation TEXT NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL, mean_latency_us REAL NOT NULL,
@@ -342,6 +343,13 @@ pub struct Summary {
     pub unique_fcts: u64,
     /// Unique FCTs of valid normal runs.
     pub normal_fcts: u64,
+    /// Unique FCTs cut at the analyzer's node cap (Alg. 3 unrolls the window's call graph;
+    /// a full trace of a large library can exceed any cap).
+    pub truncated_fcts: u64,
+    /// Nodes of the unique FCTs: mean and max.
+    pub fct_nodes_mean: f64,
+    /// See `fct_nodes_mean`.
+    pub fct_nodes_max: u64,
     /// Unique faulty, not normal-like FCTs per done fault: mean and max.
     pub fcts_per_fault_mean: f64,
     /// See `fcts_per_fault_mean`.
@@ -373,6 +381,8 @@ impl Fddb {
     /// Opens (creating if new) the FDDB at `path`; refuses one of another schema version.
     pub fn open(path: &Path) -> Result<Fddb, FddbError> {
         let conn = Connection::open(path)?;
+        // A campaign writes while reports and tests read: wait for each other's locks.
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;")?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let tables: i64 =
@@ -380,8 +390,9 @@ impl Fddb {
         if version != SCHEMA_VERSION && (version != 0 || tables > 0) {
             return Err(FddbError::Schema { path: path.display().to_string(), found: version });
         }
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        if version == 0 {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))?;
+        }
         Ok(Fddb { conn })
     }
 
@@ -415,7 +426,7 @@ impl Fddb {
 
     /// Records the functions the campaign's full trace covers (added to those already there).
     pub fn add_traced(&mut self, target: i64, names: &[String]) -> Result<(), FddbError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for n in names {
             tx.execute("INSERT OR IGNORE INTO traced(target_id, name) VALUES (?1, ?2)", params![target, n])?;
         }
@@ -497,37 +508,31 @@ impl Fddb {
         trees: &[LabelledTree],
         done: Done,
     ) -> Result<Recorded, FddbError> {
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE: a deferred transaction that reads first cannot wait for another writer.
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let attempt: i64 = tx.query_row(
             "SELECT COUNT(*) FROM runs WHERE target_id = ?1 AND fault_id IS ?2 AND role = ?3",
             params![target, fault, run.role.as_str()],
             |r| r.get(0),
         )?;
-        tx.execute(
-            "INSERT INTO runs(target_id, fault_id, role, attempt, status, manifestation, requests, errors, mean_latency_us,
-               applied, kernel_drops, queue_drops, restart_ms, inject_ms, load_ms, collect_ms, wall_ms, new_fcts)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 0)",
-            params![
-                target,
-                fault,
-                run.role.as_str(),
-                attempt + 1,
-                run.status.as_str(),
-                run.manifestation.as_str(),
-                run.requests as i64,
-                run.errors as i64,
-                run.mean_latency_us,
-                run.applied as i64,
-                run.kernel_drops as i64,
-                run.queue_drops as i64,
-                run.phases.restart_ms as i64,
-                run.phases.inject_ms as i64,
-                run.phases.load_ms as i64,
-                run.phases.collect_ms as i64,
-                run.wall_ms as i64
-            ],
-        )?;
-        let run_id = tx.last_insert_rowid();
+        let row = RunRow {
+            target,
+            fault,
+            role: run.role.as_str(),
+            attempt: attempt + 1,
+            status: run.status.as_str(),
+            manifestation: run.manifestation.as_str(),
+            requests: run.requests as i64,
+            errors: run.errors as i64,
+            mean_latency_us: run.mean_latency_us,
+            applied: run.applied as i64,
+            kernel_drops: run.kernel_drops as i64,
+            queue_drops: run.queue_drops as i64,
+            phases: run.phases,
+            wall_ms: run.wall_ms as i64,
+            new_fcts: 0,
+        };
+        let run_id = insert_run(&tx, &row, &run.logs, &run.applications)?;
         let normal: HashSet<i64> = ids(
             &tx,
             "SELECT DISTINCT rt.fct_id FROM run_trees rt JOIN runs r ON r.id = rt.run_id
@@ -563,18 +568,6 @@ impl Fddb {
             )?;
         }
         tx.execute("UPDATE runs SET new_fcts = ?1 WHERE id = ?2", params![new.len() as i64, run_id])?;
-        for (source, excerpt) in &run.logs {
-            tx.execute(
-                "INSERT INTO logs(run_id, source, excerpt) VALUES (?1, ?2, ?3)",
-                params![run_id, source, excerpt],
-            )?;
-        }
-        for a in &run.applications {
-            tx.execute(
-                "INSERT INTO applications(run_id, pid, tid, first_ns, last_ns, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![run_id, a.pid, a.tid, a.first_ns as i64, a.last_ns as i64, a.count as i64],
-            )?;
-        }
         let fault_done = run.role == Role::Train
             && match done {
                 Done::Yes => true,
@@ -713,6 +706,13 @@ impl Fddb {
             unique_fcts: one("SELECT COUNT(*) FROM fcts WHERE target_id = ?1")?,
             normal_fcts: one("SELECT COUNT(DISTINCT rt.fct_id) FROM run_trees rt JOIN runs r ON r.id = rt.run_id
                  WHERE r.target_id = ?1 AND r.fault_id IS NULL AND r.status = 'ok'")?,
+            truncated_fcts: one("SELECT COUNT(*) FROM fcts WHERE target_id = ?1 AND truncated = 1")?,
+            fct_nodes_mean: self.conn.query_row(
+                "SELECT COALESCE(AVG(nodes), 0) FROM fcts WHERE target_id = ?1",
+                [target],
+                |r| r.get(0),
+            )?,
+            fct_nodes_max: one("SELECT COALESCE(MAX(nodes), 0) FROM fcts WHERE target_id = ?1")?,
             fcts_per_fault_mean: per_fault.iter().map(|(_, c)| *c as f64).sum::<f64>() / n,
             fcts_per_fault_max: per_fault.iter().map(|(_, c)| *c).max().unwrap_or(0),
             faulty_trees: one("SELECT COUNT(*) FROM run_trees rt JOIN runs r ON r.id = rt.run_id
@@ -750,18 +750,97 @@ fn ids(tx: &rusqlite::Transaction, sql: &str, p: impl rusqlite::Params) -> Resul
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// A `runs` row as written, by [`Fddb::record_run`] and by an import.
+struct RunRow<'a> {
+    target: i64,
+    fault: Option<i64>,
+    role: &'a str,
+    attempt: i64,
+    status: &'a str,
+    manifestation: &'a str,
+    requests: i64,
+    errors: i64,
+    mean_latency_us: f64,
+    applied: i64,
+    kernel_drops: i64,
+    queue_drops: i64,
+    phases: Phases,
+    wall_ms: i64,
+    new_fcts: i64,
+}
+
+/// Inserts a run with its log excerpts and applications; returns its id.
+fn insert_run(
+    tx: &rusqlite::Transaction,
+    r: &RunRow,
+    logs: &[(String, String)],
+    applications: &[Applied],
+) -> Result<i64, rusqlite::Error> {
+    tx.execute(
+        "INSERT INTO runs(target_id, fault_id, role, attempt, status, manifestation, requests, errors, mean_latency_us,
+           applied, kernel_drops, queue_drops, restart_ms, inject_ms, load_ms, collect_ms, wall_ms, new_fcts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        params![
+            r.target,
+            r.fault,
+            r.role,
+            r.attempt,
+            r.status,
+            r.manifestation,
+            r.requests,
+            r.errors,
+            r.mean_latency_us,
+            r.applied,
+            r.kernel_drops,
+            r.queue_drops,
+            r.phases.restart_ms as i64,
+            r.phases.inject_ms as i64,
+            r.phases.load_ms as i64,
+            r.phases.collect_ms as i64,
+            r.wall_ms,
+            r.new_fcts
+        ],
+    )?;
+    let run = tx.last_insert_rowid();
+    for (source, excerpt) in logs {
+        tx.execute("INSERT INTO logs(run_id, source, excerpt) VALUES (?1, ?2, ?3)", params![run, source, excerpt])?;
+    }
+    for a in applications {
+        tx.execute(
+            "INSERT INTO applications(run_id, pid, tid, first_ns, last_ns, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![run, a.pid, a.tid, a.first_ns as i64, a.last_ns as i64, a.count as i64],
+        )?;
+    }
+    Ok(run)
+}
+
 /// Stores an FCT unless its structure is there already; its id either way.
 fn store_fct(tx: &rusqlite::Transaction, target: i64, forest: &Forest, table: &FuncTable) -> Result<i64, FddbError> {
     let hash = forest.hash(table);
     tx.execute(
-        "INSERT OR IGNORE INTO fcts(target_id, hash, nodes, tree) VALUES (?1, ?2, ?3, ?4)",
-        params![target, hash, forest.nodes.len() as i64, forest.to_proto(table).encode_to_vec()],
+        "INSERT OR IGNORE INTO fcts(target_id, hash, nodes, truncated, tree) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![target, hash, forest.nodes.len() as i64, forest.truncated, encode_tree(&forest.to_proto(table))],
     )?;
     Ok(tx.query_row("SELECT id FROM fcts WHERE target_id = ?1 AND hash = ?2", params![target, hash], |r| r.get(0))?)
 }
 
+/// A tree as stored: its protobuf form, deflated (full-trace FCTs repeat the same function
+/// and module names on every node; libsqlite3's reach 100,000+ nodes and shrink ~20x).
+fn encode_tree(tree: &pb::Tree) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing into a Vec cannot fail.
+    let _ = z.write_all(&tree.encode_to_vec());
+    z.finish().unwrap_or_default()
+}
+
 fn decode_tree(bytes: &[u8]) -> Result<pb::Tree, FddbError> {
-    pb::Tree::decode(bytes).map_err(|e| FddbError::Stored(format!("FCT: {e}")))
+    use std::io::Read as _;
+    let mut raw = Vec::new();
+    flate2::read::DeflateDecoder::new(bytes)
+        .read_to_end(&mut raw)
+        .map_err(|e| FddbError::Stored(format!("FCT (deflate): {e}")))?;
+    pb::Tree::decode(raw.as_slice()).map_err(|e| FddbError::Stored(format!("FCT: {e}")))
 }
 
 #[cfg(test)]

@@ -247,6 +247,21 @@ fn wait_listening(cfg: &Config, server: &Server, timeout: Duration) -> Result<()
     }
 }
 
+/// Polls `ready` until it holds; fails when the server exits first or after `timeout`.
+fn wait_until(server: &Server, timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !ready() {
+        if !alive(server.pid) {
+            bail!("{} (pid {}) exited before it answered", server.name, server.pid);
+        }
+        if start.elapsed() > timeout {
+            bail!("{} does not answer after {timeout:?}", server.name);
+        }
+        sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
 /// Reaps a server this process started, once it is gone (a no-op for one another process
 /// started): long-running callers such as the campaign restart servers thousands of times.
 fn reap(pid: u32) {
@@ -380,6 +395,9 @@ fn start_redis(cfg: &Config, run: &Path) -> Result<Vec<Server>> {
     let conf = run.join("conf/redis.conf").display().to_string();
     let redis = spawn(cfg, 3, "redis", cfg.redis_port(), &cfg.binaries.redis, &[conf], &[])?;
     wait_listening(cfg, &redis, Duration::from_secs(20))?;
+    // Redis listens before it has finished initialising (Lua, functions, background threads);
+    // it answers only from its event loop.
+    wait_until(&redis, Duration::from_secs(20), || redis_ping(&cfg.tier_host(3), redis.port))?;
     Ok(vec![redis])
 }
 
@@ -428,6 +446,10 @@ fn start_nginx(cfg: &Config, run: &Path) -> Result<Vec<Server>> {
     ];
     let nginx = spawn(cfg, 1, "nginx", cfg.nginx_port(), &cfg.binaries.nginx, &args, &[])?;
     wait_listening(cfg, &nginx, Duration::from_secs(20))?;
+    // The master listens before its workers run; an answer comes from a worker.
+    wait_until(&nginx, Duration::from_secs(20), || {
+        http_get(&cfg.tier_host(1), nginx.port, "/shop.php?op=ping").is_ok_and(|(c, _)| c == 200)
+    })?;
     Ok(vec![nginx])
 }
 
