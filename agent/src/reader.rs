@@ -180,7 +180,11 @@ impl Reader {
             let stopping = stop.load(Ordering::Relaxed);
             self.drain();
             if stopping || last_exit_check.elapsed() >= self.cfg.exit_check {
-                self.check_exits();
+                if self.check_exits() {
+                    // What the exited processes wrote before they died goes out before their
+                    // exits: the analyzer closes their windows on the exit.
+                    self.drain();
+                }
                 last_exit_check = Instant::now();
             }
             if stopping || last_counts.elapsed() >= self.cfg.count_interval {
@@ -368,7 +372,8 @@ impl Reader {
         self.events.push(pb::CallEvent { pid: h.pid, tid: h.tid, ts_ns: h.ts_ns, function, caller, callstack });
     }
 
-    fn check_exits(&mut self) {
+    /// Reports processes that exited since the last check; whether there were any.
+    fn check_exits(&mut self) -> bool {
         let gone: Vec<u32> = self
             .live
             .iter()
@@ -382,6 +387,7 @@ impl Reader {
                 Err(_) => true,
             })
             .collect();
+        let any = !gone.is_empty();
         for pid in gone {
             self.live.remove(&pid);
             self.procs.remove(&pid);
@@ -389,6 +395,7 @@ impl Reader {
             self.exits.push(pb::ProcessExit { pid, ts_ns: monotonic_ns() });
             tracing::debug!(pid, "traced process exited");
         }
+        any
     }
 
     fn read_counts(&mut self, interval: Duration) {
