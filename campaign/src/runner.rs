@@ -295,7 +295,10 @@ impl Session {
     /// The highest rate of 25, 50, 100, ... req/s (1 s each, at most `max`) at which the full
     /// trace lost nothing and the shop kept up, times 0.75 for margin.
     fn calibrate(&self, max: f64) -> Result<f64> {
+        // The agents were just attached (probes of every function): let the shop settle first.
+        let _ = self.load(Duration::from_secs(1), Some(10.0))?;
         let mut best = None;
+        let mut why = String::new();
         let mut rate = 25.0;
         while rate <= max {
             let before = self.drops("full")?;
@@ -312,12 +315,17 @@ impl Session {
                 "calibrating the workload rate"
             );
             if lost > 0 || !kept_up {
+                why = format!(
+                    "{lost} events lost, {} of {} requests failed, {:.0} req/s served",
+                    r.errors, r.requests, r.throughput_rps
+                );
                 break;
             }
             best = Some(rate);
             rate *= 2.0;
         }
-        let best = best.context("even 25 req/s lost events under full tracing; give --rate")?;
+        let best =
+            best.with_context(|| format!("under full tracing the shop does not keep 25 req/s ({why}); give --rate"))?;
         Ok((best * 0.75_f64).max(10.0))
     }
 
