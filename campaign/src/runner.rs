@@ -189,6 +189,9 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
+/// A running `afetm-inject` and the file its report goes to.
+type Injector = (Proc, PathBuf);
+
 /// One tree the analyzer built for a target process.
 struct Fct {
     window: Window,
@@ -475,7 +478,7 @@ impl Session {
     }
 
     /// One `afetm-inject` per victim, all started before any is waited for.
-    fn inject(&self, victims: &[u32], function: &str, fault: Fault) -> Result<(Vec<(Proc, PathBuf)>, Vec<String>)> {
+    fn inject(&self, victims: &[u32], function: &str, fault: Fault) -> Result<(Vec<Injector>, Vec<String>)> {
         let mut started = Vec::new();
         for pid in victims {
             let ready = self.cfg.work_dir.join(format!("inject-{pid}.ready"));
@@ -560,7 +563,7 @@ impl Session {
 
 /// Stops the injectors (all signalled first, then waited for: each detaches from its victim's
 /// threads); the calls they applied the fault to and where and when.
-fn collect_injectors(injectors: Vec<(Proc, PathBuf)>) -> (u64, Vec<Applied>) {
+fn collect_injectors(injectors: Vec<Injector>) -> (u64, Vec<Applied>) {
     for (p, _) in &injectors {
         // SAFETY: kill has no memory preconditions; the pid is our injector.
         unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };

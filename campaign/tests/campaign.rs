@@ -101,7 +101,7 @@ fn small_redis_campaign_full_traces_honest_labels_resumable() {
         assert_eq!(after.get(&(spec.clone(), "eval".into())).copied(), Some(1), "{spec}");
     }
     for (k, n) in &before {
-        let done_before = before.get(&(k.0.clone(), "eval".into())).is_some();
+        let done_before = before.contains_key(&(k.0.clone(), "eval".into()));
         if done_before {
             assert_eq!(after.get(k), Some(n), "{k:?} was finished before the kill and not run again");
         }

@@ -144,7 +144,7 @@ impl Fddb {
         let mut rows = st.query(params![target, opts.role.map(|r| r.as_str())])?;
         while let Some(r) = rows.next()? {
             let fct: i64 = r.get(6)?;
-            if !cache.contains_key(&fct) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(fct) {
                 let bytes: Vec<u8> = tree_st.query_row([fct], |r| r.get(0))?;
                 let mut table = FuncTable::default();
                 let forest = Forest::from_proto(&decode_tree(&bytes)?, &mut table).map_err(FddbError::Stored)?;
@@ -152,7 +152,7 @@ impl Fddb {
                     Some(p) => as_afct(&forest, &table, &module, p),
                     None => forest,
                 };
-                cache.insert(fct, (forest, table));
+                slot.insert((forest, table));
             }
             let (forest, table) = &cache[&fct];
             if forest.is_empty() {

@@ -21,10 +21,11 @@ pub fn listening_inodes(pid: Option<u32>, port: u16) -> HashSet<u64> {
             // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
             let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else { continue };
             let port_hex = local.rsplit(':').next().unwrap_or_default();
-            if *state == "0A" && u16::from_str_radix(port_hex, 16).ok() == Some(port) {
-                if let Ok(i) = inode.parse() {
-                    out.insert(i);
-                }
+            if *state == "0A"
+                && u16::from_str_radix(port_hex, 16).ok() == Some(port)
+                && let Ok(i) = inode.parse()
+            {
+                out.insert(i);
             }
         }
     }
