@@ -40,8 +40,8 @@ pub enum Scope {
 /// `--scope paper-sample`: 44 activated functions per target, drawn with a fixed seed: about
 /// 1,040 faults over the four targets (5.4-6.4 faults per function on the source builds),
 /// against 6,730 at scope `all` (the paper's campaign had 6,696). Measured cost per fault on
-/// the 2-core machines (README): ~35 min for all four with `--cap 1 --eval-runs 0`, ~70 min
-/// with one evaluation run per fault.
+/// the 2-core machines (README): ~40 min for all four with `--cap 1 --eval-runs 0`, ~75 min
+/// with one evaluation run per fault (redis alone, measured: 227 faults, 14.6 min).
 pub const PAPER_SAMPLE: Scope = Scope::Random { n: 44, seed: 2026 };
 
 impl fmt::Display for Scope {
