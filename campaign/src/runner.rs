@@ -26,7 +26,7 @@
 //! the start.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -517,12 +517,11 @@ impl Session {
 
     /// The FCTs of `pids`' windows that ended at or after `from_ns`, once all are closed.
     fn fcts_of(&self, pids: &[u32], from_ns: u64) -> Result<Vec<Fct>> {
-        let pids: HashSet<u32> = pids.iter().copied().collect();
         self.query(async |mut q| {
             let t = Instant::now();
             let windows = loop {
                 let mut mine: Vec<pb::WindowInfo> = Vec::new();
-                for pid in &pids {
+                for pid in pids {
                     let req = pb::ListWindowsRequest { agent_id: "full".into(), pid: *pid, closed_only: false };
                     mine.extend(q.list_windows(req).await.context("ListWindows")?.into_inner().windows);
                 }
@@ -805,7 +804,11 @@ fn campaign(
     let mut runs = 0;
     for role in [Role::Train, Role::Eval] {
         let want = if role == Role::Train { s.cfg.normal_runs } else { s.cfg.eval_runs } as u64;
-        while db.valid_normal_runs(target, role)? < want && db.normal_runs(target, role)? < want + 3 {
+        // A run that dropped events does not count; at most 3 such retries.
+        while let (all, valid) = db.normal_runs(target, role)?
+            && valid < want
+            && all < want + 3
+        {
             let (run, trees) = s.run_once(None, role, 0.0)?;
             timings.push((run.phases, run.wall_ms));
             db.record_run(target, None, &run, &trees, Done::No)?;

@@ -587,22 +587,14 @@ impl Fddb {
         Ok(())
     }
 
-    /// Normal runs recorded for a target in `role` (all statuses).
-    pub fn normal_runs(&self, target: i64, role: Role) -> Result<u64, FddbError> {
+    /// Normal runs recorded for a target in `role`: (all, valid).
+    pub fn normal_runs(&self, target: i64, role: Role) -> Result<(u64, u64), FddbError> {
         Ok(self.conn.query_row(
-            "SELECT COUNT(*) FROM runs WHERE target_id = ?1 AND fault_id IS NULL AND role = ?2",
+            "SELECT COUNT(*), COUNT(CASE WHEN status = 'ok' THEN 1 END) FROM runs
+             WHERE target_id = ?1 AND fault_id IS NULL AND role = ?2",
             params![target, role.as_str()],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
-    }
-
-    /// Valid normal runs of a target in `role`.
-    pub fn valid_normal_runs(&self, target: i64, role: Role) -> Result<u64, FddbError> {
-        Ok(self.conn.query_row(
-            "SELECT COUNT(*) FROM runs WHERE target_id = ?1 AND fault_id IS NULL AND role = ?2 AND status = 'ok'",
-            params![target, role.as_str()],
-            |r| r.get::<_, i64>(0),
-        )? as u64)
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
     }
 
     /// Mean request latency of the valid normal training runs (0 without any).

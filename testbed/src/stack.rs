@@ -478,17 +478,28 @@ pub fn up(cfg: &Config) -> Result<Vec<Server>> {
 /// or stuck) and waits until they are gone.
 pub fn stop_tier(cfg: &Config, tier: Tier) -> Result<()> {
     let list: Vec<Server> = servers(cfg)?.into_iter().filter(|s| tier.owns(&s.name)).collect();
-    for s in &list {
+    stop_servers(cfg, &list, libc::SIGKILL, Duration::from_secs(5))
+}
+
+/// Sends `signal` to each server's process group, SIGKILL to those still there after
+/// `grace`; waits until all are gone (failing after twice `grace`), reaps them and forgets
+/// their pid files.
+fn stop_servers(cfg: &Config, list: &[Server], signal: i32, grace: Duration) -> Result<()> {
+    for s in list {
         if s.pid > 1 && !group_members(s.pid).is_empty() {
             // SAFETY: signalling a process group we created.
-            unsafe { libc::kill(-(s.pid as i32), libc::SIGKILL) };
+            unsafe { libc::kill(-(s.pid as i32), signal) };
         }
     }
     let start = Instant::now();
-    for s in &list {
+    for s in list {
         while s.pid > 1 && !group_members(s.pid).is_empty() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("{} (process group {}) survived SIGKILL", s.name, s.pid);
+            if start.elapsed() > grace {
+                // SAFETY: as above.
+                unsafe { libc::kill(-(s.pid as i32), libc::SIGKILL) };
+                if start.elapsed() > grace * 2 {
+                    bail!("{} (process group {}) survived SIGKILL", s.name, s.pid);
+                }
             }
             sleep(Duration::from_millis(5));
         }
@@ -569,37 +580,13 @@ pub fn servers(cfg: &Config) -> Result<Vec<Server>> {
     Ok(out)
 }
 
-/// Stops every server `up` recorded: SIGTERM to its process group, SIGKILL after `grace`.
+/// Stops every server `up` recorded: SIGTERM to its process group, SIGKILL after 10 s.
 /// Returns the names stopped.
 pub fn down(cfg: &Config) -> Result<Vec<String>> {
-    let grace = Duration::from_secs(10);
-    let mut stopped = Vec::new();
     let list = servers(cfg)?;
-    for s in &list {
-        if s.pid > 1 && !group_members(s.pid).is_empty() {
-            // SAFETY: signalling a process group we created.
-            unsafe { libc::kill(-(s.pid as i32), libc::SIGTERM) };
-        }
-    }
-    let start = Instant::now();
-    for s in &list {
-        while s.pid > 1 && !group_members(s.pid).is_empty() {
-            if start.elapsed() > grace {
-                // SAFETY: as above.
-                unsafe { libc::kill(-(s.pid as i32), libc::SIGKILL) };
-                sleep(Duration::from_millis(100));
-                if start.elapsed() > grace * 2 {
-                    bail!("{} (process group {}) survived SIGKILL", s.name, s.pid);
-                }
-            }
-            sleep(Duration::from_millis(50));
-        }
-        reap(s.pid);
-        let _ = fs::remove_file(pid_file(cfg, &s.name));
-        stopped.push(s.name.clone());
-    }
+    stop_servers(cfg, &list, libc::SIGTERM, Duration::from_secs(10))?;
     remove_netns(cfg)?;
-    Ok(stopped)
+    Ok(list.into_iter().map(|s| s.name).collect())
 }
 
 /// One line of `status`.
