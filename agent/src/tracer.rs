@@ -139,6 +139,17 @@ impl Resolved {
             emulated: self.site.emulated,
         }
     }
+
+    /// The point as applied, as plan reports give it.
+    pub fn point(&self) -> pb::TracePoint {
+        let mode = match self.mode {
+            Mode::Event => pb::TraceMode::Event,
+            Mode::CallStack => pb::TraceMode::Callstack,
+            Mode::Count => pb::TraceMode::Count,
+            Mode::Off => pb::TraceMode::Unspecified,
+        };
+        pb::TracePoint { function: self.func.name.to_string(), mode: mode as i32 }
+    }
 }
 
 /// Resolves the plan's points against the target module. `*` means every function.
@@ -546,6 +557,8 @@ impl Tracer {
         }
         let mut probes: Vec<pb::PlacedProbe> = desired.values().map(Resolved::placed).collect();
         probes.sort_by_key(|p| p.entry);
+        let mut points: Vec<pb::TracePoint> = desired.values().map(Resolved::point).collect();
+        points.sort_by(|a, b| a.function.cmp(&b.function));
         skipped.sort();
         Ok(pb::PlanReport {
             version: plan.version,
@@ -557,6 +570,8 @@ impl Tracer {
             unprobeable: skipped,
             relinked: moved.len() as u32,
             apply_us: started.elapsed().as_micros() as u64,
+            module: self.target.module.name.to_string(),
+            points,
         })
     }
 }

@@ -1,0 +1,164 @@
+//! The graph convolutional network of AFETM's diagnosis (sec. III.C.2, Fig. 3).
+//!
+//! Three graph-convolution layers, each eq. 9: H' = ReLU(Â H W + b), with eq. 10's
+//! Â = D^-1/2 (A + I) D^-1/2 over the tree's edges taken both ways. Â is never a dense N x N
+//! matrix: [`propagate`] gathers each edge's source row (`index_select`), scales it by Â's
+//! entry and adds it into its destination (`index_add`), so a batch of many trees (one disjoint
+//! union, see [`crate::graph::Batch`]) costs time and memory linear in its nodes and edges.
+//! The layers' input is the function's learned embedding next to the dense node features; the
+//! readout is each graph's mean and max over its nodes, followed by a two-layer head whose
+//! output is the class logits (softmax over `normal` and every (function, fault kind)).
+//!
+//! Written here rather than taken from a crate: no maintained GNN crate on candle exists, and
+//! the layer is a few lines over candle's gather/scatter ops.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+
+use crate::{DiagnosisError, graph::Batch, graph::DENSE};
+
+/// Graph convolution layers (the paper's three).
+pub const LAYERS: usize = 3;
+
+/// The network's sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dims {
+    /// Embedding rows (vocabulary + the unknown row).
+    pub vocab: usize,
+    /// Embedding width.
+    pub embed: usize,
+    /// Width of every hidden layer.
+    pub hidden: usize,
+    /// Classes (`normal` first).
+    pub classes: usize,
+}
+
+/// Â H (eq. 10) for `h` `[N, d]`, given Â's entries as (`src`, `dst`, `norm`): row `dst[e]` of
+/// the result sums `norm[e] * h[src[e]]`.
+pub fn propagate(h: &Tensor, src: &Tensor, dst: &Tensor, norm: &Tensor) -> candle_core::Result<Tensor> {
+    let messages = h.index_select(src, 0)?.broadcast_mul(norm)?;
+    h.zeros_like()?.index_add(dst, &messages, 0)
+}
+
+/// One dense layer's parameters (`x @ weight + bias`; PyTorch's `Linear` stores the transpose).
+#[derive(Debug)]
+struct Dense {
+    weight: Var,
+    bias: Var,
+}
+
+impl Dense {
+    fn new(rng: &mut StdRng, fan_in: usize, fan_out: usize, device: &Device) -> Result<Dense, DiagnosisError> {
+        // Glorot uniform.
+        let bound = (6.0 / (fan_in + fan_out) as f32).sqrt();
+        let w: Vec<f32> = (0..fan_in * fan_out).map(|_| rng.random_range(-bound..bound)).collect();
+        Ok(Dense {
+            weight: Var::from_tensor(&Tensor::from_vec(w, (fan_in, fan_out), device)?)?,
+            bias: Var::from_tensor(&Tensor::zeros(fan_out, DType::F32, device)?)?,
+        })
+    }
+
+    fn linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.weight)?.broadcast_add(&self.bias)
+    }
+
+    /// Eq. 9 for one layer: ReLU(Â (x W) + b).
+    fn convolve(&self, x: &Tensor, b: &Batch) -> candle_core::Result<Tensor> {
+        propagate(&x.matmul(&self.weight)?, &b.src, &b.dst, &b.norm)?.broadcast_add(&self.bias)?.relu()
+    }
+}
+
+/// The network and its parameters.
+#[derive(Debug)]
+pub struct Gcn {
+    dims: Dims,
+    embed: Var,
+    layers: Vec<Dense>,
+    head: [Dense; 2],
+}
+
+impl Gcn {
+    /// A freshly initialized network; the same `seed` gives the same weights.
+    pub fn new(dims: Dims, seed: u64, device: &Device) -> Result<Gcn, DiagnosisError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let e: Vec<f32> = (0..dims.vocab * dims.embed).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let embed = Var::from_tensor(&Tensor::from_vec(e, (dims.vocab, dims.embed), device)?)?;
+        let mut layers = Vec::with_capacity(LAYERS);
+        let mut width = dims.embed + DENSE;
+        for _ in 0..LAYERS {
+            layers.push(Dense::new(&mut rng, width, dims.hidden, device)?);
+            width = dims.hidden;
+        }
+        let head = [
+            Dense::new(&mut rng, 2 * dims.hidden, dims.hidden, device)?,
+            Dense::new(&mut rng, dims.hidden, dims.classes, device)?,
+        ];
+        Ok(Gcn { dims, embed, layers, head })
+    }
+
+    /// The sizes.
+    pub fn dims(&self) -> Dims {
+        self.dims
+    }
+
+    /// Class logits `[G, classes]` of a batch of `G` graphs.
+    pub fn forward(&self, b: &Batch) -> candle_core::Result<Tensor> {
+        let mut h = Tensor::cat(&[&self.embed.index_select(&b.rows, 0)?, &b.dense], 1)?;
+        for layer in &self.layers {
+            h = layer.convolve(&h, b)?;
+        }
+        // Readout: mean and max per graph. h >= 0 after ReLU, so a zero pad row never wins a max.
+        let d = self.dims.hidden;
+        let sum = Tensor::zeros((b.graphs, d), DType::F32, h.device())?.index_add(&b.graph_of, &h, 0)?;
+        let mean = sum.broadcast_mul(&b.inv_len)?;
+        let with_pad = Tensor::cat(&[&h, &Tensor::zeros((1, d), DType::F32, h.device())?], 0)?;
+        let max = with_pad.index_select(&b.padded, 0)?.reshape((b.graphs, b.max_len, d))?.max(1)?;
+        let r = Tensor::cat(&[&mean, &max], 1)?;
+        self.head[1].linear(&self.head[0].linear(&r)?.relu()?)
+    }
+
+    /// Every trainable variable (for the optimizer).
+    pub fn vars(&self) -> Vec<Var> {
+        self.named().into_iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    fn named(&self) -> Vec<(String, &Var)> {
+        let mut out = vec![("embed".to_string(), &self.embed)];
+        let dense = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("gcn.{i}"), l))
+            .chain(self.head.iter().enumerate().map(|(i, l)| (format!("head.{i}"), l)));
+        for (name, l) in dense {
+            out.push((format!("{name}.weight"), &l.weight));
+            out.push((format!("{name}.bias"), &l.bias));
+        }
+        out
+    }
+
+    /// The parameters by name, for safetensors.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.named().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
+    }
+
+    /// Overwrites the parameters with `tensors` (by name), checking every shape.
+    pub fn load(&mut self, tensors: &HashMap<String, Tensor>) -> Result<(), DiagnosisError> {
+        for (name, var) in self.named() {
+            let t = tensors.get(&name).ok_or_else(|| DiagnosisError::Weights(format!("no tensor {name:?}")))?;
+            if t.dims() != var.dims() || t.dtype() != DType::F32 {
+                return Err(DiagnosisError::Weights(format!(
+                    "tensor {name:?} is {:?} {:?}, the manifest's model needs {:?} f32",
+                    t.dtype(),
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(t)?;
+        }
+        Ok(())
+    }
+}

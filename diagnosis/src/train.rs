@@ -1,0 +1,386 @@
+//! Training the GCN on labelled trees (AFETM sec. III.C.2).
+//!
+//! * **Split by run.** Validation takes about `val_share` of the runs of every class (the
+//!   run's fault, or `normal`) that has at least two runs; a run is never on both sides, so
+//!   validation measures trees of injections the model never saw. Classes with one run stay
+//!   in training only.
+//! * **Vocabulary** from the training split only; unseen functions map to the unknown row, and
+//!   during training each node's function is replaced by the unknown row with probability
+//!   `unknown_dropout` so that row learns something useful.
+//! * **Loss**: softmax cross-entropy weighted per class by inverse frequency (faults have a few
+//!   trees each, `normal` has many), AdamW, mini-batches of whole trees as one disjoint union.
+//! * **Early stopping** on validation accuracy (ties broken by validation loss), keeping the
+//!   best epoch's weights; fixed seed, so one thread gives the same model every time.
+//! * **Threshold**: alarm when P(normal) < t, with t the largest value at which at most
+//!   `alarm_rate` of the normal validation trees alarm.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use afetm_proto::v1 as pb;
+use candle_core::{Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::{RngExt, SeedableRng, rngs::StdRng, seq::SliceRandom};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    DiagnosisError,
+    gcn::{Dims, Gcn},
+    graph::{Batch, Graph, UNKNOWN, Vocab},
+    model::{Class, FORMAT, Manifest, Model, PlanKey, TrainingSummary},
+};
+
+/// One labelled tree.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// The tree as the model will see it (masked colored FCT or AFCT).
+    pub tree: pb::Tree,
+    /// Its label.
+    pub class: Class,
+    /// The run it came from (the unit of the split).
+    pub run: i64,
+    /// The run's own class: its fault, or `normal` for a normal run.
+    pub run_class: Class,
+}
+
+/// What the model is for.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// FDDB target name.
+    pub name: String,
+    /// Traced module.
+    pub module: String,
+    /// The plan trained under.
+    pub plan: PlanKey,
+}
+
+/// Training settings; [`Default`] is what `afetm-analyzer train` uses.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Seed of the split, the initialization and the batch order.
+    pub seed: u64,
+    /// Most epochs.
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation result.
+    pub patience: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Trees per mini-batch.
+    pub batch: usize,
+    /// Embedding width.
+    pub embed: usize,
+    /// Hidden width.
+    pub hidden: usize,
+    /// Share of each class's runs held out for validation.
+    pub val_share: f64,
+    /// Probability of replacing a node's function by the unknown row in training.
+    pub unknown_dropout: f64,
+    /// Trees with more nodes are left out of training (and counted).
+    pub max_nodes: usize,
+    /// Highest share of normal validation trees allowed to alarm.
+    pub alarm_rate: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            seed: 2026,
+            epochs: 150,
+            patience: 25,
+            lr: 0.005,
+            weight_decay: 1e-4,
+            batch: 32,
+            embed: 32,
+            hidden: 64,
+            val_share: 0.2,
+            unknown_dropout: 0.05,
+            max_nodes: 20_000,
+            alarm_rate: 0.01,
+        }
+    }
+}
+
+/// Reported after every epoch.
+#[derive(Clone, Copy, Debug)]
+pub struct Epoch {
+    /// 1-based.
+    pub epoch: usize,
+    /// Most epochs.
+    pub epochs: usize,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Validation accuracy (NaN without a validation split).
+    pub val_accuracy: f64,
+}
+
+struct Prepared {
+    graph: Graph,
+    class: usize,
+    normal: bool,
+}
+
+/// Trains a model on `samples` for `target`; `progress` sees every epoch.
+pub fn train(
+    samples: &[Sample],
+    target: Target,
+    cfg: &TrainConfig,
+    mut progress: impl FnMut(Epoch),
+) -> Result<Model, DiagnosisError> {
+    let started = std::time::Instant::now();
+    if samples.is_empty() {
+        return Err(DiagnosisError::Data("no training trees".into()));
+    }
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let val_runs = split(samples, cfg.val_share, &mut rng);
+    let (train_s, val_s): (Vec<&Sample>, Vec<&Sample>) = samples.iter().partition(|s| !val_runs.contains(&s.run));
+    let vocab = Vocab::new(train_s.iter().flat_map(|s| {
+        s.tree
+            .nodes
+            .iter()
+            .filter(|n| n.color != pb::Color::Red as i32)
+            .map(|n| (n.module.clone(), n.function.clone()))
+    }));
+    let faults: BTreeSet<&Class> = train_s.iter().map(|s| &s.class).filter(|c| **c != Class::Normal).collect();
+    let classes: Vec<Class> = std::iter::once(Class::Normal).chain(faults.into_iter().cloned()).collect();
+    let index: BTreeMap<&Class, usize> = classes.iter().enumerate().map(|(i, c)| (c, i)).collect();
+    let mut summary = TrainingSummary {
+        train_runs: train_s.iter().map(|s| s.run).collect::<BTreeSet<_>>().len(),
+        val_runs: val_runs.len(),
+        ..Default::default()
+    };
+    let prepare = |set: &[&Sample], summary: &mut TrainingSummary| -> Result<Vec<Prepared>, DiagnosisError> {
+        let mut out = Vec::new();
+        for s in set {
+            let Some(&class) = index.get(&s.class) else { continue };
+            let graph = Graph::from_tree(&s.tree, &vocab)?;
+            if graph.len() > cfg.max_nodes {
+                summary.too_large += 1;
+                continue;
+            }
+            out.push(Prepared { graph, class, normal: class == 0 });
+        }
+        Ok(out)
+    };
+    let train_p = prepare(&train_s, &mut summary)?;
+    let val_p = prepare(&val_s, &mut summary)?;
+    summary.train_samples = train_p.len();
+    summary.val_samples = val_p.len();
+    if train_p.is_empty() {
+        return Err(DiagnosisError::Data("every training tree was left out".into()));
+    }
+    let dims = Dims { vocab: vocab.rows(), embed: cfg.embed, hidden: cfg.hidden, classes: classes.len() };
+    let device = Device::Cpu;
+    let mut net = Gcn::new(dims, cfg.seed, &device)?;
+    let weights = class_weights(&train_p, classes.len());
+    let (best_epoch, epochs, best) = fit(&net, &train_p, &val_p, &weights, cfg, &mut rng, &mut progress)?;
+    if let Some(best) = &best {
+        net.load(best)?;
+    }
+    let meta = Meta { target, classes, vocab, summary, best_epoch, epochs, started };
+    finish(net, meta, samples, &val_p, &train_p, cfg)
+}
+
+/// Picks the validation runs: about `share` of the runs of each run class with two or more.
+fn split(samples: &[Sample], share: f64, rng: &mut StdRng) -> BTreeSet<i64> {
+    let mut by_class: BTreeMap<&Class, BTreeSet<i64>> = BTreeMap::new();
+    for s in samples {
+        by_class.entry(&s.run_class).or_default().insert(s.run);
+    }
+    let mut val = BTreeSet::new();
+    for runs in by_class.values() {
+        if runs.len() < 2 || share <= 0.0 {
+            continue;
+        }
+        let mut runs: Vec<i64> = runs.iter().copied().collect();
+        runs.shuffle(rng);
+        let n = ((runs.len() as f64 * share).round() as usize).clamp(1, runs.len() - 1);
+        val.extend(runs.into_iter().take(n));
+    }
+    val
+}
+
+/// Inverse class frequency, normalized so a tree weighs 1 on average.
+fn class_weights(train: &[Prepared], classes: usize) -> Vec<f32> {
+    let mut n = vec![0usize; classes];
+    for p in train {
+        n[p.class] += 1;
+    }
+    let present = n.iter().filter(|c| **c > 0).count().max(1);
+    n.iter().map(|c| if *c == 0 { 0.0 } else { train.len() as f32 / (present * c) as f32 }).collect()
+}
+
+type Snapshot = std::collections::HashMap<String, Tensor>;
+
+/// The epochs: returns (best epoch, epochs run, best weights if validated).
+fn fit(
+    net: &Gcn,
+    train: &[Prepared],
+    val: &[Prepared],
+    weights: &[f32],
+    cfg: &TrainConfig,
+    rng: &mut StdRng,
+    progress: &mut impl FnMut(Epoch),
+) -> Result<(usize, usize, Option<Snapshot>), DiagnosisError> {
+    let params = ParamsAdamW { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
+    let mut opt = AdamW::new(net.vars(), params)?;
+    let device = Device::Cpu;
+    let class_w = Tensor::from_vec(weights.to_vec(), weights.len(), &device)?;
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut best: Option<(f64, f64, usize, Snapshot)> = None;
+    let mut epoch = 0;
+    while epoch < cfg.epochs {
+        epoch += 1;
+        order.shuffle(rng);
+        let mut total = 0.0;
+        for chunk in order.chunks(cfg.batch.max(1)) {
+            let graphs: Vec<&Graph> = chunk.iter().map(|i| &train[*i].graph).collect();
+            let rows: Vec<u32> = graphs
+                .iter()
+                .flat_map(|g| g.rows.iter())
+                .map(|r| if rng.random_bool(cfg.unknown_dropout) { UNKNOWN } else { *r })
+                .collect();
+            let batch = Batch::new(&graphs, Some(rows), &device)?;
+            let labels: Vec<u32> = chunk.iter().map(|i| train[*i].class as u32).collect();
+            let loss = weighted_loss(&net.forward(&batch)?, &labels, &class_w)?;
+            opt.backward_step(&loss)?;
+            total += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        }
+        let loss = total / train.len() as f64;
+        let (acc, val_loss) = if val.is_empty() { (f64::NAN, f64::NAN) } else { evaluate(net, val, &class_w, cfg.batch)? };
+        progress(Epoch { epoch, epochs: cfg.epochs, loss, val_accuracy: acc });
+        if val.is_empty() {
+            continue;
+        }
+        let better = best.as_ref().is_none_or(|(a, l, _, _)| acc > *a || (acc == *a && val_loss < *l));
+        if better {
+            let snap = net.tensors().into_iter().map(|(k, t)| t.copy().map(|t| (k, t))).collect::<Result<_, _>>()?;
+            best = Some((acc, val_loss, epoch, snap));
+        } else if best.as_ref().is_some_and(|(_, _, e, _)| epoch - e >= cfg.patience) {
+            break;
+        }
+    }
+    Ok(match best {
+        Some((_, _, e, snap)) => (e, epoch, Some(snap)),
+        None => (epoch, epoch, None),
+    })
+}
+
+/// Class-weighted mean cross-entropy of `logits` `[G, C]` against `labels`.
+fn weighted_loss(logits: &Tensor, labels: &[u32], class_w: &Tensor) -> candle_core::Result<Tensor> {
+    let device = logits.device();
+    let y = Tensor::from_vec(labels.to_vec(), (labels.len(), 1), device)?;
+    let log_p = candle_nn::ops::log_softmax(logits, 1)?.gather(&y, 1)?.squeeze(1)?;
+    let w = class_w.index_select(&y.squeeze(1)?, 0)?;
+    let total_w = w.sum_all()?;
+    (log_p * &w)?.sum_all()?.neg()?.broadcast_div(&total_w)
+}
+
+/// Accuracy and weighted loss over `set`.
+fn evaluate(net: &Gcn, set: &[Prepared], class_w: &Tensor, batch: usize) -> Result<(f64, f64), DiagnosisError> {
+    let device = Device::Cpu;
+    let (mut right, mut loss) = (0usize, 0.0);
+    for chunk in set.chunks(batch.max(1)) {
+        let graphs: Vec<&Graph> = chunk.iter().map(|p| &p.graph).collect();
+        let logits = net.forward(&Batch::new(&graphs, None, &device)?)?;
+        let labels: Vec<u32> = chunk.iter().map(|p| p.class as u32).collect();
+        loss += weighted_loss(&logits, &labels, class_w)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+        right += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
+    }
+    Ok((right as f64 / set.len() as f64, loss / set.len() as f64))
+}
+
+/// The alarm threshold: the largest t with at most `rate` of `p_normal` below it.
+pub fn threshold(p_normal: &[f32], rate: f64) -> f32 {
+    if p_normal.is_empty() {
+        return 0.5;
+    }
+    let mut p = p_normal.to_vec();
+    p.sort_by(f32::total_cmp);
+    let allowed = (rate * p.len() as f64).floor() as usize;
+    p[allowed.min(p.len() - 1)]
+}
+
+/// SHA-256 over every sample's run, label and nodes.
+fn data_hash(samples: &[Sample]) -> String {
+    let mut h = Sha256::new();
+    for s in samples {
+        h.update(format!("{} {}\n", s.run, s.class));
+        for n in &s.tree.nodes {
+            h.update(format!("{}\t{}\t{}\t{}\t{}\n", n.module, n.function, n.color, n.parent, n.calls));
+        }
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// What [`finish`] writes into the manifest besides the network.
+struct Meta {
+    target: Target,
+    classes: Vec<Class>,
+    vocab: Vocab,
+    summary: TrainingSummary,
+    best_epoch: usize,
+    epochs: usize,
+    started: std::time::Instant,
+}
+
+/// The model with its manifest: threshold from the validation normals, validation figures.
+fn finish(
+    net: Gcn,
+    meta: Meta,
+    samples: &[Sample],
+    val: &[Prepared],
+    train: &[Prepared],
+    cfg: &TrainConfig,
+) -> Result<Model, DiagnosisError> {
+    let Meta { target, classes, vocab, mut summary, best_epoch, epochs, started } = meta;
+    let manifest = Manifest {
+        format: FORMAT,
+        target: target.name,
+        module: target.module,
+        classes,
+        dims: net.dims(),
+        vocab,
+        plan: target.plan,
+        threshold: 0.5,
+        data_hash: data_hash(samples),
+        training: TrainingSummary::default(),
+    };
+    let mut model = Model::new(manifest, net);
+    // Threshold on the validation normals, or the training ones without a validation split.
+    let calib = if val.iter().any(|p| p.normal) { val } else { train };
+    let p = probabilities(&model, calib, cfg.batch)?;
+    let normals: Vec<f32> = calib.iter().zip(&p).filter(|(s, _)| s.normal).map(|(_, p)| p[0]).collect();
+    let t = threshold(&normals, cfg.alarm_rate);
+    model.manifest.threshold = t;
+    if !val.is_empty() {
+        let p = probabilities(&model, val, cfg.batch)?;
+        let right = val.iter().zip(&p).filter(|(s, p)| argmax(p) == s.class).count();
+        summary.val_accuracy = right as f64 / val.len() as f64;
+        let rate = |normal: bool| {
+            let of: Vec<&Vec<f32>> = val.iter().zip(&p).filter(|(s, _)| s.normal == normal).map(|(_, p)| p).collect();
+            of.iter().filter(|p| p[0] < t).count() as f64 / of.len().max(1) as f64
+        };
+        summary.val_false_alarms = rate(true);
+        summary.val_detection = rate(false);
+    }
+    summary.epochs = epochs;
+    summary.best_epoch = best_epoch;
+    summary.seconds = started.elapsed().as_secs_f64();
+    model.manifest.training = summary;
+    Ok(model)
+}
+
+fn probabilities(model: &Model, set: &[Prepared], batch: usize) -> Result<Vec<Vec<f32>>, DiagnosisError> {
+    let mut out = Vec::with_capacity(set.len());
+    for chunk in set.chunks(batch.max(1)) {
+        let graphs: Vec<&Graph> = chunk.iter().map(|p| &p.graph).collect();
+        out.extend(model.probabilities(&graphs)?);
+    }
+    Ok(out)
+}
+
+fn argmax(p: &[f32]) -> usize {
+    (0..p.len()).max_by(|a, b| p[*a].total_cmp(&p[*b]).then(b.cmp(a))).unwrap_or(0)
+}

@@ -1,0 +1,173 @@
+//! The GCN against the three checks that say it is a GCN that learns: its layer's gradients
+//! against finite differences, a synthetic task whose answer lies in the tree's structure, and
+//! a save/load round trip.
+
+use afetm_diagnosis::{
+    Class,
+    gcn::propagate,
+    graph::{Batch, Graph, Vocab},
+    model::{Model, PlanKey},
+    train::{Sample, Target, TrainConfig, train},
+};
+use afetm_fault::FaultKind;
+use afetm_proto::v1 as pb;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{RngExt, SeedableRng, rngs::StdRng, seq::SliceRandom};
+
+fn node(function: &str, color: pb::Color, parent: i32, calls: u64) -> pb::TreeNode {
+    pb::TreeNode { function: function.into(), module: "synthetic".into(), color: color as i32, parent, children: vec![], calls }
+}
+
+/// Eq. 9's layer, Â (H W), in f64: autograd against central differences for W and H.
+#[test]
+fn layer_gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let vocab = Vocab::default();
+    let tree = pb::Tree {
+        nodes: vec![
+            node("a", pb::Color::White, -1, 1),
+            node("b", pb::Color::White, 0, 2),
+            node("c", pb::Color::Blue, 0, 3),
+            node("d", pb::Color::White, 2, 4),
+            node("e", pb::Color::White, 2, 5),
+        ],
+        truncated: false,
+    };
+    let g = Graph::from_tree(&tree, &vocab).unwrap();
+    let b = Batch::new(&[&g], None, &dev).unwrap();
+    let norm = b.norm.to_dtype(DType::F64).unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut rand = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let h = Var::from_tensor(&Tensor::from_vec(rand(15), (5, 3), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::from_vec(rand(6), (3, 2), &dev).unwrap()).unwrap();
+    let r = Tensor::from_vec(rand(10), (5, 2), &dev).unwrap();
+    let f = |h: &Tensor, w: &Tensor| -> f64 {
+        let out = propagate(&h.matmul(w).unwrap(), &b.src, &b.dst, &norm).unwrap();
+        (out * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let loss = (propagate(&h.matmul(&w).unwrap(), &b.src, &b.dst, &norm).unwrap() * &r).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    for (var, other, is_h) in [(&h, &w, true), (&w, &h, false)] {
+        let analytic: Vec<f64> = grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..base.len() {
+            let eps = 1e-6;
+            let at = |d: f64| {
+                let mut v = base.clone();
+                v[i] += d;
+                let t = Tensor::from_vec(v, var.shape(), &dev).unwrap();
+                if is_h { f(&t, other) } else { f(other, &t) }
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!((numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()), "d/d{}[{i}]: autograd {} vs numeric {numeric}", if is_h { "H" } else { "W" }, analytic[i]);
+        }
+    }
+}
+
+const FAULTY: [&str; 6] = ["f1", "f2", "f3", "f4", "f5", "f6"];
+
+/// A tree where each `fN` has two leaf children, except the faulty one, which has three. The
+/// leaves are drawn from a pool and the `fN` are nested at random, so neither the bag of
+/// functions nor the size says which `fN` is faulty: only the structure does.
+fn synthetic(rng: &mut StdRng, faulty: Option<usize>) -> pb::Tree {
+    // Nest the fN at random: each under `loop` (None) or under an fN placed before it.
+    let mut order: Vec<usize> = (0..FAULTY.len()).collect();
+    order.shuffle(rng);
+    let mut under: Vec<(Option<usize>, usize)> = Vec::new();
+    for (i, f) in order.iter().enumerate() {
+        let pick = rng.random_range(0..=i);
+        under.push(((pick < i).then(|| order[pick]), *f));
+    }
+    let mut nodes = vec![node("main", pb::Color::Blue, -1, 0), node("loop", pb::Color::Blue, 0, 0)];
+    emit(&mut nodes, &under, None, 1, rng, faulty);
+    pb::Tree { nodes, truncated: false }
+}
+
+/// Appends, in preorder, the fN whose parent is `parent` (at node index `at`) and their leaves.
+fn emit(
+    nodes: &mut Vec<pb::TreeNode>,
+    under: &[(Option<usize>, usize)],
+    parent: Option<usize>,
+    at: i32,
+    rng: &mut StdRng,
+    faulty: Option<usize>,
+) {
+    for &(_, f) in under.iter().filter(|(p, _)| *p == parent) {
+        let me = nodes.len() as i32;
+        nodes.push(node(FAULTY[f], pb::Color::White, at, rng.random_range(1..20)));
+        for _ in 0..if faulty == Some(f) { 3 } else { 2 } {
+            let leaf = format!("g{}", rng.random_range(0..8));
+            nodes.push(node(&leaf, pb::Color::White, me, rng.random_range(1..20)));
+        }
+        emit(nodes, under, Some(f), me, rng, faulty);
+    }
+}
+
+fn dataset(seed: u64, n: usize) -> Vec<Sample> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let faulty = (i % 7 != 0).then(|| rng.random_range(0..FAULTY.len()));
+            let class = match faulty {
+                Some(f) => Class::Fault { function: FAULTY[f].into(), kind: FaultKind::Crash },
+                None => Class::Normal,
+            };
+            Sample { tree: synthetic(&mut rng, faulty), class: class.clone(), run: seed as i64 * 100_000 + i as i64, run_class: class }
+        })
+        .collect()
+}
+
+fn target() -> Target {
+    Target { name: "synthetic".into(), module: "synthetic".into(), plan: PlanKey { traced: vec!["f1".into()], callstack: vec![] } }
+}
+
+#[test]
+fn learns_the_node_with_an_extra_child_and_round_trips() {
+    let train_set = dataset(7, 700);
+    let cfg = TrainConfig { epochs: 60, patience: 15, ..Default::default() };
+    let model = train(&train_set, target(), &cfg, |e| eprintln!("epoch {} loss {:.4} val {:.3}", e.epoch, e.loss, e.val_accuracy)).unwrap();
+    let held_out = dataset(8, 300);
+    let right = held_out
+        .iter()
+        .filter(|s| {
+            let d = model.diagnose(&s.tree, 3).unwrap();
+            let top1 = if d.p_normal >= d.top[0].probability {
+                Class::Normal
+            } else {
+                Class::Fault { function: d.top[0].function.clone(), kind: d.top[0].kind }
+            };
+            top1 == s.class
+        })
+        .count();
+    let accuracy = right as f64 / held_out.len() as f64;
+    eprintln!("held-out accuracy {accuracy:.3}, {:?}", model.manifest.training);
+    assert!(accuracy >= 0.95, "held-out accuracy {accuracy}");
+
+    let dir = tempfile::tempdir().unwrap();
+    model.save(dir.path()).unwrap();
+    let loaded = Model::load(dir.path()).unwrap();
+    assert_eq!(loaded.manifest, model.manifest);
+    for s in held_out.iter().take(20) {
+        assert_eq!(loaded.diagnose(&s.tree, 5).unwrap(), model.diagnose(&s.tree, 5).unwrap());
+    }
+    // Another module or plan is refused, naming what differs.
+    let err = loaded.check_plan("other", &loaded.manifest.plan).unwrap_err().to_string();
+    assert!(err.contains("\"other\""), "{err}");
+    let err = loaded.check_plan("synthetic", &PlanKey::default()).unwrap_err().to_string();
+    assert!(err.contains("another plan"), "{err}");
+    // A corrupt weights file is an error, not a panic.
+    std::fs::write(dir.path().join("model.safetensors"), b"not safetensors").unwrap();
+    let err = Model::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("model weights"), "{err}");
+}
+
+#[test]
+fn same_seed_same_model() {
+    let data = dataset(3, 120);
+    let cfg = TrainConfig { epochs: 3, ..Default::default() };
+    let a = train(&data, target(), &cfg, |_| {}).unwrap();
+    let b = train(&data, target(), &cfg, |_| {}).unwrap();
+    let probe = &data[0].tree;
+    assert_eq!(a.diagnose(probe, 3).unwrap(), b.diagnose(probe, 3).unwrap());
+    assert_eq!(a.manifest.data_hash, b.manifest.data_hash);
+}
