@@ -6,7 +6,9 @@
 //! crates: call trees, Alg. 2 and Alg. 3 in `afetm-calltree`, trace point selection (Alg. 1)
 //! in `afetm-selection`, the FDDB in `afetm-fddb`, the campaign in `afetm-campaign`.
 
+pub mod diagnoser;
 pub mod service;
 pub mod store;
+pub mod training;
 
 pub use afetm_calltree::{afct, coloring, tree};

@@ -2,14 +2,19 @@
 use std::{path::PathBuf, time::Duration};
 
 use afetm_analyzer::{
+    diagnoser::Diagnoser,
     service::{self, Analyzer},
     store::{Limits, Store, WindowConfig},
     tree::Forest,
 };
 use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
+use afetm_diagnosis::train::TrainConfig;
 use afetm_selection::{self as selection, Params, weights::Weights};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+#[path = "cli/diagnosis.rs"]
+mod cli_diagnosis;
 
 #[derive(Parser)]
 #[command(name = "afetm-analyzer", version, about = "Builds AFCTs from afetm-agent traces and serves them over gRPC")]
@@ -41,6 +46,54 @@ enum Cmd {
         /// Close the open windows of an agent silent this long.
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         stale_after: Duration,
+        /// A diagnosis model directory (`afetm-analyzer train --out`); repeat for one per
+        /// target. Every closed window of an agent tracing that module is diagnosed.
+        #[arg(long = "model")]
+        models: Vec<PathBuf>,
+        /// The FDDB the models were trained from: when an agent's plan changes, a model for the
+        /// new plan is trained from it in the background.
+        #[arg(long)]
+        fddb: Option<PathBuf>,
+        /// Suspects per diagnosis.
+        #[arg(long, default_value_t = 3)]
+        top_k: usize,
+    },
+    /// Train the diagnosis GCN on an FDDB's training runs of one target under a plan.
+    Train {
+        #[arg(long)]
+        fddb: PathBuf,
+        /// The FDDB target (e.g. redis).
+        #[arg(long)]
+        target: String,
+        /// The plan the agent will run (`afetm-analyzer select --out`).
+        #[arg(long)]
+        plan: PathBuf,
+        /// Model directory to write (manifest.json + model.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = TrainConfig::default().seed)]
+        seed: u64,
+        /// Most epochs (training stops early when validation stops improving).
+        #[arg(long, default_value_t = TrainConfig::default().epochs)]
+        epochs: usize,
+        /// Epochs without improvement before stopping.
+        #[arg(long, default_value_t = TrainConfig::default().patience)]
+        patience: usize,
+    },
+    /// Print the stored diagnoses, one line per window; --follow prints new ones as they come.
+    Diagnoses {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        #[arg(long, default_value = "")]
+        agent: String,
+        /// Only windows in error.
+        #[arg(long)]
+        errors: bool,
+        #[arg(long)]
+        follow: bool,
+        /// How many stored diagnoses to print first (newest).
+        #[arg(long, default_value_t = 50)]
+        last: u32,
     },
     /// Print stored AFCTs.
     Afcts {
@@ -254,8 +307,24 @@ fn parse_budget(s: &str) -> Result<f64, String> {
     if p > 0.0 && p <= 1.0 { Ok(p) } else { Err(format!("{s:?}: the budget must be in (0, 100%]")) }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // candle runs on one thread unless asked otherwise: training is then deterministic for a
+    // seed, and small graphs run faster without the thread pool's overhead.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("afetm-analyzer: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(async_main());
+}
+
+async fn async_main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -269,7 +338,14 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Serve { listen, db, window, grace, node_cap, stale_after } => {
+        Cmd::Train { fddb, target, plan, out, seed, epochs, patience } => {
+            let cfg = TrainConfig { seed, epochs, patience, ..Default::default() };
+            tokio::task::spawn_blocking(move || cli_diagnosis::train(&fddb, &target, &plan, &out, &cfg)).await?
+        }
+        Cmd::Diagnoses { server, agent, errors, follow, last } => {
+            cli_diagnosis::diagnoses(&server, agent, errors, follow, last).await
+        }
+        Cmd::Serve { listen, db, window, grace, node_cap, stale_after, models, fddb, top_k } => {
             if window.is_zero() {
                 bail!("--window must be longer than 0");
             }
@@ -286,7 +362,14 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 tracing::info!("shutting down");
             };
-            service::serve(Analyzer::new(store), listener, stale_after, shutdown).await
+            let mut analyzer = Analyzer::new(store);
+            if !models.is_empty() {
+                let diagnoser = Diagnoser::load(&models, fddb, top_k).context("loading diagnosis models")?;
+                analyzer = analyzer.with_diagnoser(diagnoser);
+            } else if fddb.is_some() {
+                bail!("--fddb is for retraining the models given with --model; none was given");
+            }
+            service::serve(analyzer, listener, stale_after, shutdown).await
         }
         Cmd::Afcts { server, window, agent } => {
             let mut q = QueryClient::connect(server.clone())

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     coloring,
+    diagnoser::{AgentPlan, Closed, Diagnoser, DiagnoserError, Plans},
     store::{AgentKey, Store, StoreError},
     tree::{Forest, FuncTable},
 };
@@ -62,6 +63,10 @@ pub struct Analyzer {
     agents: Arc<Mutex<HashMap<String, Vec<Connected>>>>,
     stats: Arc<Stats>,
     next_conn: Arc<AtomicU64>,
+    /// Each agent's last applied plan (kept after it disconnects: its last windows close then).
+    plans: Plans,
+    diagnoser: Option<Arc<Diagnoser>>,
+    closed_tx: Option<mpsc::Sender<Closed>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,6 +89,62 @@ impl Analyzer {
             agents: Arc::default(),
             stats: Arc::default(),
             next_conn: Arc::new(AtomicU64::new(1)),
+            plans: Arc::default(),
+            diagnoser: None,
+            closed_tx: None,
+        }
+    }
+
+    /// Diagnoses every window closed from now on with `diagnoser`'s models (a worker task on
+    /// the current runtime; windows queue in order, and ingest waits when 4,096 are queued).
+    pub fn with_diagnoser(mut self, diagnoser: Diagnoser) -> Analyzer {
+        let (tx, mut rx) = mpsc::channel::<Closed>(4096);
+        self.diagnoser = Some(Arc::new(diagnoser));
+        self.closed_tx = Some(tx);
+        let worker = self.clone();
+        tokio::spawn(async move {
+            while let Some((ids, at)) = rx.recv().await {
+                for id in ids {
+                    worker.diagnose_window(id, at).await;
+                }
+            }
+        });
+        self
+    }
+
+    /// Queues closed windows for diagnosis.
+    async fn closed(&self, ids: Vec<i64>) {
+        if let (Some(tx), false) = (&self.closed_tx, ids.is_empty()) {
+            let _ = tx.send((ids, std::time::Instant::now())).await;
+        }
+    }
+
+    async fn diagnose_window(&self, id: i64, closed_at: std::time::Instant) {
+        let Some(diag) = self.diagnoser.clone() else { return };
+        let w = match self.with_store(move |s| s.window_trees(id)).await {
+            Ok(Some(w)) => w,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(window = id, error = %e, "reading a window to diagnose");
+                return;
+            }
+        };
+        let Some(plan) = lock(&self.plans).get(&w.agent_id).cloned() else {
+            tracing::debug!(window = id, agent = %w.agent_id, "agent reported no plan: window not diagnosed");
+            return;
+        };
+        let Some((model, stale)) = diag.model_for(&plan) else { return };
+        let d = diag.clone();
+        let record = tokio::task::spawn_blocking(move || {
+            d.diagnose_window(&model, &w).map(|r| d.window_record(&model, &w, r, stale, closed_at))
+        })
+        .await;
+        let Ok(Some(mut record)) = record else { return };
+        record.latency_us = closed_at.elapsed().as_micros() as u64;
+        let stored = record.clone();
+        match self.with_store(move |s| s.put_diagnosis(&stored)).await {
+            Ok(()) => diag.publish(record),
+            Err(e) => tracing::error!(window = id, error = %e, "storing a diagnosis"),
         }
     }
 
@@ -101,8 +162,11 @@ impl Analyzer {
     pub async fn sweep(&self, idle: Duration) {
         let secs = idle.as_secs() as i64;
         match self.with_store(move |s| s.close_stale(secs)).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(windows = n, "closed windows of silent agents"),
+            Ok(ids) if ids.is_empty() => {}
+            Ok(ids) => {
+                tracing::info!(windows = ids.len(), "closed windows of silent agents");
+                self.closed(ids).await;
+            }
             Err(e) => tracing::error!(error = %e, "closing stale windows"),
         }
     }
@@ -182,6 +246,7 @@ impl Analyzer {
                         };
                         match result {
                             Ok(applied) => {
+                                self.closed(applied.closed.clone()).await;
                                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                                 self.stats.events.fetch_add(applied.events, Ordering::Relaxed);
                                 if applied.duplicate {
@@ -225,6 +290,9 @@ impl Analyzer {
                         } else {
                             tracing::warn!(agent = %key.agent_id, version = report.version, error = %report.error, "agent refused plan");
                         }
+                        if let Some(plan) = AgentPlan::of_report(&report) {
+                            lock(&self.plans).insert(key.agent_id.clone(), plan);
+                        }
                         if let Some(list) = lock(&self.agents).get_mut(&key.agent_id) {
                             for c in list.iter_mut().filter(|c| c.conn_id == conn_id) {
                                 c.last_plan = Some(report.clone());
@@ -262,8 +330,65 @@ impl Ingest for Analyzer {
     }
 }
 
+fn diagnoser_status(e: DiagnoserError) -> Status {
+    match e {
+        DiagnoserError::NoModel(m) => Status::failed_precondition(m),
+        DiagnoserError::Diagnosis(afetm_diagnosis::DiagnosisError::BadTree(m)) => {
+            Status::invalid_argument(format!("malformed tree: {m}"))
+        }
+        other => Status::internal(other.to_string()),
+    }
+}
+
 #[tonic::async_trait]
 impl Query for Analyzer {
+    type WatchDiagnosesStream = BoxStream<pb::Diagnosis>;
+
+    async fn list_diagnoses(
+        &self,
+        request: Request<pb::ListDiagnosesRequest>,
+    ) -> Result<Response<pb::ListDiagnosesResponse>, Status> {
+        let req = request.into_inner();
+        let diagnoses = self.with_store(move |s| s.list_diagnoses(&req)).await.map_err(status)?;
+        Ok(Response::new(pb::ListDiagnosesResponse { diagnoses }))
+    }
+
+    async fn diagnose(&self, request: Request<pb::DiagnoseRequest>) -> Result<Response<pb::Diagnosis>, Status> {
+        let req = request.into_inner();
+        let diag = self.diagnoser.clone().ok_or_else(|| Status::failed_precondition("no diagnosis model is loaded (serve --model DIR)"))?;
+        let tree = req.tree.ok_or_else(|| Status::invalid_argument("diagnose: no tree"))?;
+        let d = tokio::task::spawn_blocking(move || diag.diagnose_tree(&req.model, &tree, req.top_k))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(diagnoser_status)?;
+        Ok(Response::new(d))
+    }
+
+    async fn watch_diagnoses(
+        &self,
+        request: Request<pb::WatchDiagnosesRequest>,
+    ) -> Result<Response<Self::WatchDiagnosesStream>, Status> {
+        let req = request.into_inner();
+        let diag = self.diagnoser.clone().ok_or_else(|| Status::failed_precondition("no diagnosis model is loaded (serve --model DIR)"))?;
+        let mut sub = diag.subscribe();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                let d = match sub.recv().await {
+                    Ok(d) => d,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "a WatchDiagnoses client fell behind; it missed diagnoses (ListDiagnoses has them)");
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                if (req.agent_id.is_empty() || d.agent_id == req.agent_id) && (!req.errors_only || d.error) && tx.send(Ok(d)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
     async fn list_agents(
         &self,
         req: Request<pb::ListAgentsRequest>,

@@ -20,6 +20,9 @@ use crate::{
     tree::{Forest, FuncId, FuncTable},
 };
 
+mod diagnoses;
+pub use diagnoses::WindowTrees;
+
 /// Limits that make the analyzer refuse input rather than store nonsense.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -92,6 +95,8 @@ pub struct Applied {
     pub cut_events: u64,
     pub windows_closed: u64,
     pub afcts: u64,
+    /// The windows this batch closed (their AFCTs are stored).
+    pub closed: Vec<i64>,
 }
 
 /// Per-connection state: the agent's symbol ids mapped to analyzer functions.
@@ -127,6 +132,10 @@ CREATE TABLE IF NOT EXISTS edges (window_id INTEGER NOT NULL, tid INTEGER NOT NU
   callee INTEGER NOT NULL, calls INTEGER NOT NULL, PRIMARY KEY(window_id, tid, caller, callee));
 CREATE TABLE IF NOT EXISTS afcts (window_id INTEGER NOT NULL, tid INTEGER NOT NULL, nodes INTEGER NOT NULL,
   truncated INTEGER NOT NULL, tree BLOB NOT NULL, PRIMARY KEY(window_id, tid));
+CREATE TABLE IF NOT EXISTS diagnoses (window_id INTEGER PRIMARY KEY REFERENCES windows(id), tid INTEGER NOT NULL,
+  p_normal REAL NOT NULL, error INTEGER NOT NULL, stale INTEGER NOT NULL, model TEXT NOT NULL, top TEXT NOT NULL,
+  threads INTEGER NOT NULL, diagnosed_unix_ms INTEGER NOT NULL, latency_us INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS diagnoses_errors ON diagnoses(error, window_id);
 CREATE TABLE IF NOT EXISTS counts (agent_id TEXT NOT NULL, instance INTEGER NOT NULL, function_id INTEGER NOT NULL,
   agent_clock_ns INTEGER NOT NULL, calls INTEGER NOT NULL, interval_ns INTEGER NOT NULL);
 "#;
@@ -452,6 +461,7 @@ impl Store {
         for w in to_close {
             applied.afcts += close_window(&tx, &self.funcs, w, self.window.node_cap)?;
             applied.windows_closed += 1;
+            applied.closed.push(w);
         }
         tx.commit()?;
         for (sym, f) in new_syms {
@@ -500,8 +510,9 @@ impl Store {
         Ok(discarded)
     }
 
-    /// Closes every open window whose agent was last seen more than `idle_secs` ago.
-    pub fn close_stale(&mut self, idle_secs: i64) -> Result<u64, StoreError> {
+    /// Closes every open window whose agent was last seen more than `idle_secs` ago; returns
+    /// their ids.
+    pub fn close_stale(&mut self, idle_secs: i64) -> Result<Vec<i64>, StoreError> {
         let tx = self.conn.transaction()?;
         let ids: Vec<i64> = {
             let mut stmt = tx.prepare(
@@ -510,12 +521,11 @@ impl Store {
             )?;
             stmt.query_map(params![now_unix() - idle_secs], |r| r.get(0))?.collect::<Result<_, _>>()?
         };
-        let n = ids.len() as u64;
-        for w in ids {
-            close_window(&tx, &self.funcs, w, self.window.node_cap)?;
+        for w in &ids {
+            close_window(&tx, &self.funcs, *w, self.window.node_cap)?;
         }
         tx.commit()?;
-        Ok(n)
+        Ok(ids)
     }
 
     pub fn list_agents(&self) -> Result<Vec<pb::AgentInfo>, StoreError> {

@@ -121,9 +121,42 @@ fn as_afct(forest: &Forest, table: &FuncTable, module: &str, points: &HashSet<St
     coloring::mask_red(&colored.fcts[0])
 }
 
+/// One tree of the dataset as [`Fddb::for_each_tree`] hands it out.
+#[derive(Debug)]
+pub struct TreeRow<'a> {
+    /// The run (the unit of any train/validation split).
+    pub run: i64,
+    /// The run's role (`train` or `eval`).
+    pub role: String,
+    /// The run's fault as (function, kind, fault text); None for a normal run.
+    pub run_fault: Option<(String, String, String)>,
+    /// The fault reached this tree's thread (it is labelled with the run's fault).
+    pub faulty: bool,
+    /// How the run manifested.
+    pub manifestation: String,
+    /// The full FCT equals a valid normal run's tree.
+    pub normal_like: bool,
+    /// Process, thread and window start of the tree.
+    pub pid: u32,
+    /// See `pid`.
+    pub tid: u32,
+    /// See `pid`.
+    pub start_ns: u64,
+    /// The tree: the full FCT, or with a plan, its colored and masked form.
+    pub forest: &'a Forest,
+    /// Names of the tree's functions.
+    pub table: &'a FuncTable,
+}
+
 impl Fddb {
-    /// Writes the dataset of target `name` to `out` (see the module docs).
-    pub fn dataset(&self, name: &str, opts: &DatasetOptions, out: &mut impl Write) -> Result<DatasetStats, FddbError> {
+    /// Calls `each` for every tree of a valid run of target `name` (see the module docs), in
+    /// run order; trees masked to nothing by the plan are counted in the result, not handed out.
+    pub fn for_each_tree(
+        &self,
+        name: &str,
+        opts: &DatasetOptions,
+        mut each: impl FnMut(&TreeRow) -> Result<(), FddbError>,
+    ) -> Result<DatasetStats, FddbError> {
         let target = self.target_id(name)?.ok_or_else(|| FddbError::Plan(format!("no target {name:?} in the FDDB")))?;
         let module = self.module(target)?;
         let points = match &opts.plan {
@@ -159,27 +192,57 @@ impl Fddb {
                 stats.empty += 1;
                 continue;
             }
-            let faulty: bool = r.get(10)?;
-            let label = match (faulty, r.get::<_, Option<String>>(3)?) {
-                (true, Some(function)) => Label::Fault { function, kind: r.get(4)?, fault: r.get(5)? },
-                _ => Label::Normal("normal"),
+            let run_fault = match r.get::<_, Option<String>>(3)? {
+                Some(function) => Some((function, r.get(4)?, r.get(5)?)),
+                None => None,
             };
-            let line = Line {
-                target: name,
+            let row = TreeRow {
                 run: r.get(0)?,
                 role: r.get(1)?,
-                label,
+                run_fault,
+                faulty: r.get(10)?,
                 manifestation: r.get(2)?,
                 normal_like: r.get(11)?,
                 pid: r.get(7)?,
                 tid: r.get(8)?,
                 start_ns: r.get::<_, i64>(9)? as u64,
-                truncated: forest.truncated,
-                nodes: forest
+                forest,
+                table,
+            };
+            stats.trees += 1;
+            stats.faulty += row.faulty as u64;
+            stats.normal_like += row.normal_like as u64;
+            each(&row)?;
+        }
+        Ok(stats)
+    }
+
+    /// Writes the dataset of target `name` to `out` (see the module docs).
+    pub fn dataset(&self, name: &str, opts: &DatasetOptions, out: &mut impl Write) -> Result<DatasetStats, FddbError> {
+        self.for_each_tree(name, opts, |t| {
+            let label = match (&t.run_fault, t.faulty) {
+                (Some((function, kind, fault)), true) => {
+                    Label::Fault { function: function.clone(), kind: kind.clone(), fault: fault.clone() }
+                }
+                _ => Label::Normal("normal"),
+            };
+            let line = Line {
+                target: name,
+                run: t.run,
+                role: t.role.clone(),
+                label,
+                manifestation: t.manifestation.clone(),
+                normal_like: t.normal_like,
+                pid: t.pid,
+                tid: t.tid,
+                start_ns: t.start_ns,
+                truncated: t.forest.truncated,
+                nodes: t
+                    .forest
                     .nodes
                     .iter()
                     .map(|n| {
-                        let f = table.get(n.func);
+                        let f = t.table.get(n.func);
                         Node {
                             function: &f.name,
                             module: &f.module,
@@ -194,12 +257,8 @@ impl Fddb {
                     })
                     .collect(),
             };
-            stats.trees += 1;
-            stats.faulty += faulty as u64;
-            stats.normal_like += line.normal_like as u64;
             serde_json::to_writer(&mut *out, &line).map_err(|e| FddbError::Io("dataset".into(), e.into()))?;
-            out.write_all(b"\n").map_err(|e| FddbError::Io("dataset".into(), e))?;
-        }
-        Ok(stats)
+            out.write_all(b"\n").map_err(|e| FddbError::Io("dataset".into(), e))
+        })
     }
 }
