@@ -68,7 +68,10 @@ impl AgentPlan {
                 .key
                 .traced
                 .iter()
-                .map(|f| Point { function: f.clone(), mode: if cs.contains(f) { Mode::Callstack } else { Mode::Event } })
+                .map(|f| Point {
+                    function: f.clone(),
+                    mode: if cs.contains(f) { Mode::Callstack } else { Mode::Event },
+                })
                 .collect(),
             selection: None,
         }
@@ -117,12 +120,21 @@ pub fn to_proto(d: &Diagnosis, model: &Model) -> pb::Diagnosis {
 
 impl Diagnoser {
     /// Loads the models in `dirs` (one per module). `fddb` enables retraining.
-    pub fn load(dirs: &[PathBuf], fddb: Option<PathBuf>, top_k: usize) -> Result<Diagnoser, DiagnoserError> {
+    pub fn load(
+        dirs: &[PathBuf],
+        fddb: Option<PathBuf>,
+        top_k: usize,
+        window_ms: u64,
+    ) -> Result<Diagnoser, DiagnoserError> {
         let mut served: Vec<Served> = Vec::new();
         for dir in dirs {
             let model = Model::load(dir).map_err(|e| DiagnoserError::Model(dir.clone(), e))?;
             if let Some(other) = served.iter().find(|s| s.model.manifest.module == model.manifest.module) {
                 return Err(DiagnoserError::Duplicate(other.dir.clone(), dir.clone(), model.manifest.module.clone()));
+            }
+            if model.manifest.window_ms != window_ms {
+                tracing::warn!(dir = %dir.display(), model_ms = model.manifest.window_ms, window_ms,
+                    "the model was trained on windows of another length: its diagnoses will be off (serve --window)");
             }
             tracing::info!(dir = %dir.display(), target = %model.manifest.target, module = %model.manifest.module,
                 classes = model.manifest.classes.len(), traced = model.manifest.plan.traced.len(), "diagnosis model loaded");
@@ -153,8 +165,12 @@ impl Diagnoser {
         if !s.warned_stale {
             s.warned_stale = true;
             match &self.fddb {
-                Some(_) => tracing::warn!(target = %s.model.manifest.target, %why, "agent's plan changed: retraining; the old model serves (stale) until then"),
-                None => tracing::warn!(target = %s.model.manifest.target, %why, "agent's plan changed and no --fddb to retrain from: diagnoses are marked stale"),
+                Some(_) => {
+                    tracing::warn!(target = %s.model.manifest.target, %why, "agent's plan changed: retraining; the old model serves (stale) until then")
+                }
+                None => {
+                    tracing::warn!(target = %s.model.manifest.target, %why, "agent's plan changed and no --fddb to retrain from: diagnoses are marked stale")
+                }
             }
         }
         if self.fddb.is_some() && s.retraining.as_ref() != Some(&plan.key) {
@@ -187,7 +203,9 @@ impl Diagnoser {
                     s.model = Arc::new(model);
                     s.warned_stale = false;
                 }
-                Err(e) => tracing::error!(%target, error = %e, "retraining for the new plan failed; the old model stays (stale)"),
+                Err(e) => {
+                    tracing::error!(%target, error = %e, "retraining for the new plan failed; the old model stays (stale)")
+                }
             }
         });
     }

@@ -7,8 +7,8 @@ use afetm_analyzer::{
     store::{Limits, Store, WindowConfig},
     tree::Forest,
 };
-use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
 use afetm_diagnosis::train::TrainConfig;
+use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
 use afetm_selection::{self as selection, Params, weights::Weights};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -94,6 +94,12 @@ enum Cmd {
         /// How many stored diagnoses to print first (newest).
         #[arg(long, default_value_t = 50)]
         last: u32,
+        /// Only this window.
+        #[arg(long, default_value_t = 0)]
+        window: u64,
+        /// Also print each diagnosed thread's AFCT with the suspects marked.
+        #[arg(long)]
+        tree: bool,
     },
     /// Print stored AFCTs.
     Afcts {
@@ -314,6 +320,14 @@ fn main() {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
+    // candle allocates and frees a few-MB tensor per op: with glibc's default dynamic mmap
+    // threshold each of them is a fresh mmap and page faults (training spent 40% in the
+    // kernel). Keep such blocks in the heap instead.
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -342,8 +356,9 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = TrainConfig { seed, epochs, patience, ..Default::default() };
             tokio::task::spawn_blocking(move || cli_diagnosis::train(&fddb, &target, &plan, &out, &cfg)).await?
         }
-        Cmd::Diagnoses { server, agent, errors, follow, last } => {
-            cli_diagnosis::diagnoses(&server, agent, errors, follow, last).await
+        Cmd::Diagnoses { server, agent, errors, follow, last, window, tree } => {
+            let listing = cli_diagnosis::Listing { agent, window, errors, follow, last, tree };
+            cli_diagnosis::diagnoses(&server, listing).await
         }
         Cmd::Serve { listen, db, window, grace, node_cap, stale_after, models, fddb, top_k } => {
             if window.is_zero() {
@@ -364,7 +379,8 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let mut analyzer = Analyzer::new(store);
             if !models.is_empty() {
-                let diagnoser = Diagnoser::load(&models, fddb, top_k).context("loading diagnosis models")?;
+                let diagnoser = Diagnoser::load(&models, fddb, top_k, window.as_millis() as u64)
+                    .context("loading diagnosis models")?;
                 analyzer = analyzer.with_diagnoser(diagnoser);
             } else if fddb.is_some() {
                 bail!("--fddb is for retraining the models given with --model; none was given");

@@ -355,7 +355,10 @@ impl Query for Analyzer {
 
     async fn diagnose(&self, request: Request<pb::DiagnoseRequest>) -> Result<Response<pb::Diagnosis>, Status> {
         let req = request.into_inner();
-        let diag = self.diagnoser.clone().ok_or_else(|| Status::failed_precondition("no diagnosis model is loaded (serve --model DIR)"))?;
+        let diag = self
+            .diagnoser
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("no diagnosis model is loaded (serve --model DIR)"))?;
         let tree = req.tree.ok_or_else(|| Status::invalid_argument("diagnose: no tree"))?;
         let d = tokio::task::spawn_blocking(move || diag.diagnose_tree(&req.model, &tree, req.top_k))
             .await
@@ -369,7 +372,10 @@ impl Query for Analyzer {
         request: Request<pb::WatchDiagnosesRequest>,
     ) -> Result<Response<Self::WatchDiagnosesStream>, Status> {
         let req = request.into_inner();
-        let diag = self.diagnoser.clone().ok_or_else(|| Status::failed_precondition("no diagnosis model is loaded (serve --model DIR)"))?;
+        let diag = self
+            .diagnoser
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("no diagnosis model is loaded (serve --model DIR)"))?;
         let mut sub = diag.subscribe();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
@@ -377,12 +383,18 @@ impl Query for Analyzer {
                 let d = match sub.recv().await {
                     Ok(d) => d,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "a WatchDiagnoses client fell behind; it missed diagnoses (ListDiagnoses has them)");
+                        tracing::warn!(
+                            missed = n,
+                            "a WatchDiagnoses client fell behind; it missed diagnoses (ListDiagnoses has them)"
+                        );
                         continue;
                     }
                     Err(_) => break,
                 };
-                if (req.agent_id.is_empty() || d.agent_id == req.agent_id) && (!req.errors_only || d.error) && tx.send(Ok(d)).await.is_err() {
+                if (req.agent_id.is_empty() || d.agent_id == req.agent_id)
+                    && (!req.errors_only || d.error)
+                    && tx.send(Ok(d)).await.is_err()
+                {
                     break;
                 }
             }

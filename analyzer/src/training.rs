@@ -15,7 +15,7 @@ use afetm_diagnosis::{
     train::{self, Epoch, Sample, Target, TrainConfig},
 };
 use afetm_fddb::{
-    Fddb, FaultKind, Role,
+    FaultKind, Fddb, Role,
     dataset::{DatasetOptions, TreeRow},
 };
 use afetm_proto::plan::PlanFile;
@@ -88,7 +88,11 @@ pub fn training_set(fddb: &Fddb, target: &str, plan: &PlanFile) -> Result<Traini
     let traced = fddb.traced(id)?;
     let key = PlanKey::of(plan, || traced.iter().cloned().collect());
     let module = fddb.module(id)?;
-    Ok(TrainingSet { samples, target: Target { name: target.to_string(), module, plan: key }, relabelled })
+    Ok(TrainingSet {
+        samples,
+        target: Target { name: target.to_string(), module, plan: key, window_ms: afetm_fddb::WINDOW_MS },
+        relabelled,
+    })
 }
 
 /// Opens the FDDB, reads the training set and trains; `progress` sees every epoch.

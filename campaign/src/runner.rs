@@ -699,7 +699,16 @@ fn start_analyzer(cfg: &Config) -> Result<(Proc, String)> {
     let listen = format!("127.0.0.1:{port}");
     let analyzer = spawn(
         Command::new(cfg.bin_dir.join("afetm-analyzer"))
-            .args(["serve", "--listen", &listen, "--window", "1s", "--grace", "500ms", "--db"])
+            .args([
+                "serve",
+                "--listen",
+                &listen,
+                "--window",
+                &format!("{}ms", afetm_fddb::WINDOW_MS),
+                "--grace",
+                "500ms",
+                "--db",
+            ])
             .arg(&adb)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(cfg.work_dir.join("analyzer.log"))?),

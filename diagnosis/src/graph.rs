@@ -273,14 +273,7 @@ mod tests {
     use super::*;
 
     fn node(f: &str, color: pb::Color, parent: i32, calls: u64) -> pb::TreeNode {
-        pb::TreeNode {
-            function: f.into(),
-            module: "m".into(),
-            color: color as i32,
-            parent,
-            children: vec![],
-            calls,
-        }
+        pb::TreeNode { function: f.into(), module: "m".into(), color: color as i32, parent, children: vec![], calls }
     }
 
     #[test]

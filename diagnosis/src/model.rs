@@ -114,9 +114,8 @@ impl PlanKey {
                 b.len()
             ));
         }
-        (self.callstack != other.callstack).then(|| {
-            format!("F^callstack differs ({} vs {} functions)", self.callstack.len(), other.callstack.len())
-        })
+        (self.callstack != other.callstack)
+            .then(|| format!("F^callstack differs ({} vs {} functions)", self.callstack.len(), other.callstack.len()))
     }
 }
 
@@ -167,6 +166,8 @@ pub struct Manifest {
     pub plan: PlanKey,
     /// Network sizes.
     pub dims: Dims,
+    /// Window length of the training trees, ms: the analyzer should cut windows as long.
+    pub window_ms: u64,
     /// Alarm when P(normal) is below this (chosen on the validation split: at most 1% of
     /// normal validation trees alarm).
     pub threshold: f32,
@@ -228,8 +229,8 @@ impl Model {
     pub fn load(dir: &Path) -> Result<Model, DiagnosisError> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| DiagnosisError::Io(path.clone(), e))?;
-        let mut manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| DiagnosisError::Manifest(format!("{}: {e}", path.display())))?;
+        let mut manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| DiagnosisError::Manifest(format!("{}: {e}", path.display())))?;
         if manifest.format != FORMAT {
             return Err(DiagnosisError::Manifest(format!(
                 "{}: format {} (this afetm reads {FORMAT})",
@@ -239,7 +240,10 @@ impl Model {
         }
         manifest.vocab.reindex();
         let dims = manifest.dims;
-        if dims.vocab != manifest.vocab.rows() || dims.classes != manifest.classes.len() || manifest.classes.first() != Some(&Class::Normal) {
+        if dims.vocab != manifest.vocab.rows()
+            || dims.classes != manifest.classes.len()
+            || manifest.classes.first() != Some(&Class::Normal)
+        {
             return Err(DiagnosisError::Manifest(format!(
                 "{}: sizes disagree (dims {dims:?}, {} vocabulary rows, {} classes, normal first required)",
                 path.display(),

@@ -51,6 +51,8 @@ pub struct Target {
     pub module: String,
     /// The plan trained under.
     pub plan: PlanKey,
+    /// Window length of the trees, ms.
+    pub window_ms: u64,
 }
 
 /// Training settings; [`Default`] is what `afetm-analyzer train` uses.
@@ -135,11 +137,7 @@ pub fn train(
     let val_runs = split(samples, cfg.val_share, &mut rng);
     let (train_s, val_s): (Vec<&Sample>, Vec<&Sample>) = samples.iter().partition(|s| !val_runs.contains(&s.run));
     let vocab = Vocab::new(train_s.iter().flat_map(|s| {
-        s.tree
-            .nodes
-            .iter()
-            .filter(|n| n.color != pb::Color::Red as i32)
-            .map(|n| (n.module.clone(), n.function.clone()))
+        s.tree.nodes.iter().filter(|n| n.color != pb::Color::Red as i32).map(|n| (n.module.clone(), n.function.clone()))
     }));
     let faults: BTreeSet<&Class> = train_s.iter().map(|s| &s.class).filter(|c| **c != Class::Normal).collect();
     let classes: Vec<Class> = std::iter::once(Class::Normal).chain(faults.into_iter().cloned()).collect();
@@ -247,7 +245,8 @@ fn fit(
             total += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
         }
         let loss = total / train.len() as f64;
-        let (acc, val_loss) = if val.is_empty() { (f64::NAN, f64::NAN) } else { evaluate(net, val, &class_w, cfg.batch)? };
+        let (acc, val_loss) =
+            if val.is_empty() { (f64::NAN, f64::NAN) } else { evaluate(net, val, &class_w, cfg.batch)? };
         progress(Epoch { epoch, epochs: cfg.epochs, loss, val_accuracy: acc });
         if val.is_empty() {
             continue;
@@ -343,6 +342,7 @@ fn finish(
         dims: net.dims(),
         vocab,
         plan: target.plan,
+        window_ms: target.window_ms,
         threshold: 0.5,
         data_hash: data_hash(samples),
         training: TrainingSummary::default(),

@@ -15,7 +15,14 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{RngExt, SeedableRng, rngs::StdRng, seq::SliceRandom};
 
 fn node(function: &str, color: pb::Color, parent: i32, calls: u64) -> pb::TreeNode {
-    pb::TreeNode { function: function.into(), module: "synthetic".into(), color: color as i32, parent, children: vec![], calls }
+    pb::TreeNode {
+        function: function.into(),
+        module: "synthetic".into(),
+        color: color as i32,
+        parent,
+        children: vec![],
+        calls,
+    }
 }
 
 /// Eq. 9's layer, Â (H W), in f64: autograd against central differences for W and H.
@@ -59,7 +66,12 @@ fn layer_gradients_match_finite_differences() {
                 if is_h { f(&t, other) } else { f(other, &t) }
             };
             let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            assert!((numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()), "d/d{}[{i}]: autograd {} vs numeric {numeric}", if is_h { "H" } else { "W" }, analytic[i]);
+            assert!(
+                (numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "d/d{}[{i}]: autograd {} vs numeric {numeric}",
+                if is_h { "H" } else { "W" },
+                analytic[i]
+            );
         }
     }
 }
@@ -112,20 +124,33 @@ fn dataset(seed: u64, n: usize) -> Vec<Sample> {
                 Some(f) => Class::Fault { function: FAULTY[f].into(), kind: FaultKind::Crash },
                 None => Class::Normal,
             };
-            Sample { tree: synthetic(&mut rng, faulty), class: class.clone(), run: seed as i64 * 100_000 + i as i64, run_class: class }
+            Sample {
+                tree: synthetic(&mut rng, faulty),
+                class: class.clone(),
+                run: seed as i64 * 100_000 + i as i64,
+                run_class: class,
+            }
         })
         .collect()
 }
 
 fn target() -> Target {
-    Target { name: "synthetic".into(), module: "synthetic".into(), plan: PlanKey { traced: vec!["f1".into()], callstack: vec![] } }
+    Target {
+        name: "synthetic".into(),
+        module: "synthetic".into(),
+        plan: PlanKey { traced: vec!["f1".into()], callstack: vec![] },
+        window_ms: 1000,
+    }
 }
 
 #[test]
 fn learns_the_node_with_an_extra_child_and_round_trips() {
     let train_set = dataset(7, 700);
     let cfg = TrainConfig { epochs: 60, patience: 15, ..Default::default() };
-    let model = train(&train_set, target(), &cfg, |e| eprintln!("epoch {} loss {:.4} val {:.3}", e.epoch, e.loss, e.val_accuracy)).unwrap();
+    let model = train(&train_set, target(), &cfg, |e| {
+        eprintln!("epoch {} loss {:.4} val {:.3}", e.epoch, e.loss, e.val_accuracy)
+    })
+    .unwrap();
     let held_out = dataset(8, 300);
     let right = held_out
         .iter()

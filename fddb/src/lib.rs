@@ -30,6 +30,10 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+/// Length of the analyzer windows the campaign cuts runs into, ms: every FCT of the FDDB is
+/// one thread's tree of a window this long, and a model trained on them expects the same.
+pub const WINDOW_MS: u64 = 1000;
+
 pub mod dataset;
 pub mod exchange;
 

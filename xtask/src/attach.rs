@@ -12,10 +12,11 @@ use std::{
 use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
 use anyhow::{Context, Result, bail};
 
+use crate::target_dir;
 use crate::{
     Guard,
     bench::{start_agent_as, start_analyzer_db, stop_agent},
-    cargo, root, run,
+    cargo, run,
 };
 
 const REDIS_PORT: &str = "20090";
@@ -70,8 +71,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn attach_bench(reps: usize) -> Result<()> {
     run(&mut cargo(&["build", "--release", "--bins", "-p", "agent", "-p", "analyzer"]))?;
-    let bin = root().join("target/release");
-    let dir = root().join("target/bench-attach");
+    let bin = target_dir().join("release");
+    let dir = target_dir().join("bench-attach");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let redis = Path::new("/usr/bin/redis-server");

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
+use crate::target_dir;
 use crate::{Guard, cargo, root, run};
 
 #[derive(Subcommand, Clone, Copy)]
@@ -191,8 +192,8 @@ fn bpftrace(prog: &Path, func: &str, which: &str, calls: u64, reps: usize) -> Re
 
 fn probe(calls: u64, reps: usize) -> Result<()> {
     run(&mut cargo(&["build", "--release", "--workspace", "--bins"]))?;
-    let bin = root().join("target/release");
-    let dir = root().join("target/bench");
+    let bin = target_dir().join("release");
+    let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let prog = dir.join("probebench");
     run(Command::new("gcc").args(["-O2", "-o"]).arg(&prog).arg(root().join("testbed/progs/probebench.c")))?;
@@ -297,8 +298,8 @@ fn analyzer_counter(bin: &Path, server: &str, name: &str) -> Result<u64> {
 
 fn testbed_bench(built: bool, netns: bool, duration: Duration) -> Result<()> {
     run(&mut cargo(&["build", "--release", "--workspace", "--bins"]))?;
-    let bin = root().join("target/release");
-    let dir = root().join("target/bench-testbed");
+    let bin = target_dir().join("release");
+    let dir = target_dir().join("bench-testbed");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut cfg = testbed::Config::new(dir.join("run"));

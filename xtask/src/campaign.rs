@@ -4,7 +4,8 @@
 //! overridable with the same options). `afetm-campaign --help` lists the options.
 use anyhow::{Result, bail};
 
-use crate::{cargo, root, run};
+use crate::target_dir;
+use crate::{cargo, run};
 
 pub fn campaign(args: Vec<String>) -> Result<()> {
     if args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h") && args.len() == 1 {
@@ -18,14 +19,14 @@ pub fn campaign(args: Vec<String>) -> Result<()> {
             }
         }
     }
-    let release = root().join("target/release");
+    let release = target_dir().join("release");
     let mut c = std::process::Command::new(release.join("afetm-campaign"));
     let has = |flag: &str| args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
     if !has("--db") {
-        c.arg("--db").arg(root().join("target/campaign/fddb.sqlite"));
+        c.arg("--db").arg(target_dir().join("campaign/fddb.sqlite"));
     }
     if !has("--work-dir") {
-        c.arg("--work-dir").arg(root().join("target/campaign"));
+        c.arg("--work-dir").arg(target_dir().join("campaign"));
     }
     if !has("--bin-dir") {
         c.arg("--bin-dir").arg(&release);

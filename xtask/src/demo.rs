@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use crate::target_dir;
 use crate::{Guard, cargo, root, run as run_cmd};
 
 /// The trace point set of the demo: the entry points, the leaf and the two operations reached
@@ -62,8 +63,8 @@ fn trace(bin: &Path, plan: &Path, agent_id: &str, prog: &Path, server: &str, dir
 
 pub fn run() -> Result<()> {
     run_cmd(&mut cargo(&["build", "--workspace", "--bins"]))?;
-    let bin = root().join("target/debug");
-    let dir = root().join("target/demo");
+    let bin = target_dir().join("debug");
+    let dir = target_dir().join("demo");
     std::fs::create_dir_all(&dir)?;
     let prog = dir.join("calltree");
     run_cmd(

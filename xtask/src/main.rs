@@ -16,6 +16,7 @@ mod attach;
 mod bench;
 mod campaign;
 mod demo;
+mod demo_diagnosis;
 mod sample;
 mod testbed;
 
@@ -38,8 +39,13 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and trace the bundled example program end to end, printing the AFCTs.
-    Demo,
+    /// Set up and run afetm end to end on the shop's redis: campaign, selection, training, a
+    /// fresh fault injected under the plan, the diagnosis. `demo calltree`: the call tree
+    /// walk-through on a small bundled program instead.
+    Demo {
+        #[arg(value_parser = ["calltree"])]
+        which: Option<String>,
+    },
     /// The NHSR-OSW shop: up, down, status, load.
     Testbed {
         #[command(subcommand)]
@@ -81,6 +87,15 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Cargo's target folder: `CARGO_TARGET_DIR` (relative to the workspace root when relative)
+/// or `<root>/target`. Built binaries and every task's output live here.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root().join(d),
+        _ => root().join("target"),
+    }
 }
 
 pub fn tools_dir() -> PathBuf {
@@ -241,13 +256,16 @@ fn main() {
             }
             run(&mut cargo(&["build", "--workspace", "--bins"]))?;
             let mut c = cargo(&["test", "--workspace"]);
-            c.env("AFETM_BIN_DIR", root().join("target/debug"));
+            c.env("AFETM_BIN_DIR", target_dir().join("debug"));
             if !args.is_empty() {
                 c.arg("--").args(&args);
             }
             run(&mut c)
         }),
-        Cmd::Demo => setup().and_then(|_| demo::run()),
+        Cmd::Demo { which } => setup().and_then(|_| match which {
+            Some(_) => demo::run(),
+            None => demo_diagnosis::run_demo(),
+        }),
         Cmd::Testbed { cmd } => testbed::run(cmd),
         Cmd::Campaign { args } => check().and_then(|_| campaign::campaign(args)),
         Cmd::Bench { which } => check().and_then(|_| bench::run_bench(which)),

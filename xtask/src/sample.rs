@@ -16,10 +16,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 
+use crate::target_dir;
 use crate::{
     Guard,
     bench::{start_agent_as, start_analyzer_db, stop_agent},
-    cargo, root, run,
+    cargo, run,
     testbed::Where,
 };
 
@@ -85,8 +86,8 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let real = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
     let module = real.file_name().map(|n| n.to_string_lossy().into_owned()).context("target file has no name")?;
     run(&mut cargo(&["build", "--release", "--bins", "-p", "agent", "-p", "analyzer"]))?;
-    let bin = root().join("target/release");
-    let out = a.out.clone().unwrap_or_else(|| root().join("target/testbed-sample"));
+    let bin = target_dir().join("release");
+    let out = a.out.clone().unwrap_or_else(|| target_dir().join("testbed-sample"));
     std::fs::create_dir_all(&out)?;
     let db = out.join(format!("{name}.sqlite"));
     let listen = "127.0.0.1:20083";

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use testbed::{Config, load};
 
-use crate::root;
+use crate::target_dir;
 
 #[derive(Args, Clone)]
 pub struct Where {
@@ -26,7 +26,7 @@ pub struct Where {
 
 impl Where {
     pub fn config(&self) -> Config {
-        let mut c = Config::new(self.run_dir.clone().unwrap_or_else(|| root().join("target/testbed")));
+        let mut c = Config::new(self.run_dir.clone().unwrap_or_else(|| target_dir().join("testbed")));
         c.base_port = self.base_port;
         c.apaches = self.apaches;
         c.netns = self.netns;

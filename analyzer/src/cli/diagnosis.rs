@@ -63,7 +63,8 @@ pub fn line(d: &pb::Diagnosis) -> String {
         (true, true) => "ERROR(stale model)",
         (false, true) => "ok(stale model)",
     };
-    let top: Vec<String> = d.top.iter().take(3).map(|s| format!("{}@{} {:.2}", s.kind, s.function, s.probability)).collect();
+    let top: Vec<String> =
+        d.top.iter().take(3).map(|s| format!("{}@{} {:.2}", s.kind, s.function, s.probability)).collect();
     format!(
         "{} agent={} window={} pid={} tid={} {verdict} P(normal)={:.3} top: {}",
         humantime::format_rfc3339_seconds(when),
@@ -76,30 +77,117 @@ pub fn line(d: &pb::Diagnosis) -> String {
     )
 }
 
+/// What `afetm-analyzer diagnoses` prints.
+pub struct Listing {
+    /// Only this agent (empty: all).
+    pub agent: String,
+    /// Only this window (0: all).
+    pub window: u64,
+    /// Only windows in error.
+    pub errors: bool,
+    /// Then each new diagnosis as it comes.
+    pub follow: bool,
+    /// Stored diagnoses printed first (newest).
+    pub last: u32,
+    /// Print each diagnosed thread's AFCT with the suspects marked.
+    pub tree: bool,
+}
+
 /// `afetm-analyzer diagnoses`: the stored diagnoses (oldest first), then with `follow` each new one.
-pub async fn diagnoses(server: &str, agent: String, errors: bool, follow: bool, limit: u32) -> Result<()> {
-    let mut q = QueryClient::connect(server.to_string())
-        .await
-        .with_context(|| format!("cannot reach analyzer at {server}"))?;
-    let mut watch = if follow {
-        let req = pb::WatchDiagnosesRequest { agent_id: agent.clone(), errors_only: errors };
+pub async fn diagnoses(server: &str, l: Listing) -> Result<()> {
+    let mut q =
+        QueryClient::connect(server.to_string()).await.with_context(|| format!("cannot reach analyzer at {server}"))?;
+    let mut watch = if l.follow {
+        let req = pb::WatchDiagnosesRequest { agent_id: l.agent.clone(), errors_only: l.errors };
         Some(q.watch_diagnoses(req).await.context("watching diagnoses")?.into_inner())
     } else {
         None
     };
-    let req = pb::ListDiagnosesRequest { agent_id: agent, errors_only: errors, limit, ..Default::default() };
+    let req = pb::ListDiagnosesRequest {
+        agent_id: l.agent,
+        window_id: l.window,
+        errors_only: l.errors,
+        limit: l.last,
+        ..Default::default()
+    };
     let mut listed = q.list_diagnoses(req).await.context("listing diagnoses")?.into_inner().diagnoses;
     listed.reverse();
     let newest = listed.last().map(|d| d.window_id).unwrap_or(0);
     for d in &listed {
-        println!("{}", line(d));
+        show(&mut q, d, l.tree).await?;
     }
     if let Some(stream) = watch.as_mut() {
         while let Some(d) = stream.message().await.context("diagnosis stream")? {
             if d.window_id > newest {
-                println!("{}", line(&d));
+                show(&mut q, &d, l.tree).await?;
             }
         }
     }
     Ok(())
+}
+
+async fn show(q: &mut QueryClient<tonic::transport::Channel>, d: &pb::Diagnosis, tree: bool) -> Result<()> {
+    println!("{}", line(d));
+    if tree {
+        let afct = q.get_afct(pb::GetAfctRequest { window_id: d.window_id, tid: d.tid }).await.context("GetAfct")?;
+        match afct.into_inner().tree {
+            Some(t) => print!("{}", marked(&t, d, 80)),
+            None => println!("  (no AFCT stored)"),
+        }
+    }
+    Ok(())
+}
+
+/// The AFCT as an indented tree with the suspects marked. Trees longer than `max_lines` show
+/// the first two levels and every path to a suspect (with the suspect's children).
+pub fn marked(tree: &pb::Tree, d: &pb::Diagnosis, max_lines: usize) -> String {
+    let n = tree.nodes.len();
+    let mut depth = vec![0usize; n];
+    for (i, node) in tree.nodes.iter().enumerate() {
+        if node.parent >= 0 && (node.parent as usize) < i {
+            depth[i] = depth[node.parent as usize] + 1;
+        }
+    }
+    let rank = |f: &str| d.top.iter().position(|s| s.function == f);
+    let mut show = vec![n <= max_lines; n];
+    if n > max_lines {
+        for i in 0..n {
+            let parent_suspect =
+                tree.nodes[i].parent >= 0 && rank(&tree.nodes[tree.nodes[i].parent as usize].function).is_some();
+            if depth[i] <= 1 || rank(&tree.nodes[i].function).is_some() || parent_suspect {
+                // The node and its ancestors.
+                let mut j = i as i32;
+                while j >= 0 && !show[j as usize] {
+                    show[j as usize] = true;
+                    j = tree.nodes[j as usize].parent;
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    for (i, node) in tree.nodes.iter().enumerate().filter(|(i, _)| show[*i]) {
+        let color = match pb::Color::try_from(node.color).unwrap_or(pb::Color::Unspecified) {
+            pb::Color::White => "",
+            pb::Color::Blue => " [blue: from call stacks]",
+            _ => " [?]",
+        };
+        let mark = match rank(&node.function) {
+            Some(r) => format!("   <== suspect {}: {} ({:.2})", r + 1, d.top[r].kind, d.top[r].probability),
+            None => String::new(),
+        };
+        out.push_str(&format!("  {}{} x{}{color}{mark}\n", "  ".repeat(depth[i]), node.function, node.calls));
+    }
+    let hidden = show.iter().filter(|s| !**s).count();
+    if hidden > 0 {
+        out.push_str(&format!("  ({hidden} of {n} nodes not shown)\n"));
+    }
+    if let Some(s) = d.top.first()
+        && !tree.nodes.iter().any(|node| node.function == s.function)
+    {
+        out.push_str(&format!(
+            "  suspect 1 ({}) is not in the AFCT: the plan does not trace it and none of its callees\n",
+            s.function
+        ));
+    }
+    out
 }
