@@ -59,7 +59,13 @@ fn run_class(row: &TreeRow) -> Result<Class, TrainingError> {
 
 /// Reads the training set (see the module docs).
 pub fn training_set(fddb: &Fddb, target: &str, plan: &PlanFile) -> Result<TrainingSet, TrainingError> {
-    let opts = DatasetOptions { role: Some(Role::Train), plan: Some(plan.clone()) };
+    labelled_trees(fddb, target, plan, Role::Train)
+}
+
+/// The labelled trees of the runs of `role` (training set: [`Role::Train`]; the evaluation
+/// reads [`Role::Eval`] the same way).
+pub fn labelled_trees(fddb: &Fddb, target: &str, plan: &PlanFile, role: Role) -> Result<TrainingSet, TrainingError> {
+    let opts = DatasetOptions { role: Some(role), plan: Some(plan.clone()) };
     let mut normal_shapes: HashSet<String> = HashSet::new();
     let mut rows: Vec<(Sample, bool, String)> = Vec::new();
     fddb.for_each_tree(target, &opts, |row| {
