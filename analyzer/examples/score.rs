@@ -36,10 +36,17 @@ fn main() -> anyhow::Result<()> {
                 detected += alarm as u32;
                 let right = worst.1.as_deref() == Some(&c.to_string());
                 located += right as u32;
-                println!("run {run} {c}: worst P(normal) {:.3} top-1 {:?} {}", worst.0, worst.1, if right { "RIGHT" } else { "" });
+                println!(
+                    "run {run} {c}: worst P(normal) {:.3} top-1 {:?} {}",
+                    worst.0,
+                    worst.1,
+                    if right { "RIGHT" } else { "" }
+                );
             }
         }
     }
-    println!("fault runs {faults}: detected {detected}, top-1 located {located}; normal runs {normals}: {alarms} false alarms; threshold {t}");
+    println!(
+        "fault runs {faults}: detected {detected}, top-1 located {located}; normal runs {normals}: {alarms} false alarms; threshold {t}"
+    );
     Ok(())
 }

@@ -53,6 +53,15 @@ pub enum Which {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+    /// Online diagnosis: diagnoses per second, window close -> stored diagnosis p50/p99 and
+    /// the analyzer's RSS with four models loaded, against the same daemon without models.
+    Diagnose {
+        /// Traced processes (one window per process and second).
+        #[arg(long, default_value_t = 8)]
+        procs: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 pub fn run_bench(which: Which) -> Result<()> {
@@ -61,6 +70,7 @@ pub fn run_bench(which: Which) -> Result<()> {
         Which::Select { functions, blocks } => select_bench(functions, blocks),
         Which::Attach { reps } => crate::attach::attach_bench(reps),
         Which::Testbed { built, netns, duration } => testbed_bench(built, netns, duration),
+        Which::Diagnose { procs, seconds } => crate::bench_diagnose::diagnose_bench(procs, seconds),
     }
 }
 

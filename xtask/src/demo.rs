@@ -61,11 +61,9 @@ fn trace(bin: &Path, plan: &Path, agent_id: &str, prog: &Path, server: &str, dir
     terminate(agent)
 }
 
-pub fn run() -> Result<()> {
-    run_cmd(&mut cargo(&["build", "--workspace", "--bins"]))?;
-    let bin = target_dir().join("debug");
-    let dir = target_dir().join("demo");
-    std::fs::create_dir_all(&dir)?;
+/// Builds the bundled example program into `dir` (frame pointers, no inlining: every call
+/// stays a call).
+pub fn build_calltree(dir: &Path) -> Result<PathBuf> {
     let prog = dir.join("calltree");
     run_cmd(
         Command::new("gcc")
@@ -81,6 +79,15 @@ pub fn run() -> Result<()> {
             .arg(&prog)
             .arg(root().join("testbed/progs/calltree.c")),
     )?;
+    Ok(prog)
+}
+
+pub fn run() -> Result<()> {
+    run_cmd(&mut cargo(&["build", "--workspace", "--bins"]))?;
+    let bin = target_dir().join("debug");
+    let dir = target_dir().join("demo");
+    std::fs::create_dir_all(&dir)?;
+    let prog = build_calltree(&dir)?;
     let db = dir.join("afetm.sqlite");
     for ext in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(PathBuf::from(format!("{}{ext}", db.display())));

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod attach;
 mod bench;
+mod bench_diagnose;
 mod campaign;
 mod demo;
 mod demo_diagnosis;

@@ -1,0 +1,330 @@
+//! Diagnosis end to end on the real shop, and the daemon's answers to bad models and trees.
+//!
+//! The end-to-end test runs a small real campaign on the source-built redis (two functions,
+//! every fault type), trains the GCN under the campaign's plan (every function, event mode:
+//! the test's plan, so that it fits the test's time; the demo and the evaluation use a P = 10%
+//! selection), serves the model, traces the shop's redis with an agent running that plan, and
+//! injects a crash into `setGenericCommand` while the shop runs at the campaign's rate: a
+//! fresh injection training never saw. The diagnosis stored for the crashed window must raise
+//! an error and name `setGenericCommand` in its top-3, and arrive on WatchDiagnoses; a normal
+//! run before the injection raises no alarm. Root only (the campaign injects faults).
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use afetm_diagnosis::{
+    Class,
+    model::PlanKey,
+    train::{Sample, Target, TrainConfig, train},
+};
+use afetm_fault::FaultKind;
+use afetm_proto::{self as pb, query_client::QueryClient};
+
+fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("AFETM_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_afetm-analyzer")).parent().unwrap().to_path_buf());
+    dir.join(name)
+}
+
+struct Kill(Vec<Child>);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn serve(dir: &Path, port: u16, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_afetm-analyzer"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--window", "1s", "--db"])
+        .arg(dir.join("live.sqlite"))
+        .args(extra)
+        .stderr(std::fs::File::create(dir.join(format!("analyzer-{port}.log"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+async fn connect(port: u16, child: &mut Child) -> QueryClient<tonic::transport::Channel> {
+    let t = Instant::now();
+    loop {
+        if let Ok(c) = QueryClient::connect(format!("http://127.0.0.1:{port}")).await {
+            return c;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the analyzer exited");
+        assert!(t.elapsed() < Duration::from_secs(20), "the analyzer did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn tree(nodes: &[(&str, i32)]) -> pb::Tree {
+    pb::Tree {
+        nodes: nodes
+            .iter()
+            .map(|(f, p)| pb::TreeNode {
+                function: f.to_string(),
+                module: "m".into(),
+                color: pb::Color::White as i32,
+                parent: *p,
+                children: vec![],
+                calls: 1,
+            })
+            .collect(),
+        truncated: false,
+    }
+}
+
+/// A small model for module `m`: trees with an extra `bad` child under `root` are the fault.
+fn small_model(dir: &Path) -> PathBuf {
+    let fault = Class::Fault { function: "bad".into(), kind: FaultKind::Crash };
+    let samples: Vec<Sample> = (0..40)
+        .map(|i| {
+            let (t, class) = if i % 2 == 0 {
+                (tree(&[("root", -1), ("a", 0), ("b", 0)]), Class::Normal)
+            } else {
+                (tree(&[("root", -1), ("a", 0), ("bad", 0)]), fault.clone())
+            };
+            Sample { tree: t, class: class.clone(), run: i, run_class: class }
+        })
+        .collect();
+    let target = Target { name: "small".into(), module: "m".into(), plan: PlanKey::default(), window_ms: 1000 };
+    let model = train(&samples, target, &TrainConfig { epochs: 30, ..Default::default() }, |_| {}).unwrap();
+    let out = dir.join("small-model");
+    model.save(&out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_models_and_trees_get_clear_errors_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = small_model(dir.path());
+
+    // A corrupt weights file: the daemon refuses to start and says which file.
+    let corrupt = dir.path().join("corrupt-model");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::copy(good.join("manifest.json"), corrupt.join("manifest.json")).unwrap();
+    std::fs::write(corrupt.join("model.safetensors"), b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_afetm-analyzer"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(dir.path().join("x.sqlite"))
+        .arg("--model")
+        .arg(&corrupt)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("model weights") && err.contains("corrupt-model"), "{err}");
+    // Two models for the same module: refused, naming both.
+    let out = Command::new(env!("CARGO_BIN_EXE_afetm-analyzer"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(dir.path().join("x.sqlite"))
+        .arg("--model")
+        .arg(&good)
+        .arg("--model")
+        .arg(&good)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("both for module \"m\""), "{err}");
+
+    let port = 27431;
+    let mut child = serve(dir.path(), port, &["--model", good.to_str().unwrap()]);
+    let mut q = connect(port, &mut child).await;
+    let _kill = Kill(vec![child]);
+    // A malformed tree (a parent after its child).
+    let bad = pb::Tree { nodes: tree(&[("root", 1), ("a", -1)]).nodes, truncated: false };
+    let e = q.diagnose(pb::DiagnoseRequest { model: String::new(), tree: Some(bad), top_k: 0 }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("malformed tree"), "{e}");
+    // A model for another target.
+    let req = pb::DiagnoseRequest { model: "redis".into(), tree: Some(tree(&[("root", -1)])), top_k: 0 };
+    let e = q.diagnose(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("no model for target \"redis\""), "{e}");
+    // Still serving: the faulty tree is diagnosed as the fault, the normal one is not.
+    let faulty = tree(&[("root", -1), ("a", 0), ("bad", 0)]);
+    let d = q
+        .diagnose(pb::DiagnoseRequest { model: "small".into(), tree: Some(faulty), top_k: 2 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.error, "{d:?}");
+    assert_eq!(d.top[0].function, "bad");
+    assert_eq!(d.top.len(), 1, "only one fault class exists");
+    let normal = tree(&[("root", -1), ("a", 0), ("b", 0)]);
+    let d = q
+        .diagnose(pb::DiagnoseRequest { model: String::new(), tree: Some(normal), top_k: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!d.error, "{d:?}");
+}
+
+fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run_ok(c: &mut Command) {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes into our timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn load(cfg: &testbed::Config, secs: u64) -> testbed::load::Report {
+    let mut l = testbed::load::LoadConfig::new(cfg.url());
+    l.items = cfg.seed_items;
+    l.connections = 4;
+    l.rate = Some(RATE);
+    l.duration = Duration::from_secs(secs);
+    l.warmup = Duration::ZERO;
+    testbed::load::run(&l).unwrap()
+}
+
+const RATE: f64 = 200.0;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_crash_on_the_real_shop_is_diagnosed_online() {
+    if !is_root() {
+        eprintln!("SKIPPED: the campaign starts the testbed and injects faults; run as root (cargo xtask test)");
+        return;
+    }
+    let Some(binaries) = testbed::build::binaries(&testbed::build::cache_dir()) else {
+        panic!("source builds missing: cargo xtask testbed build");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let fddb = dir.path().join("fddb.sqlite");
+    run_ok(
+        Command::new(bin("afetm-campaign"))
+            .args(["redis", "--scope", "functions:setGenericCommand,getGenericCommand", "--db"])
+            .arg(&fddb)
+            .arg("--work-dir")
+            .arg(dir.path().join("campaign"))
+            .arg("--bin-dir")
+            .arg(bin(""))
+            .args(["--base-port", "27180", "--cap", "2", "--eval-runs", "0", "--normal-runs", "6", "--sample", "2s"])
+            .args(["--rate", &RATE.to_string()]),
+    );
+    let redis = binaries.redis.clone();
+    let plan = dir.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        serde_json::json!({"target": {"path": redis}, "points": [{"function": "*", "mode": "event"}]}).to_string(),
+    )
+    .unwrap();
+    let model = dir.path().join("model");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_afetm-analyzer"))
+            .args(["train", "--target", "redis", "--fddb"])
+            .arg(&fddb)
+            .arg("--plan")
+            .arg(&plan)
+            .arg("--out")
+            .arg(&model),
+    );
+
+    let mut cfg = testbed::Config::new(dir.path().join("shop"));
+    cfg.base_port = 27280;
+    cfg.apaches = 1;
+    cfg.binaries = binaries;
+    let _ = testbed::down(&cfg);
+    testbed::up(&cfg).unwrap();
+    struct Down(testbed::Config);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = testbed::down(&self.0);
+        }
+    }
+    let _down = Down(cfg.clone());
+
+    let port = 27432;
+    let mut analyzer = serve(dir.path(), port, &["--model", model.to_str().unwrap()]);
+    let mut q = connect(port, &mut analyzer).await;
+    let mut procs = Kill(vec![analyzer]);
+    let mut watch = q
+        .watch_diagnoses(pb::WatchDiagnosesRequest { agent_id: "live".into(), errors_only: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let ready = dir.path().join("agent.ready");
+    procs.0.push(
+        Command::new(bin("afetm-agent"))
+            .arg("--plan")
+            .arg(&plan)
+            .args(["--analyzer", &format!("http://127.0.0.1:{port}"), "--agent-id", "live", "--ready-file"])
+            .arg(&ready)
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while !ready.exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "agent not ready");
+        sleep(Duration::from_millis(50));
+    }
+    // A normal run, then the crash injected while the shop runs.
+    let normal = load(&cfg, 4);
+    assert_eq!(normal.errors, 0);
+    let normal_end = monotonic_ns();
+    let pid = testbed::servers(&cfg).unwrap().into_iter().find(|s| s.name.starts_with("redis")).unwrap().pid;
+    let injected_at = monotonic_ns();
+    let mut inject = Command::new(bin("afetm-inject"))
+        .arg("--module")
+        .arg(&redis)
+        .args(["--function", "setGenericCommand", "--fault", "crash", "--pid", &pid.to_string(), "--foreign"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _ = load(&cfg, 3);
+    let _ = inject.kill();
+    let _ = inject.wait();
+    // The crashed process's exit closes its windows.
+    let found = tokio::time::timeout(Duration::from_secs(20), watch.message()).await;
+    let watched = found.expect("no error diagnosis on WatchDiagnoses").unwrap().expect("stream ended");
+    let all = q
+        .list_diagnoses(pb::ListDiagnosesRequest { agent_id: "live".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .diagnoses;
+    let report: Vec<String> = all
+        .iter()
+        .map(|d| {
+            format!(
+                "{} [{}..{}] err={} p={:.3} {:?}",
+                d.window_id,
+                d.start_ns,
+                d.end_ns,
+                d.error,
+                d.p_normal,
+                d.top.first().map(|s| (&s.kind, &s.function))
+            )
+        })
+        .collect();
+    let before: Vec<&pb::Diagnosis> = all.iter().filter(|d| d.end_ns <= normal_end && d.pid == pid).collect();
+    assert!(!before.is_empty(), "no window of the normal run was diagnosed: {report:#?}");
+    assert!(before.iter().all(|d| !d.error), "false alarm in the normal run: {report:#?}");
+    let crashed: Vec<&pb::Diagnosis> = all.iter().filter(|d| d.end_ns > injected_at && d.error).collect();
+    assert!(!crashed.is_empty(), "no error after the injection: {report:#?}");
+    assert!(crashed.iter().any(|d| d.window_id == watched.window_id), "WatchDiagnoses sent {watched:?}");
+    let worst = crashed.iter().min_by(|a, b| a.p_normal.total_cmp(&b.p_normal)).unwrap();
+    assert!(
+        worst.top.iter().take(3).any(|s| s.function == "setGenericCommand"),
+        "the injected function is not in the top-3: {worst:?}\n{report:#?}"
+    );
+}
