@@ -80,6 +80,22 @@ enum Cmd {
         #[arg(long, default_value_t = TrainConfig::default().patience)]
         patience: usize,
     },
+    /// Diagnose stored AFCTs with a loaded model (Query.Diagnose): every thread of a window,
+    /// or one; prints the verdict and the AFCT with the suspects marked.
+    Diagnose {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        #[arg(long)]
+        window: u64,
+        /// Only this thread (default: every thread of the window).
+        #[arg(long)]
+        tid: Option<u32>,
+        /// The model's target name (default: the only model loaded).
+        #[arg(long, default_value = "")]
+        model: String,
+        #[arg(long, default_value_t = 3)]
+        top_k: u32,
+    },
     /// Print the stored diagnoses, one line per window; --follow prints new ones as they come.
     Diagnoses {
         #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -355,6 +371,9 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Train { fddb, target, plan, out, seed, epochs, patience } => {
             let cfg = TrainConfig { seed, epochs, patience, ..Default::default() };
             tokio::task::spawn_blocking(move || cli_diagnosis::train(&fddb, &target, &plan, &out, &cfg)).await?
+        }
+        Cmd::Diagnose { server, window, tid, model, top_k } => {
+            cli_diagnosis::diagnose_stored(&server, window, tid, model, top_k).await
         }
         Cmd::Diagnoses { server, agent, errors, follow, last, window, tree } => {
             let listing = cli_diagnosis::Listing { agent, window, errors, follow, last, tree };

@@ -161,6 +161,40 @@ fn unroll(
     true
 }
 
+/// The AFCT (Alg. 3) the analyzer builds from the events an agent running a plan sends while
+/// the thread does what `fct` (its full trace) records: every call of a `traced` function is
+/// an event (function, caller) with the caller as the full trace saw it, and a function of
+/// `callstack` (F^callstack) also sends its call stack, the FCT's path above it.
+///
+/// This is Alg. 2's masked colored FCT when F^callstack is complete for `fct`; when it is not
+/// (F^callstack was found on other normal FCTs), it is what the daemon really sees: a traced
+/// function whose untraced ancestors are not known hangs under its immediate caller alone.
+/// `calls` on a full-trace node is its (caller, callee) edge's count, so each edge is taken
+/// once, not summed over the nodes that repeat it.
+pub fn from_fct(fct: &Forest, traced: &HashSet<FuncId>, callstack: &HashSet<FuncId>, node_cap: usize) -> Forest {
+    let mut data = TraceData::new();
+    for node in &fct.nodes {
+        if !traced.contains(&node.func) {
+            continue;
+        }
+        let caller = node.parent.map(|p| fct.nodes[p as usize].func);
+        data.edges.insert((caller, node.func), node.calls.max(1));
+        if callstack.contains(&node.func) {
+            let mut up = node.parent;
+            while let Some(p) = up {
+                let parent = &fct.nodes[p as usize];
+                let grand = parent.parent.map(|g| fct.nodes[g as usize].func);
+                if let Some(g) = grand {
+                    data.edges.entry((Some(g), parent.func)).or_insert(0);
+                }
+                up = parent.parent;
+            }
+        }
+    }
+    data.build(node_cap)
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +202,33 @@ mod tests {
 
     fn ids(t: &mut FuncTable, names: &[&str]) -> Vec<FuncId> {
         names.iter().map(|n| t.intern("m", n)).collect()
+    }
+
+    #[test]
+    fn from_fct_is_the_masked_fct_with_a_complete_callstack_set_and_an_orphan_without() {
+        // Full trace: main -> u1 -> u2 -> leaf (x3), main -> u1 -> other.
+        let mut t = FuncTable::default();
+        let f = ids(&mut t, &["main", "u1", "u2", "leaf", "other"]);
+        let (main, u1, u2, leaf, other) = (f[0], f[1], f[2], f[3], f[4]);
+        let mut full = TraceData::new();
+        full.add_call(u1, Some(main), &[]);
+        full.add_call(u2, Some(u1), &[]);
+        for _ in 0..3 {
+            full.add_call(leaf, Some(u2), &[]);
+        }
+        full.add_call(other, Some(u1), &[]);
+        let fct = full.build(DEFAULT_NODE_CAP);
+        let traced: HashSet<FuncId> = [leaf, other].into();
+        let with = from_fct(&fct, &traced, &[leaf].into(), DEFAULT_NODE_CAP);
+        let colored = crate::coloring::color(std::slice::from_ref(&fct), &traced);
+        assert_eq!(with.canonical(&t), crate::coloring::mask_red(&colored.fcts[0]).canonical(&t));
+        assert_eq!(with.nodes.iter().find(|n| n.func == leaf).unwrap().calls, 3);
+        // Without leaf's stack, the agent only knows leaf's caller u2: an orphan root.
+        let without = from_fct(&fct, &traced, &HashSet::new(), DEFAULT_NODE_CAP);
+        assert_eq!(
+            without.canonical(&t),
+            vec!["0 m!u1 Blue", "1 m!other White", "0 m!u2 Blue", "1 m!leaf White"]
+        );
     }
 
     #[test]

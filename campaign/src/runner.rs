@@ -14,8 +14,10 @@
 //!    which full tracing lost no event and the shop kept the rate, times 0.75 (stored).
 //! 5. Normal runs, then per fault its training runs (until one adds no FCT new for that fault,
 //!    at most `cap`) and its evaluation runs. A run: the target's tier restarted (Apache with
-//!    the shop database restored from a pristine copy), one `afetm-inject` per target process,
-//!    the CRUD mix at the fixed rate for `window`, the tier killed (its processes' exits close
+//!    the shop database restored from a pristine copy), the CRUD mix at the fixed rate, one
+//!    `afetm-inject` per target process after a fault-free lead drawn uniformly in
+//!    [0, `window`) (a fault does not strike at a window's start in production either), the
+//!    mix for `window` more, the tier killed (its processes' exits close
 //!    their windows at once and end the injectors, which report where and when they applied
 //!    the fault) and started again in the background for the next run, the windows' FCTs
 //!    labelled ([`crate::label`]), drops and logs.
@@ -209,6 +211,8 @@ struct Session {
     rate: f64,
     /// The target's tier starting in the background for the next run.
     next_tier: std::sync::Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
+    /// Draws each run's fault-free lead (see `run_once`).
+    leads: std::sync::Mutex<rand::rngs::StdRng>,
     _analyzer: Proc,
 }
 
@@ -236,6 +240,10 @@ impl Session {
     /// The CRUD mix for `duration` at `rate` (None: closed loop), the same request sequence
     /// every time; a request unanswered after [`REQUEST_TIMEOUT`] counts as failed.
     fn load(&self, duration: Duration, rate: Option<f64>) -> Result<testbed::load::Report> {
+        testbed::load::run(&self.load_config(duration, rate))
+    }
+
+    fn load_config(&self, duration: Duration, rate: Option<f64>) -> testbed::load::LoadConfig {
         let mut l = testbed::load::LoadConfig::new(self.stack.url());
         l.connections = self.cfg.connections;
         l.duration = duration;
@@ -243,7 +251,15 @@ impl Session {
         l.rate = rate;
         l.items = self.stack.seed_items;
         l.request_timeout = REQUEST_TIMEOUT;
-        testbed::load::run(&l)
+        l
+    }
+
+    /// A fault-free lead, uniform in [0, window): production windows do not start when a
+    /// fault strikes, so neither do the campaign's.
+    fn lead(&self) -> Duration {
+        use rand::RngExt;
+        let frac: f64 = self.leads.lock().unwrap_or_else(|e| e.into_inner()).random_range(0.0..1.0);
+        self.cfg.window.mul_f64(frac)
     }
 
     fn query<T>(&self, f: impl AsyncFnOnce(QueryClient<tonic::transport::Channel>) -> Result<T>) -> Result<T> {
@@ -356,12 +372,18 @@ impl Session {
         // Past the per-fault timeout the target's processes are killed, which ends the
         // injectors (their victims are gone) and makes the rest of the workload fail fast.
         let watchdog = Watchdog::start(victims.clone(), started + self.cfg.fault_timeout);
+        // The workload starts at the cut; the fault comes after a fault-free lead, so the
+        // window it strikes in also holds normal requests, as in production.
+        let lead = self.lead();
+        let l = self.load_config(lead + self.cfg.window, Some(self.rate));
+        let load = std::thread::spawn(move || testbed::load::run(&l));
+        std::thread::sleep(lead);
         let (injectors, mut problems) = match fault {
             Some((function, f)) => self.inject(&victims, function, f)?,
             None => (Vec::new(), Vec::new()),
         };
         let injected = Instant::now();
-        let report = self.load(self.cfg.window, Some(self.rate))?;
+        let report = load.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
         let loaded = Instant::now();
         let died = victims.iter().any(|p| state(*p).is_none_or(|s| s == 'Z' || s == 'X'));
         let stopped = victims.iter().any(|p| state(*p) == Some('T'));
@@ -760,6 +782,7 @@ pub fn run(cfg: &Config, progress: bool) -> Result<Outcome> {
         pristine: None,
         rate: settings.rate,
         next_tier: std::sync::Mutex::new(None),
+        leads: std::sync::Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed)),
         _analyzer: analyzer,
     };
     let result = campaign(&mut s, &mut db, target, &m, &mut settings, progress);

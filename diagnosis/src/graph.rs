@@ -15,7 +15,8 @@
 //! **Node features** (nothing scales with the request rate: the campaign drives a low fixed
 //! rate, production runs at full load): the function's vocabulary index (an embedding row in
 //! the model; [`UNKNOWN`] for functions the model never saw), white / blue one-hot, the node's
-//! share of the tree's calls and its square root, and its depth below the trimmed roots
+//! share of the tree's calls (traced nodes only: blue nodes of an AFCT carry no count) and its
+//! square root, and its depth below the trimmed roots
 //! (divided by [`DEPTH_SCALE`], capped at 1). `calls` on a node counts its (caller, callee)
 //! edge in that thread, not its calling context (afetm folds recursion), so the share is one of
 //! that edge's calls.
@@ -121,7 +122,11 @@ impl Graph {
         let mut new_index = vec![u32::MAX; n];
         let mut g = Graph { rows: Vec::new(), dense: Vec::new(), edges: Vec::new(), source: Vec::new() };
         let mut depth = vec![0u32; n];
-        let total: u64 = (0..n).filter(|i| keep[*i]).map(|i| tree.nodes[i].calls).sum();
+        let white = |i: usize| tree.nodes[i].color == pb::Color::White as i32;
+        // Only traced nodes' calls count: an AFCT's blue nodes come from call stacks and carry
+        // none, while a masked FCT's blue nodes still hold their full-trace counts.
+        let calls = |i: usize| if white(i) { tree.nodes[i].calls } else { 0 };
+        let total: u64 = (0..n).filter(|i| keep[*i]).map(calls).sum();
         for i in (0..n).filter(|i| keep[*i]) {
             let node = &tree.nodes[i];
             let up = parent[i].filter(|p| keep[*p]);
@@ -132,11 +137,10 @@ impl Graph {
             new_index[i] = g.rows.len() as u32;
             g.source.push(i as u32);
             g.rows.push(vocab.row(&node.module, &node.function));
-            let share = if total == 0 { 0.0 } else { node.calls as f32 / total as f32 };
-            let white = node.color == pb::Color::White as i32;
+            let share = if total == 0 { 0.0 } else { calls(i) as f32 / total as f32 };
             g.dense.extend([
-                white as u8 as f32,
-                !white as u8 as f32,
+                white(i) as u8 as f32,
+                !white(i) as u8 as f32,
                 share,
                 share.sqrt(),
                 (depth[i] as f32 / DEPTH_SCALE).min(1.0),

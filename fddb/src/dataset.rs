@@ -9,9 +9,11 @@
 //! `truncated` says the analyzer's node cap cut the tree. `label` is `"normal"` for trees of normal runs and for trees of fault runs the fault did not
 //! reach. `nodes` are in preorder; `calls` is the count of the (parent, node) edge in that
 //! thread and window, not of that calling context (afetm folds recursion). With a plan, every
-//! tree is colored against the plan's trace points (Algorithm 2) and its red nodes are masked:
-//! exactly the tree an agent running that plan would give the analyzer (Algorithm 3's AFCT),
-//! which is what the diagnosis model sees at run time. Runs that dropped events or never
+//! tree is the AFCT (Algorithm 3) the analyzer would build from the events an agent running
+//! that plan sends (`afct::from_fct`): the plan's functions with their callers, call stacks for
+//! its F^callstack. When the plan's F^callstack is complete for the tree this is Algorithm 2's
+//! colored FCT with its red nodes masked; when not (F^callstack came from other normal FCTs),
+//! it is still exactly what the diagnosis model sees at run time. Runs that dropped events or never
 //! applied their fault are not written.
 
 use std::{
@@ -20,8 +22,8 @@ use std::{
 };
 
 use afetm_calltree::{
-    coloring,
-    tree::{Color, Forest, FuncTable},
+    afct,
+    tree::{Color, Forest, FuncId, FuncTable},
 };
 use afetm_proto::plan::{Mode, PlanFile};
 use rusqlite::params;
@@ -83,15 +85,22 @@ struct Line<'a> {
     nodes: Vec<Node<'a>>,
 }
 
-/// The plan's trace points as function names, checked against what the campaign traced.
-fn plan_points(plan: &PlanFile, traced: &HashSet<String>) -> Result<HashSet<String>, FddbError> {
+/// The plan's trace points (event or callstack mode) and its F^callstack, as function names,
+/// checked against what the campaign traced.
+struct Points {
+    traced: HashSet<String>,
+    callstack: HashSet<String>,
+}
+
+fn plan_points(plan: &PlanFile, traced: &HashSet<String>) -> Result<Points, FddbError> {
     let mut points = HashSet::new();
+    let mut callstack = HashSet::new();
     for p in plan.points.iter().filter(|p| p.mode != Mode::Count) {
-        if p.function == "*" {
-            points.extend(traced.iter().cloned());
-        } else {
-            points.insert(p.function.clone());
+        let names: Vec<String> = if p.function == "*" { traced.iter().cloned().collect() } else { vec![p.function.clone()] };
+        if p.mode == Mode::Callstack {
+            callstack.extend(names.iter().cloned());
         }
+        points.extend(names);
     }
     let mut outside: Vec<&String> = points.iter().filter(|f| !traced.contains(*f)).collect();
     if !outside.is_empty() {
@@ -104,21 +113,23 @@ fn plan_points(plan: &PlanFile, traced: &HashSet<String>) -> Result<HashSet<Stri
             if n > 5 { ", ..." } else { "" }
         )));
     }
-    Ok(points)
+    Ok(Points { traced: points, callstack })
 }
 
-/// Colors `forest` against `points` of `module` (Alg. 2) and masks its red nodes.
-fn as_afct(forest: &Forest, table: &FuncTable, module: &str, points: &HashSet<String>) -> Forest {
-    let traced = (0..)
-        .map(afetm_calltree::tree::FuncId)
-        .take_while(|id| (id.0 as usize) < table.len())
-        .filter(|id| {
-            let f = table.get(*id);
-            &*f.module == module && points.contains(&*f.name)
-        })
-        .collect();
-    let colored = coloring::color(std::slice::from_ref(forest), &traced);
-    coloring::mask_red(&colored.fcts[0])
+/// The AFCT an agent running the plan would give the analyzer for this full-trace FCT
+/// ([`afct::from_fct`]; Alg. 2's masked colored FCT when F^callstack is complete for it).
+fn as_afct(forest: &Forest, table: &FuncTable, module: &str, points: &Points) -> Forest {
+    let ids = |names: &HashSet<String>| -> HashSet<FuncId> {
+        (0..)
+            .map(FuncId)
+            .take_while(|id| (id.0 as usize) < table.len())
+            .filter(|id| {
+                let f = table.get(*id);
+                &*f.module == module && names.contains(&*f.name)
+            })
+            .collect()
+    };
+    afct::from_fct(forest, &ids(&points.traced), &ids(&points.callstack), afct::DEFAULT_NODE_CAP)
 }
 
 /// One tree of the dataset as [`Fddb::for_each_tree`] hands it out.
