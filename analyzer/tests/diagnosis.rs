@@ -4,10 +4,12 @@
 //! every fault type), trains the GCN under the campaign's plan (every function, event mode:
 //! the test's plan, so that it fits the test's time; the demo and the evaluation use a P = 10%
 //! selection), serves the model, traces the shop's redis with an agent running that plan, and
-//! injects a crash into `setGenericCommand` while the shop runs at the campaign's rate: a
-//! fresh injection training never saw. The diagnosis stored for the crashed window must raise
-//! an error and name `setGenericCommand` in its top-3, and arrive on WatchDiagnoses; a normal
-//! run before the injection raises no alarm. Root only (the campaign injects faults).
+//! injects the campaign's corruption of `setGenericCommand`'s second parameter while the shop
+//! runs at the campaign's rate: a fresh injection training never saw. A window after the
+//! injection must raise an error naming `setGenericCommand` in its top-3, and arrive on
+//! WatchDiagnoses; a normal run before the injection raises no alarm. (Not a crash: a crashed
+//! thread's tree is a normal tree cut short, whichever function stopped it.) Root only (the
+//! campaign injects faults).
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -221,6 +223,21 @@ async fn a_fresh_crash_on_the_real_shop_is_diagnosed_online() {
             .args(["--rate", &RATE.to_string()]),
     );
     let redis = binaries.redis.clone();
+    let fault = afetm_fddb::Fddb::open(&fddb)
+        .unwrap()
+        .export_lines()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| {
+            v["type"] == "fault"
+                && v["function"] == "setGenericCommand"
+                && v["fault"].as_str().unwrap().starts_with("input:1:")
+        })
+        .expect("the campaign planned no corruption of setGenericCommand's second parameter")["fault"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let plan = dir.path().join("plan.json");
     std::fs::write(
         &plan,
@@ -286,14 +303,17 @@ async fn a_fresh_crash_on_the_real_shop_is_diagnosed_online() {
     let mut inject = Command::new(bin("afetm-inject"))
         .arg("--module")
         .arg(&redis)
-        .args(["--function", "setGenericCommand", "--fault", "crash", "--pid", &pid.to_string(), "--foreign"])
+        .args(["--function", "setGenericCommand", "--fault", &fault, "--pid", &pid.to_string(), "--foreign"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let _ = load(&cfg, 3);
     let _ = inject.kill();
     let _ = inject.wait();
-    // The crashed process's exit closes its windows.
+    // Stopping the agent closes the last windows.
+    let mut agent = procs.0.remove(1);
+    let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
+    let _ = agent.wait();
     let found = tokio::time::timeout(Duration::from_secs(20), watch.message()).await;
     let watched = found.expect("no error diagnosis on WatchDiagnoses").unwrap().expect("stream ended");
     let all = q
@@ -319,10 +339,10 @@ async fn a_fresh_crash_on_the_real_shop_is_diagnosed_online() {
     let before: Vec<&pb::Diagnosis> = all.iter().filter(|d| d.end_ns <= normal_end && d.pid == pid).collect();
     assert!(!before.is_empty(), "no window of the normal run was diagnosed: {report:#?}");
     assert!(before.iter().all(|d| !d.error), "false alarm in the normal run: {report:#?}");
-    let crashed: Vec<&pb::Diagnosis> = all.iter().filter(|d| d.end_ns > injected_at && d.error).collect();
-    assert!(!crashed.is_empty(), "no error after the injection: {report:#?}");
-    assert!(crashed.iter().any(|d| d.window_id == watched.window_id), "WatchDiagnoses sent {watched:?}");
-    let worst = crashed.iter().min_by(|a, b| a.p_normal.total_cmp(&b.p_normal)).unwrap();
+    let faulty: Vec<&pb::Diagnosis> = all.iter().filter(|d| d.end_ns > injected_at && d.error).collect();
+    assert!(!faulty.is_empty(), "no error after the injection: {report:#?}");
+    assert!(faulty.iter().any(|d| d.window_id == watched.window_id), "WatchDiagnoses sent {watched:?}");
+    let worst = faulty.iter().min_by(|a, b| a.p_normal.total_cmp(&b.p_normal)).unwrap();
     assert!(
         worst.top.iter().take(3).any(|s| s.function == "setGenericCommand"),
         "the injected function is not in the top-3: {worst:?}\n{report:#?}"

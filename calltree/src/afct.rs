@@ -194,7 +194,6 @@ pub fn from_fct(fct: &Forest, traced: &HashSet<FuncId>, callstack: &HashSet<Func
     data.build(node_cap)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,10 +224,7 @@ mod tests {
         assert_eq!(with.nodes.iter().find(|n| n.func == leaf).unwrap().calls, 3);
         // Without leaf's stack, the agent only knows leaf's caller u2: an orphan root.
         let without = from_fct(&fct, &traced, &HashSet::new(), DEFAULT_NODE_CAP);
-        assert_eq!(
-            without.canonical(&t),
-            vec!["0 m!u1 Blue", "1 m!other White", "0 m!u2 Blue", "1 m!leaf White"]
-        );
+        assert_eq!(without.canonical(&t), vec!["0 m!u1 Blue", "1 m!other White", "0 m!u2 Blue", "1 m!leaf White"]);
     }
 
     #[test]

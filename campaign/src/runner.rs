@@ -14,7 +14,8 @@
 //!    which full tracing lost no event and the shop kept the rate, times 0.75 (stored).
 //! 5. Normal runs, then per fault its training runs (until one adds no FCT new for that fault,
 //!    at most `cap`) and its evaluation runs. A run: the target's tier restarted (Apache with
-//!    the shop database restored from a pristine copy), the CRUD mix at the fixed rate, one
+//!    the shop database restored from a pristine copy) and warmed up with the CRUD mix for
+//!    0.5 s (its windows start after that), the CRUD mix at the fixed rate, one
 //!    `afetm-inject` per target process after a fault-free lead drawn uniformly in
 //!    [0, `window`) (a fault does not strike at a window's start in production either), the
 //!    mix for `window` more, the tier killed (its processes' exits close
@@ -195,6 +196,11 @@ fn ms(d: Duration) -> u64 {
 type Injector = (Proc, PathBuf);
 
 /// One tree the analyzer built for a target process.
+/// The workload a restarted tier gets before a run's windows start: a fresh process takes
+/// paths a long-running one no longer does (lazy initialization, tables growing from empty),
+/// and production diagnoses long-running processes.
+const WARM_UP: Duration = Duration::from_millis(500);
+
 struct Fct {
     window: Window,
     forest: Forest,
@@ -477,8 +483,10 @@ impl Session {
         let tier = self.cfg.target.tier();
         testbed::stop_tier(&self.stack, tier)?;
         let (stack, pristine) = (self.stack.clone(), self.pristine.clone());
+        let warm = self.load_config(WARM_UP, Some(self.rate));
         let handle = std::thread::spawn(move || {
-            testbed::start_tier(&stack, tier, pristine.as_deref()).map(|_| ()).context("restarting the target's tier")
+            testbed::start_tier(&stack, tier, pristine.as_deref()).context("restarting the target's tier")?;
+            testbed::load::run(&warm).map(|_| ()).context("warming the restarted tier up")
         });
         *self.next_tier.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(())
@@ -493,8 +501,8 @@ impl Session {
                 let tier = self.cfg.target.tier();
                 testbed::stop_tier(&self.stack, tier)?;
                 testbed::start_tier(&self.stack, tier, self.pristine.as_deref())
-                    .map(|_| ())
-                    .context("restarting the target's tier")
+                    .context("restarting the target's tier")?;
+                self.load(WARM_UP, Some(self.rate)).map(|_| ()).context("warming the restarted tier up")
             }
         }
     }

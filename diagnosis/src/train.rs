@@ -9,8 +9,8 @@
 //!   `unknown_dropout` so that row learns something useful.
 //! * **Loss**: softmax cross-entropy weighted per class by inverse frequency (faults have a few
 //!   trees each, `normal` has many), AdamW, mini-batches of whole trees as one disjoint union.
-//! * **Early stopping** on validation accuracy (ties broken by validation loss), keeping the
-//!   best epoch's weights; fixed seed, so one thread gives the same model every time.
+//! * **Early stopping** on validation accuracy (ties broken by validation loss), not before
+//!   `min_epochs`, keeping the best epoch's weights; fixed seed, so one thread gives the same model every time.
 //! * **Threshold**: alarm when P(normal) < t, with t the largest value at which at most
 //!   `alarm_rate` of the normal validation trees alarm.
 
@@ -62,8 +62,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Most epochs.
     pub epochs: usize,
-    /// Stop after this many epochs without a better validation result.
+    /// Stop after this many epochs without a better validation result...
     pub patience: usize,
+    /// ...but never before this epoch (small validation splits peak early by chance).
+    pub min_epochs: usize,
     /// AdamW learning rate.
     pub lr: f64,
     /// AdamW weight decay.
@@ -90,6 +92,7 @@ impl Default for TrainConfig {
             seed: 2026,
             epochs: 150,
             patience: 25,
+            min_epochs: 60,
             lr: 0.005,
             weight_decay: 1e-4,
             batch: 32,
@@ -255,7 +258,7 @@ fn fit(
         if better {
             let snap = net.tensors().into_iter().map(|(k, t)| t.copy().map(|t| (k, t))).collect::<Result<_, _>>()?;
             best = Some((acc, val_loss, epoch, snap));
-        } else if best.as_ref().is_some_and(|(_, _, e, _)| epoch - e >= cfg.patience) {
+        } else if epoch >= cfg.min_epochs && best.as_ref().is_some_and(|(_, _, e, _)| epoch - e >= cfg.patience) {
             break;
         }
     }

@@ -146,7 +146,7 @@ fn target() -> Target {
 #[test]
 fn learns_the_node_with_an_extra_child_and_round_trips() {
     let train_set = dataset(7, 700);
-    let cfg = TrainConfig { epochs: 60, patience: 15, ..Default::default() };
+    let cfg = TrainConfig { epochs: 60, patience: 15, min_epochs: 20, ..Default::default() };
     let model = train(&train_set, target(), &cfg, |e| {
         eprintln!("epoch {} loss {:.4} val {:.3}", e.epoch, e.loss, e.val_accuracy)
     })

@@ -96,7 +96,8 @@ fn plan_points(plan: &PlanFile, traced: &HashSet<String>) -> Result<Points, Fddb
     let mut points = HashSet::new();
     let mut callstack = HashSet::new();
     for p in plan.points.iter().filter(|p| p.mode != Mode::Count) {
-        let names: Vec<String> = if p.function == "*" { traced.iter().cloned().collect() } else { vec![p.function.clone()] };
+        let names: Vec<String> =
+            if p.function == "*" { traced.iter().cloned().collect() } else { vec![p.function.clone()] };
         if p.mode == Mode::Callstack {
             callstack.extend(names.iter().cloned());
         }

@@ -194,16 +194,17 @@ pub fn marked(tree: &pb::Tree, d: &pb::Diagnosis, max_lines: usize) -> String {
 
 /// `afetm-analyzer diagnose`: stored AFCTs of a window through `Query.Diagnose`.
 pub async fn diagnose_stored(server: &str, window: u64, tid: Option<u32>, model: String, top_k: u32) -> Result<()> {
-    let mut q = QueryClient::connect(server.to_string())
-        .await
-        .with_context(|| format!("cannot reach analyzer at {server}"))?;
-    let windows = q.list_windows(pb::ListWindowsRequest { closed_only: true, ..Default::default() }).await?.into_inner().windows;
+    let mut q =
+        QueryClient::connect(server.to_string()).await.with_context(|| format!("cannot reach analyzer at {server}"))?;
+    let windows =
+        q.list_windows(pb::ListWindowsRequest { closed_only: true, ..Default::default() }).await?.into_inner().windows;
     let w = windows.iter().find(|w| w.id == window).with_context(|| format!("no closed window {window}"))?;
     for t in w.tids.iter().filter(|t| tid.is_none_or(|x| x == **t)) {
         let tree = q.get_afct(pb::GetAfctRequest { window_id: window, tid: *t }).await?.into_inner().tree;
         let req = pb::DiagnoseRequest { model: model.clone(), tree: tree.clone(), top_k };
         let mut d = q.diagnose(req).await.context("Query.Diagnose")?.into_inner();
-        (d.window_id, d.agent_id, d.pid, d.tid, d.start_ns, d.end_ns) = (w.id, w.agent_id.clone(), w.pid, *t, w.start_ns, w.end_ns);
+        (d.window_id, d.agent_id, d.pid, d.tid, d.start_ns, d.end_ns) =
+            (w.id, w.agent_id.clone(), w.pid, *t, w.start_ns, w.end_ns);
         println!("{}", line(&d));
         if let Some(tree) = tree {
             print!("{}", marked(&tree, &d, 40));
