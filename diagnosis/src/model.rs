@@ -141,7 +141,7 @@ pub struct TrainingSummary {
     pub best_epoch: usize,
     /// Validation accuracy (top-1 over all classes) of the kept weights.
     pub val_accuracy: f64,
-    /// Share of normal validation trees that raise an alarm at the threshold.
+    /// Share of the validation trees of normal runs that raise an alarm at the threshold.
     pub val_false_alarms: f64,
     /// Share of faulty validation trees that raise an alarm.
     pub val_detection: f64,

@@ -12,7 +12,9 @@
 //! * **Early stopping** on validation accuracy (ties broken by validation loss), not before
 //!   `min_epochs`, keeping the best epoch's weights; fixed seed, so one thread gives the same model every time.
 //! * **Threshold**: alarm when P(normal) < t, with t the largest value at which at most
-//!   `alarm_rate` of the normal validation trees alarm.
+//!   `alarm_rate` of the validation trees of normal runs alarm (fault-free windows: trees of
+//!   fault runs labelled normal may still be disturbed by the fault); with fewer than five such
+//!   trees, the training normal runs' trees are added.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -123,6 +125,8 @@ struct Prepared {
     graph: Graph,
     class: usize,
     normal: bool,
+    /// From a normal run (a fault-free window, what the alarm rate is about).
+    normal_run: bool,
 }
 
 /// Trains a model on `samples` for `target`; `progress` sees every epoch.
@@ -159,7 +163,7 @@ pub fn train(
                 summary.too_large += 1;
                 continue;
             }
-            out.push(Prepared { graph, class, normal: class == 0 });
+            out.push(Prepared { graph, class, normal: class == 0, normal_run: s.run_class == Class::Normal });
         }
         Ok(out)
     };
@@ -293,6 +297,9 @@ fn evaluate(net: &Gcn, set: &[Prepared], class_w: &Tensor, batch: usize) -> Resu
     Ok((right as f64 / set.len() as f64, loss / set.len() as f64))
 }
 
+/// Fewest fault-free trees the threshold is chosen on before training ones join.
+const MIN_CALIBRATION: usize = 5;
+
 /// The alarm threshold: the largest t with at most `rate` of `p_normal` below it.
 pub fn threshold(p_normal: &[f32], rate: f64) -> f32 {
     if p_normal.is_empty() {
@@ -351,10 +358,17 @@ fn finish(
         training: TrainingSummary::default(),
     };
     let mut model = Model::new(manifest, net);
-    // Threshold on the validation normals, or the training ones without a validation split.
-    let calib = if val.iter().any(|p| p.normal) { val } else { train };
-    let p = probabilities(&model, calib, cfg.batch)?;
-    let normals: Vec<f32> = calib.iter().zip(&p).filter(|(s, _)| s.normal).map(|(_, p)| p[0]).collect();
+    // Threshold on the trees of validation normal runs (fault-free windows); with fewer than
+    // MIN_CALIBRATION of them, the training normal runs' trees join.
+    let mut calib: Vec<&Prepared> = val.iter().filter(|p| p.normal_run).collect();
+    if calib.len() < MIN_CALIBRATION {
+        calib.extend(train.iter().filter(|p| p.normal_run));
+    }
+    let mut normals = Vec::with_capacity(calib.len());
+    for chunk in calib.chunks(cfg.batch.max(1)) {
+        let graphs: Vec<&Graph> = chunk.iter().map(|p| &p.graph).collect();
+        normals.extend(model.probabilities(&graphs)?.into_iter().map(|p| p[0]));
+    }
     let t = threshold(&normals, cfg.alarm_rate);
     model.manifest.threshold = t;
     if !val.is_empty() {
@@ -362,7 +376,8 @@ fn finish(
         let right = val.iter().zip(&p).filter(|(s, p)| argmax(p) == s.class).count();
         summary.val_accuracy = right as f64 / val.len() as f64;
         let rate = |normal: bool| {
-            let of: Vec<&Vec<f32>> = val.iter().zip(&p).filter(|(s, _)| s.normal == normal).map(|(_, p)| p).collect();
+            let of: Vec<&Vec<f32>> =
+                val.iter().zip(&p).filter(|(s, _)| if normal { s.normal_run } else { !s.normal }).map(|(_, p)| p).collect();
             of.iter().filter(|p| p[0] < t).count() as f64 / of.len().max(1) as f64
         };
         summary.val_false_alarms = rate(true);

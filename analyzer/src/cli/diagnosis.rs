@@ -28,7 +28,7 @@ pub fn train(fddb: &Path, target: &str, plan: &Path, out: &Path, cfg: &TrainConf
     let m = &model.manifest;
     let t = &m.training;
     println!(
-        "model for {} ({}) written to {}\n  training set: {} trees of {} runs ({} faulty trees trained as normal: masked equal to a normal tree; {} too large), validation: {} trees of {} runs\n  classes: {} (normal + {} (function, fault kind)), vocabulary: {} functions, plan: {} traced, {} callstack\n  epochs: {} (best {}), {:.1} s\n  validation accuracy {:.3}, threshold P(normal) < {:.4}: {:.1}% of normal validation trees alarm, {:.1}% of faulty ones",
+        "model for {} ({}) written to {}\n  training set: {} trees of {} runs ({} faulty trees trained as normal: masked equal to a normal tree; {} too large), validation: {} trees of {} runs\n  classes: {} (normal + {} (function, fault kind)), vocabulary: {} functions, plan: {} traced, {} callstack\n  epochs: {} (best {}), {:.1} s\n  validation accuracy {:.3}, threshold P(normal) < {:.4}: {:.1}% of validation trees of normal runs alarm, {:.1}% of faulty ones",
         m.target,
         m.module,
         out.display(),
