@@ -205,24 +205,11 @@ const RATE: f64 = 200.0;
 /// running (a crashed thread's tree is a normal tree cut short: no call tree names the function
 /// that stopped it). Read from training runs only.
 fn errors_fault(fddb: &Path) -> (String, String) {
-    let lines = afetm_fddb::Fddb::open(fddb).unwrap().export_lines().unwrap();
-    let mut by_fault: Vec<((String, String), Vec<String>)> = Vec::new();
-    for v in lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()) {
-        if v["type"] != "run" || v["role"] != "train" || v["status"] != "ok" || v["fault"].is_null() {
-            continue;
-        }
-        let key = (v["function"].as_str().unwrap().to_string(), v["fault"].as_str().unwrap().to_string());
-        let m = v["manifestation"].as_str().unwrap().to_string();
-        match by_fault.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, ms)) => ms.push(m),
-            None => by_fault.push((key, vec![m])),
-        }
-    }
-    by_fault
-        .iter()
-        .find(|(_, ms)| ms.iter().all(|m| m == "errors"))
-        .map(|(k, _)| k.clone())
-        .unwrap_or_else(|| panic!("no fault manifested as errors in all its training runs: {by_fault:?}"))
+    afetm_fddb::Fddb::open(fddb)
+        .unwrap()
+        .first_fault_manifesting("redis", afetm_fddb::Manifestation::Errors)
+        .unwrap()
+        .expect("no fault manifested as errors in all its training runs")
 }
 
 #[tokio::test(flavor = "multi_thread")]

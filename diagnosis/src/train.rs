@@ -376,8 +376,12 @@ fn finish(
         let right = val.iter().zip(&p).filter(|(s, p)| argmax(p) == s.class).count();
         summary.val_accuracy = right as f64 / val.len() as f64;
         let rate = |normal: bool| {
-            let of: Vec<&Vec<f32>> =
-                val.iter().zip(&p).filter(|(s, _)| if normal { s.normal_run } else { !s.normal }).map(|(_, p)| p).collect();
+            let of: Vec<&Vec<f32>> = val
+                .iter()
+                .zip(&p)
+                .filter(|(s, _)| if normal { s.normal_run } else { !s.normal })
+                .map(|(_, p)| p)
+                .collect();
             of.iter().filter(|p| p[0] < t).count() as f64 / of.len().max(1) as f64
         };
         summary.val_false_alarms = rate(true);

@@ -591,6 +591,22 @@ impl Fddb {
         Ok(())
     }
 
+    /// The first fault of target `name` (in plan order) whose valid training runs all
+    /// manifested as `manifestation`, as (function, fault); None if no fault did.
+    pub fn first_fault_manifesting(
+        &self,
+        name: &str,
+        manifestation: Manifestation,
+    ) -> Result<Option<(String, String)>, FddbError> {
+        let mut st = self.conn.prepare(
+            "SELECT fu.name, fa.spec FROM runs r JOIN faults fa ON fa.id = r.fault_id
+             JOIN functions fu ON fu.id = fa.function_id JOIN targets t ON t.id = r.target_id
+             WHERE t.name = ?1 AND r.role = 'train' AND r.status = 'ok'
+             GROUP BY fa.id HAVING MIN(r.manifestation = ?2) = 1 ORDER BY fa.id LIMIT 1",
+        )?;
+        Ok(st.query_row(params![name, manifestation.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
+    }
+
     /// Normal runs recorded for a target in `role`: (all, valid).
     pub fn normal_runs(&self, target: i64, role: Role) -> Result<(u64, u64), FddbError> {
         Ok(self.conn.query_row(

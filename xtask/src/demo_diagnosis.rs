@@ -173,22 +173,8 @@ fn campaign_rate(fddb: &Path) -> Result<f64> {
 
 /// See [`Chosen`].
 fn choose_fault(fddb: &Path) -> Result<Chosen> {
-    let lines = afetm_fddb::Fddb::open(fddb)?.export_lines()?;
-    let mut by_fault: Vec<((String, String), Vec<String>)> = Vec::new();
-    for v in lines.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
-        if v["type"] != "run" || v["role"] != "train" || v["status"] != "ok" || v["fault"].is_null() {
-            continue;
-        }
-        let key = (v["function"].as_str().unwrap_or("").to_string(), v["fault"].as_str().unwrap_or("").to_string());
-        let m = v["manifestation"].as_str().unwrap_or("").to_string();
-        match by_fault.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, ms)) => ms.push(m),
-            None => by_fault.push((key, vec![m])),
-        }
-    }
-    let ((function, fault), _) = by_fault
-        .into_iter()
-        .find(|(_, ms)| ms.iter().all(|m| m == "errors"))
+    let (function, fault) = afetm_fddb::Fddb::open(fddb)?
+        .first_fault_manifesting("redis", afetm_fddb::Manifestation::Errors)?
         .context("no fault of the campaign made the shop answer with errors in all its training runs")?;
     let kind = fault.parse::<afetm_fault::Fault>().map(|f| f.kind().to_string()).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Chosen { function, fault, kind })
