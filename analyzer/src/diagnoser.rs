@@ -86,6 +86,13 @@ struct Served {
     warned_stale: bool,
 }
 
+/// Retraining's schedule: shorter than `afetm-analyzer train`'s (at most 60 epochs, early
+/// stopping from the 20th) so that a model for a new plan serves within a minute on two cores
+/// busy with the service; train with the CLI for the full schedule.
+fn retrain_config() -> TrainConfig {
+    TrainConfig { epochs: 60, min_epochs: 20, patience: 10, ..TrainConfig::default() }
+}
+
 /// The loaded models and what the daemon does with them.
 pub struct Diagnoser {
     served: Mutex<Vec<Served>>,
@@ -141,7 +148,7 @@ impl Diagnoser {
             served.push(Served { model: Arc::new(model), dir: dir.clone(), retraining: None, warned_stale: false });
         }
         let (watch, _) = broadcast::channel(1024);
-        Ok(Diagnoser { served: Mutex::new(served), fddb, top_k: top_k.max(1), train: TrainConfig::default(), watch })
+        Ok(Diagnoser { served: Mutex::new(served), fddb, top_k: top_k.max(1), train: retrain_config(), watch })
     }
 
     /// Subscribes to every diagnosis stored from now on.
