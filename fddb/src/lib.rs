@@ -591,9 +591,10 @@ impl Fddb {
         Ok(())
     }
 
-    /// The first fault of target `name` (in plan order) whose valid training runs all
-    /// manifested as `manifestation`, as (function, fault); None if no fault did.
-    pub fn first_fault_manifesting(
+    /// The fault of target `name` whose valid training runs most often manifested as
+    /// `manifestation` (ties, and no such run at all: plan order), as (function, fault); None
+    /// if no fault has a valid training run.
+    pub fn fault_most_manifesting(
         &self,
         name: &str,
         manifestation: Manifestation,
@@ -602,7 +603,7 @@ impl Fddb {
             "SELECT fu.name, fa.spec FROM runs r JOIN faults fa ON fa.id = r.fault_id
              JOIN functions fu ON fu.id = fa.function_id JOIN targets t ON t.id = r.target_id
              WHERE t.name = ?1 AND r.role = 'train' AND r.status = 'ok'
-             GROUP BY fa.id HAVING MIN(r.manifestation = ?2) = 1 ORDER BY fa.id LIMIT 1",
+             GROUP BY fa.id ORDER BY SUM(r.manifestation = ?2) DESC, fa.id LIMIT 1",
         )?;
         Ok(st.query_row(params![name, manifestation.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
     }

@@ -31,8 +31,9 @@ use crate::{
 /// so that the faults' trees differ in what they touch.
 pub const SCOPE: &str =
     "functions:getGenericCommand,setGenericCommand,delGenericCommand,createClient,addReplyBulk,lookupKeyWrite";
-/// Which fault the demo injects: the first of the campaign's faults whose every training run
-/// made the shop answer with errors while redis kept running (manifestation `errors`). Most
+/// Which fault the demo injects: the campaign's fault whose training runs most often made the
+/// shop answer with errors while redis kept running (manifestation `errors`; plan order breaks
+/// ties and decides when none did). Most
 /// faults here crash redis at once; a crashed or stopped thread's tree is a normal tree cut
 /// short, the same whichever function stopped it, so no call-tree method can name that
 /// function (the evaluation counts those faults all the same). The choice reads training runs
@@ -174,8 +175,8 @@ fn campaign_rate(fddb: &Path) -> Result<f64> {
 /// See [`Chosen`].
 fn choose_fault(fddb: &Path) -> Result<Chosen> {
     let (function, fault) = afetm_fddb::Fddb::open(fddb)?
-        .first_fault_manifesting("redis", afetm_fddb::Manifestation::Errors)?
-        .context("no fault of the campaign made the shop answer with errors in all its training runs")?;
+        .fault_most_manifesting("redis", afetm_fddb::Manifestation::Errors)?
+        .context("the campaign stored no valid training run of any fault")?;
     let kind = fault.parse::<afetm_fault::Fault>().map(|f| f.kind().to_string()).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Chosen { function, fault, kind })
 }
