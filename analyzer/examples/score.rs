@@ -15,7 +15,9 @@ fn main() -> anyhow::Result<()> {
     let plan = PlanFile::parse(&std::fs::read_to_string(&a[3])?)?;
     let model = Model::load(std::path::Path::new(&a[4]))?;
     let set = labelled_trees(&fddb, &a[2], &plan, Role::Eval)?;
-    let mut runs: BTreeMap<i64, (Class, Vec<(f32, Option<String>)>)> = BTreeMap::new();
+    // Per run: its class and, per tree, (P(normal), top-1).
+    type Trees = Vec<(f32, Option<String>)>;
+    let mut runs: BTreeMap<i64, (Class, Trees)> = BTreeMap::new();
     for s in &set.samples {
         let d = model.diagnose(&s.tree, 3)?;
         let top = d.top.first().map(|t| format!("{}@{}", t.kind, t.function));

@@ -151,10 +151,9 @@ pub fn marked(tree: &pb::Tree, d: &pb::Diagnosis, max_lines: usize) -> String {
     let rank = |f: &str| d.top.iter().position(|s| s.function == f);
     let mut show = vec![n <= max_lines; n];
     if n > max_lines {
-        for i in 0..n {
-            let parent_suspect =
-                tree.nodes[i].parent >= 0 && rank(&tree.nodes[tree.nodes[i].parent as usize].function).is_some();
-            if depth[i] <= 1 || rank(&tree.nodes[i].function).is_some() || parent_suspect {
+        for (i, (node, level)) in tree.nodes.iter().zip(&depth).enumerate() {
+            let parent_suspect = node.parent >= 0 && rank(&tree.nodes[node.parent as usize].function).is_some();
+            if *level <= 1 || rank(&node.function).is_some() || parent_suspect {
                 // The node and its ancestors.
                 let mut j = i as i32;
                 while j >= 0 && !show[j as usize] {
