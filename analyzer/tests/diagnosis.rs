@@ -184,13 +184,6 @@ fn run_ok(c: &mut Command) {
     );
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: writes into our timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn load(cfg: &testbed::Config, secs: u64) -> testbed::load::Report {
     let mut l = testbed::load::LoadConfig::new(cfg.url());
     l.items = cfg.seed_items;
@@ -334,7 +327,7 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     // A normal run, then the fault injected while the shop runs.
     let normal = load(&cfg, 4);
     assert_eq!(normal.errors, 0);
-    let normal_end = monotonic_ns();
+    let normal_end = testbed::monotonic_ns();
 
     // The plan changes (one function less): the model no longer fits, a new one is trained
     // from the FDDB in the background and replaces it; diagnoses meanwhile are marked stale.
@@ -343,7 +336,7 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     eprintln!("retraining for the new plan took {retrained:.1} s");
     assert!(retrained < 60.0, "retraining took {retrained:.1} s");
     let pid = testbed::servers(&cfg).unwrap().into_iter().find(|s| s.name.starts_with("redis")).unwrap().pid;
-    let injected_at = monotonic_ns();
+    let injected_at = testbed::monotonic_ns();
     let mut inject = Command::new(bin("afetm-inject"))
         .arg("--module")
         .arg(&redis)

@@ -41,6 +41,9 @@ struct Cli {
     /// for the evaluation, never for training.
     #[arg(long, default_value_t = 1)]
     eval_runs: usize,
+    /// Normal evaluation runs (default: --eval-runs): the false alarm rate is measured on them.
+    #[arg(long)]
+    normal_eval_runs: Option<usize>,
     /// Normal training runs.
     #[arg(long, default_value_t = 3)]
     normal_runs: usize,
@@ -114,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             window: cli.window,
             cap: cli.cap,
             eval_runs: cli.eval_runs,
+            normal_eval_runs: cli.normal_eval_runs.unwrap_or(cli.eval_runs),
             normal_runs: cli.normal_runs,
             sample: cli.sample,
             connections: cli.connections,

@@ -1,11 +1,9 @@
 //! Processes the runner starts and watches: children that die with it, ready files, a
-//! per-run watchdog, and the servers' log lines of a run.
+//! per-run watchdog (the servers' log lines of a run: `testbed::logs`).
 
 use std::{
-    collections::HashMap,
-    io::{Read, Seek, SeekFrom},
     os::unix::process::CommandExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command},
     time::{Duration, Instant},
 };
@@ -94,34 +92,6 @@ pub(crate) fn stop_gently(p: Proc) {
     while p.0.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-pub(crate) fn log_sizes(dir: &Path) -> HashMap<PathBuf, u64> {
-    std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| Some((e.path(), e.metadata().ok()?.len()))).collect())
-        .unwrap_or_default()
-}
-
-/// Lines the servers logged during a run: what each log file grew by, the last 4 KiB of it.
-pub(crate) fn read_new_logs(dir: &Path, before: &HashMap<PathBuf, u64>) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (path, len) in log_sizes(dir) {
-        let from = before.get(&path).copied().unwrap_or(0).min(len);
-        if len == from {
-            continue;
-        }
-        let start = from.max(len.saturating_sub(4096));
-        let Ok(mut f) = std::fs::File::open(&path) else { continue };
-        let mut buf = String::new();
-        if f.seek(SeekFrom::Start(start)).is_ok() && f.take(4096).read_to_string(&mut buf).is_ok() {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if !buf.trim().is_empty() {
-                out.push((name, buf));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ use testbed::Tier;
 use crate::{
     label::{self, Window},
     plan::{Observed, Scope, classify, plan},
-    procs::{Proc, Watchdog, log_sizes, read_new_logs, spawn, state, stop_gently, wait_file},
+    procs::{Proc, Watchdog, spawn, state, stop_gently, wait_file},
 };
 
 /// Which server of the shop a campaign injects into.
@@ -138,8 +138,10 @@ pub struct Config {
     pub window: Duration,
     /// Training runs per fault at most.
     pub cap: usize,
-    /// Evaluation runs per fault, and normal evaluation runs.
+    /// Evaluation runs per fault.
     pub eval_runs: usize,
+    /// Normal evaluation runs.
+    pub normal_eval_runs: usize,
     /// Normal training runs.
     pub normal_runs: usize,
     /// Count-mode sampling for the activated functions.
@@ -179,14 +181,6 @@ pub struct Outcome {
 /// A request of the campaign's workload unanswered this long has failed: the shop answers in
 /// a few ms, and a hung or crashed server must not stretch a run by more than this.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// `CLOCK_MONOTONIC` in ns: the clock of the agent's events (`bpf_ktime_get_ns`).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
@@ -369,10 +363,10 @@ impl Session {
             bail!("no {} process is running", self.cfg.target.name());
         }
         let drops_before = self.drops("full")?;
-        let logs_at = log_sizes(&self.stack.logs_dir());
+        let logs_at = testbed::logs::log_sizes(&self.stack.logs_dir());
         // The run starts here: the new processes' windows are cut, so that no tree mixes the
         // tier's start-up (a 70,000-node FCT for redis) with the run.
-        let from_ns = monotonic_ns();
+        let from_ns = testbed::monotonic_ns();
         self.cut(&victims, from_ns)?;
         let restarted = Instant::now();
         // Past the per-fault timeout the target's processes are killed, which ends the
@@ -410,7 +404,7 @@ impl Session {
             "collected"
         );
         let (kernel_drops, queue_drops) = (drops_after.0 - drops_before.0, drops_after.1 - drops_before.1);
-        let mut logs = read_new_logs(&self.stack.logs_dir(), &logs_at);
+        let mut logs = testbed::logs::read_new_logs(&self.stack.logs_dir(), &logs_at);
         if timed_out {
             problems.push(format!(
                 "run exceeded the fault timeout ({:?}); target processes killed",
@@ -843,7 +837,7 @@ fn campaign(
     let mut timings = Vec::new();
     let mut runs = 0;
     for role in [Role::Train, Role::Eval] {
-        let want = if role == Role::Train { s.cfg.normal_runs } else { s.cfg.eval_runs } as u64;
+        let want = if role == Role::Train { s.cfg.normal_runs } else { s.cfg.normal_eval_runs } as u64;
         // A run that dropped events does not count; at most 3 such retries.
         while let (all, valid) = db.normal_runs(target, role)?
             && valid < want
@@ -939,6 +933,7 @@ mod tests {
             window: Duration::from_secs(1),
             cap: 3,
             eval_runs: 1,
+            normal_eval_runs: 1,
             normal_runs: 3,
             sample: Duration::from_secs(5),
             connections: 4,

@@ -293,6 +293,21 @@ pub struct Run {
     pub applications: Vec<Applied>,
 }
 
+/// A stored run as the evaluation reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunInfo {
+    /// The run's row id.
+    pub id: i64,
+    /// The run's fault as (function, kind, fault text); None for a normal run.
+    pub fault: Option<(String, String, String)>,
+    /// How it showed from outside.
+    pub manifestation: String,
+    /// Requests failed.
+    pub errors: u64,
+    /// Requests sent.
+    pub requests: u64,
+}
+
 /// One tree of a run with its label.
 #[derive(Clone, Debug)]
 pub struct LabelledTree {
@@ -639,6 +654,37 @@ impl Fddb {
         )?;
         let rows = st.query_map([target], |r| r.get::<_, Vec<u8>>(1))?;
         rows.map(|b| decode_tree(&b?)).collect()
+    }
+
+    /// The valid runs (status `ok`) of target `name` in `role`, in run order.
+    pub fn valid_runs(&self, name: &str, role: Role) -> Result<Vec<RunInfo>, FddbError> {
+        let mut st = self.conn.prepare(
+            "SELECT r.id, fu.name, fa.kind, fa.spec, r.manifestation, r.errors, r.requests
+             FROM runs r JOIN targets t ON t.id = r.target_id LEFT JOIN faults fa ON fa.id = r.fault_id
+             LEFT JOIN functions fu ON fu.id = fa.function_id
+             WHERE t.name = ?1 AND r.role = ?2 AND r.status = 'ok' ORDER BY r.id",
+        )?;
+        let rows = st.query_map(params![name, role.as_str()], |r| {
+            let fault = match r.get::<_, Option<String>>(1)? {
+                Some(function) => Some((function, r.get(2)?, r.get(3)?)),
+                None => None,
+            };
+            Ok(RunInfo {
+                id: r.get(0)?,
+                fault,
+                manifestation: r.get(4)?,
+                errors: r.get::<_, i64>(5)? as u64,
+                requests: r.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A run's log excerpts as (source, text), by source.
+    pub fn run_logs(&self, run: i64) -> Result<Vec<(String, String)>, FddbError> {
+        let mut st = self.conn.prepare("SELECT source, excerpt FROM logs WHERE run_id = ?1 ORDER BY source")?;
+        let rows = st.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Names of the targets in the database.

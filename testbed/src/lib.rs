@@ -10,7 +10,17 @@
 
 pub mod build;
 pub mod load;
+pub mod logs;
 pub mod ports;
 mod stack;
 
 pub use stack::*;
+
+/// CLOCK_MONOTONIC in ns: the agent's and the injector's clock (window bounds, cuts, fault
+/// applications), for anything that must line up with them.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
