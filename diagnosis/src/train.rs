@@ -11,10 +11,15 @@
 //!   trees each, `normal` has many), AdamW, mini-batches of whole trees as one disjoint union.
 //! * **Early stopping** on validation accuracy (ties broken by validation loss), not before
 //!   `min_epochs`, keeping the best epoch's weights; fixed seed, so one thread gives the same model every time.
-//! * **Threshold**: alarm when P(normal) < t, with t the largest value at which at most
-//!   `alarm_rate` of the validation trees of normal runs alarm (fault-free windows: trees of
-//!   fault runs labelled normal may still be disturbed by the fault); with fewer than five such
-//!   trees, the training normal runs' trees are added.
+//! * **Threshold**: alarm when P(normal) < t. t maximizes Youden's J (share of the validation
+//!   trees labelled faulty that alarm minus share of the validation trees of normal runs that
+//!   alarm: fault-free windows, as trees of fault runs labelled normal may still be disturbed
+//!   by the fault); with fewer than five normal-run trees, the training normal runs' trees
+//!   join. Without faulty validation trees, or when no t has J > 0: the largest t at which at
+//!   most `alarm_rate` of the normal-run trees alarm. (That quantile alone was the first rule;
+//!   with tens of normal trees it is their minimum, and one normal tree the model finds
+//!   faulty, e.g. a last window cut short by the end of the load, put t at 1e-16: no alarm,
+//!   ever.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -311,6 +316,29 @@ pub fn threshold(p_normal: &[f32], rate: f64) -> f32 {
     p[allowed.min(p.len() - 1)]
 }
 
+/// The t that maximizes Youden's J = TPR - FPR of the rule "alarm when P(normal) < t" on
+/// faulty trees (`faulty`) and fault-free trees (`normal`); ties go to the smallest t. `None`
+/// when either set is empty or no t has J > 0.
+pub fn youden_threshold(normal: &[f32], faulty: &[f32]) -> Option<f32> {
+    if normal.is_empty() || faulty.is_empty() {
+        return None;
+    }
+    let mut cuts: Vec<f32> = normal.iter().chain(faulty).copied().filter(|p| p.is_finite()).collect();
+    cuts.sort_by(f32::total_cmp);
+    cuts.dedup();
+    let share = |set: &[f32], t: f32| set.iter().filter(|p| **p < t).count() as f64 / set.len() as f64;
+    let mut best: Option<(f64, f32)> = None;
+    for c in cuts {
+        // Just above c: trees at exactly c alarm.
+        let t = f32::from_bits(c.to_bits() + 1).max(f32::MIN_POSITIVE);
+        let j = share(faulty, t) - share(normal, t);
+        if j > 0.0 && best.is_none_or(|(b, _)| j > b) {
+            best = Some((j, t));
+        }
+    }
+    best.map(|(_, t)| t)
+}
+
 /// SHA-256 over every sample's run, label and nodes.
 fn data_hash(samples: &[Sample]) -> String {
     let mut h = Sha256::new();
@@ -364,12 +392,18 @@ fn finish(
     if calib.len() < MIN_CALIBRATION {
         calib.extend(train.iter().filter(|p| p.normal_run));
     }
-    let mut normals = Vec::with_capacity(calib.len());
-    for chunk in calib.chunks(cfg.batch.max(1)) {
-        let graphs: Vec<&Graph> = chunk.iter().map(|p| &p.graph).collect();
-        normals.extend(model.probabilities(&graphs)?.into_iter().map(|p| p[0]));
-    }
-    let t = threshold(&normals, cfg.alarm_rate);
+    let p_normal = |set: &[&Prepared]| -> Result<Vec<f32>, DiagnosisError> {
+        let mut out = Vec::with_capacity(set.len());
+        for chunk in set.chunks(cfg.batch.max(1)) {
+            let graphs: Vec<&Graph> = chunk.iter().map(|p| &p.graph).collect();
+            out.extend(model.probabilities(&graphs)?.into_iter().map(|p| p[0]));
+        }
+        Ok(out)
+    };
+    let normals = p_normal(&calib)?;
+    let faulty: Vec<&Prepared> = val.iter().filter(|p| !p.normal).collect();
+    let faulty = p_normal(&faulty)?;
+    let t = youden_threshold(&normals, &faulty).unwrap_or_else(|| threshold(&normals, cfg.alarm_rate));
     model.manifest.threshold = t;
     if !val.is_empty() {
         let p = probabilities(&model, val, cfg.batch)?;

@@ -196,3 +196,18 @@ fn same_seed_same_model() {
     assert_eq!(a.diagnose(probe, 3).unwrap(), b.diagnose(probe, 3).unwrap());
     assert_eq!(a.manifest.data_hash, b.manifest.data_hash);
 }
+
+#[test]
+fn youden_threshold_trades_detection_against_false_alarms() {
+    use afetm_diagnosis::train::youden_threshold;
+    // Alarming below just above 0.6 catches every faulty tree and one normal tree in three.
+    let t = youden_threshold(&[0.9, 0.8, 0.01], &[0.05, 0.02, 0.6]).unwrap();
+    assert!(t > 0.6 && t < 0.6001, "{t}");
+    // Separable: the cut sits just above the highest faulty tree.
+    let t = youden_threshold(&[0.9, 0.95], &[0.1, 0.3]).unwrap();
+    assert!(t > 0.3 && t < 0.9, "{t}");
+    assert_eq!(youden_threshold(&[], &[0.1]), None);
+    assert_eq!(youden_threshold(&[0.1], &[]), None);
+    // Faulty trees look more normal than normal ones: no useful cut.
+    assert_eq!(youden_threshold(&[0.1], &[0.9]), None);
+}
