@@ -1,0 +1,239 @@
+//! What every method is scored on: one run ([`Case`]) with its truth, its windows' trees and
+//! its logs, in one of two conditions (sec. "Held-out runs as production sees them" of the
+//! evaluation issue):
+//! - [`from_fddb`]: the campaign's runs of one role (eval-role for scoring, train-role for
+//!   fitting the baselines), each window with its full FCT and the AFCT the plan's agent would
+//!   have given (`afct::from_fct`);
+//! - [`from_live`]: fresh injections into the running shop, each window with the AFCT the
+//!   daemon built and the diagnosis it stored.
+
+use std::{collections::HashMap, path::Path, str::FromStr};
+
+use afetm_analyzer::store::Store;
+use afetm_diagnosis::Class;
+use afetm_fault::{Applied, Fault, FaultKind};
+use afetm_fddb::{Fddb, Role, dataset::DatasetOptions};
+use afetm_proto::{self as pb, plan::PlanFile};
+use serde::{Deserialize, Serialize};
+
+use crate::EvalError;
+
+/// The diagnosis the daemon stored for a window (live condition only).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stored {
+    /// P(normal) of the window's worst thread.
+    pub p_normal: f32,
+    /// Whether it alarmed.
+    pub error: bool,
+    /// Its top-k, most likely first, as (function, kind).
+    pub top: Vec<(String, FaultKind)>,
+    /// When it was stored (wall clock).
+    pub diagnosed_unix_ms: i64,
+    /// From the window's close to the stored diagnosis.
+    pub latency_us: u64,
+}
+
+/// One thread's tree of one window.
+#[derive(Clone, Debug, Default)]
+pub struct Window {
+    /// Process.
+    pub pid: u32,
+    /// Thread.
+    pub tid: u32,
+    /// Window start, agent clock (ns).
+    pub start_ns: u64,
+    /// The fault reached this thread in this window (the FDDB's label; live: an application
+    /// of the injector in it, every thread for crash and deadlock).
+    pub faulty: bool,
+    /// The full-trace FCT (campaign runs only).
+    pub full: Option<pb::Tree>,
+    /// The AFCT under the plan (empty trees are `None`).
+    pub afct: Option<pb::Tree>,
+    /// When the window closed, wall clock (live only): an offline method's report time is this
+    /// plus its compute time.
+    pub end_unix_ms: Option<i64>,
+    /// The daemon's diagnosis when this thread was the window's verdict (live only).
+    pub stored: Option<Stored>,
+}
+
+/// One run: a fault injection or a normal run.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// FDDB run id, or the live run's index.
+    pub run: i64,
+    /// What was injected (or `normal`).
+    pub truth: Class,
+    /// The fault's text (`crash`, `input:1:3`, ...), empty for a normal run.
+    pub fault: String,
+    /// How it showed from outside (FDDB runs; live runs: `live`).
+    pub manifestation: String,
+    /// Its windows, one entry per thread.
+    pub windows: Vec<Window>,
+    /// (source, text) of the servers' logs during the run.
+    pub logs: Vec<(String, String)>,
+    /// The injection's first application, wall clock (live only).
+    pub injected_unix_ms: Option<i64>,
+}
+
+fn class_of(fault: &Option<(String, String, String)>) -> Result<Class, EvalError> {
+    Ok(match fault {
+        Some((function, kind, _)) => Class::Fault {
+            function: function.clone(),
+            kind: FaultKind::from_str(kind).map_err(|_| EvalError::Input(format!("unknown fault kind {kind:?}")))?,
+        },
+        None => Class::Normal,
+    })
+}
+
+/// The valid runs of `target` in `role`, with full FCTs and (given a plan) AFCTs under it.
+pub fn from_fddb(fddb: &Fddb, target: &str, plan: Option<&PlanFile>, role: Role) -> Result<Vec<Case>, EvalError> {
+    let mut cases = Vec::new();
+    let mut by_run: HashMap<i64, usize> = HashMap::new();
+    for r in fddb.valid_runs(target, role)? {
+        by_run.insert(r.id, cases.len());
+        cases.push(Case {
+            run: r.id,
+            truth: class_of(&r.fault)?,
+            fault: r.fault.as_ref().map(|f| f.2.clone()).unwrap_or_default(),
+            manifestation: r.manifestation,
+            windows: Vec::new(),
+            logs: fddb.run_logs(r.id)?,
+            injected_unix_ms: None,
+        });
+    }
+    let mut at: HashMap<(i64, u32, u32, u64), (usize, usize)> = HashMap::new();
+    let opts = DatasetOptions { role: Some(role), plan: None };
+    fddb.for_each_tree(target, &opts, |row| {
+        let Some(&c) = by_run.get(&row.run) else { return Ok(()) };
+        let w = Window {
+            pid: row.pid,
+            tid: row.tid,
+            start_ns: row.start_ns,
+            faulty: row.faulty,
+            full: Some(row.forest.to_proto(row.table)),
+            ..Window::default()
+        };
+        at.insert((row.run, row.pid, row.tid, row.start_ns), (c, cases[c].windows.len()));
+        cases[c].windows.push(w);
+        Ok(())
+    })?;
+    if let Some(plan) = plan {
+        let opts = DatasetOptions { role: Some(role), plan: Some(plan.clone()) };
+        fddb.for_each_tree(target, &opts, |row| {
+            if let Some(&(c, w)) = at.get(&(row.run, row.pid, row.tid, row.start_ns)) {
+                cases[c].windows[w].afct = Some(row.forest.to_proto(row.table));
+            }
+            Ok(())
+        })?;
+    }
+    Ok(cases)
+}
+
+/// One fresh injection (or normal run) into the running shop, as `cargo xtask eval` records
+/// it in `live-runs.jsonl`: which agent traced, when, what was injected, where it applied.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LiveRun {
+    /// The agent that traced the target with the plan.
+    pub agent: String,
+    /// Windows starting in `[from_ns, to_ns)` (agent clock) belong to the run.
+    pub from_ns: u64,
+    /// See `from_ns`.
+    pub to_ns: u64,
+    /// The function injected, absent for a normal run.
+    pub function: Option<String>,
+    /// The fault's text.
+    pub fault: Option<String>,
+    /// What the injector applied, per thread (agent clock).
+    pub applications: Vec<Applied>,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC at the run, ns.
+    pub clock_offset_ns: i64,
+    /// The servers' log lines written during the run, (source, text).
+    #[serde(default)]
+    pub logs: Vec<(String, String)>,
+}
+
+impl LiveRun {
+    fn truth(&self) -> Result<(Class, Option<FaultKind>), EvalError> {
+        match (&self.function, &self.fault) {
+            (Some(function), Some(text)) => {
+                let kind = Fault::from_str(text).map_err(|e| EvalError::Input(format!("fault {text:?}: {e}")))?.kind();
+                Ok((Class::Fault { function: function.clone(), kind }, Some(kind)))
+            }
+            _ => Ok((Class::Normal, None)),
+        }
+    }
+
+    fn unix_ms(&self, mono_ns: u64) -> i64 {
+        (mono_ns as i64 + self.clock_offset_ns) / 1_000_000
+    }
+}
+
+/// The live runs in `runs` (JSON lines) with the windows, AFCTs and diagnoses the analyzer
+/// stored in `db` (its SQLite database; the daemon may be stopped).
+pub fn from_live(db: &Path, runs: &Path, window_ms: u64) -> Result<Vec<Case>, EvalError> {
+    let text = std::fs::read_to_string(runs).map_err(|e| EvalError::Input(format!("{}: {e}", runs.display())))?;
+    let store = Store::open(db, Default::default(), Default::default())?;
+    let mut cases = Vec::new();
+    for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let run: LiveRun = serde_json::from_str(line)
+            .map_err(|e| EvalError::Input(format!("{}: line {}: {e}", runs.display(), i + 1)))?;
+        cases.push(live_case(&store, i as i64, &run, window_ms)?);
+    }
+    Ok(cases)
+}
+
+fn live_case(store: &Store, index: i64, run: &LiveRun, window_ms: u64) -> Result<Case, EvalError> {
+    let (truth, kind) = run.truth()?;
+    let everywhere = matches!(kind, Some(FaultKind::Crash | FaultKind::Deadlock));
+    let first = run.applications.iter().map(|a| a.first_ns).min();
+    let req = pb::ListWindowsRequest { agent_id: run.agent.clone(), pid: 0, closed_only: true };
+    let diag_req = pb::ListDiagnosesRequest {
+        agent_id: run.agent.clone(),
+        from_ns: run.from_ns,
+        to_ns: run.to_ns,
+        ..Default::default()
+    };
+    let stored: HashMap<u64, pb::Diagnosis> =
+        store.list_diagnoses(&diag_req)?.into_iter().map(|d| (d.window_id, d)).collect();
+    let mut windows = Vec::new();
+    for w in store.list_windows(&req)? {
+        if w.start_ns < run.from_ns || w.start_ns >= run.to_ns {
+            continue;
+        }
+        let end = w.end_ns.max(w.start_ns + window_ms * 1_000_000);
+        for tid in &w.tids {
+            let applied = |a: &Applied| a.overlaps(w.start_ns, end) && (a.tid == *tid || everywhere);
+            let faulty = run.applications.iter().any(applied) || (everywhere && first.is_some_and(|f| f <= end));
+            let stored = stored.get(&w.id).filter(|d| d.tid == *tid).map(stored_of);
+            windows.push(Window {
+                pid: w.pid,
+                tid: *tid,
+                start_ns: w.start_ns,
+                faulty,
+                full: None,
+                afct: store.afct(w.id, *tid)?.filter(|t| !t.nodes.is_empty()),
+                end_unix_ms: Some(run.unix_ms(end)),
+                stored,
+            });
+        }
+    }
+    Ok(Case {
+        run: index,
+        truth,
+        fault: run.fault.clone().unwrap_or_default(),
+        manifestation: "live".into(),
+        windows,
+        logs: run.logs.clone(),
+        injected_unix_ms: first.map(|f| run.unix_ms(f)),
+    })
+}
+
+fn stored_of(d: &pb::Diagnosis) -> Stored {
+    Stored {
+        p_normal: d.p_normal,
+        error: d.error,
+        top: d.top.iter().filter_map(|s| Some((s.function.clone(), FaultKind::from_str(&s.kind).ok()?))).collect(),
+        diagnosed_unix_ms: d.diagnosed_unix_ms,
+        latency_us: d.latency_us,
+    }
+}

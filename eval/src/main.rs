@@ -1,0 +1,247 @@
+//! `afetm-eval`: scores every method on held-out runs (`score`) and writes the report
+//! (`report`). `cargo xtask eval` runs the campaign, the live injections and the response-time
+//! measurements, and calls these two.
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use afetm_diagnosis::Model;
+use afetm_eval::{
+    case::{self, Case},
+    method::{Input, Method},
+    methods::{afetm::Afetm, afetm::Online, bag::Bag, edc::FctEdc, gdc::AfctGdc, logs::LogIdealized},
+    metrics::{Reference, Scores, aggregate, outcome},
+    report::{self, Row, Rtgr, Setup},
+};
+use afetm_fddb::{Fddb, Role};
+use afetm_proto::plan::PlanFile;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(about = "Scores AFETM and its baselines on held-out runs and writes the report")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fits every method on the FDDB's training runs and scores it on its eval-role runs (and,
+    /// given a live analyzer database, on the live runs); writes the rows as JSON.
+    Score(ScoreArgs),
+    /// Writes report.md and the figures from the rows, rtgr.json and setup.json in a folder.
+    Report {
+        /// The folder (`target/eval`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// The campaign's FDDB.
+    #[arg(long)]
+    fddb: PathBuf,
+    /// The target's name in it.
+    #[arg(long)]
+    target: String,
+    /// The budget label of the plan (for the report).
+    #[arg(long)]
+    budget: String,
+    /// The plan (selection at that budget).
+    #[arg(long)]
+    plan: PathBuf,
+    /// The GCN trained under the plan.
+    #[arg(long)]
+    model: PathBuf,
+    /// The live analyzer's database (the daemon that served with the model).
+    #[arg(long, requires = "live_runs")]
+    live_db: Option<PathBuf>,
+    /// The live runs (`live-runs.jsonl`, written by `cargo xtask eval`).
+    #[arg(long)]
+    live_runs: Option<PathBuf>,
+    /// The live analyzer's peak RSS, KiB (MO of the daemon).
+    #[arg(long)]
+    daemon_peak_kib: Option<u64>,
+    /// Leave out the methods that do not depend on the plan (full-trace FCT_EDC and the log
+    /// method): they were scored with another budget already.
+    #[arg(long)]
+    plan_methods_only: bool,
+    /// Where the rows go.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: single-threaded at this point.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    }
+    match Cli::parse().cmd {
+        Cmd::Score(a) => score(&a),
+        Cmd::Report { dir } => write_report(&dir),
+    }
+}
+
+/// Peak-RSS accounting of this process (Linux: `clear_refs` 5 resets the peak).
+fn reset_peak() -> u64 {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    status_kib("VmRSS")
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+struct Fitted {
+    method: Box<dyn Method>,
+    notes: String,
+    fit_peak_kib: u64,
+}
+
+fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
+    let mut out = Vec::new();
+    let mut fit = |f: &mut dyn FnMut() -> Result<(Box<dyn Method>, String)>| -> Result<()> {
+        let base = reset_peak();
+        let t = Instant::now();
+        let (method, notes) = f()?;
+        let peak = status_kib("VmHWM").saturating_sub(base);
+        eprintln!("fitted {} in {:.1} s {notes}", method.name(), t.elapsed().as_secs_f64());
+        out.push(Fitted { method, notes, fit_peak_kib: peak });
+        Ok(())
+    };
+    fit(&mut || {
+        let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
+        let notes = format!("threshold {:.3}", model.manifest.threshold);
+        Ok((Box::new(Afetm::new(model, "AFETM")), notes))
+    })?;
+    fit(&mut || {
+        let m = FctEdc::fit(train)?;
+        let notes = format!("threshold {} edits", m.threshold());
+        Ok((Box::new(m), notes))
+    })?;
+    fit(&mut || {
+        let m = AfctGdc::fit(train)?;
+        let notes = format!("{} entries, sigma {:.2}", m.entries(), m.sigma());
+        Ok((Box::new(m), notes))
+    })?;
+    fit(&mut || Ok((Box::new(LogIdealized::fit(train, &a.target)), String::new())))?;
+    fit(&mut || Ok((Box::new(Bag::fit(train)?), String::new())))?;
+    Ok(out)
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} runs {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Scores one method on `cases`: its row and the peak memory it added.
+fn score_method(f: &Fitted, cases: &[Case], reference: &Reference, label: &str) -> Result<(Scores, u64)> {
+    let base = reset_peak();
+    let pb = bar(cases.len(), &format!("{label}: {}", f.method.name()));
+    let (mut outcomes, mut compute) = (Vec::new(), Vec::new());
+    for c in cases {
+        let v = f.method.diagnose(c)?;
+        compute.extend(v.iter().map(|v| v.compute_us));
+        outcomes.push(outcome(c, &v, reference));
+        pb.inc(1);
+    }
+    pb.finish();
+    let peak = status_kib("VmHWM").saturating_sub(base);
+    Ok((aggregate(&outcomes, compute), peak))
+}
+
+fn score(a: &ScoreArgs) -> Result<()> {
+    let fddb = Fddb::open(&a.fddb).with_context(|| format!("FDDB {}", a.fddb.display()))?;
+    let plan = PlanFile::parse(&std::fs::read_to_string(&a.plan).with_context(|| format!("plan {}", a.plan.display()))?)
+        .with_context(|| format!("plan {}", a.plan.display()))?;
+    let t = Instant::now();
+    let train = case::from_fddb(&fddb, &a.target, Some(&plan), Role::Train)?;
+    let eval = case::from_fddb(&fddb, &a.target, Some(&plan), Role::Eval)?;
+    eprintln!("read {} training and {} eval-role runs in {:.1} s", train.len(), eval.len(), t.elapsed().as_secs_f64());
+    if eval.is_empty() {
+        anyhow::bail!("the FDDB holds no valid eval-role run of {} (run the campaign with --eval-runs 1 or more)", a.target);
+    }
+    let reference = Reference::from_trees(
+        train.iter().filter(|c| c.truth == afetm_diagnosis::Class::Normal).flat_map(|c| &c.windows).filter_map(|w| w.full.as_ref()),
+    );
+    let mut fitted = fit_all(a, &train)?;
+    if a.plan_methods_only {
+        fitted.retain(|f| f.method.input() == Input::Afct);
+    }
+    let mut rows = Vec::new();
+    for f in &fitted {
+        let (scores, peak) = score_method(f, &eval, &reference, "eval-role runs")?;
+        rows.push(row(a, "fddb", f, scores, Some(f.fit_peak_kib.max(peak))));
+    }
+    if let (Some(db), Some(runs)) = (&a.live_db, &a.live_runs) {
+        let window_ms = Model::load(&a.model)?.manifest.window_ms;
+        let live = case::from_live(db, runs, window_ms)?;
+        eprintln!("{} live runs", live.len());
+        let online = Fitted { method: Box::new(Online), notes: "the daemon's stored verdicts".into(), fit_peak_kib: 0 };
+        for f in fitted.iter().filter(|f| f.method.input() != Input::FullFct).chain([&online]) {
+            let (scores, peak) = score_method(f, &live, &reference, "live runs")?;
+            let mo = if f.method.name() == "AFETM (daemon)" { a.daemon_peak_kib } else { Some(f.fit_peak_kib.max(peak)) };
+            rows.push(row(a, "live", f, scores, mo));
+        }
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&rows)?).with_context(|| format!("{}", a.out.display()))?;
+    eprintln!("wrote {} rows to {}", rows.len(), a.out.display());
+    Ok(())
+}
+
+fn row(a: &ScoreArgs, condition: &str, f: &Fitted, scores: Scores, mo_kib: Option<u64>) -> Row {
+    Row {
+        target: a.target.clone(),
+        budget: a.budget.clone(),
+        condition: condition.into(),
+        method: f.method.name().to_string(),
+        input: f.method.input(),
+        scores,
+        mo_kib,
+        notes: f.notes.clone(),
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
+}
+
+fn write_report(dir: &Path) -> Result<()> {
+    let mut rows: Vec<Row> = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("rows-") && n.ends_with(".json")))
+        .collect();
+    files.sort();
+    for f in &files {
+        rows.extend(read_json::<Vec<Row>>(f)?);
+    }
+    if rows.is_empty() {
+        anyhow::bail!("no rows-*.json in {} (run afetm-eval score first)", dir.display());
+    }
+    let rtgr: Vec<Rtgr> = if dir.join("rtgr.json").is_file() { read_json(&dir.join("rtgr.json"))? } else { Vec::new() };
+    let setup: Setup = if dir.join("setup.json").is_file() { read_json(&dir.join("setup.json"))? } else { Setup::default() };
+    let discussion = report::discussion(&rows, &rtgr);
+    report::write(dir, &setup, &rows, &rtgr, &discussion)?;
+    eprintln!("wrote {}", dir.join("report.md").display());
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! The paper's metrics (sec. IV.B) over held-out runs, per method:
+//! - per run: detected if any verdict says error (EDR, eq. 11); located if the top-1 of its
+//!   least normal alarming verdict names the injected function (FLR, eq. 12; also top-3, and by
+//!   (function, kind)); a normal run with any alarm is a false alarm;
+//! - FLD: distance in preorder position, in the normal FCT ([`Reference`]), between the located
+//!   and the injected function;
+//! - FDD: from the injection's first application to the first alarming verdict's report;
+//! - per window: faulty windows alarmed and located, normal windows alarmed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use afetm_diagnosis::Class;
+use afetm_proto as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::{case::Case, method::Verdict};
+
+/// The normal FCT in preorder, for FLD: every function's first position.
+#[derive(Clone, Debug, Default)]
+pub struct Reference {
+    position: HashMap<String, usize>,
+}
+
+impl Reference {
+    /// Merges normal trees by call path (first seen first) and numbers the result in preorder.
+    pub fn from_trees<'a>(trees: impl IntoIterator<Item = &'a pb::Tree>) -> Reference {
+        // Merged tree: node -> (function, children in first-seen order).
+        let mut nodes: Vec<(String, Vec<usize>)> = vec![(String::new(), Vec::new())];
+        let mut child: HashMap<(usize, String), usize> = HashMap::new();
+        for t in trees {
+            let mut at: Vec<usize> = Vec::with_capacity(t.nodes.len());
+            for n in &t.nodes {
+                let parent = usize::try_from(n.parent).ok().and_then(|p| at.get(p).copied()).unwrap_or(0);
+                let next = nodes.len();
+                let id = *child.entry((parent, n.function.clone())).or_insert(next);
+                if id == next {
+                    nodes.push((n.function.clone(), Vec::new()));
+                    nodes[parent].1.push(id);
+                }
+                at.push(id);
+            }
+        }
+        let mut position = HashMap::new();
+        let mut stack: Vec<usize> = nodes[0].1.iter().rev().copied().collect();
+        let mut i = 0;
+        while let Some(n) = stack.pop() {
+            position.entry(nodes[n].0.clone()).or_insert(i);
+            i += 1;
+            stack.extend(nodes[n].1.iter().rev());
+        }
+        Reference { position }
+    }
+
+    /// |pos(a) - pos(b)|, if both functions are in the normal FCT.
+    pub fn distance(&self, a: &str, b: &str) -> Option<usize> {
+        Some(self.position.get(a)?.abs_diff(*self.position.get(b)?))
+    }
+}
+
+/// Per-window counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowCounts {
+    /// Windows the fault reached.
+    pub faulty: u64,
+    /// ... that alarmed.
+    pub faulty_alarmed: u64,
+    /// ... that alarmed with the injected function as top-1.
+    pub faulty_located: u64,
+    /// Windows the fault did not reach (all windows of normal runs among them).
+    pub normal: u64,
+    /// ... that alarmed.
+    pub normal_alarmed: u64,
+}
+
+impl WindowCounts {
+    fn add(&mut self, o: &WindowCounts) {
+        self.faulty += o.faulty;
+        self.faulty_alarmed += o.faulty_alarmed;
+        self.faulty_located += o.faulty_located;
+        self.normal += o.normal;
+        self.normal_alarmed += o.normal_alarmed;
+    }
+}
+
+/// What a method made of one run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunOutcome {
+    /// The run.
+    pub run: i64,
+    /// What was injected.
+    pub truth: Class,
+    /// Some verdict alarmed.
+    pub detected: bool,
+    /// Located: the top-1 names the injected function.
+    pub top1_function: bool,
+    /// The injected function is among the top-3.
+    pub top3_function: bool,
+    /// The top-1 names the injected function and fault kind.
+    pub top1_class: bool,
+    /// Function and kind among the top-3.
+    pub top3_class: bool,
+    /// The top-1 function of the located verdict.
+    pub located: Option<String>,
+    /// FLD, when both functions are in the normal FCT.
+    pub fld: Option<usize>,
+    /// FDD, ms (live runs).
+    pub fdd_ms: Option<f64>,
+    /// Per window.
+    pub windows: WindowCounts,
+}
+
+fn names(v: &Verdict, function: &str, kind: Option<afetm_fault::FaultKind>, k: usize) -> (bool, bool) {
+    let top = v.top.iter().take(k);
+    let f = top.clone().any(|s| s.function == function);
+    let c = top.clone().any(|s| s.function == function && s.kind.is_some() && s.kind == kind);
+    (f, c)
+}
+
+/// Scores one run's verdicts (see the module docs).
+pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunOutcome {
+    let detected = verdicts.iter().any(|v| v.error);
+    let worst = verdicts.iter().filter(|v| v.error).min_by(|a, b| a.normality.total_cmp(&b.normality));
+    let (function, kind) = match &case.truth {
+        Class::Fault { function, kind } => (function.as_str(), Some(*kind)),
+        Class::Normal => ("", None),
+    };
+    let fault = kind.is_some();
+    let (mut t1f, mut t1c, mut t3f, mut t3c) = (false, false, false, false);
+    if let (Some(w), true) = (worst, fault) {
+        if w.assumed_located {
+            (t1f, t1c, t3f, t3c) = (true, true, true, true);
+        } else {
+            (t1f, t1c) = names(w, function, kind, 1);
+            (t3f, t3c) = names(w, function, kind, 3);
+        }
+    }
+    let located = worst.and_then(|w| w.top.first()).map(|s| s.function.clone());
+    let fld = match (&located, fault) {
+        (Some(l), true) => reference.distance(l, function),
+        _ => None,
+    };
+    let fdd_ms = case.injected_unix_ms.and_then(|inj| {
+        verdicts.iter().filter(|v| v.error).filter_map(|v| v.reported_unix_ms).filter(|r| *r >= inj).min().map(|r| (r - inj) as f64)
+    });
+    let mut windows = WindowCounts::default();
+    for v in verdicts {
+        let faulty = v.window.and_then(|i| case.windows.get(i)).is_some_and(|w| w.faulty) && fault;
+        if faulty {
+            windows.faulty += 1;
+            windows.faulty_alarmed += v.error as u64;
+            windows.faulty_located += (v.error && names(v, function, kind, 1).0) as u64;
+        } else {
+            windows.normal += 1;
+            windows.normal_alarmed += v.error as u64;
+        }
+    }
+    RunOutcome {
+        run: case.run,
+        truth: case.truth.clone(),
+        detected,
+        top1_function: t1f,
+        top3_function: t3f,
+        top1_class: t1c,
+        top3_class: t3c,
+        located,
+        fld,
+        fdd_ms: if fault { fdd_ms } else { None },
+        windows,
+    }
+}
+
+/// Per fault kind: runs, detected, located (top-1 function).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindRow {
+    /// Injections of this kind.
+    pub runs: u64,
+    /// Detected.
+    pub detected: u64,
+    /// Located (top-1 function).
+    pub located: u64,
+}
+
+/// A method's figures over a set of runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    /// Fault injections scored.
+    pub fault_runs: u64,
+    /// Normal runs scored.
+    pub normal_runs: u64,
+    /// EDR (eq. 11).
+    pub edr: f64,
+    /// FLR (eq. 12), top-1 by function.
+    pub flr_top1_function: f64,
+    /// FLR, top-3 by function.
+    pub flr_top3_function: f64,
+    /// FLR, top-1 by (function, kind).
+    pub flr_top1_class: f64,
+    /// FLR, top-3 by (function, kind).
+    pub flr_top3_class: f64,
+    /// Normal runs with an alarm / normal runs.
+    pub false_alarm_rate: f64,
+    /// FLD values (detected runs whose located and injected functions are both in the normal
+    /// FCT).
+    pub fld: Vec<usize>,
+    /// Detected runs without an FLD (a function outside the normal FCT).
+    pub fld_undefined: u64,
+    /// FDD per detected live run, ms.
+    pub fdd_ms: Vec<f64>,
+    /// Compute time per verdict, us.
+    pub compute_us: Vec<u64>,
+    /// Per fault kind.
+    pub per_kind: BTreeMap<String, KindRow>,
+    /// Per window.
+    pub windows: WindowCounts,
+}
+
+fn rate(n: u64, of: u64) -> f64 {
+    if of == 0 { 0.0 } else { n as f64 / of as f64 }
+}
+
+/// Aggregates run outcomes (and the verdicts' compute times).
+pub fn aggregate(outcomes: &[RunOutcome], compute_us: Vec<u64>) -> Scores {
+    let mut s = Scores { compute_us, ..Scores::default() };
+    let (mut det, mut t1f, mut t3f, mut t1c, mut t3c, mut alarms) = (0, 0, 0, 0, 0, 0);
+    for o in outcomes {
+        s.windows.add(&o.windows);
+        match &o.truth {
+            Class::Normal => {
+                s.normal_runs += 1;
+                alarms += o.detected as u64;
+            }
+            Class::Fault { kind, .. } => {
+                s.fault_runs += 1;
+                det += o.detected as u64;
+                t1f += o.top1_function as u64;
+                t3f += o.top3_function as u64;
+                t1c += o.top1_class as u64;
+                t3c += o.top3_class as u64;
+                let row = s.per_kind.entry(kind.to_string()).or_default();
+                row.runs += 1;
+                row.detected += o.detected as u64;
+                row.located += o.top1_function as u64;
+                match (o.detected, o.fld) {
+                    (true, Some(d)) => s.fld.push(d),
+                    (true, None) => s.fld_undefined += 1,
+                    _ => {}
+                }
+                s.fdd_ms.extend(o.fdd_ms);
+            }
+        }
+    }
+    s.edr = rate(det, s.fault_runs);
+    s.flr_top1_function = rate(t1f, s.fault_runs);
+    s.flr_top3_function = rate(t3f, s.fault_runs);
+    s.flr_top1_class = rate(t1c, s.fault_runs);
+    s.flr_top3_class = rate(t3c, s.fault_runs);
+    s.false_alarm_rate = rate(alarms, s.normal_runs);
+    s
+}
+
+/// The q-quantile (nearest rank) of `values`, `None` if empty.
+pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    Some(v[i])
+}
+
+/// Mean of `values`, `None` if empty.
+pub fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}

@@ -1,0 +1,208 @@
+//! The metrics and the baselines on hand-made cases with known answers.
+use afetm_diagnosis::Class;
+use afetm_eval::{
+    case::{Case, Window},
+    method::{Method, Suspect, Verdict},
+    methods::{
+        bag::Bag,
+        edc::{FctEdc, first_difference},
+        gdc::{AfctGdc, influence},
+        logs::{LogIdealized, is_error_line, template},
+    },
+    metrics::{Reference, aggregate, outcome, quantile},
+};
+use afetm_fault::FaultKind;
+use afetm_proto as pb;
+
+/// A tree from (function, parent index) in preorder.
+fn tree(nodes: &[(&str, i32)]) -> pb::Tree {
+    let mut t = pb::Tree::default();
+    for (i, (f, p)) in nodes.iter().enumerate() {
+        t.nodes.push(pb::TreeNode {
+            function: f.to_string(),
+            module: "m".into(),
+            color: pb::Color::White as i32,
+            parent: *p,
+            children: Vec::new(),
+            calls: 1,
+        });
+        if *p >= 0 {
+            t.nodes[*p as usize].children.push(i as u32);
+        }
+    }
+    t
+}
+
+fn fault(function: &str, kind: FaultKind) -> Class {
+    Class::Fault { function: function.into(), kind }
+}
+
+fn case(run: i64, truth: Class, windows: Vec<(bool, pb::Tree)>) -> Case {
+    Case {
+        run,
+        truth,
+        fault: String::new(),
+        manifestation: String::new(),
+        windows: windows
+            .into_iter()
+            .map(|(faulty, t)| Window { faulty, full: Some(t.clone()), afct: Some(t), ..Window::default() })
+            .collect(),
+        logs: Vec::new(),
+        injected_unix_ms: None,
+    }
+}
+
+fn verdict(window: usize, error: bool, normality: f64, top: &[(&str, FaultKind)]) -> Verdict {
+    Verdict {
+        window: Some(window),
+        error,
+        normality,
+        top: top.iter().map(|(f, k)| Suspect { function: f.to_string(), kind: Some(*k) }).collect(),
+        assumed_located: false,
+        compute_us: 10,
+        reported_unix_ms: Some(1_000 + window as i64 * 1000),
+    }
+}
+
+#[test]
+fn run_outcomes_and_rates() {
+    // main(a(f), b): preorder main 0, a 1, f 2, b 3.
+    let normal = tree(&[("main", -1), ("a", 0), ("f", 1), ("b", 0)]);
+    let reference = Reference::from_trees([&normal]);
+    assert_eq!(reference.distance("f", "b"), Some(1));
+    assert_eq!(reference.distance("main", "f"), Some(2));
+    assert_eq!(reference.distance("zzz", "f"), None);
+
+    let mut c = case(1, fault("f", FaultKind::Input), vec![(false, normal.clone()), (true, normal.clone())]);
+    c.injected_unix_ms = Some(1_500);
+    // Window 0 alarms with a wrong top-1 but is more normal than window 1, whose top-1 is b
+    // and top-2 the right function with the right kind.
+    let v = vec![
+        verdict(0, true, 0.4, &[("a", FaultKind::Crash)]),
+        verdict(1, true, 0.1, &[("b", FaultKind::Input), ("f", FaultKind::Input)]),
+    ];
+    let o = outcome(&c, &v, &reference);
+    assert!(o.detected);
+    assert!(!o.top1_function && o.top3_function && !o.top1_class && o.top3_class);
+    assert_eq!(o.located.as_deref(), Some("b"));
+    assert_eq!(o.fld, Some(1));
+    assert_eq!(o.fdd_ms, Some(500.0), "window 1 reported at 2000, injection at 1500");
+    assert_eq!((o.windows.faulty, o.windows.faulty_alarmed, o.windows.faulty_located), (1, 1, 0));
+    assert_eq!((o.windows.normal, o.windows.normal_alarmed), (1, 1));
+
+    // A located run, an undetected run, a normal run with a false alarm and one without.
+    let right = outcome(&case(2, fault("f", FaultKind::Input), vec![(true, normal.clone())]), &[verdict(0, true, 0.0, &[("f", FaultKind::Input)])], &reference);
+    assert!(right.top1_function && right.top1_class && right.fld == Some(0));
+    let missed = outcome(&case(3, fault("a", FaultKind::Crash), vec![(true, normal.clone())]), &[verdict(0, false, 0.9, &[("a", FaultKind::Crash)])], &reference);
+    assert!(!missed.detected && !missed.top1_function, "an undetected run is not located even if its top-1 is right");
+    let alarm = outcome(&case(4, Class::Normal, vec![(false, normal.clone())]), &[verdict(0, true, 0.1, &[])], &reference);
+    let quiet = outcome(&case(5, Class::Normal, vec![(false, normal.clone())]), &[verdict(0, false, 0.9, &[])], &reference);
+    let s = aggregate(&[o, right, missed, alarm, quiet], vec![1, 2, 3]);
+    assert_eq!((s.fault_runs, s.normal_runs), (3, 2));
+    assert!((s.edr - 2.0 / 3.0).abs() < 1e-9);
+    assert!((s.flr_top1_function - 1.0 / 3.0).abs() < 1e-9);
+    assert!((s.flr_top3_function - 2.0 / 3.0).abs() < 1e-9);
+    assert!((s.flr_top3_class - 2.0 / 3.0).abs() < 1e-9);
+    assert!((s.false_alarm_rate - 0.5).abs() < 1e-9);
+    assert_eq!(s.fld, vec![1, 0]);
+    assert_eq!(s.per_kind["input"].runs, 2);
+    assert_eq!(s.per_kind["crash"].detected, 0);
+    assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), Some(2.0));
+    assert_eq!(quantile(&[], 0.5), None);
+}
+
+#[test]
+fn assumed_location_counts_when_detected() {
+    let mut v = verdict(0, true, -1.0, &[]);
+    v.assumed_located = true;
+    v.window = None;
+    v.top = vec![Suspect { function: "serverLog".into(), kind: None }];
+    let normal = tree(&[("main", -1), ("serverLog", 0), ("f", 0)]);
+    let o = outcome(&case(1, fault("f", FaultKind::Crash), vec![]), &[v], &Reference::from_trees([&normal]));
+    assert!(o.top1_function && o.top1_class);
+    assert_eq!(o.fld, Some(1), "FLD from the logging function");
+}
+
+#[test]
+fn fct_edc_thresholds_on_normal_runs_and_locates_the_first_difference() {
+    assert_eq!(first_difference(&["m", "a", "b"], &["m", "a", "c"]), vec!["b", "c", "a"]);
+    assert_eq!(first_difference(&["m", "a"], &["m", "a", "c"]), vec!["c", "a"]);
+    assert!(first_difference(&["m"], &["m"]).is_empty());
+    let n1 = tree(&[("main", -1), ("a", 0), ("b", 0)]);
+    let n2 = tree(&[("main", -1), ("a", 0), ("b", 0), ("b", 0)]);
+    let train = vec![case(1, Class::Normal, vec![(false, n1.clone())]), case(2, Class::Normal, vec![(false, n2.clone())])];
+    let edc = FctEdc::fit(&train).unwrap();
+    assert_eq!(edc.threshold(), 1, "the two normal runs differ by one node");
+    let ok = edc.window(&Window { full: Some(n1.clone()), ..Window::default() }).unwrap().unwrap();
+    assert!(!ok.error);
+    // main(x(y, z), b): three edits from n1.
+    let bad = tree(&[("main", -1), ("x", 0), ("y", 1), ("z", 1), ("b", 0)]);
+    let v = edc.window(&Window { full: Some(bad), ..Window::default() }).unwrap().unwrap();
+    assert!(v.error);
+    assert_eq!(v.normality, -3.0);
+    assert_eq!(v.top[0].function, "x");
+}
+
+#[test]
+fn afct_gdc_picks_the_most_influential_entry() {
+    assert_eq!(influence(0.0, 2.0), 1.0);
+    assert!((influence(2.0, 2.0) - (-0.5f64).exp()).abs() < 1e-12);
+    let normal = tree(&[("main", -1), ("a", 0)]);
+    let f_tree = tree(&[("main", -1), ("a", 0), ("f", 1), ("f", 1)]);
+    let g_tree = tree(&[("main", -1), ("g", 0), ("g", 1), ("g", 2)]);
+    let train = vec![
+        case(1, Class::Normal, vec![(false, normal.clone())]),
+        case(2, fault("f", FaultKind::Input), vec![(true, f_tree.clone()), (false, normal.clone())]),
+        case(3, fault("g", FaultKind::Deadlock), vec![(true, g_tree)]),
+        // A faulty window that looks normal belongs to the normal entry.
+        case(4, fault("h", FaultKind::Crash), vec![(true, normal.clone())]),
+    ];
+    let gdc = AfctGdc::fit(&train).unwrap();
+    assert_eq!(gdc.entries(), 3, "normal, input@f, deadlock@g (crash@h only ever looked normal)");
+    let probe = tree(&[("main", -1), ("a", 0), ("f", 1), ("f", 1), ("c", 0)]);
+    let v = gdc.window(&Window { afct: Some(probe), ..Window::default() }).unwrap().unwrap();
+    assert!(v.error);
+    assert_eq!(v.top[0], Suspect { function: "f".into(), kind: Some(FaultKind::Input) });
+    let v = gdc.window(&Window { afct: Some(normal), ..Window::default() }).unwrap().unwrap();
+    assert!(!v.error);
+}
+
+#[test]
+fn log_method_ignores_what_normal_runs_log() {
+    assert!(is_error_line("redis.log", "123:M 28 Nov 2026 22:29:00.976 # Redis is starting"));
+    assert!(!is_error_line("redis.log", "123:M 28 Nov 2026 22:29:00.976 * Ready to accept connections"));
+    assert!(is_error_line("nginx-error.log", "2026/11/28 22:29:00 [error] 12#0: upstream timed out"));
+    assert!(!is_error_line("nginx-error.log", "2026/11/28 22:29:00 [notice] 12#0: start"));
+    assert!(is_error_line("apache0-error.log", "[Sat Nov 28 22:29:00 2026] [proxy_fcgi:error] [pid 9] AH01079"));
+    assert!(!is_error_line("nginx-access.log", "GET / 500"));
+    assert_eq!(template("pid=123 at 22:29:00"), "pid=0 at 0:0:0");
+    let start = "1:M 28 Nov 2026 22:29:00.976 # Redis version=7.0.15 just started".to_string();
+    let mut n = case(1, Class::Normal, vec![]);
+    n.logs = vec![("redis.log".into(), start.replace("1:M", "77:M"))];
+    let logs = LogIdealized::fit(&[n], "redis");
+    let mut quiet = case(2, Class::Normal, vec![]);
+    quiet.logs = vec![("redis.log".into(), start.clone())];
+    assert!(!logs.diagnose(&quiet).unwrap()[0].error);
+    let mut loud = case(3, fault("f", FaultKind::Crash), vec![]);
+    loud.logs = vec![("redis.log".into(), start), ("php-error.log".into(), "[28-Nov-2026] shop: Connection refused".into())];
+    let v = logs.diagnose(&loud).unwrap();
+    assert!(v[0].error && v[0].assumed_located);
+    assert_eq!(v[0].top[0].function, "serverLog");
+}
+
+#[test]
+fn bag_of_functions_separates_distinct_bags() {
+    let normal = tree(&[("main", -1), ("a", 0), ("b", 0)]);
+    let f_tree = tree(&[("main", -1), ("f", 0), ("f", 0), ("f", 0)]);
+    let mut train = Vec::new();
+    for r in 0..6 {
+        train.push(case(r, Class::Normal, vec![(false, normal.clone())]));
+        train.push(case(10 + r, fault("f", FaultKind::Input), vec![(true, f_tree.clone())]));
+    }
+    let bag = Bag::fit(&train).unwrap();
+    let v = bag.window(&Window { afct: Some(f_tree), ..Window::default() }).unwrap().unwrap();
+    assert!(v.error, "P(normal) {}", v.normality);
+    assert_eq!(v.top[0].function, "f");
+    let v = bag.window(&Window { afct: Some(normal), ..Window::default() }).unwrap().unwrap();
+    assert!(!v.error, "P(normal) {}", v.normality);
+}
