@@ -98,6 +98,7 @@ pub fn run_demo() -> Result<()> {
         normal: Duration::from_secs(5),
         normal_rate: 20.0,
         out: Some(sample.clone()),
+        build: false,
     })?;
     let redis = redis_binary(&cfg)?;
 
@@ -156,7 +157,7 @@ pub fn run_demo() -> Result<()> {
 }
 
 /// Stops the demo's shop however the demo ends.
-struct ShopGuard(testbed::Config);
+pub(crate) struct ShopGuard(pub(crate) testbed::Config);
 
 impl Drop for ShopGuard {
     fn drop(&mut self) {
@@ -215,7 +216,7 @@ fn live_run(
     sleep(Duration::from_secs(2));
     let ready = dir.join("inject.ready");
     let _ = std::fs::remove_file(&ready);
-    let injected_at = monotonic_ns();
+    let injected_at = testbed::monotonic_ns();
     let mut inject = Guard(vec![
         Command::new(bin.join("afetm-inject"))
             .arg("--module")
@@ -244,17 +245,9 @@ fn live_run(
     Ok(injected_at)
 }
 
-fn terminate(child: &mut Child) {
+pub(crate) fn terminate(child: &mut Child) {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
-}
-
-/// CLOCK_MONOTONIC, the agent's clock.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Prints the diagnoses (with the AFCT of the worst window) and says whether the demo's top-1

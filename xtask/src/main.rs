@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench probe`.
+//! Project tasks: `cargo xtask setup | check | test | demo | eval | testbed | campaign | bench`.
 //!
 //! `setup` installs, idempotently, what building and testing need on a fresh Debian machine:
 //! Debian's rustc/cargo/std sources (the eBPF crate needs `-Z build-std=core`), LLVM 22 and
@@ -18,6 +18,7 @@ mod bench_diagnose;
 mod campaign;
 mod demo;
 mod demo_diagnosis;
+mod eval;
 mod sample;
 mod testbed;
 
@@ -58,6 +59,10 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The evaluation (paper sec. IV.B-C): AFETM against FCT_EDC, AFCT_GDC, the idealized
+    /// log-based method and a topology-free control on held-out runs; writes
+    /// target/eval/report.md and its figures.
+    Eval(eval::EvalArgs),
     /// Benchmarks that print figures as ratios to a baseline taken in the same run.
     Bench {
         #[command(subcommand)]
@@ -269,6 +274,7 @@ fn main() {
         }),
         Cmd::Testbed { cmd } => testbed::run(cmd),
         Cmd::Campaign { args } => check().and_then(|_| campaign::campaign(args)),
+        Cmd::Eval(a) => setup().and_then(|_| eval::run_eval(a)),
         Cmd::Bench { which } => check().and_then(|_| bench::run_bench(which)),
     };
     if let Err(e) = result {

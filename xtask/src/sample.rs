@@ -52,10 +52,14 @@ pub struct SampleArgs {
     /// Output folder (default target/testbed-sample).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Build the agent and analyzer first (callers that built them already, with other
+    /// packages, skip it: another package set can unify features differently and rebuild).
+    #[arg(skip = true)]
+    pub build: bool,
 }
 
 /// The file the target's code lives in, found from the running testbed's processes.
-fn target_file(cfg: &testbed::Config, target: Target) -> Result<PathBuf> {
+pub(crate) fn target_file(cfg: &testbed::Config, target: Target) -> Result<PathBuf> {
     let servers = testbed::servers(cfg)?;
     let want = match target {
         Target::Redis => "redis",
@@ -85,7 +89,9 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let file = target_file(&cfg, a.target)?;
     let real = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
     let module = real.file_name().map(|n| n.to_string_lossy().into_owned()).context("target file has no name")?;
-    run(&mut cargo(&["build", "--release", "--bins", "-p", "agent", "-p", "analyzer"]))?;
+    if a.build {
+        run(&mut cargo(&["build", "--release", "--bins", "-p", "agent", "-p", "analyzer"]))?;
+    }
     let bin = target_dir().join("release");
     let out = a.out.clone().unwrap_or_else(|| target_dir().join("testbed-sample"));
     std::fs::create_dir_all(&out)?;
