@@ -53,6 +53,14 @@ pub struct Verdict {
     pub reported_unix_ms: Option<i64>,
 }
 
+impl Verdict {
+    /// A window's verdict (window, compute time and report time are filled in by
+    /// [`Method::diagnose`]).
+    pub fn new(error: bool, normality: f64, top: Vec<Suspect>) -> Verdict {
+        Verdict { window: None, error, normality, top, assumed_located: false, compute_us: 0, reported_unix_ms: None }
+    }
+}
+
 /// A diagnosis method under evaluation.
 pub trait Method {
     /// Its name in the report.

@@ -441,7 +441,7 @@ fn clock_offset_ns() -> i64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    let real = ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64;
+    let real = ts.tv_sec * 1_000_000_000 + ts.tv_nsec;
     real - testbed::monotonic_ns() as i64
 }
 

@@ -38,15 +38,8 @@ impl Method for Afetm {
     fn window(&self, window: &Window) -> Result<Option<Verdict>, EvalError> {
         let Some(tree) = &window.afct else { return Ok(None) };
         let d = self.model.diagnose(tree, TOP_K)?;
-        Ok(Some(Verdict {
-            window: None,
-            error: d.error,
-            normality: f64::from(d.p_normal),
-            top: d.top.iter().map(|s| Suspect { function: s.function.clone(), kind: Some(s.kind) }).collect(),
-            assumed_located: false,
-            compute_us: 0,
-            reported_unix_ms: None,
-        }))
+        let top = d.top.iter().map(|s| Suspect { function: s.function.clone(), kind: Some(s.kind) }).collect();
+        Ok(Some(Verdict::new(d.error, f64::from(d.p_normal), top)))
     }
 }
 

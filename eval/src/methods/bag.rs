@@ -149,14 +149,6 @@ impl Method for Bag {
             })
             .take(super::afetm::TOP_K)
             .collect();
-        Ok(Some(Verdict {
-            window: None,
-            error: normal < self.threshold,
-            normality: f64::from(normal),
-            top,
-            assumed_located: false,
-            compute_us: 0,
-            reported_unix_ms: None,
-        }))
+        Ok(Some(Verdict::new(normal < self.threshold, f64::from(normal), top)))
     }
 }

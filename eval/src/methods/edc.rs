@@ -160,14 +160,6 @@ impl Method for FctEdc {
         } else {
             Vec::new()
         };
-        Ok(Some(Verdict {
-            window: None,
-            error,
-            normality: -f64::from(d),
-            top,
-            assumed_located: false,
-            compute_us: 0,
-            reported_unix_ms: None,
-        }))
+        Ok(Some(Verdict::new(error, -f64::from(d), top)))
     }
 }

@@ -101,7 +101,7 @@ pub fn pairwise_std(trees: &[&TedTree]) -> f64 {
     let mut k = 0usize;
     for i in 0..n {
         for j in i + 1..n {
-            if k % step == 0 {
+            if k.is_multiple_of(step) {
                 d.push(f64::from(distance(trees[i], trees[j])));
             }
             k += 1;
@@ -167,13 +167,5 @@ fn verdict(entries: &[(Class, Vec<TedTree>)], ranked: &[(f64, usize)]) -> Verdic
             Class::Normal => None,
         })
         .collect();
-    Verdict {
-        window: None,
-        error: best_fault > normal,
-        normality: normal - best_fault,
-        top,
-        assumed_located: false,
-        compute_us: 0,
-        reported_unix_ms: None,
-    }
+    Verdict::new(best_fault > normal, normal - best_fault, top)
 }

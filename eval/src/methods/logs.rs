@@ -98,14 +98,7 @@ impl Method for LogIdealized {
 
     fn diagnose(&self, case: &Case) -> Result<Vec<Verdict>, EvalError> {
         let new = error_templates(case).filter(|t| !self.normal.contains(t)).count();
-        Ok(vec![Verdict {
-            window: None,
-            error: new > 0,
-            normality: -(new as f64),
-            top: vec![Suspect { function: self.logger.clone(), kind: None }],
-            assumed_located: true,
-            compute_us: 0,
-            reported_unix_ms: None,
-        }])
+        let top = vec![Suspect { function: self.logger.clone(), kind: None }];
+        Ok(vec![Verdict { assumed_located: true, ..Verdict::new(new > 0, -(new as f64), top) }])
     }
 }
