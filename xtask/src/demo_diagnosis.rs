@@ -13,7 +13,7 @@
 //!    and whether the top-1 of the window with the lowest P(normal) names the injected fault.
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -214,29 +214,9 @@ fn live_run(
     l.warmup = Duration::ZERO;
     let load = std::thread::spawn(move || testbed::load::run(&l));
     sleep(Duration::from_secs(2));
-    let ready = dir.join("inject.ready");
-    let _ = std::fs::remove_file(&ready);
     let injected_at = testbed::monotonic_ns();
-    let mut inject = Guard(vec![
-        Command::new(bin.join("afetm-inject"))
-            .arg("--module")
-            .arg(redis)
-            .args([
-                "--function",
-                &chosen.function,
-                "--fault",
-                &chosen.fault,
-                "--pid",
-                &pid.to_string(),
-                "--foreign",
-                "--ready-file",
-            ])
-            .arg(&ready)
-            .stdout(std::fs::File::create(dir.join("inject.out"))?)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting afetm-inject")?,
-    ]);
+    let out = dir.join("inject.out");
+    let mut inject = Guard(vec![crate::eval::start_inject(bin, dir, redis, pid, &chosen.function, &chosen.fault, &out)?]);
     let report = load.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
     println!("load: {}", report.text());
     terminate(&mut inject.0[0]);

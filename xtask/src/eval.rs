@@ -516,7 +516,17 @@ fn live_run(
     }))
 }
 
-fn start_inject(bin: &Path, dir: &Path, file: &Path, pid: u32, function: &str, fault: &str, out: &Path) -> Result<Child> {
+/// Starts `afetm-inject` on `pid` (its report goes to `out`) and waits, up to 5 s, until it is
+/// armed.
+pub(crate) fn start_inject(
+    bin: &Path,
+    dir: &Path,
+    file: &Path,
+    pid: u32,
+    function: &str,
+    fault: &str,
+    out: &Path,
+) -> Result<Child> {
     let ready = dir.join("inject.ready");
     let _ = std::fs::remove_file(&ready);
     let child = Command::new(bin.join("afetm-inject"))
