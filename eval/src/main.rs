@@ -239,7 +239,16 @@ fn write_report(dir: &Path) -> Result<()> {
         anyhow::bail!("no rows-*.json in {} (run afetm-eval score first)", dir.display());
     }
     let rtgr: Vec<Rtgr> = if dir.join("rtgr.json").is_file() { read_json(&dir.join("rtgr.json"))? } else { Vec::new() };
-    let setup: Setup = if dir.join("setup.json").is_file() { read_json(&dir.join("setup.json"))? } else { Setup::default() };
+    // setup.json (the machine) first, then setup-<target>.json of every target evaluated.
+    let mut setup = Setup::default();
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("setup-") && n.ends_with(".json")))
+        .collect();
+    parts.sort();
+    for p in std::iter::once(dir.join("setup.json")).chain(parts).filter(|p| p.is_file()) {
+        setup.lines.extend(read_json::<Setup>(&p)?.lines);
+    }
     let discussion = report::discussion(&rows, &rtgr);
     report::write(dir, &setup, &rows, &rtgr, &discussion)?;
     eprintln!("wrote {}", dir.join("report.md").display());

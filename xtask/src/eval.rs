@@ -136,25 +136,20 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let bin = target_dir().join("release");
     let out = target_dir().join("eval");
     std::fs::create_dir_all(&out)?;
-    let mut setup = vec![
+    let setup = vec![
         format!("machine: {}", machine()),
         format!("afetm {}", git_rev()),
-        format!(
-            "mode: {}; targets {}; budgets {}; campaign scope {}; cap {} training runs per fault, 1 eval-role run per fault, 8 normal training and 6 normal eval-role runs",
-            if s.quick { "--quick" } else { "default" },
-            s.targets.iter().map(|t| name(*t)).collect::<Vec<_>>().join(","),
-            s.budgets.join(","),
-            s.scope,
-            s.cap
-        ),
         "split: by run. Training: the campaign's train-role runs (the GCN also holds out ~20% of them for validation and its threshold). Scored: eval-role runs (fresh injections after each fault's training runs) and live runs; nothing scored was trained or tuned on.".into(),
     ];
+    std::fs::write(out.join("setup.json"), serde_json::json!({ "lines": setup }).to_string())?;
     for t in &s.targets {
-        setup.extend(eval_target(&s, *t, &bin, &out, &a, t0)?);
+        // Per target, so that targets evaluated by separate invocations keep their lines.
+        let started = Instant::now();
+        let mut lines = eval_target(&s, *t, &bin, &out, &a, t0)?;
+        lines.push(format!("{}: this invocation took {:.1} min", name(*t), started.elapsed().as_secs_f64() / 60.0));
+        std::fs::write(out.join(format!("setup-{}.json", name(*t))), serde_json::json!({ "lines": lines }).to_string())?;
     }
     step(t0, "Report");
-    setup.push(format!("wall time of this `cargo xtask eval` invocation: {:.1} min", t0.elapsed().as_secs_f64() / 60.0));
-    std::fs::write(out.join("setup.json"), serde_json::json!({ "lines": setup }).to_string())?;
     run(Command::new(bin.join("afetm-eval")).args(["report", "--dir"]).arg(&out))?;
     println!("\nreport: {}  ({:.1} min)", out.join("report.md").display(), t0.elapsed().as_secs_f64() / 60.0);
     Ok(())
@@ -196,7 +191,16 @@ fn eval_target(s: &Settings, t: Target, bin: &Path, out: &Path, a: &EvalArgs, t0
         .arg(dir.join("campaign"))
         .arg("--bin-dir")
         .arg(bin))?;
-    let mut lines = vec![campaign_line(&fddb, &tn)?];
+    let mut lines = vec![
+        format!(
+            "{tn}: {}; budgets {}; campaign scope {}; cap {} training runs per fault, 1 eval-role run per fault, 8 normal training and 6 normal eval-role runs",
+            if s.quick { "--quick" } else { "default mode" },
+            s.budgets.join(","),
+            s.scope,
+            s.cap
+        ),
+        campaign_line(&fddb, &tn)?,
+    ];
 
     step(t0, &format!("{tn}: the shop up; weights and normal FCTs"));
     let at = crate::testbed::Where { run_dir: Some(dir.join("shop")), base_port: BASE_PORT, apaches: 4, netns: false };
