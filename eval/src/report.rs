@@ -273,7 +273,7 @@ fn rtgr_table(md: &mut String, rtgr: &[Rtgr]) {
     let _ = writeln!(md, "\n## Table I: response time growth rate (eq. 13)\n");
     let _ = writeln!(
         md,
-        "The shop's CRUD mix; conditions interleaved, repeated; median of the repetitions, spread = min-max. Tier: the target's own time per request (redis: INFO commandstats usec_per_call). RTGR against the untraced runs of the same session.\n"
+        "The shop's CRUD mix; conditions interleaved, repeated; median of the repetitions, spread = min-max. Tier: the target's own time per request (redis: INFO commandstats usec_per_call; nginx: `$request_time` of its access log, which includes the backends; Apache: `%D`; SQLite: not measured yet). RTGR against the untraced runs of the same session.\n"
     );
     let _ = writeln!(
         md,

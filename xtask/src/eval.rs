@@ -613,10 +613,16 @@ fn response_times(
             if t == Target::Redis {
                 redis_command(cfg, "CONFIG RESETSTAT")?;
             }
+            let logs_at = testbed::logs::log_sizes(&cfg.logs_dir());
             let report = testbed::load::run(&closed_loop(cfg, load_for, Duration::from_secs(1)))?;
-            if t == Target::Redis {
-                tier[i].push(redis_usec_per_call(&redis_command(cfg, "INFO commandstats")?));
-            }
+            let own = match t {
+                Target::Redis => Some(redis_usec_per_call(&redis_command(cfg, "INFO commandstats")?)),
+                Target::Nginx => access_log_mean_us(&cfg.logs_dir(), &logs_at, "nginx-access.log", 1e6),
+                Target::Httpd => access_log_mean_us(&cfg.logs_dir(), &logs_at, "-access.log", 1.0),
+                // The time the PHP app spends in its queries is not logged yet.
+                Target::Sqlite => None,
+            };
+            tier[i].extend(own);
             e2e[i].push(report.latency.mean_us / 1000.0);
             if let Some((child, log)) = agent {
                 stop_agent(child, &log)?;
@@ -679,6 +685,40 @@ fn redis_usec_per_call(info: &str) -> f64 {
         }
     }
     if calls == 0 { 0.0 } else { usec as f64 / calls as f64 }
+}
+
+/// Mean of the last field of the access-log lines written since `before` (nginx: `$request_time`
+/// in s, Apache: `%D` in us; `scale` turns it into us), over the files whose name ends with
+/// `suffix`; warm-up requests included. `None` without any line.
+fn access_log_mean_us(
+    dir: &Path,
+    before: &std::collections::HashMap<PathBuf, u64>,
+    suffix: &str,
+    scale: f64,
+) -> Option<f64> {
+    use std::io::{Seek, SeekFrom};
+    let (mut sum, mut n) = (0.0, 0u64);
+    for (path, len) in testbed::logs::log_sizes(dir) {
+        let apache_or_nginx = path.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
+            f.ends_with(suffix) && (suffix != "-access.log" || f.starts_with("apache"))
+        });
+        if !apache_or_nginx {
+            continue;
+        }
+        let from = before.get(&path).copied().unwrap_or(0).min(len);
+        let Ok(mut f) = std::fs::File::open(&path) else { continue };
+        let mut text = String::new();
+        if f.seek(SeekFrom::Start(from)).is_err() || f.read_to_string(&mut text).is_err() {
+            continue;
+        }
+        for v in text.lines().filter_map(|l| l.split_whitespace().nth_back(if suffix == "-access.log" { 0 } else { 1 })) {
+            if let Ok(x) = v.parse::<f64>() {
+                sum += x * scale;
+                n += 1;
+            }
+        }
+    }
+    (n > 0).then(|| sum / n as f64)
 }
 
 /// rtgr.json: every target's measurements together, for the report.
