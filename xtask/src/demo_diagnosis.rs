@@ -59,11 +59,7 @@ fn analyzer_cmd(bin: &Path) -> Command {
 pub fn run_demo() -> Result<()> {
     let t0 = Instant::now();
     run(&mut cargo(&["build", "--release", "--bins", "-p", "agent", "-p", "analyzer", "-p", "campaign"]))?;
-    for (pkg, _, secs) in testbed::build::build_all(&testbed::build::cache_dir())? {
-        if secs > 0.0 {
-            eprintln!("built {} in {secs:.0} s", pkg.source_name());
-        }
-    }
+    crate::testbed::build_servers()?;
     let bin = target_dir().join("release");
     let dir = target_dir().join("demo-redis");
     std::fs::create_dir_all(&dir)?;

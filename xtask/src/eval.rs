@@ -128,11 +128,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let t0 = Instant::now();
     let s = Settings::of(&a);
     run(&mut cargo(&["build", "--release", "--bins", "-p", "agent", "-p", "analyzer", "-p", "campaign", "-p", "eval"]))?;
-    for (pkg, _, secs) in testbed::build::build_all(&testbed::build::cache_dir())? {
-        if secs > 0.0 {
-            eprintln!("built {} in {secs:.0} s", pkg.source_name());
-        }
-    }
+    crate::testbed::build_servers()?;
     let bin = target_dir().join("release");
     let out = target_dir().join("eval");
     std::fs::create_dir_all(&out)?;

@@ -168,3 +168,14 @@ pub fn run(cmd: Cmd) -> Result<()> {
         }
     }
 }
+
+/// Builds the shop's servers from source into the cache (skipping finished builds) and says
+/// what it built; the demo and the evaluation start with it.
+pub fn build_servers() -> anyhow::Result<()> {
+    for (pkg, _, secs) in ::testbed::build::build_all(&::testbed::build::cache_dir())? {
+        if secs > 0.0 {
+            eprintln!("built {} in {secs:.0} s", pkg.source_name());
+        }
+    }
+    Ok(())
+}
