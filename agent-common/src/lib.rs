@@ -166,7 +166,82 @@ pub mod kind {
     pub const CALL: u32 = 1;
     /// A call followed by `stack_len` bytes of user stack starting at `sp`.
     pub const CALL_STACK: u32 = 2;
+    /// A call followed by `stack_len / 8` return addresses (u64, innermost caller first) that
+    /// the kernel unwound with the rules learnt in the `UNWIND` map (see [`UnwindStep`](crate::UnwindStep)).
+    pub const CALL_CHAIN: u32 = 3;
 }
+
+/// Most return addresses the kernel unwinds for one [`kind::CALL_CHAIN`] event; a longer
+/// chain falls back to the stack copy.
+pub const MAX_CHAIN: usize = 64;
+
+/// Entries of the `UNWIND` map (an LRU map: an evicted rule only costs one stack copy).
+pub const MAX_UNWIND_RULES: u32 = 1 << 16;
+
+/// Key of the `UNWIND` map: (process, runtime address). The address is the probe address for
+/// the traced function's own frame and a return address for the frames above it; keyed per
+/// process because the same address means different code in different address spaces.
+pub const fn unwind_key(tgid: u32, addr: u64) -> [u64; 2] {
+    [tgid as u64, addr]
+}
+
+/// What the kernel does at one address while walking a call chain: the userspace unwinder's
+/// step there, learnt from the module's `.eh_frame` on an earlier stack copy (the first call
+/// through a new path is always a stack copy). Only steps that depend on the address alone are
+/// learnt; a frame the userspace unwinder handles by a register-dependent guess is never in the
+/// map, so the kernel falls back to a stack copy there and the two paths give the same chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnwindStep {
+    /// Stop after this address: the end of the chain the reader would keep (the frame lies
+    /// outside the traced module, or the unwinder stops here).
+    End,
+    /// CFA = (rbp if `cfa_from_rbp` else the frame's sp) + `cfa_offset`; the return address is
+    /// at CFA + `ra_offset`; the caller's rbp at CFA + `rbp_offset` (None: rbp unchanged).
+    Rule { cfa_from_rbp: bool, cfa_offset: i32, ra_offset: i32, rbp_offset: Option<i32> },
+}
+
+impl UnwindStep {
+    const END: i32 = 1;
+    const FROM_RBP: i32 = 2;
+    const HAS_RBP: i32 = 4;
+
+    /// The map value: `[flags, cfa_offset, ra_offset, rbp_offset]`.
+    pub const fn encode(self) -> [i32; 4] {
+        match self {
+            UnwindStep::End => [Self::END, 0, 0, 0],
+            UnwindStep::Rule { cfa_from_rbp, cfa_offset, ra_offset, rbp_offset } => {
+                let mut flags = 0;
+                if cfa_from_rbp {
+                    flags |= Self::FROM_RBP;
+                }
+                let rbp = match rbp_offset {
+                    Some(o) => {
+                        flags |= Self::HAS_RBP;
+                        o
+                    }
+                    None => 0,
+                };
+                [flags, cfa_offset, ra_offset, rbp]
+            }
+        }
+    }
+
+    pub const fn decode(v: [i32; 4]) -> UnwindStep {
+        if v[0] & Self::END != 0 {
+            return UnwindStep::End;
+        }
+        UnwindStep::Rule {
+            cfa_from_rbp: v[0] & Self::FROM_RBP != 0,
+            cfa_offset: v[1],
+            ra_offset: v[2],
+            rbp_offset: if v[0] & Self::HAS_RBP != 0 { Some(v[3]) } else { None },
+        }
+    }
+}
+
+/// The stack-copy sizes the eBPF program tries, largest first (each a constant the verifier
+/// can check): the configured window, or the largest of these below it that is readable.
+pub const STACK_ATTEMPTS: [usize; 7] = [16384, 8192, 4096, 2048, 1024, 512, 256];
 
 /// Header of every ring buffer record.
 ///
@@ -219,6 +294,10 @@ pub mod stat {
     pub const DROPPED: u32 = 0;
     /// Call-stack events whose stack could not be read at all (sent without stack).
     pub const STACK_UNREADABLE: u32 = 1;
+    /// Call-stack events the kernel unwound itself ([`kind::CALL_CHAIN`](crate::kind::CALL_CHAIN)).
+    pub const CHAINS: u32 = 2;
+    /// Call-stack events sent as a stack copy because a step of their chain was not learnt yet.
+    pub const CHAIN_MISSES: u32 = 3;
     /// Number of counters.
     pub const LEN: u32 = 4;
 }
@@ -254,6 +333,18 @@ mod tests {
         let s = InjectSpec { kind: 1, tgid: 2, arg: 3, bit: 4 };
         let bytes: [u32; 4] = unsafe { core::mem::transmute(s) };
         assert_eq!(bytes, s.words());
+    }
+
+    #[test]
+    fn unwind_step_roundtrip() {
+        for s in [
+            UnwindStep::End,
+            UnwindStep::Rule { cfa_from_rbp: false, cfa_offset: 8, ra_offset: -8, rbp_offset: None },
+            UnwindStep::Rule { cfa_from_rbp: true, cfa_offset: 16, ra_offset: -8, rbp_offset: Some(-16) },
+            UnwindStep::Rule { cfa_from_rbp: false, cfa_offset: i32::MAX, ra_offset: i32::MIN, rbp_offset: Some(0) },
+        ] {
+            assert_eq!(UnwindStep::decode(s.encode()), s);
+        }
     }
 
     #[test]

@@ -11,8 +11,8 @@
 #![no_main]
 
 use agent_common::{
-    EventHeader, HEADER_LEN, InjectSpec, MAX_FUNCS, MAX_MARKS, MAX_STACK_WINDOW, Mark, Mode, RING_BYTES, Slot,
-    StackEvent, fault, inject_stat, kind, stat,
+    EventHeader, HEADER_LEN, InjectSpec, MAX_CHAIN, MAX_FUNCS, MAX_MARKS, MAX_STACK_WINDOW, MAX_UNWIND_RULES, Mark,
+    Mode, RING_BYTES, STACK_ATTEMPTS, Slot, StackEvent, UnwindStep, fault, inject_stat, kind, stat, unwind_key,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -31,6 +31,15 @@ use aya_ebpf::{
 /// [`MAX_STACK_WINDOW`].
 #[unsafe(no_mangle)]
 static STACK_WINDOW: u32 = agent_common::DEFAULT_STACK_WINDOW;
+
+/// 1: call-stack events are unwound in the kernel where the `UNWIND` map knows every step
+/// (`kind::CALL_CHAIN`); 0: always a stack copy. Set by the loader.
+#[unsafe(no_mangle)]
+static KERNEL_UNWIND: u32 = 1;
+
+/// Unwind steps learnt by the agent (see `agent_common::UnwindStep`).
+#[map]
+static UNWIND: LruHashMap<[u64; 2], [i32; 4]> = LruHashMap::with_max_entries(MAX_UNWIND_RULES, 0);
 
 #[map]
 static MODES: Array<u64> = Array::with_max_entries(MAX_FUNCS, 0);
@@ -289,6 +298,9 @@ fn emit_call(ctx: &ProbeContext, fn_id: u32) {
     }
 }
 
+/// A call-stack event: the chain of return addresses unwound here when every step of it is
+/// learnt (a few map lookups and 8-byte reads), else a copy of the stack window for the agent
+/// to unwind (and learn from).
 #[inline(always)]
 fn emit_stack(ctx: &ProbeContext, fn_id: u32) {
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
@@ -297,9 +309,43 @@ fn emit_stack(ctx: &ProbeContext, fn_id: u32) {
     let ev = unsafe { &mut *ev };
     fill(ctx, fn_id, &mut ev.hdr, kind::CALL_STACK);
     let window = unsafe { core::ptr::read_volatile(&STACK_WINDOW) } as usize;
+    if unsafe { core::ptr::read_volatile(&KERNEL_UNWIND) } != 0 {
+        match walk(ev, window) {
+            Some(frames) => {
+                bump(stat::CHAINS);
+                ev.hdr.kind = kind::CALL_CHAIN;
+                ev.hdr.stack_len = (frames * 8) as u32;
+                output(ev, HEADER_LEN + frames * 8);
+                return;
+            }
+            None => bump(stat::CHAIN_MISSES),
+        }
+    }
+    let len = copy_window(ev, window);
+    if len == 0 {
+        bump(stat::STACK_UNREADABLE);
+    }
+    ev.hdr.stack_len = len as u32;
+    output(ev, HEADER_LEN + len);
+}
+
+#[inline(always)]
+fn output(ev: &StackEvent, total: usize) {
+    if total > core::mem::size_of::<StackEvent>() {
+        return;
+    }
+    let bytes = unsafe { core::slice::from_raw_parts((ev as *const StackEvent).cast::<u8>(), total) };
+    if EVENTS.output(bytes, BPF_RB_NO_WAKEUP as u64).is_err() {
+        bump(stat::DROPPED);
+    }
+}
+
+/// Copies the stack window into `ev.stack`. The window may run past the top of the stack
+/// mapping (shallow frames of the main thread): try the configured size, then halve, each a
+/// constant size the verifier can check. Returns the bytes copied.
+#[inline(always)]
+fn copy_window(ev: &mut StackEvent, window: usize) -> usize {
     let sp = ev.hdr.sp as *const u8;
-    // The window may run past the top of the stack mapping (shallow frames of the main thread):
-    // try the configured size, then halve, each a constant size the verifier can check.
     let mut len = 0usize;
     macro_rules! attempt {
         ($n:expr) => {
@@ -317,18 +363,80 @@ fn emit_stack(ctx: &ProbeContext, fn_id: u32) {
     attempt!(1024);
     attempt!(512);
     attempt!(256);
+    len
+}
+
+/// The length [`copy_window`] would copy, found by reading one byte per page instead of the
+/// window (a copy succeeds exactly when every page it touches is readable).
+#[inline(always)]
+fn readable_window(sp: u64, window: usize) -> usize {
+    let mut limit = sp + window as u64;
+    let mut page = (sp & !4095) + 4096;
+    for _ in 0..(MAX_STACK_WINDOW / 4096 + 1) {
+        if page >= limit {
+            break;
+        }
+        if unsafe { bpf_probe_read_user(page as *const u8) }.is_err() {
+            limit = page;
+            break;
+        }
+        page += 4096;
+    }
+    for n in STACK_ATTEMPTS {
+        if n <= window && sp + n as u64 <= limit {
+            return n;
+        }
+    }
+    0
+}
+
+/// AFETM's call stack unwound in the kernel: the same steps, in the same order and with the
+/// same stopping rules, as the agent's `.eh_frame` unwinder on a copy of `[sp, sp + window)`
+/// (agent/src/unwind.rs), so both give the same chain. Writes the return addresses into
+/// `ev.stack`; `None` when a step is not learnt or the chain is longer than [`MAX_CHAIN`].
+#[inline(always)]
+fn walk(ev: &mut StackEvent, window: usize) -> Option<usize> {
+    let sp0 = ev.hdr.sp;
+    let len = readable_window(sp0, window);
     if len == 0 {
-        bump(stat::STACK_UNREADABLE);
+        return None;
     }
-    ev.hdr.stack_len = len as u32;
-    let total = HEADER_LEN + len;
-    if total > core::mem::size_of::<StackEvent>() {
-        return;
+    let end = sp0 + len as u64;
+    let tgid = ev.hdr.pid;
+    let (mut sp, mut bp, mut key) = (sp0, ev.hdr.bp, ev.hdr.ip);
+    // A read the copy would not have covered ends the chain there, as it ends the unwinder.
+    let in_copy = |a: Option<u64>| a.filter(|a| *a >= sp0 && a.wrapping_add(8) <= end);
+    for n in 0..MAX_CHAIN {
+        let step = UnwindStep::decode(*unsafe { UNWIND.get(&unwind_key(tgid, key)) }?);
+        let UnwindStep::Rule { cfa_from_rbp, cfa_offset, ra_offset, rbp_offset } = step else {
+            return Some(n);
+        };
+        let base = if cfa_from_rbp { bp } else { sp };
+        let Some(cfa) = base.checked_add_signed(cfa_offset as i64) else {
+            return Some(n);
+        };
+        let Some(ra_at) = in_copy(cfa.checked_add_signed(ra_offset as i64)) else {
+            return Some(n);
+        };
+        let ra = unsafe { bpf_probe_read_user(ra_at as *const u64) }.ok()?;
+        if let Some(o) = rbp_offset {
+            let Some(at) = in_copy(cfa.checked_add_signed(o as i64)) else {
+                return Some(n);
+            };
+            bp = unsafe { bpf_probe_read_user(at as *const u64) }.ok()?;
+        }
+        if ra == 0 || (cfa <= sp && n > 0) {
+            return Some(n);
+        }
+        sp = cfa;
+        let at = n * 8;
+        if at + 8 > ev.stack.len() {
+            return None;
+        }
+        unsafe { core::ptr::write_unaligned(ev.stack.as_mut_ptr().add(at).cast::<u64>(), ra) };
+        key = ra;
     }
-    let bytes = unsafe { core::slice::from_raw_parts((ev as *const StackEvent).cast::<u8>(), total) };
-    if EVENTS.output(bytes, BPF_RB_NO_WAKEUP as u64).is_err() {
-        bump(stat::DROPPED);
-    }
+    None
 }
 
 #[cfg(not(test))]

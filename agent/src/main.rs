@@ -42,6 +42,11 @@ struct Cli {
     /// Bytes of user stack copied per call-stack event (64..=16384).
     #[arg(long, default_value_t = agent_common::DEFAULT_STACK_WINDOW)]
     stack_window: u32,
+    /// Unwind call stacks in the kernel, from unwind steps learnt from earlier stack copies
+    /// (a few hundred bytes per call-stack event instead of the window, and no unwinding here);
+    /// `false` copies the window for every call-stack event. Both give the same call stacks.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kernel_unwind: bool,
     /// Write this file once every probe is attached (for scripts and tests).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -125,7 +130,7 @@ fn run(cli: Cli) -> Result<()> {
     let target = Target::open(&plan.target)?;
     let describe = target.describe();
     let module = target.module.clone();
-    let (mut tracer, maps, table) = Tracer::load(target, cli.stack_window)?;
+    let (mut tracer, maps, table) = Tracer::load(target, cli.stack_window, cli.kernel_unwind)?;
     tracer.set_handover_hold(cli.handover_hold);
     let report = tracer.apply(&plan)?;
     let (n, emulated, moved) = summary(&report);
@@ -210,7 +215,7 @@ fn run(cli: Cli) -> Result<()> {
         stop.store(true, Ordering::Relaxed);
         let stats = tokio::task::spawn_blocking(move || reader_thread.join()).await;
         match stats {
-            Ok(Ok(s)) => tracing::info!(events = s.events, stack_events = s.stack_events, batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
+            Ok(Ok(s)) => tracing::info!(events = s.events, stack_events = s.stack_events, kernel_unwound = s.kernel_unwound, unwind_steps_learnt = s.unwind_steps_learnt, batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
             _ => tracing::error!("reader thread failed"),
         }
         let _ = shutdown_tx.send(true);

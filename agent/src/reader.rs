@@ -18,14 +18,14 @@ use std::{
 };
 
 use afetm_proto as pb;
-use agent_common::{EventHeader, HEADER_LEN, Mode, kind, stat};
+use agent_common::{EventHeader, HEADER_LEN, Mode, UnwindStep, kind, stat};
 
 use crate::{
     procmaps::{Mapping, ProcMaps},
     symbols::Module,
     tracer::{FnTable, ReaderMaps},
     transport::Outbox,
-    unwind::{StackSnapshot, unwind},
+    unwind::{StackSnapshot, kernel_step, unwind},
 };
 
 #[derive(Clone, Debug)]
@@ -112,6 +112,10 @@ pub struct ReaderStats {
     pub kernel_drops: u64,
     pub unwinder_disagreed: u64,
     pub batches: u64,
+    /// Call-stack events the kernel unwound itself (no stack copy).
+    pub kernel_unwound: u64,
+    /// Unwind steps handed to the kernel.
+    pub unwind_steps_learnt: u64,
 }
 
 pub struct Reader {
@@ -135,6 +139,9 @@ pub struct Reader {
     counts_prev: HashMap<u32, u64>,
     /// Functions out of count mode whose counts were read after they left it.
     drained: HashSet<u32>,
+    /// Addresses whose unwind step is in the kernel's map, per process.
+    learnt: HashMap<u32, HashSet<u64>>,
+    learnt_total: usize,
     stats: ReaderStats,
 }
 
@@ -166,6 +173,8 @@ impl Reader {
             live: HashSet::new(),
             counts_prev: HashMap::new(),
             drained: HashSet::new(),
+            learnt: HashMap::new(),
+            learnt_total: 0,
             stats: ReaderStats::default(),
         }
     }
@@ -342,27 +351,36 @@ impl Reader {
         }
         let caller = if h.ret_addr > 0 { self.symbol_at(h.pid, h.ret_addr - 1).0 } else { 0 };
         let mut callstack = Vec::new();
-        if h.kind == kind::CALL_STACK {
+        if h.kind == kind::CALL_STACK || h.kind == kind::CALL_CHAIN {
             self.stats.stack_events += 1;
             let end = HEADER_LEN.saturating_add(h.stack_len as usize);
             match bytes.get(HEADER_LEN..end) {
+                Some(data) if h.kind == kind::CALL_CHAIN => {
+                    self.stats.kernel_unwound += 1;
+                    let addrs: Vec<u64> = data
+                        .chunks_exact(8)
+                        .take(self.cfg.max_frames)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect();
+                    callstack = self.keep_frames(h.pid, &addrs, &mut Vec::new());
+                }
                 Some(stack) if !stack.is_empty() => {
                     let snap = StackSnapshot::new(&h, stack);
                     let pid = h.pid;
-                    let addrs = unwind(&snap, self.cfg.max_frames, |a| self.locate(pid, a));
-                    for ra in addrs {
-                        let (sym, in_target) = self.symbol_at(pid, ra - 1);
-                        callstack.push(sym);
-                        if !in_target || sym == 0 {
-                            break;
+                    let mut steps = Vec::new();
+                    let addrs = unwind(&snap, self.cfg.max_frames, |a| self.locate(pid, a), |key, rule| {
+                        if let Some(step) = kernel_step(&rule) {
+                            steps.push((key, step));
                         }
-                    }
-                    if caller != 0 && callstack.first() != Some(&caller) {
-                        self.stats.unwinder_disagreed += 1;
-                        callstack.clear();
-                    }
+                    });
+                    callstack = self.keep_frames(pid, &addrs, &mut steps);
+                    self.learn(pid, steps);
                 }
                 _ => self.stats.malformed += (end > bytes.len()) as u64,
+            }
+            if caller != 0 && !callstack.is_empty() && callstack.first() != Some(&caller) {
+                self.stats.unwinder_disagreed += 1;
+                callstack.clear();
             }
             // Unknown frames carry no information the analyzer can use.
             callstack.retain(|s| *s != 0);
@@ -370,6 +388,61 @@ impl Reader {
         self.live.insert(h.pid);
         self.stats.events += 1;
         self.events.push(pb::CallEvent { pid: h.pid, tid: h.tid, ts_ns: h.ts_ns, function, caller, callstack });
+    }
+
+    /// The frames of an unwound chain the analyzer gets: up to and including the first frame
+    /// outside the traced module. The return address of that frame becomes an end step in
+    /// `steps` (the kernel stops its walk there too).
+    fn keep_frames(&mut self, pid: u32, addrs: &[u64], steps: &mut Vec<(u64, UnwindStep)>) -> Vec<u32> {
+        let mut callstack = Vec::new();
+        for &ra in addrs {
+            let (sym, in_target) = self.symbol_at(pid, ra.wrapping_sub(1));
+            callstack.push(sym);
+            if !in_target || sym == 0 {
+                if sym != 0 {
+                    steps.push((ra, UnwindStep::End));
+                }
+                break;
+            }
+        }
+        callstack
+    }
+
+    /// Hands the unwind steps of a stack copy to the kernel (`agent_common::UnwindStep`), once
+    /// per (process, address); an end step replaces a rule learnt at the same address.
+    fn learn(&mut self, pid: u32, steps: Vec<(u64, UnwindStep)>) {
+        let mut chosen: HashMap<u64, UnwindStep> = HashMap::new();
+        for (key, step) in steps {
+            match chosen.get(&key) {
+                Some(UnwindStep::End) => {}
+                _ => {
+                    chosen.insert(key, step);
+                }
+            }
+        }
+        if self.learnt_total >= 2 * agent_common::MAX_UNWIND_RULES as usize {
+            // The kernel map is an LRU; forgetting what we sent only costs re-sending it.
+            self.learnt.clear();
+            self.learnt_total = 0;
+        }
+        let known = self.learnt.entry(pid).or_default();
+        for (key, step) in chosen {
+            if !known.insert(key) {
+                continue;
+            }
+            self.learnt_total += 1;
+            match self.maps.unwind.insert(&agent_common::unwind_key(pid, key), &step.encode(), 0) {
+                Ok(()) => self.stats.unwind_steps_learnt += 1,
+                Err(e) => tracing::debug!(error = %e, "unwind step not stored"),
+            }
+        }
+    }
+
+    /// Forgets the unwind steps of an exited process (its pid may come back as another program).
+    fn forget(&mut self, pid: u32) {
+        for key in self.learnt.remove(&pid).unwrap_or_default() {
+            let _ = self.maps.unwind.remove(&agent_common::unwind_key(pid, key));
+        }
     }
 
     /// Reports processes that exited since the last check; whether there were any.
@@ -392,6 +465,7 @@ impl Reader {
             self.live.remove(&pid);
             self.procs.remove(&pid);
             self.biases.remove(&pid);
+            self.forget(pid);
             self.exits.push(pb::ProcessExit { pid, ts_ns: monotonic_ns() });
             tracing::debug!(pid, "traced process exited");
         }

@@ -215,6 +215,8 @@ struct Link {
 /// The maps the ring buffer reader takes over.
 pub struct ReaderMaps {
     pub events: RingBuf<MapData>,
+    /// Unwind steps the reader learns from stack copies, for the kernel's own unwinding.
+    pub unwind: aya::maps::HashMap<MapData, [u64; 2], [i32; 4]>,
     pub counts: PerCpuArray<MapData, u64>,
     pub stats: PerCpuArray<MapData, u64>,
 }
@@ -263,13 +265,21 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Tracer {
-    /// Loads the eBPF object for `target`, copying `stack_window` bytes of stack per call-stack event.
-    pub fn load(target: Target, stack_window: u32) -> Result<(Tracer, ReaderMaps, FnTable), TraceError> {
+    /// Loads the eBPF object for `target`. A call-stack event covers `stack_window` bytes of
+    /// stack; with `kernel_unwind` the kernel unwinds it itself once the reader has learnt the
+    /// steps (see `agent_common::UnwindStep`), else every such event carries a stack copy.
+    pub fn load(
+        target: Target,
+        stack_window: u32,
+        kernel_unwind: bool,
+    ) -> Result<(Tracer, ReaderMaps, FnTable), TraceError> {
         if !(64..=MAX_STACK_WINDOW as u32).contains(&stack_window) {
             return Err(TraceError::StackWindow(stack_window));
         }
+        let kernel_unwind = kernel_unwind as u32;
         let mut ebpf = EbpfLoader::new()
             .override_global("STACK_WINDOW", &stack_window, true)
+            .override_global("KERNEL_UNWIND", &kernel_unwind, true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/afetm.bpf.o")))
             .map_err(|e| TraceError::Load(e.to_string()))?;
         let prog: &mut UProbe = ebpf
@@ -284,6 +294,7 @@ impl Tracer {
         let modes = Array::try_from(take("MODES")?)?;
         let maps = ReaderMaps {
             events: RingBuf::try_from(take("EVENTS")?)?,
+            unwind: aya::maps::HashMap::try_from(take("UNWIND")?)?,
             counts: PerCpuArray::try_from(take("COUNTS")?)?,
             stats: PerCpuArray::try_from(take("STATS")?)?,
         };

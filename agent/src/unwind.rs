@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use agent_common::EventHeader;
+use agent_common::{EventHeader, UnwindStep};
 
 use crate::symbols::{FrameRule, Module};
 
@@ -34,20 +34,32 @@ impl<'a> StackSnapshot<'a> {
 /// Return addresses from the innermost caller outwards. `locate` maps a runtime address to its
 /// module and the module's virtual address. Stops at the outermost frame (undefined return
 /// address), at the end of the window, at an address no module claims, or after `max_frames`.
+///
+/// `learn(key, rule)` is told every step taken from the `.eh_frame` rule of an address alone
+/// (key = the probe address for the first frame, the return address for the others): the
+/// steps the kernel may repeat without a stack copy (`agent_common::UnwindStep`; the walk in
+/// agent-ebpf mirrors this loop). The frame-pointer guess below depends on registers, so it is
+/// never learnt.
 pub fn unwind(
     snap: &StackSnapshot,
     max_frames: usize,
     mut locate: impl FnMut(u64) -> Option<(Arc<Module>, u64)>,
+    mut learn: impl FnMut(u64, FrameRule),
 ) -> Vec<u64> {
     let mut out = Vec::new();
     let (mut sp, mut bp) = (snap.sp, snap.bp);
     // The first lookup uses the exact probe address; later ones use ret - 1, inside the call.
     let mut lookup = snap.ip;
     while out.len() < max_frames {
+        let key = out.last().copied().unwrap_or(snap.ip);
         let Some((module, vaddr)) = locate(lookup) else {
             break;
         };
-        let rule = module.frame_rule(vaddr).or_else(|| {
+        let learnt = module.frame_rule(vaddr);
+        if let Some(rule) = learnt {
+            learn(key, rule);
+        }
+        let rule = learnt.or_else(|| {
             let in_window = bp >= sp && bp < snap.sp + snap.stack.len() as u64;
             in_window.then_some(FrameRule {
                 cfa_from_rbp: true,
@@ -79,4 +91,21 @@ pub fn unwind(
         lookup = ra - 1;
     }
     out
+}
+
+/// The kernel's form of an `.eh_frame` step (`None` when an offset does not fit the map's
+/// 32-bit fields: that address then always gets a stack copy).
+pub fn kernel_step(rule: &FrameRule) -> Option<UnwindStep> {
+    let Some(ra) = rule.ra_offset else {
+        return Some(UnwindStep::End);
+    };
+    Some(UnwindStep::Rule {
+        cfa_from_rbp: rule.cfa_from_rbp,
+        cfa_offset: i32::try_from(rule.cfa_offset).ok()?,
+        ra_offset: i32::try_from(ra).ok()?,
+        rbp_offset: match rule.rbp_offset {
+            Some(o) => Some(i32::try_from(o).ok()?),
+            None => None,
+        },
+    })
 }

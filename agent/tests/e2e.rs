@@ -114,6 +114,47 @@ fn afct_equals_masked_colored_fct_without_frame_pointers() {
     equivalence(false);
 }
 
+/// Call stacks unwound in the kernel from learnt `.eh_frame` steps give the same AFCTs as the
+/// stack copies unwound by the agent: two agents trace the same run of the calltree program,
+/// every function in callstack mode, one with `--kernel-unwind false`.
+fn kernel_unwinding_matches_stack_copies(frame_pointers: bool) {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let prog = build_calltree(dir.path(), frame_pointers);
+    // One window longer than the run: each thread has one tree per agent.
+    let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "3600s", "--grace", "0s"]);
+    let plan = write_plan(dir.path(), "stacks", &prog, &[("*", "callstack")]);
+    let kernel = AgentProc::start(&plan, &an.url, "kernel", dir.path());
+    let copies = AgentProc::start_with(&plan, &an.url, "copies", dir.path(), &["--kernel-unwind", "false"]);
+    run_prog(&prog, 20, 0.5);
+    let (klog, clog) = (kernel.stop(), copies.stop());
+    let (k, c) = (canonical_trees(&an.url, "kernel"), canonical_trees(&an.url, "copies"));
+    assert!(!k.is_empty() && k.len() == c.len(), "threads: kernel {} copies {}", k.len(), c.len());
+    for ((key, kt), (ckey, ct)) in k.iter().zip(&c) {
+        assert_eq!(key, ckey);
+        assert_eq!(kt, ct, "thread {key:?}: AFCTs differ");
+        assert!(kt.iter().map(Vec::len).sum::<usize>() >= 8, "thread {key:?}: trees too small to mean anything");
+    }
+    let (stacks, unwound) = (reader_counter(&klog, "stack_events"), reader_counter(&klog, "kernel_unwound"));
+    assert_eq!(reader_counter(&clog, "kernel_unwound"), 0, "--kernel-unwind false still unwound in the kernel");
+    eprintln!("frame pointers {frame_pointers}: {unwound} of {stacks} call stacks unwound in the kernel");
+    // The misses are the stack copies sent before the reader had learnt the steps (it loads
+    // the modules first: tens of ms in a debug build, while the program runs flat out).
+    assert!(unwound * 10 >= stacks * 8, "only {unwound} of {stacks} call stacks unwound in the kernel");
+}
+
+#[test]
+fn kernel_unwinding_matches_stack_copies_with_frame_pointers() {
+    require_root!();
+    kernel_unwinding_matches_stack_copies(true);
+}
+
+#[test]
+fn kernel_unwinding_matches_stack_copies_without_frame_pointers() {
+    require_root!();
+    kernel_unwinding_matches_stack_copies(false);
+}
+
 /// Kill -9 the analyzer mid-run and start it again on the same database: every window it had
 /// stored is still there, unchanged, and the agent's queue fills the outage (no window missing).
 #[test]

@@ -259,3 +259,82 @@ fn afcts_of_a_selected_plan_equal_masked_full_fcts_on_redis() {
         full_trees[&pid].len()
     );
 }
+
+/// Call stacks unwound in the kernel (learnt `.eh_frame` steps) give the same AFCTs as stack
+/// copies unwound by the agent, on Debian's stripped redis-server under the shop's mix: two
+/// agents with the same plan (hot request-path functions in callstack mode), one with
+/// `--kernel-unwind false`, windows cut at one instant. Root only; stock binaries.
+#[test]
+fn kernel_unwinding_matches_stack_copies_on_redis_under_load() {
+    require_root!();
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new(dir.path().join("run"));
+    cfg.base_port = 25680;
+    cfg.apaches = 1;
+    cfg.children = 4;
+    cfg.seed_items = 50;
+    let _stack = Stack(cfg.clone());
+    testbed::up(&cfg).unwrap_or_else(|e| panic!("testbed up: {e:#}"));
+    warm_up(&cfg);
+    let an =
+        AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "3600s", "--grace", "0s"]);
+    let redis = cfg.binaries.redis.clone();
+    let mut points: Vec<(&str, &str)> = ["lookupKey", "createStringObject", "sdsnewlen", "dictFind", "addReply", "zmalloc"]
+        .iter()
+        .map(|f| (*f, "callstack"))
+        .collect();
+    points.extend([("call", "event"), ("processCommand", "event")]);
+    let plan = write_plan(dir.path(), "stacks", &redis, &points);
+    let kernel = AgentProc::start(&plan, &an.url, "kernel", dir.path());
+    let copies = AgentProc::start_with(&plan, &an.url, "copies", dir.path(), &["--kernel-unwind", "false"]);
+    let pid = redis_pid(&cfg);
+    let at = afetm_agent::reader::monotonic_ns();
+    rt().block_on(async {
+        let mut c = control(&an.url).await;
+        for agent in ["kernel", "copies"] {
+            c.cut(pb::CutRequest { agent_id: agent.into(), pids: vec![pid], at_ns: at }).await.expect("cut");
+        }
+    });
+    let mut l = testbed::load::LoadConfig::new(cfg.url());
+    l.connections = 8;
+    l.duration = Duration::from_secs(4);
+    l.warmup = Duration::ZERO;
+    l.items = cfg.seed_items;
+    // The reference agent copies 8 KiB per call stack: unthrottled, its (debug-build) reader
+    // falls behind and the kernel drops, and with a loss the trees could not be compared.
+    l.rate = Some(300.0);
+    let report = testbed::load::run(&l).expect("load");
+    testbed::stop_tier(&cfg, Tier::Redis).unwrap(); // its exit closes the windows
+    let t = std::time::Instant::now();
+    while ["kernel", "copies"]
+        .iter()
+        .any(|a| rt().block_on(windows(&an.url, a, false)).iter().any(|w| w.pid == pid && !w.closed))
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "windows of pid {pid} never closed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for agent in ["kernel", "copies"] {
+        let info = rt().block_on(agent_info(&an.url, agent)).expect("agent known");
+        assert_eq!((info.kernel_drops, info.queue_drops), (0, 0), "{agent} lost events");
+    }
+    let (klog, clog) = (kernel.stop(), copies.stop());
+    let (kt, kf) = trees(&an.url, "kernel", pid, at);
+    let (ct, cf) = trees(&an.url, "copies", pid, at);
+    assert!(kf.contains_key(&pid), "the main thread was traced");
+    assert_eq!(kf.keys().collect::<Vec<_>>(), cf.keys().collect::<Vec<_>>(), "threads");
+    let mut nodes = 0;
+    for (tid, k) in &kf {
+        assert_eq!(k.canonical(&kt), cf[tid].canonical(&ct), "thread {tid}: AFCTs differ");
+        nodes += k.len();
+    }
+    let (stacks, unwound) = (reader_counter(&klog, "stack_events"), reader_counter(&klog, "kernel_unwound"));
+    assert_eq!(reader_counter(&clog, "kernel_unwound"), 0);
+    eprintln!(
+        "redis under load ({:.0} req/s): {} threads, {nodes} AFCT nodes identical; {unwound} of {stacks} call stacks unwound in the kernel",
+        report.throughput_rps,
+        kf.len()
+    );
+    assert!(nodes >= 20, "trees too small to mean anything: {nodes} nodes");
+    assert!(unwound * 100 >= stacks * 95, "only {unwound} of {stacks} call stacks unwound in the kernel");
+}

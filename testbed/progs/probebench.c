@@ -5,6 +5,9 @@
  *   ss_fn   starts with `lea`, which the kernel single-steps, followed by `push %rbx`: afetm
  *           moves its probe onto the push; a probe at the entry (bpftrace) single-steps.
  *
+ * Both carry CFI (as compiled functions do), so afetm can unwind their call stacks in the
+ * kernel once it has learnt the steps.
+ *
  * Usage: probebench emu|ss calls
  */
 #include <stdio.h>
@@ -16,20 +19,31 @@ __asm__(
     ".text\n"
     ".globl emu_fn\n.type emu_fn,@function\n"
     "emu_fn:\n"
+    "  .cfi_startproc\n"
     "  push %rbp\n"
+    "  .cfi_def_cfa_offset 16\n"
+    "  .cfi_offset %rbp,-16\n"
     "  mov %rsp,%rbp\n"
+    "  .cfi_def_cfa_register %rbp\n"
     "  lea 1(%rdi),%rax\n"
     "  pop %rbp\n"
+    "  .cfi_def_cfa %rsp,8\n"
     "  ret\n"
+    "  .cfi_endproc\n"
     ".size emu_fn,.-emu_fn\n"
     ".globl ss_fn\n.type ss_fn,@function\n"
     "ss_fn:\n"
+    "  .cfi_startproc\n"
     "  lea 1(%rdi),%rax\n"
     "  push %rbx\n"
+    "  .cfi_def_cfa_offset 16\n"
+    "  .cfi_offset %rbx,-16\n"
     "  mov %rax,%rbx\n"
     "  mov %rbx,%rax\n"
     "  pop %rbx\n"
+    "  .cfi_def_cfa_offset 8\n"
     "  ret\n"
+    "  .cfi_endproc\n"
     ".size ss_fn,.-ss_fn\n");
 
 long emu_fn(long);

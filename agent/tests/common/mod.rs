@@ -313,3 +313,27 @@ impl Drop for Stack {
         let _ = testbed::down(&self.0);
     }
 }
+
+/// A `name=value` counter from an agent's final "reader finished" log line.
+pub fn reader_counter(log: &str, name: &str) -> u64 {
+    let line = log.lines().rfind(|l| l.contains("reader finished")).unwrap_or_else(|| panic!("no reader summary: {log}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
+/// Per (pid, tid): the canonical AFCT of each closed window of `agent`, in window order.
+pub fn canonical_trees(url: &str, agent: &str) -> std::collections::BTreeMap<(u32, u32), Vec<Vec<String>>> {
+    let (table, all) = rt().block_on(afcts(url, agent));
+    let mut out: std::collections::BTreeMap<(u32, u32), Vec<(u64, Vec<String>)>> = Default::default();
+    for (w, tid, f) in all {
+        out.entry((w.pid, tid)).or_default().push((w.start_ns, f.canonical(&table)));
+    }
+    out.into_iter()
+        .map(|(k, mut v)| {
+            v.sort();
+            (k, v.into_iter().map(|(_, t)| t).collect())
+        })
+        .collect()
+}
