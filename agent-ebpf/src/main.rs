@@ -20,7 +20,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
         bpf_probe_write_user,
-        generated::{bpf_get_attach_cookie, bpf_send_signal, bpf_send_signal_thread},
+        generated::{bpf_get_attach_cookie, bpf_loop, bpf_send_signal, bpf_send_signal_thread},
     },
     macros::{map, uprobe, uretprobe},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -311,14 +311,16 @@ fn emit_stack(ctx: &ProbeContext, fn_id: u32) {
     let window = unsafe { core::ptr::read_volatile(&STACK_WINDOW) } as usize;
     if unsafe { core::ptr::read_volatile(&KERNEL_UNWIND) } != 0 {
         match walk(ev, window) {
-            Some(frames) => {
+            Some(frames) if frames <= MAX_CHAIN => {
+                // Masked so the verifier sees the bound on the very register it checks.
+                let bytes = (frames & (2 * MAX_CHAIN - 1)) * 8;
                 bump(stat::CHAINS);
                 ev.hdr.kind = kind::CALL_CHAIN;
-                ev.hdr.stack_len = (frames * 8) as u32;
-                output(ev, HEADER_LEN + frames * 8);
+                ev.hdr.stack_len = bytes as u32;
+                output(ev, HEADER_LEN + bytes);
                 return;
             }
-            None => bump(stat::CHAIN_MISSES),
+            _ => bump(stat::CHAIN_MISSES),
         }
     }
     let len = copy_window(ev, window);
@@ -331,6 +333,7 @@ fn emit_stack(ctx: &ProbeContext, fn_id: u32) {
 
 #[inline(always)]
 fn output(ev: &StackEvent, total: usize) {
+    let total = total & 0x7fff;
     if total > core::mem::size_of::<StackEvent>() {
         return;
     }
@@ -367,8 +370,9 @@ fn copy_window(ev: &mut StackEvent, window: usize) -> usize {
 }
 
 /// The length [`copy_window`] would copy, found by reading one byte per page instead of the
-/// window (a copy succeeds exactly when every page it touches is readable).
-#[inline(always)]
+/// window (a copy succeeds exactly when every page it touches is readable). A BPF-to-BPF call:
+/// inlined into [`frame`], LLVM spilled a register that path never set and the verifier refused.
+#[inline(never)]
 fn readable_window(sp: u64, window: usize) -> usize {
     let mut limit = sp + window as u64;
     let mut page = (sp & !4095) + 4096;
@@ -394,49 +398,142 @@ fn readable_window(sp: u64, window: usize) -> usize {
 /// same stopping rules, as the agent's `.eh_frame` unwinder on a copy of `[sp, sp + window)`
 /// (agent/src/unwind.rs), so both give the same chain. Writes the return addresses into
 /// `ev.stack`; `None` when a step is not learnt or the chain is longer than [`MAX_CHAIN`].
+///
+/// Cost: one map lookup per frame and one user read (the return address and a saved rbp next
+/// to it come in one 16-byte read; the first return address is the header's). The readable
+/// length of the window, which the copy would have had, is only probed for reads beyond the
+/// smallest copy (256 bytes). The frames are walked by `bpf_loop` (one verification of
+/// [`walk_step`] instead of one per unrolled frame, which exceeded the verifier's budget).
 #[inline(always)]
-fn walk(ev: &mut StackEvent, window: usize) -> Option<usize> {
-    let sp0 = ev.hdr.sp;
-    let len = readable_window(sp0, window);
-    if len == 0 {
+fn walk(ev: &StackEvent, window: usize) -> Option<usize> {
+    let mut w = Walk {
+        sp0: ev.hdr.sp,
+        end: 0,
+        sp: ev.hdr.sp,
+        bp: ev.hdr.bp,
+        key: ev.hdr.ip,
+        ret_addr: ev.hdr.ret_addr,
+        window: window as u64,
+        tgid: ev.hdr.pid,
+        n: 0,
+        status: WALKING,
+        _pad: 0,
+    };
+    unsafe {
+        bpf_loop(
+            MAX_CHAIN as u32,
+            walk_step as *mut core::ffi::c_void,
+            (&mut w as *mut Walk).cast(),
+            0,
+        )
+    };
+    (w.status == DONE).then_some(w.n as usize)
+}
+
+const WALKING: u32 = 0;
+const DONE: u32 = 1;
+const FALLBACK: u32 = 2;
+
+/// State of one [`walk`] between its `bpf_loop` steps.
+#[repr(C)]
+struct Walk {
+    sp0: u64,
+    /// End of what the copy would hold; 0 until a read beyond the smallest copy needs it.
+    end: u64,
+    sp: u64,
+    bp: u64,
+    /// Address whose step comes next: the probe address, then each return address.
+    key: u64,
+    ret_addr: u64,
+    window: u64,
+    tgid: u32,
+    /// Frames written so far.
+    n: u32,
+    status: u32,
+    _pad: u32,
+}
+
+/// One frame of [`walk`]; returns 1 to stop the loop.
+#[inline(never)]
+extern "C" fn walk_step(_index: u32, ctx: *mut core::ffi::c_void) -> i64 {
+    let w = unsafe { &mut *ctx.cast::<Walk>() };
+    w.status = match frame(w) {
+        Some(true) => return 0,
+        Some(false) => DONE,
+        None => FALLBACK,
+    };
+    1
+}
+
+/// Unwinds one frame: `Some(true)` when it was written and the walk goes on, `Some(false)` when
+/// the chain ends here (as the unwinder's would), `None` to fall back to the stack copy.
+#[inline(always)]
+fn frame(w: &mut Walk) -> Option<bool> {
+    let step = UnwindStep::decode(*unsafe { UNWIND.get(&unwind_key(w.tgid, w.key)) }?);
+    let UnwindStep::Rule { cfa_from_rbp, cfa_offset, ra_offset, rbp_offset } = step else {
+        return Some(false);
+    };
+    let base = if cfa_from_rbp { w.bp } else { w.sp };
+    let Some(cfa) = base.checked_add_signed(cfa_offset as i64) else {
+        return Some(false);
+    };
+    let Some(ra_at) = cfa.checked_add_signed(ra_offset as i64) else {
+        return Some(false);
+    };
+    let rbp_at = match rbp_offset {
+        Some(o) => match cfa.checked_add_signed(o as i64) {
+            Some(a) => Some(a),
+            None => return Some(false),
+        },
+        None => None,
+    };
+    // Every read must lie where the copy would have reached, as the unwinder reads it.
+    let (lowest, highest) = match rbp_at {
+        Some(b) if b < ra_at => (b, ra_at),
+        Some(b) => (ra_at, b),
+        None => (ra_at, ra_at),
+    };
+    let small = STACK_ATTEMPTS[STACK_ATTEMPTS.len() - 1] as u64;
+    if lowest < w.sp0 {
+        return Some(false);
+    }
+    let top = highest.checked_add(8)?;
+    if top > w.sp0 + small {
+        if w.end == 0 {
+            w.end = w.sp0 + readable_window(w.sp0, w.window as usize) as u64;
+        }
+        if top > w.end {
+            return Some(false);
+        }
+    }
+    let (ra, saved_bp) = match rbp_at {
+        Some(b) if b + 8 == ra_at => {
+            let pair = unsafe { bpf_probe_read_user(b as *const [u64; 2]) }.ok()?;
+            (pair[1], Some(pair[0]))
+        }
+        Some(b) => {
+            let ra = unsafe { bpf_probe_read_user(ra_at as *const u64) }.ok()?;
+            (ra, Some(unsafe { bpf_probe_read_user(b as *const u64) }.ok()?))
+        }
+        None if ra_at == w.sp0 => (w.ret_addr, None),
+        None => (unsafe { bpf_probe_read_user(ra_at as *const u64) }.ok()?, None),
+    };
+    if let Some(v) = saved_bp {
+        w.bp = v;
+    }
+    if ra == 0 || (cfa <= w.sp && w.n > 0) {
+        return Some(false);
+    }
+    let ev = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
+    let at = w.n as usize * 8;
+    if at + 8 > MAX_CHAIN * 8 {
         return None;
     }
-    let end = sp0 + len as u64;
-    let tgid = ev.hdr.pid;
-    let (mut sp, mut bp, mut key) = (sp0, ev.hdr.bp, ev.hdr.ip);
-    // A read the copy would not have covered ends the chain there, as it ends the unwinder.
-    let in_copy = |a: Option<u64>| a.filter(|a| *a >= sp0 && a.wrapping_add(8) <= end);
-    for n in 0..MAX_CHAIN {
-        let step = UnwindStep::decode(*unsafe { UNWIND.get(&unwind_key(tgid, key)) }?);
-        let UnwindStep::Rule { cfa_from_rbp, cfa_offset, ra_offset, rbp_offset } = step else {
-            return Some(n);
-        };
-        let base = if cfa_from_rbp { bp } else { sp };
-        let Some(cfa) = base.checked_add_signed(cfa_offset as i64) else {
-            return Some(n);
-        };
-        let Some(ra_at) = in_copy(cfa.checked_add_signed(ra_offset as i64)) else {
-            return Some(n);
-        };
-        let ra = unsafe { bpf_probe_read_user(ra_at as *const u64) }.ok()?;
-        if let Some(o) = rbp_offset {
-            let Some(at) = in_copy(cfa.checked_add_signed(o as i64)) else {
-                return Some(n);
-            };
-            bp = unsafe { bpf_probe_read_user(at as *const u64) }.ok()?;
-        }
-        if ra == 0 || (cfa <= sp && n > 0) {
-            return Some(n);
-        }
-        sp = cfa;
-        let at = n * 8;
-        if at + 8 > ev.stack.len() {
-            return None;
-        }
-        unsafe { core::ptr::write_unaligned(ev.stack.as_mut_ptr().add(at).cast::<u64>(), ra) };
-        key = ra;
-    }
-    None
+    unsafe { core::ptr::write_unaligned(ev.stack.as_mut_ptr().add(at).cast::<u64>(), ra) };
+    w.n += 1;
+    w.sp = cfa;
+    w.key = ra;
+    Some(true)
 }
 
 #[cfg(not(test))]

@@ -3,10 +3,9 @@
 //! (AFETM sec. III.B) and streams them to the analyzer.
 
 pub mod inject;
-pub mod probe_site;
 pub mod procmaps;
 pub mod reader;
-pub use afetm_elf::symbols;
+pub use afetm_elf::{probe_site, symbols};
 pub mod tracer;
 pub mod transport;
 pub mod unwind;

@@ -41,6 +41,16 @@ pub struct FunctionInfo {
     /// Global ids of this function's blocks: `first_block .. first_block + blocks`.
     pub first_block: u32,
     pub blocks: u32,
+    /// Whether the kernel emulates the instruction under this function's probe (where
+    /// [`crate::probe_site::place`] puts it) instead of single-stepping it: the probe's cost
+    /// class for cost-aware selection. Structure files written before this field read as
+    /// emulated.
+    #[serde(default = "emulated_default")]
+    pub emulated: bool,
+}
+
+fn emulated_default() -> bool {
+    true
 }
 
 /// The sets B and h of one module, ready for `selection::Instance`.
@@ -141,6 +151,7 @@ pub fn analyze(module: &Module) -> Structure {
             end: f.end,
             first_block: next_block,
             blocks: n,
+            emulated: crate::probe_site::place(f.start, module.code(f)).emulated,
         });
         next_block += n;
     }

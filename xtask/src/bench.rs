@@ -100,6 +100,19 @@ pub fn start_agent_as(
     pin: Option<&str>,
     id: &str,
 ) -> Result<(Child, PathBuf)> {
+    start_agent_with(bin, plan, server, dir, pin, id, false)
+}
+
+/// An agent as [`start_agent_as`]; `stack_copies` turns the kernel's unwinding off.
+fn start_agent_with(
+    bin: &Path,
+    plan: &Path,
+    server: &str,
+    dir: &Path,
+    pin: Option<&str>,
+    id: &str,
+    stack_copies: bool,
+) -> Result<(Child, PathBuf)> {
     let ready = dir.join(format!("{id}.ready"));
     let log = dir.join(format!("{id}.log"));
     let _ = std::fs::remove_file(&ready);
@@ -116,6 +129,7 @@ pub fn start_agent_as(
         .arg(plan)
         .args(["--analyzer", server, "--agent-id", id, "--ready-file"])
         .arg(&ready)
+        .args(if stack_copies { &["--kernel-unwind", "false"][..] } else { &[] })
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     let t = Instant::now();
@@ -215,7 +229,12 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
     let mut rows: Vec<(String, f64, f64)> =
         vec![("no probe".into(), measure(&prog, "emu", free_calls, reps)?, measure(&prog, "ss", free_calls, reps)?)];
     let mut placement = String::new();
-    for mode in ["count", "event", "callstack"] {
+    for (mode, label) in [
+        ("count", "afetm count (bare probe)"),
+        ("event", "afetm event"),
+        ("callstack", "afetm callstack"),
+        ("callstack", "afetm callstack (copy)"),
+    ] {
         let plan = dir.join(format!("{mode}.json"));
         std::fs::write(
             &plan,
@@ -230,12 +249,13 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
             )
             .into_owned();
         }
-        let (agent, log) = start_agent(&bin, &plan, &server, &dir, None)?;
+        // The copy row is the call-stack event as it was before kernel unwinding (8 KiB copied).
+        let copy = label.ends_with("(copy)");
+        let (agent, log) = start_agent_with(&bin, &plan, &server, &dir, None, "bench", copy)?;
         let emu = measure(&prog, "emu", calls, reps)?;
         let ss = measure(&prog, "ss", calls, reps)?;
         stop_agent(agent, &log)?;
-        let label = if mode == "count" { "afetm count (bare probe)".to_string() } else { format!("afetm {mode}") };
-        rows.push((label, emu, ss));
+        rows.push((label.to_string(), emu, ss));
     }
     rows.push((
         "bpftrace count (entry)".into(),
@@ -254,7 +274,19 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
     let (ev_e, ev_s) = get("afetm event");
     let (_, bt_s) = get("bpftrace");
     let (bt_e, _) = get("bpftrace");
+    let (cs_e, cs_s) = get("afetm callstack");
+    let (cp_e, cp_s) = get("afetm callstack (copy)");
     println!("\nratios (same run):");
+    println!(
+        "  callstack / event, emu_fn                : {:.2} (target <= 1.5; stack copy {:.2})",
+        (cs_e - none_e) / (ev_e - none_e),
+        (cp_e - none_e) / (ev_e - none_e)
+    );
+    println!(
+        "  callstack / event, ss_fn                 : {:.2} (stack copy {:.2})",
+        (cs_s - none_s) / (ev_s - none_s),
+        (cp_s - none_s) / (ev_s - none_s)
+    );
     println!("  afetm event / bare emulated probe, emu_fn : {:.2} (target <= 1.5)", (ev_e - none_e) / (cnt_e - none_e));
     println!("  bpftrace / afetm event, ss_fn             : {:.1}x (target >= 8)", (bt_s - none_s) / (ev_s - none_s));
     println!("  bpftrace / afetm event, emu_fn            : {:.2}x", (bt_e - none_e) / (ev_e - none_e));
