@@ -2,6 +2,7 @@
 //! buffer, turns return addresses and stack copies into (function, caller, callstack) events
 //! (AFETM sec. III.B) and streams them to the analyzer.
 
+pub mod calibrate;
 pub mod inject;
 pub mod procmaps;
 pub mod reader;

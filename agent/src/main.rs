@@ -10,6 +10,7 @@ use std::{
 };
 
 use afetm_agent::{
+    calibrate,
     reader::{Reader, ReaderConfig},
     tracer::{self, Target, Tracer},
     transport::{self, Outbox},
@@ -27,8 +28,15 @@ use tokio::sync::{mpsc, watch};
 )]
 struct Cli {
     /// Plan file (JSON): target and trace points; see the README.
-    #[arg(long)]
-    plan: PathBuf,
+    #[arg(long, required_unless_present_any = ["calibrate", "calibration_loop"])]
+    plan: Option<PathBuf>,
+    /// Measure what a probe costs on this host (per mode, emulated and single-stepped probe
+    /// sites), write it to this file (`afetm-analyzer select --costs` reads it) and exit.
+    #[arg(long, value_name = "FILE", conflicts_with = "plan")]
+    calibrate: Option<PathBuf>,
+    /// Internal: the calibration's traced loop (site, calls, depth).
+    #[arg(long, hide = true, num_args = 3, value_names = ["SITE", "CALLS", "DEPTH"])]
+    calibration_loop: Option<Vec<String>>,
     /// Analyzer gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     analyzer: String,
@@ -110,9 +118,40 @@ fn summary(report: &pb::PlanReport) -> (usize, usize, usize) {
     (report.probes.len(), emulated, moved)
 }
 
+/// `--calibration-loop SITE CALLS DEPTH`.
+fn calibration_loop(args: &[String]) -> Result<()> {
+    let [site, calls, depth] = args else {
+        bail!("--calibration-loop takes SITE CALLS DEPTH");
+    };
+    let site = <calibrate::Site as clap::ValueEnum>::from_str(site, true).map_err(|e| anyhow::anyhow!(e))?;
+    calibrate::calibration_loop(site, calls.parse().context("CALLS")?, depth.parse().context("DEPTH")?);
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
-    let text = std::fs::read_to_string(&cli.plan).with_context(|| format!("reading plan {}", cli.plan.display()))?;
-    let plan = PlanFile::parse(&text).with_context(|| format!("plan {}", cli.plan.display()))?;
+    if let Some(args) = &cli.calibration_loop {
+        return calibration_loop(args);
+    }
+    if let Some(out) = &cli.calibrate {
+        preflight()?;
+        let c = calibrate::calibrate(out)?;
+        println!(
+            "probe costs (ns per call), emulated site: count {:.0}, event {:.0}, callstack {:.0} ({} frames, +{:.1} per frame); single-stepped: count {:.0}, event {:.0}, callstack {:.0} -> {}",
+            c.emulated.count_ns,
+            c.emulated.event_ns,
+            c.emulated.callstack_ns,
+            c.callstack_frames,
+            c.per_frame_ns,
+            c.single_stepped.count_ns,
+            c.single_stepped.event_ns,
+            c.single_stepped.callstack_ns,
+            out.display()
+        );
+        return Ok(());
+    }
+    let plan_path = cli.plan.clone().context("--plan is required")?;
+    let text = std::fs::read_to_string(&plan_path).with_context(|| format!("reading plan {}", plan_path.display()))?;
+    let plan = PlanFile::parse(&text).with_context(|| format!("plan {}", plan_path.display()))?;
     if cli.dry_run {
         let target = Target::open(&plan.target)?;
         let resolved = tracer::resolve(&target.module, &plan.points)?;

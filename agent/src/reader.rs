@@ -114,6 +114,8 @@ pub struct ReaderStats {
     pub batches: u64,
     /// Call-stack events the kernel unwound itself (no stack copy).
     pub kernel_unwound: u64,
+    /// Return addresses in those events.
+    pub chain_frames: u64,
     /// Unwind steps handed to the kernel.
     pub unwind_steps_learnt: u64,
 }
@@ -357,6 +359,7 @@ impl Reader {
             match bytes.get(HEADER_LEN..end) {
                 Some(data) if h.kind == kind::CALL_CHAIN => {
                     self.stats.kernel_unwound += 1;
+                    self.stats.chain_frames += (data.len() / 8) as u64;
                     let addrs: Vec<u64> = data
                         .chunks_exact(8)
                         .take(self.cfg.max_frames)
@@ -368,11 +371,16 @@ impl Reader {
                     let snap = StackSnapshot::new(&h, stack);
                     let pid = h.pid;
                     let mut steps = Vec::new();
-                    let addrs = unwind(&snap, self.cfg.max_frames, |a| self.locate(pid, a), |key, rule| {
-                        if let Some(step) = kernel_step(&rule) {
-                            steps.push((key, step));
-                        }
-                    });
+                    let addrs = unwind(
+                        &snap,
+                        self.cfg.max_frames,
+                        |a| self.locate(pid, a),
+                        |key, rule| {
+                            if let Some(step) = kernel_step(&rule) {
+                                steps.push((key, step));
+                            }
+                        },
+                    );
                     callstack = self.keep_frames(pid, &addrs, &mut steps);
                     self.learn(pid, steps);
                 }

@@ -277,13 +277,13 @@ fn kernel_unwinding_matches_stack_copies_on_redis_under_load() {
     let _stack = Stack(cfg.clone());
     testbed::up(&cfg).unwrap_or_else(|e| panic!("testbed up: {e:#}"));
     warm_up(&cfg);
-    let an =
-        AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "3600s", "--grace", "0s"]);
+    let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "3600s", "--grace", "0s"]);
     let redis = cfg.binaries.redis.clone();
-    let mut points: Vec<(&str, &str)> = ["lookupKey", "createStringObject", "sdsnewlen", "dictFind", "addReply", "zmalloc"]
-        .iter()
-        .map(|f| (*f, "callstack"))
-        .collect();
+    let mut points: Vec<(&str, &str)> =
+        ["lookupKey", "createStringObject", "sdsnewlen", "dictFind", "addReply", "zmalloc"]
+            .iter()
+            .map(|f| (*f, "callstack"))
+            .collect();
     points.extend([("call", "event"), ("processCommand", "event")]);
     let plan = write_plan(dir.path(), "stacks", &redis, &points);
     let kernel = AgentProc::start(&plan, &an.url, "kernel", dir.path());

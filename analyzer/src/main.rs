@@ -9,12 +9,14 @@ use afetm_analyzer::{
 };
 use afetm_diagnosis::train::TrainConfig;
 use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
-use afetm_selection::{self as selection, Params, weights::Weights};
+use afetm_selection::{Params, weights::Weights};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[path = "cli/diagnosis.rs"]
 mod cli_diagnosis;
+#[path = "cli/select.rs"]
+mod cli_select;
 
 #[derive(Parser)]
 #[command(name = "afetm-analyzer", version, about = "Builds AFCTs from afetm-agent traces and serves them over gRPC")]
@@ -187,6 +189,14 @@ enum Cmd {
         /// What load ran, recorded in the file.
         #[arg(long, default_value = "")]
         workload: String,
+        /// Requests the workload completed during the period: with `--real-rps`, weights are
+        /// calls per request scaled to the untraced rate (counting every function slows the
+        /// workload down, so raw calls per second understate the real load).
+        #[arg(long, requires = "real_rps")]
+        requests: Option<u64>,
+        /// The workload's untraced request rate (see `--requests`).
+        #[arg(long, requires = "requests")]
+        real_rps: Option<f64>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -203,11 +213,20 @@ enum Cmd {
         #[arg(long)]
         weights: PathBuf,
         /// P = w_ub / w_total: the share of the total call rate the plan may trace, as `10%` or
-        /// `0.1`.
+        /// `0.1`; with `--costs`, the share of what tracing every function would cost.
         #[arg(long, default_value = "10%", value_parser = parse_budget)]
         budget: f64,
-        #[arg(long, value_enum, default_value_t = Algorithm::Mmas)]
-        algorithm: Algorithm,
+        /// Probe costs measured on the host (`afetm-agent --calibrate FILE`): functions then
+        /// weigh their calls per second times the cost of a call in their mode at their probe
+        /// site, and the predicted CPU of the plan is printed next to the bound.
+        #[arg(long)]
+        costs: Option<PathBuf>,
+        /// Instead of P: the most CPU the probes may add, as a share of one core (`5%`); needs
+        /// `--costs`.
+        #[arg(long, value_parser = parse_budget, requires = "costs")]
+        max_overhead: Option<f64>,
+        #[arg(long, value_enum, default_value_t = cli_select::Algorithm::Mmas)]
+        algorithm: cli_select::Algorithm,
         #[command(flatten)]
         params: MmasArgs,
         /// Plan target path (default: `--elf`).
@@ -258,14 +277,6 @@ enum FddbOp {
         #[arg(long)]
         out: PathBuf,
     },
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum Algorithm {
-    /// Max-Min Ant System, Algorithm 1.
-    Mmas,
-    /// Greedy weighted set cover under the bound (the baseline).
-    Greedy,
 }
 
 /// Parameters of Algorithm 1; defaults in `selection::Params`.
@@ -533,13 +544,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Weights { server, agent, module, period, workload, out } => {
+        Cmd::Weights { server, agent, module, period, workload, requests, real_rps, out } => {
             let mut q = QueryClient::connect(server.clone())
                 .await
                 .with_context(|| format!("cannot reach analyzer at {server}"))?;
             let counts = q.counts(pb::CountsRequest { agent_id: agent.clone() }).await?.into_inner().counts;
-            let w = Weights::from_counts(&module, &counts, period.as_secs_f64(), &workload)
+            let mut w = Weights::from_counts(&module, &counts, period.as_secs_f64(), &workload)
                 .with_context(|| format!("agent {agent:?}"))?;
+            if let (Some(n), Some(rps)) = (requests, real_rps) {
+                w.scale_to(n, rps)?;
+            }
             std::fs::write(&out, serde_json::to_string_pretty(&w)? + "\n")
                 .with_context(|| format!("writing {}", out.display()))?;
             let total: f64 = w.functions.values().map(|f| f.per_sec).sum();
@@ -552,9 +566,33 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Select { elf, structure, weights, budget, algorithm, params, target, db, normal_agent, out } => {
-            select(SelectArgs { elf, structure, weights, budget, algorithm, params, target, db, normal_agent, out })
-        }
+        Cmd::Select {
+            elf,
+            structure,
+            weights,
+            budget,
+            costs,
+            max_overhead,
+            algorithm,
+            params,
+            target,
+            db,
+            normal_agent,
+            out,
+        } => cli_select::select(cli_select::SelectArgs {
+            elf,
+            structure,
+            weights,
+            budget,
+            costs,
+            max_overhead,
+            algorithm,
+            params: params.params(),
+            target,
+            db,
+            normal_agent,
+            out,
+        }),
         Cmd::Fddb { db, op } => {
             if !db.exists() {
                 bail!("no FDDB at {} (run a campaign first, or give --db)", db.display());
@@ -605,157 +643,4 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-struct SelectArgs {
-    elf: Option<PathBuf>,
-    structure: Option<PathBuf>,
-    weights: PathBuf,
-    budget: f64,
-    algorithm: Algorithm,
-    params: MmasArgs,
-    target: Option<PathBuf>,
-    db: Option<PathBuf>,
-    normal_agent: Option<String>,
-    out: String,
-}
-
-/// `select`: structure + weights -> MWSCP-UBC instance -> Alg. 1 (and greedy, for comparison)
-/// -> plan; with normal FCTs, Alg. 2 colors them against the selection for F^callstack.
-fn select(a: SelectArgs) -> Result<()> {
-    let (structure, target) = match (&a.elf, &a.structure) {
-        (Some(elf), _) => {
-            let module = afetm_elf::symbols::Module::load(elf).with_context(|| format!("reading {}", elf.display()))?;
-            (afetm_elf::structure::analyze(&module), a.target.clone().unwrap_or_else(|| elf.clone()))
-        }
-        (None, Some(path)) => {
-            let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let s: afetm_elf::structure::Structure =
-                serde_json::from_slice(&text).with_context(|| format!("parsing structure {}", path.display()))?;
-            let t = a.target.clone().context("--structure needs --target (the binary the plan traces)")?;
-            (s, t)
-        }
-        (None, None) => bail!("give --elf or --structure"),
-    };
-    let weights = Weights::load(&a.weights)?;
-    if weights.module != structure.module {
-        tracing::warn!(weights = %weights.module, structure = %structure.module, "weights were sampled on another module name");
-    }
-    let (inst, matched) = weights.instance(&structure)?;
-    if !matched.missing.is_empty() {
-        let top: Vec<String> = matched.missing.iter().take(5).map(|(n, w)| format!("{n} ({w:.0}/s)")).collect();
-        tracing::warn!(
-            missing = matched.missing.len(),
-            "weighted functions not in {}: {}",
-            structure.module,
-            top.join(", ")
-        );
-    }
-    let w_ub = selection::bound_for(&inst, a.budget);
-    let t = std::time::Instant::now();
-    let greedy = selection::greedy(&inst, w_ub);
-    let t_greedy = t.elapsed();
-    let t = std::time::Instant::now();
-    let chosen = match a.algorithm {
-        Algorithm::Mmas => selection::mmas(&inst, w_ub, &a.params.params())?,
-        Algorithm::Greedy => greedy.clone(),
-    };
-    let t_sel = t.elapsed();
-    let coverable = {
-        let mut hit = vec![false; inst.blocks];
-        inst.covers.iter().flatten().for_each(|b| hit[*b as usize] = true);
-        hit.iter().filter(|h| **h).count()
-    };
-    let pct = |c: usize| if inst.blocks == 0 { 100.0 } else { 100.0 * c as f64 / inst.blocks as f64 };
-    let called = chosen.functions.iter().filter(|j| inst.weights[**j] > 0.0).count();
-    println!(
-        "{} P={:.0}%: {:?} selected {} functions ({} of them called under the workload), block coverage {:.2}% ({}/{}), weight {:.0}/{:.0} calls/s (bound {:.0}), fitness {:.6}, {:.1} ms",
-        structure.module,
-        a.budget * 100.0,
-        a.algorithm,
-        chosen.functions.len(),
-        called,
-        pct(chosen.covered),
-        chosen.covered,
-        inst.blocks,
-        chosen.weight,
-        inst.total_weight(),
-        w_ub,
-        chosen.fitness,
-        t_sel.as_secs_f64() * 1e3
-    );
-    println!(
-        "  blocks that call a function of the module at all: {:.2}%; selected functions with weight 0: {}",
-        pct(coverable),
-        chosen.functions.len() - called
-    );
-    println!(
-        "  greedy: {} functions, block coverage {:.2}%, weight {:.0}, fitness {:.6}, {:.1} ms",
-        greedy.functions.len(),
-        pct(greedy.covered),
-        greedy.weight,
-        greedy.fitness,
-        t_greedy.as_secs_f64() * 1e3
-    );
-    let names: Vec<String> = chosen.functions.iter().map(|j| structure.functions[*j].name.clone()).collect();
-    if names.is_empty() {
-        bail!("the selection is empty: no function covers a block within the budget");
-    }
-    let callstack: Vec<String> = match (&a.db, &a.normal_agent) {
-        (Some(db), Some(agent)) => {
-            let store = Store::open(db, WindowConfig::default(), Limits::default())
-                .with_context(|| format!("opening database {}", db.display()))?;
-            let windows =
-                store.list_windows(&pb::ListWindowsRequest { agent_id: agent.clone(), pid: 0, closed_only: true })?;
-            let refs: Vec<pb::FctRef> = windows
-                .iter()
-                .flat_map(|w| w.tids.iter().map(|tid| pb::FctRef { window_id: w.id, tid: *tid }))
-                .collect();
-            if refs.is_empty() {
-                bail!("agent {agent:?} has no closed windows in {}: no normal FCTs to color", db.display());
-            }
-            let resp = service::color_stored(&store, &refs, &names).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-            println!("  F^callstack: {} functions from {} normal FCTs", resp.callstack.len(), refs.len());
-            resp.callstack
-        }
-        _ => {
-            eprintln!(
-                "no normal FCTs given (--db, --normal-agent): F^callstack is empty, every point is an event point"
-            );
-            Vec::new()
-        }
-    };
-    let cs: std::collections::HashSet<&str> = callstack.iter().map(String::as_str).collect();
-    let plan = PlanFile {
-        target: afetm_proto::plan::Target { path: Some(target), pid: None },
-        version: 0,
-        points: names
-            .iter()
-            .map(|n| afetm_proto::plan::Point {
-                function: n.clone(),
-                mode: if cs.contains(n.as_str()) {
-                    afetm_proto::plan::Mode::Callstack
-                } else {
-                    afetm_proto::plan::Mode::Event
-                },
-            })
-            .collect(),
-        selection: Some(afetm_proto::plan::SelectionSummary {
-            algorithm: format!("{:?}", a.algorithm).to_lowercase(),
-            budget: a.budget,
-            covered: chosen.covered,
-            blocks: inst.blocks,
-            weight: chosen.weight,
-            bound: w_ub,
-            fitness: chosen.fitness,
-            callstack: callstack.clone(),
-        }),
-    };
-    let json = serde_json::to_string_pretty(&plan)?;
-    if a.out == "-" {
-        println!("{json}");
-    } else {
-        std::fs::write(&a.out, json + "\n").with_context(|| format!("writing {}", a.out))?;
-    }
-    Ok(())
 }

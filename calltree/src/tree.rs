@@ -140,6 +140,38 @@ impl Forest {
         out
     }
 
+    /// Depth of every node by index (roots 0): for a node of a full FCT, the number of frames
+    /// above the call, i.e. the length of its call chain.
+    pub fn depths(&self) -> Vec<u32> {
+        let mut depth: Vec<Option<u32>> = vec![None; self.nodes.len()];
+        let mut path = Vec::new();
+        for i in 0..self.nodes.len() {
+            let mut cur = i;
+            // Walk up to a node of known depth (or a root), then assign on the way back down.
+            let base = loop {
+                if let Some(d) = depth[cur] {
+                    break d;
+                }
+                match self.nodes[cur].parent {
+                    Some(p) => {
+                        path.push(cur);
+                        cur = p as usize;
+                    }
+                    None => {
+                        depth[cur] = Some(0);
+                        break 0;
+                    }
+                }
+            };
+            let mut d = base;
+            while let Some(n) = path.pop() {
+                d += 1;
+                depth[n] = Some(d);
+            }
+        }
+        depth.into_iter().map(|d| d.unwrap_or(0)).collect()
+    }
+
     /// A canonical, table-independent description: one line per node, `depth name color`, in
     /// preorder with children sorted by name. Two forests with equal shapes, names and colors
     /// have equal canonical forms, whatever their function tables or child order.

@@ -169,17 +169,25 @@ fn score_method(f: &Fitted, cases: &[Case], reference: &Reference, label: &str) 
 
 fn score(a: &ScoreArgs) -> Result<()> {
     let fddb = Fddb::open(&a.fddb).with_context(|| format!("FDDB {}", a.fddb.display()))?;
-    let plan = PlanFile::parse(&std::fs::read_to_string(&a.plan).with_context(|| format!("plan {}", a.plan.display()))?)
-        .with_context(|| format!("plan {}", a.plan.display()))?;
+    let plan =
+        PlanFile::parse(&std::fs::read_to_string(&a.plan).with_context(|| format!("plan {}", a.plan.display()))?)
+            .with_context(|| format!("plan {}", a.plan.display()))?;
     let t = Instant::now();
     let train = case::from_fddb(&fddb, &a.target, Some(&plan), Role::Train)?;
     let eval = case::from_fddb(&fddb, &a.target, Some(&plan), Role::Eval)?;
     eprintln!("read {} training and {} eval-role runs in {:.1} s", train.len(), eval.len(), t.elapsed().as_secs_f64());
     if eval.is_empty() {
-        anyhow::bail!("the FDDB holds no valid eval-role run of {} (run the campaign with --eval-runs 1 or more)", a.target);
+        anyhow::bail!(
+            "the FDDB holds no valid eval-role run of {} (run the campaign with --eval-runs 1 or more)",
+            a.target
+        );
     }
     let reference = Reference::from_trees(
-        train.iter().filter(|c| c.truth == afetm_diagnosis::Class::Normal).flat_map(|c| &c.windows).filter_map(|w| w.full.as_ref()),
+        train
+            .iter()
+            .filter(|c| c.truth == afetm_diagnosis::Class::Normal)
+            .flat_map(|c| &c.windows)
+            .filter_map(|w| w.full.as_ref()),
     );
     let mut fitted = fit_all(a, &train)?;
     if a.plan_methods_only {
@@ -197,7 +205,8 @@ fn score(a: &ScoreArgs) -> Result<()> {
         let online = Fitted { method: Box::new(Online), notes: "the daemon's stored verdicts".into(), fit_peak_kib: 0 };
         for f in fitted.iter().filter(|f| f.method.input() != Input::FullFct).chain([&online]) {
             let (scores, peak) = score_method(f, &live, &reference, "live runs")?;
-            let mo = if f.method.name() == "AFETM (daemon)" { a.daemon_peak_kib } else { Some(f.fit_peak_kib.max(peak)) };
+            let mo =
+                if f.method.name() == "AFETM (daemon)" { a.daemon_peak_kib } else { Some(f.fit_peak_kib.max(peak)) };
             rows.push(row(a, "live", f, scores, mo));
         }
     }
@@ -229,7 +238,9 @@ fn write_report(dir: &Path) -> Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("rows-") && n.ends_with(".json")))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("rows-") && n.ends_with(".json"))
+        })
         .collect();
     files.sort();
     for f in &files {
@@ -243,7 +254,9 @@ fn write_report(dir: &Path) -> Result<()> {
     let mut setup = Setup::default();
     let mut parts: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("setup-") && n.ends_with(".json")))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("setup-") && n.ends_with(".json"))
+        })
         .collect();
     parts.sort();
     for p in std::iter::once(dir.join("setup.json")).chain(parts).filter(|p| p.is_file()) {

@@ -140,7 +140,13 @@ pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunO
         _ => None,
     };
     let fdd_ms = case.injected_unix_ms.and_then(|inj| {
-        verdicts.iter().filter(|v| v.error).filter_map(|v| v.reported_unix_ms).filter(|r| *r >= inj).min().map(|r| (r - inj) as f64)
+        verdicts
+            .iter()
+            .filter(|v| v.error)
+            .filter_map(|v| v.reported_unix_ms)
+            .filter(|r| *r >= inj)
+            .min()
+            .map(|r| (r - inj) as f64)
     });
     let mut windows = WindowCounts::default();
     for v in verdicts {

@@ -181,7 +181,9 @@ fn window_table(md: &mut String, rows: &[Row]) {
     );
     for r in rows.iter().filter(|r| r.input != Input::Logs) {
         let w = &r.scores.windows;
-        let f = |n: u64, of: u64| if of == 0 { "-".to_string() } else { format!("{n} ({:.0}%)", 100.0 * n as f64 / of as f64) };
+        let f = |n: u64, of: u64| {
+            if of == 0 { "-".to_string() } else { format!("{n} ({:.0}%)", 100.0 * n as f64 / of as f64) }
+        };
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -323,11 +325,21 @@ fn bars(path: &Path, title: &str, x_label: &str, groups: &Groups) -> Result<(), 
     }
     let plot = |e: String| EvalError::Input(format!("{}: {e}", path.display()));
     let svg = path.with_extension("svg");
-    draw_bars(SVGBackend::new(&svg, (1000, 160 + 36 * groups.len() as u32)).into_drawing_area(), title, x_label, groups)
-        .map_err(|e| plot(e.to_string()))?;
+    draw_bars(
+        SVGBackend::new(&svg, (1000, 160 + 36 * groups.len() as u32)).into_drawing_area(),
+        title,
+        x_label,
+        groups,
+    )
+    .map_err(|e| plot(e.to_string()))?;
     let png = path.with_extension("png");
-    draw_bars(BitMapBackend::new(&png, (1000, 160 + 36 * groups.len() as u32)).into_drawing_area(), title, x_label, groups)
-        .map_err(|e| plot(e.to_string()))?;
+    draw_bars(
+        BitMapBackend::new(&png, (1000, 160 + 36 * groups.len() as u32)).into_drawing_area(),
+        title,
+        x_label,
+        groups,
+    )
+    .map_err(|e| plot(e.to_string()))?;
     Ok(())
 }
 
@@ -503,7 +515,9 @@ pub fn discussion(rows: &[Row], rtgr: &[Rtgr]) -> String {
         }
         let live: Vec<&Row> = rows
             .iter()
-            .filter(|r| r.target == target && r.budget == budget && r.condition == "live" && r.scores.false_alarm_rate > 0.0)
+            .filter(|r| {
+                r.target == target && r.budget == budget && r.condition == "live" && r.scores.false_alarm_rate > 0.0
+            })
             .collect();
         for r in live {
             let _ = writeln!(
@@ -562,7 +576,8 @@ fn tradeoff(out: &mut String, rows: &[Row], rtgr: &[Rtgr]) {
         if lo == hi {
             continue;
         }
-        let (Some(a), Some(b)) = (find(rows, target, lo, "fddb", "AFETM"), find(rows, target, hi, "fddb", "AFETM")) else {
+        let (Some(a), Some(b)) = (find(rows, target, lo, "fddb", "AFETM"), find(rows, target, hi, "fddb", "AFETM"))
+        else {
             continue;
         };
         let e2e = |cond: String| {

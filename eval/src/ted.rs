@@ -88,11 +88,8 @@ impl TedTree {
 
     /// Builds from a wire tree (AFCT or FCT), labelling nodes by (module, function).
     pub fn from_proto(tree: &pb::Tree, labels: &mut Labels) -> Option<TedTree> {
-        let nodes: Vec<(u32, Option<usize>)> = tree
-            .nodes
-            .iter()
-            .map(|n| (labels.of(&n.module, &n.function), usize::try_from(n.parent).ok()))
-            .collect();
+        let nodes: Vec<(u32, Option<usize>)> =
+            tree.nodes.iter().map(|n| (labels.of(&n.module, &n.function), usize::try_from(n.parent).ok())).collect();
         TedTree::from_preorder(&nodes)
     }
 

@@ -91,12 +91,22 @@ fn run_outcomes_and_rates() {
     assert_eq!((o.windows.normal, o.windows.normal_alarmed), (1, 1));
 
     // A located run, an undetected run, a normal run with a false alarm and one without.
-    let right = outcome(&case(2, fault("f", FaultKind::Input), vec![(true, normal.clone())]), &[verdict(0, true, 0.0, &[("f", FaultKind::Input)])], &reference);
+    let right = outcome(
+        &case(2, fault("f", FaultKind::Input), vec![(true, normal.clone())]),
+        &[verdict(0, true, 0.0, &[("f", FaultKind::Input)])],
+        &reference,
+    );
     assert!(right.top1_function && right.top1_class && right.fld == Some(0));
-    let missed = outcome(&case(3, fault("a", FaultKind::Crash), vec![(true, normal.clone())]), &[verdict(0, false, 0.9, &[("a", FaultKind::Crash)])], &reference);
+    let missed = outcome(
+        &case(3, fault("a", FaultKind::Crash), vec![(true, normal.clone())]),
+        &[verdict(0, false, 0.9, &[("a", FaultKind::Crash)])],
+        &reference,
+    );
     assert!(!missed.detected && !missed.top1_function, "an undetected run is not located even if its top-1 is right");
-    let alarm = outcome(&case(4, Class::Normal, vec![(false, normal.clone())]), &[verdict(0, true, 0.1, &[])], &reference);
-    let quiet = outcome(&case(5, Class::Normal, vec![(false, normal.clone())]), &[verdict(0, false, 0.9, &[])], &reference);
+    let alarm =
+        outcome(&case(4, Class::Normal, vec![(false, normal.clone())]), &[verdict(0, true, 0.1, &[])], &reference);
+    let quiet =
+        outcome(&case(5, Class::Normal, vec![(false, normal.clone())]), &[verdict(0, false, 0.9, &[])], &reference);
     let s = aggregate(&[o, right, missed, alarm, quiet], vec![1, 2, 3]);
     assert_eq!((s.fault_runs, s.normal_runs), (3, 2));
     assert!((s.edr - 2.0 / 3.0).abs() < 1e-9);
@@ -130,7 +140,8 @@ fn fct_edc_thresholds_on_normal_runs_and_locates_the_first_difference() {
     assert!(first_difference(&["m"], &["m"]).is_empty());
     let n1 = tree(&[("main", -1), ("a", 0), ("b", 0)]);
     let n2 = tree(&[("main", -1), ("a", 0), ("b", 0), ("b", 0)]);
-    let train = vec![case(1, Class::Normal, vec![(false, n1.clone())]), case(2, Class::Normal, vec![(false, n2.clone())])];
+    let train =
+        vec![case(1, Class::Normal, vec![(false, n1.clone())]), case(2, Class::Normal, vec![(false, n2.clone())])];
     let edc = FctEdc::fit(&train).unwrap();
     assert_eq!(edc.threshold(), 1, "the two normal runs differ by one node");
     let ok = edc.window(&Window { full: Some(n1.clone()), ..Window::default() }).unwrap().unwrap();
@@ -184,7 +195,8 @@ fn log_method_ignores_what_normal_runs_log() {
     quiet.logs = vec![("redis.log".into(), start.clone())];
     assert!(!logs.diagnose(&quiet).unwrap()[0].error);
     let mut loud = case(3, fault("f", FaultKind::Crash), vec![]);
-    loud.logs = vec![("redis.log".into(), start), ("php-error.log".into(), "[28-Nov-2026] shop: Connection refused".into())];
+    loud.logs =
+        vec![("redis.log".into(), start), ("php-error.log".into(), "[28-Nov-2026] shop: Connection refused".into())];
     let v = logs.diagnose(&loud).unwrap();
     assert!(v[0].error && v[0].assumed_located);
     assert_eq!(v[0].top[0].function, "serverLog");

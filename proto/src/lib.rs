@@ -14,4 +14,5 @@ pub use v1::*;
 /// exactly that batch instead of resending it forever.
 pub const BAD_SEQ_KEY: &str = "afetm-bad-seq";
 
+pub mod costs;
 pub mod plan;

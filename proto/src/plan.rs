@@ -48,6 +48,26 @@ pub struct SelectionSummary {
     /// Functions of F^callstack, found by coloring the normal FCTs (Alg. 2); empty when no
     /// normal FCTs were given.
     pub callstack: Vec<String>,
+    /// What the plan is predicted to cost under the sampled workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<Predicted>,
+}
+
+/// A plan's predicted load, from the weights (and the host's probe costs, when selected with
+/// them). `afetm-analyzer select` writes it; benches compare it with what the agent sees.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Predicted {
+    /// Calls of the traced functions per second: the events the agent should receive.
+    pub events_per_s: f64,
+    /// Of those, call-stack events.
+    pub stack_events_per_s: f64,
+    /// Probe CPU time, ns per second (selection with `--costs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_ns_per_s: Option<f64>,
+    /// The `--max-overhead` bound (share of one core), when it was given instead of P.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_overhead: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

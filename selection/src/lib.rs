@@ -24,6 +24,7 @@
 
 use rand::{Rng, RngExt, SeedableRng, rngs::StdRng};
 
+pub mod costs;
 pub mod weights;
 
 /// The MWSCP-UBC instance: `covers[j]` are the blocks function `j` covers, `weights[j]` its

@@ -30,6 +30,8 @@ pub enum WeightsError {
     Bad(String, f64),
     #[error("no counts for module {0:?}: was the agent in count mode on it during the sampling period?")]
     NoCounts(String),
+    #[error("cannot scale weights by work: {0} requests sampled, untraced rate {1} req/s (both must be > 0)")]
+    Scale(u64, f64),
     #[error("none of the {0} weighted functions is a function of {1} ({2} functions): weights from another binary?")]
     Mismatch(usize, String, usize),
 }
@@ -56,6 +58,27 @@ pub struct Weights {
     pub workload: String,
     /// Called functions; absent ones weigh 0.
     pub functions: BTreeMap<String, FunctionWeight>,
+    /// How counting every function disturbed the workload, when the sampler measured it;
+    /// `per_sec` is then scaled to the untraced rate (see [`Weights::scale_to`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<Sampling>,
+}
+
+/// The sampling's own effect on the workload it measures. Counting every function slows a
+/// server (the shop's Apache served 44 req/s instead of ~1,750 while all of libsqlite3 was
+/// counted), so calls per second under sampling are not calls per second under the real load;
+/// calls per request are. Weights are scaled by `real_rps / sample_rps`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    /// Requests the workload completed during the sampling period.
+    pub requests: u64,
+    /// Their rate while every function was counted.
+    pub sample_rps: f64,
+    /// The same workload's rate untraced, measured just before.
+    pub real_rps: f64,
+    /// `real_rps / sample_rps`.
+    pub slowdown: f64,
 }
 
 /// How the weights matched a structure.
@@ -87,7 +110,22 @@ impl Weights {
         if functions.is_empty() {
             return Err(WeightsError::NoCounts(module.to_string()));
         }
-        Ok(Weights { module: module.to_string(), period_s, workload: workload.to_string(), functions })
+        Ok(Weights { module: module.to_string(), period_s, workload: workload.to_string(), functions, sampling: None })
+    }
+
+    /// Rescales `per_sec` from the sampled rate to the untraced one: calls per request
+    /// (`calls / requests`) times `real_rps`. Functions driven by time rather than requests
+    /// (timers) come out overweighted by the slowdown, which errs on the safe side of a budget.
+    pub fn scale_to(&mut self, requests: u64, real_rps: f64) -> Result<(), WeightsError> {
+        if requests == 0 || !(real_rps.is_finite() && real_rps > 0.0) {
+            return Err(WeightsError::Scale(requests, real_rps));
+        }
+        let sample_rps = requests as f64 / self.period_s;
+        for w in self.functions.values_mut() {
+            w.per_sec = w.calls as f64 / requests as f64 * real_rps;
+        }
+        self.sampling = Some(Sampling { requests, sample_rps, real_rps, slowdown: real_rps / sample_rps });
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Weights, WeightsError> {
@@ -156,6 +194,19 @@ mod tests {
         assert_eq!(w.functions["c"].per_sec, 0.5);
         assert!(matches!(Weights::from_counts("m", &c, 0.0, ""), Err(WeightsError::Period(_))));
         assert!(matches!(Weights::from_counts("x", &c, 1.0, ""), Err(WeightsError::NoCounts(_))));
+    }
+
+    #[test]
+    fn scaling_by_work_uses_calls_per_request_at_the_real_rate() {
+        // 10 s sample, 100 requests (10 req/s, slowed down), 1,000 req/s untraced.
+        let mut w = Weights::from_counts("m", &[count("m", "a", 300), count("m", "b", 5)], 10.0, "").unwrap();
+        w.scale_to(100, 1000.0).unwrap();
+        assert_eq!(w.functions["a"].per_sec, 3000.0);
+        assert_eq!(w.functions["b"].per_sec, 50.0);
+        let s = w.sampling.clone().unwrap();
+        assert_eq!((s.sample_rps, s.slowdown), (10.0, 100.0));
+        assert!(matches!(w.scale_to(0, 1.0), Err(WeightsError::Scale(..))));
+        assert!(matches!(w.scale_to(1, f64::NAN), Err(WeightsError::Scale(..))));
     }
 
     #[test]

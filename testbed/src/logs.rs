@@ -36,4 +36,3 @@ pub fn read_new_logs(dir: &Path, before: &HashMap<PathBuf, u64>) -> Vec<(String,
     out.sort();
     out
 }
-

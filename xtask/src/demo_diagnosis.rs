@@ -212,7 +212,8 @@ fn live_run(
     sleep(Duration::from_secs(2));
     let injected_at = testbed::monotonic_ns();
     let out = dir.join("inject.out");
-    let mut inject = Guard(vec![crate::eval::start_inject(bin, dir, redis, pid, &chosen.function, &chosen.fault, &out)?]);
+    let mut inject =
+        Guard(vec![crate::eval::start_inject(bin, dir, redis, pid, &chosen.function, &chosen.fault, &out)?]);
     let report = load.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
     println!("load: {}", report.text());
     terminate(&mut inject.0[0]);

@@ -100,7 +100,11 @@ impl Settings {
         let quick = a.quick;
         Settings {
             targets: a.targets.clone().unwrap_or_else(|| {
-                if quick { vec![Target::Redis] } else { vec![Target::Redis, Target::Nginx, Target::Httpd, Target::Sqlite] }
+                if quick {
+                    vec![Target::Redis]
+                } else {
+                    vec![Target::Redis, Target::Nginx, Target::Httpd, Target::Sqlite]
+                }
             }),
             budgets: a.budget.clone().unwrap_or_else(|| {
                 if quick { vec!["10%".into(), "50%".into()] } else { vec!["10%".into(), "30%".into(), "50%".into()] }
@@ -127,7 +131,19 @@ fn step(t0: Instant, what: &str) {
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     let t0 = Instant::now();
     let s = Settings::of(&a);
-    run(&mut cargo(&["build", "--release", "--bins", "-p", "agent", "-p", "analyzer", "-p", "campaign", "-p", "eval"]))?;
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "agent",
+        "-p",
+        "analyzer",
+        "-p",
+        "campaign",
+        "-p",
+        "eval",
+    ]))?;
     crate::testbed::build_servers()?;
     let bin = target_dir().join("release");
     let out = target_dir().join("eval");
@@ -143,7 +159,10 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         let started = Instant::now();
         let mut lines = eval_target(&s, *t, &bin, &out, &a, t0)?;
         lines.push(format!("{}: this invocation took {:.1} min", name(*t), started.elapsed().as_secs_f64() / 60.0));
-        std::fs::write(out.join(format!("setup-{}.json", name(*t))), serde_json::json!({ "lines": lines }).to_string())?;
+        std::fs::write(
+            out.join(format!("setup-{}.json", name(*t))),
+            serde_json::json!({ "lines": lines }).to_string(),
+        )?;
     }
     step(t0, "Report");
     run(Command::new(bin.join("afetm-eval")).args(["report", "--dir"]).arg(&out))?;
@@ -695,9 +714,10 @@ fn access_log_mean_us(
     use std::io::{Seek, SeekFrom};
     let (mut sum, mut n) = (0.0, 0u64);
     for (path, len) in testbed::logs::log_sizes(dir) {
-        let apache_or_nginx = path.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
-            f.ends_with(suffix) && (suffix != "-access.log" || f.starts_with("apache"))
-        });
+        let apache_or_nginx = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .is_some_and(|f| f.ends_with(suffix) && (suffix != "-access.log" || f.starts_with("apache")));
         if !apache_or_nginx {
             continue;
         }
@@ -707,7 +727,8 @@ fn access_log_mean_us(
         if f.seek(SeekFrom::Start(from)).is_err() || f.read_to_string(&mut text).is_err() {
             continue;
         }
-        for v in text.lines().filter_map(|l| l.split_whitespace().nth_back(if suffix == "-access.log" { 0 } else { 1 })) {
+        for v in text.lines().filter_map(|l| l.split_whitespace().nth_back(if suffix == "-access.log" { 0 } else { 1 }))
+        {
             if let Ok(x) = v.parse::<f64>() {
                 sum += x * scale;
                 n += 1;

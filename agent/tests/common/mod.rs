@@ -316,7 +316,8 @@ impl Drop for Stack {
 
 /// A `name=value` counter from an agent's final "reader finished" log line.
 pub fn reader_counter(log: &str, name: &str) -> u64 {
-    let line = log.lines().rfind(|l| l.contains("reader finished")).unwrap_or_else(|| panic!("no reader summary: {log}"));
+    let line =
+        log.lines().rfind(|l| l.contains("reader finished")).unwrap_or_else(|| panic!("no reader summary: {log}"));
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(&format!("{name}=")))
         .and_then(|v| v.parse().ok())

@@ -16,8 +16,8 @@ use afetm_diagnosis::{
     train::{threshold, youden_threshold},
 };
 use afetm_proto as pb;
-use candle_core::{DType, Device, Tensor};
 use candle_core::Var;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::edc::key;

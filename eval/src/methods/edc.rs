@@ -88,8 +88,12 @@ impl FctEdc {
             runs.dedup();
             for r in runs {
                 // The normal trees of the other runs (this one too if it recurs elsewhere).
-                let others: Vec<&TedTree> =
-                    normals.iter().zip(&runs_of).filter(|(_, rs)| rs.iter().any(|x| *x != r)).map(|((o, _), _)| o).collect();
+                let others: Vec<&TedTree> = normals
+                    .iter()
+                    .zip(&runs_of)
+                    .filter(|(_, rs)| rs.iter().any(|x| *x != r))
+                    .map(|((o, _), _)| o)
+                    .collect();
                 if let Some((d, _)) = nearest(t, &others) {
                     threshold = threshold.max(d);
                 }

@@ -63,10 +63,7 @@ pub fn template(line: &str) -> String {
 }
 
 fn error_templates(case: &Case) -> impl Iterator<Item = String> + '_ {
-    case.logs
-        .iter()
-        .flat_map(|(source, text)| text.lines().filter(move |l| is_error_line(source, l)))
-        .map(template)
+    case.logs.iter().flat_map(|(source, text)| text.lines().filter(move |l| is_error_line(source, l))).map(template)
 }
 
 /// See the module docs.

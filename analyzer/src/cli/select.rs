@@ -1,0 +1,326 @@
+//! `afetm-analyzer select`: structure + weights -> MWSCP-UBC instance -> Alg. 1 (and greedy,
+//! for comparison) -> plan; with normal FCTs, Alg. 2 colors them against the selection for
+//! F^callstack. With `--costs` the weights are probe CPU time (`afetm_selection::costs`) and
+//! the budget is P of the full trace's cost, or `--max-overhead` of one core.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+};
+
+use afetm_analyzer::{
+    coloring,
+    store::{Limits, Store, WindowConfig},
+    tree::{Forest, FuncId, FuncTable},
+};
+use afetm_proto::{
+    self as pb,
+    costs::ProbeCosts,
+    plan::{Mode, PlanFile, Point, Predicted, SelectionSummary, Target},
+};
+use afetm_selection::{
+    self as selection, Instance, Params, Selection,
+    costs::{self as cost, CostModel, Prediction},
+    weights::Weights,
+};
+use anyhow::{Context, Result, bail};
+
+/// Which algorithm chooses the points.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Algorithm {
+    /// Max-Min Ant System, AFETM Alg. 1.
+    Mmas,
+    /// Greedy weighted set cover (baseline).
+    Greedy,
+}
+
+pub struct SelectArgs {
+    pub elf: Option<PathBuf>,
+    pub structure: Option<PathBuf>,
+    pub weights: PathBuf,
+    pub budget: f64,
+    pub costs: Option<PathBuf>,
+    pub max_overhead: Option<f64>,
+    pub algorithm: Algorithm,
+    pub params: Params,
+    pub target: Option<PathBuf>,
+    pub db: Option<PathBuf>,
+    pub normal_agent: Option<String>,
+    pub out: String,
+}
+
+/// The normal FCTs behind coloring, with each function's deepest node (the length of its call
+/// chains, for the cost of its call-stack events).
+struct Normal {
+    table: FuncTable,
+    fcts: Vec<Forest>,
+    depth: HashMap<String, u32>,
+}
+
+impl Normal {
+    fn load(db: &PathBuf, agent: &str) -> Result<Normal> {
+        let store = Store::open(db, WindowConfig::default(), Limits::default())
+            .with_context(|| format!("opening database {}", db.display()))?;
+        let windows =
+            store.list_windows(&pb::ListWindowsRequest { agent_id: agent.to_string(), pid: 0, closed_only: true })?;
+        let mut table = FuncTable::default();
+        let mut fcts = Vec::new();
+        for w in &windows {
+            for tid in &w.tids {
+                if let Some(t) = store.afct(w.id, *tid)? {
+                    fcts.push(Forest::from_proto(&t, &mut table).map_err(|e| anyhow::anyhow!(e))?);
+                }
+            }
+        }
+        if fcts.is_empty() {
+            bail!("agent {agent:?} has no closed windows in {}: no normal FCTs to color", db.display());
+        }
+        let mut depth: HashMap<String, u32> = HashMap::new();
+        for f in &fcts {
+            for (i, d) in f.depths().into_iter().enumerate() {
+                let name = table.get(f.nodes[i].func).name.to_string();
+                let e = depth.entry(name).or_default();
+                *e = (*e).max(d);
+            }
+        }
+        Ok(Normal { table, fcts, depth })
+    }
+
+    /// F^callstack of a selection (Alg. 2), by structure index.
+    fn callstack(&self, names: &[&str], selected: &[usize]) -> Vec<bool> {
+        let chosen: Vec<&str> = selected.iter().map(|j| names[*j]).collect();
+        let traced: HashSet<FuncId> = chosen.iter().flat_map(|n| self.table.matching(n).collect::<Vec<_>>()).collect();
+        let out = coloring::color(&self.fcts, &traced);
+        let cs: HashSet<&str> = out.callstack.iter().map(|f| &*self.table.get(*f).name).collect();
+        names.iter().map(|n| cs.contains(n)).collect()
+    }
+}
+
+fn structure_and_target(a: &SelectArgs) -> Result<(afetm_elf::structure::Structure, PathBuf)> {
+    match (&a.elf, &a.structure) {
+        (Some(elf), _) => {
+            let module = afetm_elf::symbols::Module::load(elf).with_context(|| format!("reading {}", elf.display()))?;
+            Ok((afetm_elf::structure::analyze(&module), a.target.clone().unwrap_or_else(|| elf.clone())))
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let s: afetm_elf::structure::Structure =
+                serde_json::from_slice(&text).with_context(|| format!("parsing structure {}", path.display()))?;
+            let t = a.target.clone().context("--structure needs --target (the binary the plan traces)")?;
+            Ok((s, t))
+        }
+        (None, None) => bail!("give --elf or --structure"),
+    }
+}
+
+fn instance(a: &SelectArgs, structure: &afetm_elf::structure::Structure) -> Result<Instance> {
+    let weights = Weights::load(&a.weights)?;
+    if weights.module != structure.module {
+        tracing::warn!(weights = %weights.module, structure = %structure.module, "weights were sampled on another module name");
+    }
+    if let Some(s) = weights.sampling.as_ref().filter(|s| s.slowdown > 1.2) {
+        println!(
+            "  weights: counts per request scaled from the sample's {:.0} req/s to {:.0} req/s untraced (sampling slowed the workload {:.1}x)",
+            s.sample_rps, s.real_rps, s.slowdown
+        );
+    }
+    let (inst, matched) = weights.instance(structure)?;
+    if !matched.missing.is_empty() {
+        let top: Vec<String> = matched.missing.iter().take(5).map(|(n, w)| format!("{n} ({w:.0}/s)")).collect();
+        tracing::warn!(
+            missing = matched.missing.len(),
+            "weighted functions not in {}: {}",
+            structure.module,
+            top.join(", ")
+        );
+    }
+    Ok(inst)
+}
+
+/// The selection and its F^callstack: plain Alg. 1 on calls (the paper), or cost-bounded.
+struct Chosen {
+    selection: Selection,
+    callstack: Vec<bool>,
+    prediction: Prediction,
+    bound: f64,
+    rounds: usize,
+    fits: bool,
+}
+
+fn choose(
+    a: &SelectArgs,
+    inst: &Instance,
+    names: &[&str],
+    model: Option<&CostModel>,
+    normal: Option<&Normal>,
+) -> Result<Chosen> {
+    let calls = inst.weights.clone();
+    let color = |sel: &[usize]| normal.map_or_else(|| vec![false; names.len()], |n| n.callstack(names, sel));
+    let Some(model) = model else {
+        let bound = selection::bound_for(inst, a.budget);
+        let selection = match a.algorithm {
+            Algorithm::Mmas => selection::mmas(inst, bound, &a.params)?,
+            Algorithm::Greedy => selection::greedy(inst, bound),
+        };
+        let callstack = color(&selection.functions);
+        let prediction = cost::predict(&calls, &selection.functions, &callstack, None);
+        return Ok(Chosen { selection, callstack, prediction, bound, rounds: 1, fits: true });
+    };
+    let full = Instance { weights: model.weights(&calls, &[]), ..inst.clone() };
+    let bound = match a.max_overhead {
+        Some(x) => x * 1e9,
+        None => selection::bound_for(&full, a.budget),
+    };
+    if let Algorithm::Greedy = a.algorithm {
+        bail!("--costs works with --algorithm mmas");
+    }
+    let b = cost::select_within(inst, &calls, model, bound, &a.params, color)?;
+    Ok(Chosen {
+        selection: b.selection,
+        callstack: b.callstack,
+        prediction: b.prediction,
+        bound,
+        rounds: b.rounds,
+        fits: b.fits,
+    })
+}
+
+pub fn select(a: SelectArgs) -> Result<()> {
+    let (structure, target) = structure_and_target(&a)?;
+    let inst = instance(&a, &structure)?;
+    let names: Vec<&str> = structure.functions.iter().map(|f| f.name.as_str()).collect();
+    let normal = match (&a.db, &a.normal_agent) {
+        (Some(db), Some(agent)) => Some(Normal::load(db, agent)?),
+        _ => {
+            eprintln!(
+                "no normal FCTs given (--db, --normal-agent): F^callstack is empty, every point is an event point"
+            );
+            None
+        }
+    };
+    let model = match &a.costs {
+        Some(path) => {
+            let costs = ProbeCosts::load(path)?;
+            let frames =
+                names.iter().map(|n| normal.as_ref().and_then(|x| x.depth.get(*n).copied()).unwrap_or(0)).collect();
+            Some(CostModel { costs, emulated: structure.functions.iter().map(|f| f.emulated).collect(), frames })
+        }
+        None if a.max_overhead.is_some() => bail!("--max-overhead needs --costs (afetm-agent --calibrate FILE)"),
+        None => None,
+    };
+    let t = std::time::Instant::now();
+    let c = choose(&a, &inst, &names, model.as_ref(), normal.as_ref())?;
+    report(&a, &structure, &inst, &c, model.is_some(), t.elapsed());
+    if c.selection.functions.is_empty() {
+        bail!("the selection is empty: no function covers a block within the budget");
+    }
+    write_plan(&a, &structure, &inst, &c, target)
+}
+
+fn report(
+    a: &SelectArgs,
+    structure: &afetm_elf::structure::Structure,
+    inst: &Instance,
+    c: &Chosen,
+    costed: bool,
+    took: std::time::Duration,
+) {
+    let pct = |n: usize| if inst.blocks == 0 { 100.0 } else { 100.0 * n as f64 / inst.blocks as f64 };
+    let called = c.selection.functions.iter().filter(|j| inst.weights[**j] > 0.0).count();
+    let bound_text = match (costed, a.max_overhead) {
+        (false, _) => {
+            format!("P={:.0}% of {:.0} calls/s: bound {:.0} calls/s", a.budget * 100.0, inst.total_weight(), c.bound)
+        }
+        (true, Some(x)) => format!("max overhead {:.1}% of a core: bound {:.1} ms CPU/s", x * 100.0, c.bound / 1e6),
+        (true, None) => {
+            format!("P={:.0}% of the full trace's probe cost: bound {:.1} ms CPU/s", a.budget * 100.0, c.bound / 1e6)
+        }
+    };
+    println!(
+        "{} {bound_text}: {:?} selected {} functions ({} of them called under the workload, {} in F^callstack), block coverage {:.2}% ({}/{}), fitness {:.6}, {} round(s), {:.1} ms",
+        structure.module,
+        a.algorithm,
+        c.selection.functions.len(),
+        called,
+        c.callstack.iter().filter(|x| **x).count(),
+        pct(c.selection.covered),
+        c.selection.covered,
+        inst.blocks,
+        c.selection.fitness,
+        c.rounds,
+        took.as_secs_f64() * 1e3
+    );
+    let p = &c.prediction;
+    println!(
+        "  predicted: {:.0} events/s ({:.0} with call stacks){}",
+        p.events_per_s,
+        p.stack_events_per_s,
+        if costed {
+            format!(
+                ", probe CPU {:.1} ms/s = {:.0}% of the bound{}",
+                p.probe_ns_per_s / 1e6,
+                100.0 * p.probe_ns_per_s / c.bound.max(1e-9),
+                if c.fits { "" } else { " (OVER: no selection fitted within the rounds)" }
+            )
+        } else {
+            String::new()
+        }
+    );
+    if !c.fits {
+        tracing::warn!("the plan's predicted cost is over the bound");
+    }
+    let greedy = selection::greedy(inst, selection::bound_for(inst, a.budget));
+    println!(
+        "  for comparison, greedy on calls at P: {} functions, block coverage {:.2}%, weight {:.0} calls/s",
+        greedy.functions.len(),
+        pct(greedy.covered),
+        greedy.weight
+    );
+}
+
+fn write_plan(
+    a: &SelectArgs,
+    structure: &afetm_elf::structure::Structure,
+    inst: &Instance,
+    c: &Chosen,
+    target: PathBuf,
+) -> Result<()> {
+    let name = |j: usize| structure.functions[j].name.clone();
+    let callstack: Vec<String> = c.selection.functions.iter().filter(|j| c.callstack[**j]).map(|j| name(*j)).collect();
+    if a.db.is_some() {
+        println!("  F^callstack: {} functions", callstack.len());
+    }
+    let plan = PlanFile {
+        target: Target { path: Some(target), pid: None },
+        version: 0,
+        points: c
+            .selection
+            .functions
+            .iter()
+            .map(|j| Point { function: name(*j), mode: if c.callstack[*j] { Mode::Callstack } else { Mode::Event } })
+            .collect(),
+        selection: Some(SelectionSummary {
+            algorithm: format!("{:?}", a.algorithm).to_lowercase(),
+            budget: a.budget,
+            covered: c.selection.covered,
+            blocks: inst.blocks,
+            weight: c.selection.weight,
+            bound: c.bound,
+            fitness: c.selection.fitness,
+            callstack,
+            predicted: Some(Predicted {
+                events_per_s: c.prediction.events_per_s,
+                stack_events_per_s: c.prediction.stack_events_per_s,
+                probe_ns_per_s: (a.costs.is_some()).then_some(c.prediction.probe_ns_per_s),
+                max_overhead: a.max_overhead,
+            }),
+        }),
+    };
+    let json = serde_json::to_string_pretty(&plan)?;
+    if a.out == "-" {
+        println!("{json}");
+    } else {
+        std::fs::write(&a.out, json + "\n").with_context(|| format!("writing {}", a.out))?;
+    }
+    Ok(())
+}
