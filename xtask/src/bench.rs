@@ -14,7 +14,7 @@ use clap::Subcommand;
 use crate::target_dir;
 use crate::{Guard, cargo, root, run};
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 pub enum Which {
     /// ns per call of a probed function (no probe; afetm count = bare probe; afetm event;
     /// afetm callstack; bpftrace count) for an emulated and a single-stepped entry instruction,
@@ -53,6 +53,29 @@ pub enum Which {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+    /// What tracing costs the shop: per target untraced, the pre-cost plan (P of calls, stack
+    /// copies), plans selected with the host's probe costs at each budget, and full tracing,
+    /// interleaved and repeated; tier and end-to-end RTGR, agent and analyzer CPU per million
+    /// events, predicted against received events; `all` adds the four plans traced at once.
+    Rtgr {
+        #[arg(long, value_enum, default_value_t = crate::bench_rtgr::Which::Redis)]
+        target: crate::bench_rtgr::Which,
+        /// Budgets P, comma separated (the first is also the "before" plan's and the
+        /// all-at-once run's).
+        #[arg(long, value_delimiter = ',', default_value = "10%")]
+        budget: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Seconds of load per run (after 1 s of warm-up).
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Run on the source builds (`cargo xtask testbed build`) instead of Debian's binaries.
+        #[arg(long)]
+        built: bool,
+        /// Measure the probe costs again instead of using target/probe-costs.json.
+        #[arg(long)]
+        recalibrate: bool,
+    },
     /// Online diagnosis: diagnoses per second, window close -> stored diagnosis p50/p99 and
     /// the analyzer's RSS with four models loaded, against the same daemon without models.
     Diagnose {
@@ -71,6 +94,16 @@ pub fn run_bench(which: Which) -> Result<()> {
         Which::Attach { reps } => crate::attach::attach_bench(reps),
         Which::Testbed { built, netns, duration } => testbed_bench(built, netns, duration),
         Which::Diagnose { procs, seconds } => crate::bench_diagnose::diagnose_bench(procs, seconds),
+        Which::Rtgr { target, budget, reps, seconds, built, recalibrate } => {
+            crate::bench_rtgr::rtgr_bench(crate::bench_rtgr::Args {
+                target,
+                budgets: budget,
+                reps,
+                seconds,
+                built,
+                recalibrate,
+            })
+        }
     }
 }
 
@@ -104,7 +137,7 @@ pub fn start_agent_as(
 }
 
 /// An agent as [`start_agent_as`]; `stack_copies` turns the kernel's unwinding off.
-fn start_agent_with(
+pub fn start_agent_with(
     bin: &Path,
     plan: &Path,
     server: &str,

@@ -91,6 +91,9 @@ pub fn run_demo() -> Result<()> {
         at: at.clone(),
         period: Duration::from_secs(10),
         connections: 8,
+        // P is a share: scaling by work changes little but timers' weights; the demo keeps the
+        // raw rates its model was validated with.
+        baseline: Duration::ZERO,
         normal: Duration::from_secs(5),
         normal_rate: 20.0,
         out: Some(sample.clone()),

@@ -14,8 +14,7 @@
 //! response times) are kept, live runs continue after the last recorded one. `--fresh-live`
 //! and `--fresh-rtgr` redo those two.
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
+    io::Write,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread::sleep,
@@ -26,6 +25,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::{
+    rtgr,
     Guard,
     bench::{start_agent_as, stop_agent},
     cargo,
@@ -231,6 +231,9 @@ fn eval_target(s: &Settings, t: Target, bin: &Path, out: &Path, a: &EvalArgs, t0
             at: at.clone(),
             period: Duration::from_secs(10),
             connections: 8,
+            // P is a share: scaling by work changes little but timers' weights; these flows
+            // keep the raw rates their models were validated with.
+            baseline: Duration::ZERO,
             normal: Duration::from_secs(5),
             normal_rate: 20.0,
             out: Some(sample.clone()),
@@ -277,7 +280,16 @@ fn eval_target(s: &Settings, t: Target, bin: &Path, out: &Path, a: &EvalArgs, t0
     let rtgr = out.join(format!("rtgr-{tn}.json"));
     if a.fresh_rtgr || !rtgr.is_file() {
         let conds = rtgr_conditions(&dir, &s.budgets, &file)?;
-        let rows = response_times(&cfg, bin, &dir, t, &conds, s.reps, Duration::from_secs(a.rtgr_seconds))?;
+        let setup = rtgr::Setup {
+            cfg: &cfg,
+            bin,
+            dir: &dir,
+            tier: Some(t),
+            listen: RTGR_LISTEN,
+            reps: s.reps,
+            load_for: Duration::from_secs(a.rtgr_seconds),
+        };
+        let rows = rtgr::measure(&setup, &name(t), &conds)?;
         std::fs::write(&rtgr, serde_json::to_string_pretty(&rows)?)?;
     }
     merge_rtgr(out)?;
@@ -432,7 +444,7 @@ fn live_runs(
         peak = status_kib(apid, "VmHWM");
         terminate(&mut guard.0[0]);
         // The last fault may have left redis dead or stopped.
-        restart_redis(cfg)?;
+        rtgr::restart_redis(cfg)?;
     }
     Ok(LiveOut { db, runs, count: specs.len(), what, daemon_peak_kib: peak })
 }
@@ -472,11 +484,6 @@ fn closed_loop(cfg: &testbed::Config, duration: Duration, warmup: Duration) -> t
     l
 }
 
-fn restart_redis(cfg: &testbed::Config) -> Result<()> {
-    testbed::stop_tier(cfg, testbed::Tier::Redis)?;
-    testbed::start_tier(cfg, testbed::Tier::Redis, None)?;
-    Ok(())
-}
 
 /// One live run on a restarted redis; returns its `LiveRun` record (see afetm-eval's `case`).
 #[allow(clippy::too_many_arguments)]
@@ -490,7 +497,7 @@ fn live_run(
     agent_id: &str,
     spec: Option<&(String, String)>,
 ) -> Result<serde_json::Value> {
-    restart_redis(cfg)?;
+    rtgr::restart_redis(cfg)?;
     let (agent, agent_log) = start_agent_as(bin, plan, server, dir, None, agent_id)?;
     let mut agent = Guard(vec![agent]);
     let logs_at = testbed::logs::log_sizes(&cfg.logs_dir());
@@ -574,169 +581,19 @@ fn applications(out: &Path) -> serde_json::Value {
         .unwrap_or_else(|| serde_json::json!([]))
 }
 
-/// (label, plan) of each response-time condition: untraced, every budget's plan, full tracing.
-fn rtgr_conditions(dir: &Path, budgets: &[String], file: &Path) -> Result<Vec<(String, Option<PathBuf>)>> {
-    let mut conds = vec![("untraced".to_string(), None)];
+/// Each response-time condition: untraced, every budget's plan, full tracing.
+fn rtgr_conditions(dir: &Path, budgets: &[String], file: &Path) -> Result<Vec<rtgr::Condition>> {
+    let mut conds = vec![rtgr::Condition::new("untraced", vec![])];
     for b in budgets {
-        conds.push((format!("P={b}"), Some(dir.join(format!("plan-{}.json", b.trim_end_matches('%'))))));
+        conds.push(rtgr::Condition::new(format!("P={b}"), vec![dir.join(format!("plan-{}.json", b.trim_end_matches('%')))]));
     }
-    let full = dir.join("plan-full.json");
-    std::fs::write(
-        &full,
-        serde_json::json!({"target": {"path": file}, "points": [{"function": "*", "mode": "event"}]}).to_string(),
-    )?;
-    conds.push(("full".into(), Some(full)));
+    conds.push(rtgr::Condition::new("full", vec![rtgr::full_plan(dir, file)?]));
     Ok(conds)
 }
 
-/// Table I's measurements: every condition `reps` times, in a rotated order per repetition.
-fn response_times(
-    cfg: &testbed::Config,
-    bin: &Path,
-    dir: &Path,
-    t: Target,
-    conds: &[(String, Option<PathBuf>)],
-    reps: usize,
-    load_for: Duration,
-) -> Result<Vec<serde_json::Value>> {
-    if t == Target::Redis {
-        restart_redis(cfg)?;
-    }
-    let db = dir.join("rtgr.sqlite");
-    for ext in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
-    }
-    let analyzer = Command::new(bin.join("afetm-analyzer"))
-        .args(["serve", "--listen", RTGR_LISTEN, "--window", "1s", "--db"])
-        .arg(&db)
-        .stderr(std::fs::File::create(dir.join("rtgr.analyzer.log"))?)
-        .spawn()
-        .context("starting afetm-analyzer")?;
-    let mut guard = Guard(vec![analyzer]);
-    sleep(Duration::from_millis(700));
-    let server = format!("http://{RTGR_LISTEN}");
-    let mut tier: Vec<Vec<f64>> = vec![Vec::new(); conds.len()];
-    let mut e2e: Vec<Vec<f64>> = vec![Vec::new(); conds.len()];
-    for rep in 0..reps {
-        for k in 0..conds.len() {
-            let i = (k + rep) % conds.len();
-            let (label, plan) = &conds[i];
-            let agent = match plan {
-                Some(p) => Some(start_agent_as(bin, p, &server, dir, None, &format!("rtgr-{rep}-{i}"))?),
-                None => None,
-            };
-            if t == Target::Redis {
-                redis_command(cfg, "CONFIG RESETSTAT")?;
-            }
-            let logs_at = testbed::logs::log_sizes(&cfg.logs_dir());
-            let report = testbed::load::run(&closed_loop(cfg, load_for, Duration::from_secs(1)))?;
-            let own = match t {
-                Target::Redis => Some(redis_usec_per_call(&redis_command(cfg, "INFO commandstats")?)),
-                Target::Nginx => access_log_mean_us(&cfg.logs_dir(), &logs_at, "nginx-access.log", 1e6),
-                Target::Httpd => access_log_mean_us(&cfg.logs_dir(), &logs_at, "-access.log", 1.0),
-                // The time the PHP app spends in its queries is not logged yet.
-                Target::Sqlite => None,
-            };
-            tier[i].extend(own);
-            e2e[i].push(report.latency.mean_us / 1000.0);
-            if let Some((child, log)) = agent {
-                stop_agent(child, &log)?;
-            }
-            println!(
-                "rtgr rep {} {label}: {:.0} req/s, mean {:.2} ms, {} errors{}",
-                rep + 1,
-                report.throughput_rps,
-                report.latency.mean_us / 1000.0,
-                report.errors,
-                tier[i].last().map_or(String::new(), |u| format!(", redis {u:.2} us/call"))
-            );
-        }
-    }
-    terminate(&mut guard.0[0]);
-    Ok(conds
-        .iter()
-        .enumerate()
-        .map(|(i, (label, _))| {
-            serde_json::json!({"target": name(t), "condition": label, "tier_us": tier[i], "e2e_ms": e2e[i]})
-        })
-        .collect())
-}
 
-/// Sends one inline command to the shop's redis and returns its reply.
-fn redis_command(cfg: &testbed::Config, command: &str) -> Result<String> {
-    let mut s = TcpStream::connect((cfg.tier_host(3).as_str(), cfg.redis_port())).context("connecting to redis")?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(format!("{command}\r\n").as_bytes())?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = s.read(&mut chunk)?;
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        // A status line, or a bulk string whose announced length has arrived.
-        let complete = match text.strip_prefix('$') {
-            Some(rest) => rest
-                .split_once("\r\n")
-                .and_then(|(len, body)| len.parse::<usize>().ok().map(|l| body.len() >= l))
-                .unwrap_or(false),
-            None => text.ends_with("\r\n"),
-        };
-        if n == 0 || complete {
-            return Ok(text.into_owned());
-        }
-    }
-}
 
-/// Time per command over every command redis ran (INFO commandstats: calls=N,usec=U,...).
-fn redis_usec_per_call(info: &str) -> f64 {
-    let (mut calls, mut usec) = (0u64, 0u64);
-    for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
-        for kv in line.split_once(':').map_or("", |x| x.1).split(',') {
-            match kv.split_once('=') {
-                Some(("calls", v)) => calls += v.parse::<u64>().unwrap_or(0),
-                Some(("usec", v)) => usec += v.parse::<u64>().unwrap_or(0),
-                _ => {}
-            }
-        }
-    }
-    if calls == 0 { 0.0 } else { usec as f64 / calls as f64 }
-}
 
-/// Mean of the last field of the access-log lines written since `before` (nginx: `$request_time`
-/// in s, Apache: `%D` in us; `scale` turns it into us), over the files whose name ends with
-/// `suffix`; warm-up requests included. `None` without any line.
-fn access_log_mean_us(
-    dir: &Path,
-    before: &std::collections::HashMap<PathBuf, u64>,
-    suffix: &str,
-    scale: f64,
-) -> Option<f64> {
-    use std::io::{Seek, SeekFrom};
-    let (mut sum, mut n) = (0.0, 0u64);
-    for (path, len) in testbed::logs::log_sizes(dir) {
-        let apache_or_nginx = path
-            .file_name()
-            .and_then(|f| f.to_str())
-            .is_some_and(|f| f.ends_with(suffix) && (suffix != "-access.log" || f.starts_with("apache")));
-        if !apache_or_nginx {
-            continue;
-        }
-        let from = before.get(&path).copied().unwrap_or(0).min(len);
-        let Ok(mut f) = std::fs::File::open(&path) else { continue };
-        let mut text = String::new();
-        if f.seek(SeekFrom::Start(from)).is_err() || f.read_to_string(&mut text).is_err() {
-            continue;
-        }
-        for v in text.lines().filter_map(|l| l.split_whitespace().nth_back(if suffix == "-access.log" { 0 } else { 1 }))
-        {
-            if let Ok(x) = v.parse::<f64>() {
-                sum += x * scale;
-                n += 1;
-            }
-        }
-    }
-    (n > 0).then(|| sum / n as f64)
-}
 
 /// rtgr.json: every target's measurements together, for the report.
 fn merge_rtgr(out: &Path) -> Result<()> {

@@ -15,10 +15,12 @@ use clap::{Parser, Subcommand};
 mod attach;
 mod bench;
 mod bench_diagnose;
+mod bench_rtgr;
 mod campaign;
 mod demo;
 mod demo_diagnosis;
 mod eval;
+mod rtgr;
 mod sample;
 mod testbed;
 

@@ -43,6 +43,11 @@ pub struct SampleArgs {
     /// Load during the sampling period: connections of the closed-loop CRUD mix.
     #[arg(long, default_value_t = 8)]
     pub connections: usize,
+    /// Untraced run of the same load first, for its request rate: the weights are calls per
+    /// request at that rate (counting every function slows the target down); 0s keeps raw
+    /// calls per second of the sampling period.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub baseline: Duration,
     /// Length of the normal run (full tracing of the called functions); 0s skips it.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub normal: Duration,
@@ -105,6 +110,16 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     l.connections = a.connections;
     l.duration = a.period;
     l.warmup = Duration::ZERO;
+    let real_rps = if a.baseline.is_zero() {
+        None
+    } else {
+        let mut b = l.clone();
+        b.duration = a.baseline;
+        b.warmup = Duration::from_secs(1);
+        let r = testbed::load::run(&b)?;
+        println!("{name}: untraced baseline {:.0} req/s ({} errors)", r.throughput_rps, r.errors);
+        Some(r.throughput_rps)
+    };
     let plan = out.join(format!("{name}.count.json"));
     std::fs::write(
         &plan,
@@ -128,12 +143,20 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     }
     let weights = out.join(format!("{name}.weights.json"));
     let workload = format!("CRUD mix, {} connections, closed loop, {:.0} req/s", a.connections, report.throughput_rps);
-    let status = Command::new(bin.join("afetm-analyzer"))
-        .args(["weights", "--server", &server, "--agent", &id, "--module", &module, "--period"])
+    let mut cmd = Command::new(bin.join("afetm-analyzer"));
+    cmd.args(["weights", "--server", &server, "--agent", &id, "--module", &module, "--period"])
         .arg(format!("{}ms", period.as_millis()))
         .args(["--workload", &workload, "--out"])
-        .arg(&weights)
-        .status()?;
+        .arg(&weights);
+    if let Some(rps) = real_rps.filter(|r| *r > 0.0 && report.requests > 0) {
+        cmd.args(["--requests", &report.requests.to_string(), "--real-rps", &format!("{rps:.1}")]);
+        println!(
+            "{name}: sampling ran at {:.0} req/s, {:.1}x slower than untraced; weights are calls per request at {rps:.0} req/s",
+            report.throughput_rps,
+            rps / report.throughput_rps.max(1e-9)
+        );
+    }
+    let status = cmd.status()?;
     if !status.success() {
         bail!("afetm-analyzer weights failed; agent log:\n{log}");
     }
