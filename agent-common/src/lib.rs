@@ -15,7 +15,8 @@ pub const MAX_STACK_WINDOW: usize = 16 * 1024;
 /// Default user-stack window copied for call-stack events.
 pub const DEFAULT_STACK_WINDOW: u32 = 8 * 1024;
 
-/// Ring buffer size in bytes (a power-of-two multiple of the page size).
+/// Default ring buffer size in bytes (a power-of-two multiple of the page size; the agent sets
+/// the real size at load time, `--ring-mib`).
 pub const RING_BYTES: u32 = 16 << 20;
 
 /// What the probe of a function does, stored per function id in the `MODES` array map.

@@ -3,6 +3,7 @@
 //! (AFETM sec. III.B) and streams them to the analyzer.
 
 pub mod calibrate;
+pub mod governor;
 pub mod inject;
 pub mod procmaps;
 pub mod reader;

@@ -11,6 +11,7 @@ use std::{
 
 use afetm_agent::{
     calibrate,
+    governor::{Action, Governor, GovernorConfig},
     reader::{Reader, ReaderConfig},
     tracer::{self, Target, Tracer},
     transport::{self, Outbox},
@@ -50,6 +51,24 @@ struct Cli {
     /// Bytes of user stack copied per call-stack event (64..=16384).
     #[arg(long, default_value_t = agent_common::DEFAULT_STACK_WINDOW)]
     stack_window: u32,
+    /// Overload control: when the ring buffer overflows, lower the hottest functions' modes
+    /// (call stack -> event -> count) until drops stop, and restore them one at a time after
+    /// 5 s without drops. Demotions are logged and in the plan report.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    overload_control: bool,
+    /// Ring buffer between the probes and the agent, MiB (a power of two); a bigger one rides
+    /// out longer bursts before the kernel drops.
+    #[arg(long, default_value_t = 16)]
+    ring_mib: u32,
+    /// Test knob: the ring buffer in KiB instead (a power of two, >= 4), to force overflows.
+    #[arg(long, hide = true)]
+    ring_kib: Option<u32>,
+    /// Test knob: how often the reader drains the ring buffer.
+    #[arg(long, hide = true, default_value = "5ms", value_parser = humantime::parse_duration)]
+    poll: Duration,
+    /// Test knob: drop-free time before overload control restores a mode.
+    #[arg(long, hide = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    overload_calm: Duration,
     /// Unwind call stacks in the kernel, from unwind steps learnt from earlier stack copies
     /// (a few hundred bytes per call-stack event instead of the window, and no unwinding here);
     /// `false` copies the window for every call-stack event. Both give the same call stacks.
@@ -118,6 +137,18 @@ fn summary(report: &pb::PlanReport) -> (usize, usize, usize) {
     (report.probes.len(), emulated, moved)
 }
 
+/// The ring buffer size the flags ask for, checked.
+fn ring_bytes(cli: &Cli) -> Result<u32> {
+    let bytes = match cli.ring_kib {
+        Some(k) => k.checked_mul(1024),
+        None => cli.ring_mib.checked_mul(1 << 20),
+    };
+    match bytes {
+        Some(b) if b.is_power_of_two() && b >= 4096 => Ok(b),
+        _ => bail!("--ring-mib must be a power of two (1, 2, 4, ... up to 2048)"),
+    }
+}
+
 /// `--calibration-loop SITE CALLS DEPTH`.
 fn calibration_loop(args: &[String]) -> Result<()> {
     let [site, calls, depth] = args else {
@@ -126,6 +157,29 @@ fn calibration_loop(args: &[String]) -> Result<()> {
     let site = <calibrate::Site as clap::ValueEnum>::from_str(site, true).map_err(|e| anyhow::anyhow!(e))?;
     calibrate::calibration_loop(site, calls.parse().context("CALLS")?, depth.parse().context("DEPTH")?);
     Ok(())
+}
+
+/// Applies the overload governor's actions to the tracer and reports the demotions; ends when
+/// the reader drops its sender.
+fn govern(tracer: &Mutex<Tracer>, actions: &std::sync::mpsc::Receiver<Action>, reports: &mpsc::Sender<pb::PlanReport>) {
+    while let Ok(action) = actions.recv() {
+        let mut t = tracer.lock().unwrap_or_else(|e| e.into_inner());
+        let (id, result, what) = match action {
+            Action::Demote(id) => (id, t.demote(id), "demoted: the ring buffer overflowed"),
+            Action::Restore(id) => (id, t.restore(id), "restored: no drops for a while"),
+        };
+        match result {
+            Ok(Some(mode)) => {
+                let report = t.report();
+                let function = t.function_name(id).unwrap_or_default();
+                tracing::warn!(function, ?mode, demoted = report.demoted.len(), "{what}");
+                drop(t);
+                let _ = reports.blocking_send(report);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "overload control could not change a mode"),
+        }
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -169,7 +223,7 @@ fn run(cli: Cli) -> Result<()> {
     let target = Target::open(&plan.target)?;
     let describe = target.describe();
     let module = target.module.clone();
-    let (mut tracer, maps, table) = Tracer::load(target, cli.stack_window, cli.kernel_unwind)?;
+    let (mut tracer, maps, table) = Tracer::load(target, cli.stack_window, cli.kernel_unwind, ring_bytes(&cli)?)?;
     tracer.set_handover_hold(cli.handover_hold);
     let report = tracer.apply(&plan)?;
     let (n, emulated, moved) = summary(&report);
@@ -180,8 +234,14 @@ fn run(cli: Cli) -> Result<()> {
 
     let outbox = Outbox::new(cli.queue_events);
     let stop = Arc::new(AtomicBool::new(false));
-    let reader_cfg = ReaderConfig { flush: cli.flush.max(Duration::from_millis(1)), ..ReaderConfig::default() };
-    let reader = Reader::new(maps, table, module, outbox.clone(), reader_cfg);
+    let reader_cfg =
+        ReaderConfig { flush: cli.flush.max(Duration::from_millis(1)), poll: cli.poll, ..ReaderConfig::default() };
+    let (actions_tx, actions_rx) = std::sync::mpsc::channel::<Action>();
+    let mut reader = Reader::new(maps, table, module, outbox.clone(), reader_cfg);
+    if cli.overload_control {
+        let cfg = GovernorConfig { calm: cli.overload_calm, ..GovernorConfig::default() };
+        reader = reader.with_governor(Governor::new(cfg), actions_tx);
+    }
     let reader_stop = stop.clone();
     let reader_thread =
         std::thread::Builder::new().name("afetm-reader".into()).spawn(move || reader.run(reader_stop))?;
@@ -206,6 +266,7 @@ fn run(cli: Cli) -> Result<()> {
         let (reports_tx, reports_rx) = mpsc::channel::<pb::PlanReport>(8);
         let _ = reports_tx.send(report).await;
         let transport = tokio::spawn(transport::run(cli.analyzer.clone(), hello, outbox.clone(), plans_tx, reports_rx, shutdown_rx, cli.drain_timeout));
+        let governed = reports_tx.clone();
         let t = tracer.clone();
         let plans = tokio::spawn(async move {
             while let Some(p) = plans_rx.recv().await {
@@ -233,6 +294,8 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         });
+        let t = tracer.clone();
+        let governor = tokio::task::spawn_blocking(move || govern(&t, &actions_rx, &governed));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let target_gone = async {
             match pid {
@@ -254,9 +317,10 @@ fn run(cli: Cli) -> Result<()> {
         stop.store(true, Ordering::Relaxed);
         let stats = tokio::task::spawn_blocking(move || reader_thread.join()).await;
         match stats {
-            Ok(Ok(s)) => tracing::info!(events = s.events, stack_events = s.stack_events, kernel_unwound = s.kernel_unwound, unwind_steps_learnt = s.unwind_steps_learnt, batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
+            Ok(Ok(s)) => tracing::info!(events = s.events, stack_events = s.stack_events, kernel_unwound = s.kernel_unwound, unwind_steps_learnt = s.unwind_steps_learnt, demotions = s.demotions, restorations = s.restorations, batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
             _ => tracing::error!("reader thread failed"),
         }
+        let _ = governor.await;
         let _ = shutdown_tx.send(true);
         let _ = transport.await;
         plans.abort();

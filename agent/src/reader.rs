@@ -21,6 +21,7 @@ use afetm_proto as pb;
 use agent_common::{EventHeader, HEADER_LEN, Mode, UnwindStep, kind, stat};
 
 use crate::{
+    governor::{Action, Governor},
     procmaps::{Mapping, ProcMaps},
     symbols::Module,
     tracer::{FnTable, ReaderMaps},
@@ -118,6 +119,9 @@ pub struct ReaderStats {
     pub chain_frames: u64,
     /// Unwind steps handed to the kernel.
     pub unwind_steps_learnt: u64,
+    /// Overload control: mode steps down and back up (`crate::governor`).
+    pub demotions: u64,
+    pub restorations: u64,
 }
 
 pub struct Reader {
@@ -144,6 +148,8 @@ pub struct Reader {
     /// Addresses whose unwind step is in the kernel's map, per process.
     learnt: HashMap<u32, HashSet<u64>>,
     learnt_total: usize,
+    /// Overload control, when the agent runs it: the policy and where its actions go.
+    governor: Option<(Governor, std::sync::mpsc::Sender<Action>)>,
     stats: ReaderStats,
 }
 
@@ -177,8 +183,15 @@ impl Reader {
             drained: HashSet::new(),
             learnt: HashMap::new(),
             learnt_total: 0,
+            governor: None,
             stats: ReaderStats::default(),
         }
+    }
+
+    /// Turns overload control on: the reader feeds `governor` and sends its actions to `to`.
+    pub fn with_governor(mut self, governor: Governor, to: std::sync::mpsc::Sender<Action>) -> Reader {
+        self.governor = Some((governor, to));
+        self
     }
 
     /// Runs until `stop` is set, then drains, reports exits and flushes.
@@ -393,6 +406,9 @@ impl Reader {
             // Unknown frames carry no information the analyzer can use.
             callstack.retain(|s| *s != 0);
         }
+        if let Some((g, _)) = &mut self.governor {
+            g.record(h.fn_id);
+        }
         self.live.insert(h.pid);
         self.stats.events += 1;
         self.events.push(pb::CallEvent { pid: h.pid, tid: h.tid, ts_ns: h.ts_ns, function, caller, callstack });
@@ -519,6 +535,22 @@ impl Reader {
         self.maps.stats.get(&stat::DROPPED, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
+    /// One overload-control tick: `new_drops` were lost since the last.
+    fn govern(&mut self, new_drops: u64) {
+        let Some((g, to)) = &mut self.governor else { return };
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let demotable = |id: u32| {
+            table.get(id as usize).and_then(|e| e.as_ref()).is_some_and(|e| matches!(e.mode, Mode::Event | Mode::CallStack))
+        };
+        for action in g.tick(Instant::now(), new_drops, demotable) {
+            match action {
+                Action::Demote(_) => self.stats.demotions += 1,
+                Action::Restore(_) => self.stats.restorations += 1,
+            }
+            let _ = to.send(action);
+        }
+    }
+
     /// Cuts the pending events into a batch and queues it; `last` marks the agent's final batch.
     fn cut(&mut self, last: bool) {
         let drops = self.kernel_drops();
@@ -529,6 +561,7 @@ impl Reader {
                 "ring buffer full: the kernel side dropped events"
             );
         }
+        self.govern(drops.saturating_sub(self.stats.kernel_drops));
         self.stats.kernel_drops = drops;
         let mut referenced: BTreeSet<u32> = BTreeSet::new();
         for e in &self.events {

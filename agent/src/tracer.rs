@@ -142,26 +142,12 @@ impl Resolved {
 
     /// The point as applied, as plan reports give it.
     pub fn point(&self) -> pb::TracePoint {
-        let mode = match self.mode {
-            Mode::Event => pb::TraceMode::Event,
-            Mode::CallStack => pb::TraceMode::Callstack,
-            Mode::Count => pb::TraceMode::Count,
-            Mode::Off => pb::TraceMode::Unspecified,
-        };
-        pb::TracePoint { function: self.func.name.to_string(), mode: mode as i32 }
+        pb::TracePoint { function: self.func.name.to_string(), mode: pb_mode(self.mode) as i32 }
     }
 }
 
 /// Resolves the plan's points against the target module. `*` means every function.
 pub fn resolve(module: &Module, points: &[plan::Point]) -> Result<Vec<Resolved>, TraceError> {
-    fn rank(m: Mode) -> u8 {
-        match m {
-            Mode::CallStack => 3,
-            Mode::Event => 2,
-            Mode::Count => 1,
-            Mode::Off => 0,
-        }
-    }
     let mut chosen: HashMap<u64, (Function, Mode)> = HashMap::new();
     for p in points {
         let mode = match p.mode {
@@ -235,6 +221,9 @@ pub struct Tracer {
     unprobeable: HashMap<u64, String>,
     table: FnTable,
     handover_hold: std::time::Duration,
+    /// Functions running below their planned mode (overload control), with the mode they run in.
+    demoted: HashMap<u32, Mode>,
+    last_report: pb::PlanReport,
 }
 
 const PROGRAM: &str = "afetm_probe";
@@ -265,13 +254,15 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Tracer {
-    /// Loads the eBPF object for `target`. A call-stack event covers `stack_window` bytes of
+    /// Loads the eBPF object for `target` with a ring buffer of `ring_bytes` (a power-of-two
+    /// multiple of the page size). A call-stack event covers `stack_window` bytes of
     /// stack; with `kernel_unwind` the kernel unwinds it itself once the reader has learnt the
     /// steps (see `agent_common::UnwindStep`), else every such event carries a stack copy.
     pub fn load(
         target: Target,
         stack_window: u32,
         kernel_unwind: bool,
+        ring_bytes: u32,
     ) -> Result<(Tracer, ReaderMaps, FnTable), TraceError> {
         if !(64..=MAX_STACK_WINDOW as u32).contains(&stack_window) {
             return Err(TraceError::StackWindow(stack_window));
@@ -280,6 +271,7 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global("STACK_WINDOW", &stack_window, true)
             .override_global("KERNEL_UNWIND", &kernel_unwind, true)
+            .map_max_entries("EVENTS", ring_bytes)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/afetm.bpf.o")))
             .map_err(|e| TraceError::Load(e.to_string()))?;
         let prog: &mut UProbe = ebpf
@@ -310,6 +302,8 @@ impl Tracer {
             unprobeable: HashMap::new(),
             table: table.clone(),
             handover_hold: std::time::Duration::ZERO,
+            demoted: HashMap::new(),
+            last_report: pb::PlanReport::default(),
         };
         Ok((tracer, maps, table))
     }
@@ -411,6 +405,7 @@ impl Tracer {
         }
         let started = std::time::Instant::now();
         let resolved = resolve(&self.target.module, &plan.points)?;
+        self.undo_demotions()?;
         let mut desired: HashMap<u32, Resolved> = HashMap::new();
         let mut skipped: Vec<String> = Vec::new();
         for r in resolved {
@@ -571,7 +566,7 @@ impl Tracer {
         let mut points: Vec<pb::TracePoint> = desired.values().map(Resolved::point).collect();
         points.sort_by(|a, b| a.function.cmp(&b.function));
         skipped.sort();
-        Ok(pb::PlanReport {
+        let report = pb::PlanReport {
             version: plan.version,
             ok: true,
             error: String::new(),
@@ -583,6 +578,110 @@ impl Tracer {
             apply_us: started.elapsed().as_micros() as u64,
             module: self.target.module.name.to_string(),
             points,
-        })
+            demoted: Vec::new(),
+        };
+        self.last_report = report.clone();
+        Ok(report)
+    }
+
+    /// Undoes every overload demotion (before a new plan sets the modes).
+    fn undo_demotions(&mut self) -> Result<(), TraceError> {
+        for (id, _) in std::mem::take(&mut self.demoted) {
+            if let Some(&(owner, planned)) = self.attached.get(&id) {
+                self.set_effective(id, owner, planned)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs function `id` in `mode` without changing its plan (overload control).
+    fn set_effective(&mut self, id: u32, owner: u32, mode: Mode) -> Result<(), TraceError> {
+        self.set_slot(id, Slot { mode, owner, incoming: 0 })?;
+        let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(e)) = table.get_mut(id as usize) {
+            e.mode = mode;
+            e.counted |= mode == Mode::Count;
+        }
+        Ok(())
+    }
+
+    /// The mode function `id` runs in now (its plan's, or lower while demoted).
+    pub fn effective_mode(&self, id: u32) -> Option<Mode> {
+        let (_, planned) = self.attached.get(&id)?;
+        Some(self.demoted.get(&id).copied().unwrap_or(*planned))
+    }
+
+    /// One mode down (call stack -> event -> count); the new mode, or None when it cannot go
+    /// lower or is not attached.
+    pub fn demote(&mut self, id: u32) -> Result<Option<Mode>, TraceError> {
+        let Some(&(owner, _)) = self.attached.get(&id) else { return Ok(None) };
+        let to = match self.effective_mode(id) {
+            Some(Mode::CallStack) => Mode::Event,
+            Some(Mode::Event) => Mode::Count,
+            _ => return Ok(None),
+        };
+        self.set_effective(id, owner, to)?;
+        self.demoted.insert(id, to);
+        Ok(Some(to))
+    }
+
+    /// One mode up, never above the plan's; the new mode, or None when nothing changed.
+    pub fn restore(&mut self, id: u32) -> Result<Option<Mode>, TraceError> {
+        let (Some(&(owner, planned)), Some(&now)) = (self.attached.get(&id), self.demoted.get(&id)) else {
+            return Ok(None);
+        };
+        let up = match now {
+            Mode::Count => Mode::Event,
+            _ => Mode::CallStack,
+        };
+        let to = if rank(up) > rank(planned) { planned } else { up };
+        self.set_effective(id, owner, to)?;
+        if to == planned {
+            self.demoted.remove(&id);
+        } else {
+            self.demoted.insert(id, to);
+        }
+        Ok(Some(to))
+    }
+
+    /// Name of a function by id.
+    pub fn function_name(&self, id: u32) -> Option<String> {
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        Some(table.get(id as usize)?.as_ref()?.name.to_string())
+    }
+
+    /// The last plan's report with the current demotions.
+    pub fn report(&self) -> pb::PlanReport {
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let mut demoted: Vec<pb::Demotion> = self
+            .demoted
+            .iter()
+            .filter_map(|(id, now)| {
+                let name = table.get(*id as usize)?.as_ref()?.name.to_string();
+                let planned = self.attached.get(id)?.1;
+                Some(pb::Demotion { function: name, planned: pb_mode(planned) as i32, now: pb_mode(*now) as i32 })
+            })
+            .collect();
+        demoted.sort_by(|a, b| a.function.cmp(&b.function));
+        pb::PlanReport { demoted, ..self.last_report.clone() }
+    }
+}
+
+/// Detail order of the modes: count < event < call stack.
+fn rank(m: Mode) -> u8 {
+    match m {
+        Mode::Off => 0,
+        Mode::Count => 1,
+        Mode::Event => 2,
+        Mode::CallStack => 3,
+    }
+}
+
+fn pb_mode(m: Mode) -> pb::TraceMode {
+    match m {
+        Mode::Event => pb::TraceMode::Event,
+        Mode::CallStack => pb::TraceMode::Callstack,
+        Mode::Count => pb::TraceMode::Count,
+        Mode::Off => pb::TraceMode::Unspecified,
     }
 }

@@ -2,7 +2,10 @@
 //! analyzer builds, stores and serves the trees. Root only (skipped with a message otherwise).
 mod common;
 
-use std::{thread::sleep, time::Duration};
+use std::{
+    thread::sleep,
+    time::{Duration, Instant},
+};
 
 use afetm_calltree::{
     coloring::{compare_threads, mask_red},
@@ -153,6 +156,54 @@ fn kernel_unwinding_matches_stack_copies_with_frame_pointers() {
 fn kernel_unwinding_matches_stack_copies_without_frame_pointers() {
     require_root!();
     kernel_unwinding_matches_stack_copies(false);
+}
+
+/// Overload control on real probes: a ring buffer far too small for the call rate (test knobs:
+/// 64 KiB, drained every 200 ms) overflows under the calltree program with every function in
+/// callstack mode. The agent demotes the hottest functions until the drops stop, lists them in
+/// its plan report, and restores them once the program is done.
+#[test]
+fn overload_demotes_hot_functions_until_drops_stop_then_restores_them() {
+    require_root!();
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let prog = build_calltree(dir.path(), false);
+    let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &["--window", "1s"]);
+    let plan = write_plan(dir.path(), "all", &prog, &[("*", "callstack")]);
+    let knobs = ["--ring-kib", "64", "--poll", "200ms", "--overload-calm", "1s"];
+    let agent = AgentProc::start_with(&plan, &an.url, "overload", dir.path(), &knobs);
+    let run = {
+        let prog = prog.clone();
+        std::thread::spawn(move || run_prog(&prog, 400, 4.0))
+    };
+    let (mut demoted_seen, mut drops) = (Vec::new(), Vec::new());
+    let t = Instant::now();
+    while !run.is_finished() {
+        if let Some(info) = rt().block_on(agent_info(&an.url, "overload")) {
+            drops.push((t.elapsed().as_secs_f64(), info.kernel_drops));
+            if let Some(r) = info.last_plan.filter(|r| !r.demoted.is_empty()) {
+                demoted_seen = r.demoted;
+            }
+        }
+        sleep(Duration::from_millis(100));
+    }
+    run.join().unwrap();
+    sleep(Duration::from_secs(3)); // calm: the modes come back
+    let log = agent.stop();
+    let (demotions, restorations) = (reader_counter(&log, "demotions"), reader_counter(&log, "restorations"));
+    eprintln!("demotions {demotions}, restorations {restorations}, drops over time {drops:?}, demoted {demoted_seen:?}");
+    assert!(demotions > 0, "the overflow demoted nothing: {log}");
+    assert!(!demoted_seen.is_empty(), "the plan report never listed a demotion");
+    for d in &demoted_seen {
+        assert_eq!(d.planned, pb::TraceMode::Callstack as i32, "{d:?}");
+        assert!(d.now == pb::TraceMode::Event as i32 || d.now == pb::TraceMode::Count as i32, "{d:?}");
+    }
+    assert!(restorations > 0, "nothing was restored after the load: {log}");
+    // The drops of the second half of the run are a small part of the first half's.
+    let total = drops.last().map_or(0, |d| d.1);
+    let half = drops.iter().rfind(|d| d.0 <= t.elapsed().as_secs_f64() / 2.0).map_or(0, |d| d.1);
+    assert!(total > 0, "the small ring never overflowed: the test proves nothing");
+    assert!((total - half) * 4 <= half.max(1), "drops went on: {half} in the first half, {} after", total - half);
 }
 
 /// Kill -9 the analyzer mid-run and start it again on the same database: every window it had

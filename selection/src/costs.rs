@@ -43,13 +43,23 @@ impl CostModel {
         self.costs.per_call_ns(mode, emulated, self.frames.get(j).copied().unwrap_or(0))
     }
 
-    /// `w_j` in ns per second: event mode, or call-stack mode where `callstack[j]`.
+    /// The unit of [`CostModel::weights`]: ns of one event at an emulated site.
+    pub fn unit_ns(&self) -> f64 {
+        self.costs.emulated.event_ns.max(1.0)
+    }
+
+    /// `w_j` in cheap-event equivalents per second (ns per second / [`CostModel::unit_ns`]):
+    /// event mode, or call-stack mode where `callstack[j]`. The unit keeps the weights on the
+    /// scale of calls per second, where Alg. 1's heuristic (eq 8: `1/w_j` against `eta_max` for
+    /// a free function) was tuned; in raw ns every called function would look 1,000x dearer
+    /// than a free one.
     pub fn weights(&self, calls: &[f64], callstack: &[bool]) -> Vec<f64> {
+        let unit = self.unit_ns();
         calls
             .iter()
             .enumerate()
             .map(|(j, c)| {
-                c * self.per_call(j, if callstack.get(j) == Some(&true) { Mode::Callstack } else { Mode::Event })
+                c * self.per_call(j, if callstack.get(j) == Some(&true) { Mode::Callstack } else { Mode::Event }) / unit
             })
             .collect()
     }
@@ -102,7 +112,8 @@ pub fn select_within(
 ) -> Result<Bounded, SelectionError> {
     let mut inst = inst.clone();
     let mut sticky = vec![false; calls.len()];
-    let mut bound = w_ub;
+    // In the weights' unit (see `CostModel::weights`).
+    let mut bound = w_ub / model.unit_ns();
     let mut last = None;
     for round in 1..=MAX_ROUNDS {
         inst.weights = model.weights(calls, &sticky);
@@ -111,7 +122,7 @@ pub fn select_within(
         let prediction = predict(calls, &selection.functions, &callstack, Some(model));
         let fits = prediction.probe_ns_per_s <= w_ub * (1.0 + 1e-9);
         let new_stack = callstack.iter().zip(&sticky).any(|(now, known)| *now && !*known);
-        let out = Bounded { selection, callstack, prediction, bound_used: bound, rounds: round, fits };
+        let out = Bounded { selection, callstack, prediction, bound_used: bound * model.unit_ns(), rounds: round, fits };
         if fits {
             return Ok(out);
         }
@@ -153,7 +164,8 @@ mod tests {
     fn weights_and_prediction_follow_mode_and_site() {
         let m = model(3);
         let calls = [10.0, 10.0, 10.0];
-        assert_eq!(m.weights(&calls, &[false, false, true]), vec![10_000.0, 110_000.0, 30_000.0]);
+        // In units of an emulated event (1,000 ns).
+        assert_eq!(m.weights(&calls, &[false, false, true]), vec![10.0, 110.0, 30.0]);
         let p = predict(&calls, &[0, 2], &[false, false, true], Some(&m));
         assert_eq!(p, Prediction { events_per_s: 20.0, stack_events_per_s: 10.0, probe_ns_per_s: 40_000.0 });
     }

@@ -282,8 +282,11 @@ pub fn mmas(instance: &Instance, w_ub: f64, p: &Params) -> Result<Selection, Sel
             let mut w_total = 0.0;
             let mut covered = 0usize;
             epoch += 1;
-            // Lines 6-12: roulette-wheel picks until the bound is reached.
-            while w_total < w_ub || (w_ub == 0.0 && w_total == 0.0) {
+            // Lines 6-12: roulette-wheel picks until the bound is reached. At most m picks: the
+            // wheel's float sums can keep a rounding residue after every function is taken.
+            let mut picks = 0usize;
+            while (w_total < w_ub || (w_ub == 0.0 && w_total == 0.0)) && picks < m {
+                picks += 1;
                 let total = wheel.total();
                 if total <= 0.0 {
                     break; // nothing left to pick

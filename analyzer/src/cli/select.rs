@@ -169,7 +169,7 @@ fn choose(
     let full = Instance { weights: model.weights(&calls, &[]), ..inst.clone() };
     let bound = match a.max_overhead {
         Some(x) => x * 1e9,
-        None => selection::bound_for(&full, a.budget),
+        None => selection::bound_for(&full, a.budget) * model.unit_ns(),
     };
     if let Algorithm::Greedy = a.algorithm {
         bail!("--costs works with --algorithm mmas");
