@@ -137,6 +137,19 @@ fn summary(report: &pb::PlanReport) -> (usize, usize, usize) {
     (report.probes.len(), emulated, moved)
 }
 
+/// CPU time (user + system) of this process so far, ms (every thread: reader, transport,
+/// encoding, overload control).
+fn process_cpu_ms() -> u64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes into the struct we own.
+    let u = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr());
+        u.assume_init()
+    };
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    ms(u.ru_utime) + ms(u.ru_stime)
+}
+
 /// The ring buffer size the flags ask for, checked.
 fn ring_bytes(cli: &Cli) -> Result<u32> {
     let bytes = match cli.ring_kib {
@@ -317,7 +330,7 @@ fn run(cli: Cli) -> Result<()> {
         stop.store(true, Ordering::Relaxed);
         let stats = tokio::task::spawn_blocking(move || reader_thread.join()).await;
         match stats {
-            Ok(Ok(s)) => tracing::info!(events = s.events, stack_events = s.stack_events, kernel_unwound = s.kernel_unwound, unwind_steps_learnt = s.unwind_steps_learnt, demotions = s.demotions, restorations = s.restorations, batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
+            Ok(Ok(s)) => tracing::info!(events = s.events, stack_events = s.stack_events, kernel_unwound = s.kernel_unwound, unwind_steps_learnt = s.unwind_steps_learnt, demotions = s.demotions, restorations = s.restorations, drain_ms = s.drain_ms, unwind_ms = s.unwind_ms, cut_ms = s.cut_ms, reader_cpu_ms = s.thread_cpu_ms, process_cpu_ms = process_cpu_ms(), batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
             _ => tracing::error!("reader thread failed"),
         }
         let _ = governor.await;

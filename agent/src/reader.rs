@@ -122,6 +122,21 @@ pub struct ReaderStats {
     /// Overload control: mode steps down and back up (`crate::governor`).
     pub demotions: u64,
     pub restorations: u64,
+    /// Where the reader thread's time went (wall ms, summed): reading the ring and turning
+    /// records into events (symbolization included), of which unwinding stack copies; cutting
+    /// batches; and the thread's CPU time in all.
+    pub drain_ms: u64,
+    pub unwind_ms: u64,
+    pub cut_ms: u64,
+    pub thread_cpu_ms: u64,
+}
+
+/// CPU time of the calling thread, ms.
+fn thread_cpu_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 pub struct Reader {
@@ -151,6 +166,9 @@ pub struct Reader {
     /// Overload control, when the agent runs it: the policy and where its actions go.
     governor: Option<(Governor, std::sync::mpsc::Sender<Action>)>,
     stats: ReaderStats,
+    drain_ns: u128,
+    unwind_ns: u128,
+    cut_ns: u128,
 }
 
 impl Reader {
@@ -185,6 +203,9 @@ impl Reader {
             learnt_total: 0,
             governor: None,
             stats: ReaderStats::default(),
+            drain_ns: 0,
+            unwind_ns: 0,
+            cut_ns: 0,
         }
     }
 
@@ -229,10 +250,20 @@ impl Reader {
             }
             std::thread::sleep(self.cfg.poll);
         }
+        self.stats.drain_ms = (self.drain_ns / 1_000_000) as u64;
+        self.stats.unwind_ms = (self.unwind_ns / 1_000_000) as u64;
+        self.stats.cut_ms = (self.cut_ns / 1_000_000) as u64;
+        self.stats.thread_cpu_ms = thread_cpu_ms();
         self.stats
     }
 
     fn drain(&mut self) {
+        let started = Instant::now();
+        self.drain_inner();
+        self.drain_ns += started.elapsed().as_nanos();
+    }
+
+    fn drain_inner(&mut self) {
         let mut n = 0usize;
         let mut bytes: Vec<u8> = Vec::with_capacity(agent_common::MAX_STACK_WINDOW + HEADER_LEN);
         loop {
@@ -384,6 +415,7 @@ impl Reader {
                     let snap = StackSnapshot::new(&h, stack);
                     let pid = h.pid;
                     let mut steps = Vec::new();
+                    let started = Instant::now();
                     let addrs = unwind(
                         &snap,
                         self.cfg.max_frames,
@@ -394,6 +426,7 @@ impl Reader {
                             }
                         },
                     );
+                    self.unwind_ns += started.elapsed().as_nanos();
                     callstack = self.keep_frames(pid, &addrs, &mut steps);
                     self.learn(pid, steps);
                 }
@@ -553,6 +586,12 @@ impl Reader {
 
     /// Cuts the pending events into a batch and queues it; `last` marks the agent's final batch.
     fn cut(&mut self, last: bool) {
+        let started = Instant::now();
+        self.cut_inner(last);
+        self.cut_ns += started.elapsed().as_nanos();
+    }
+
+    fn cut_inner(&mut self, last: bool) {
         let drops = self.kernel_drops();
         if drops > self.stats.kernel_drops {
             tracing::warn!(

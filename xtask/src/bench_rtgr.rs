@@ -244,5 +244,28 @@ fn print_rows(rows: &[Row], plan_dir: &Path) -> Result<()> {
         );
     }
     println!("(s/1M ev: agent + analyzer CPU seconds per million events; ev/req: events the agents received per request served; spread: see rtgr.json)");
+    println!(
+        "\n{:<6} {:<40} {:>10} {:>9} {:>9} {:>9} {:>9} {:>12} {:>10} {:>10}",
+        "target", "condition", "events", "drain", "unwind", "cut", "reader", "agent proc", "analyzer", "demotions"
+    );
+    for r in rows.iter().filter(|r| r.events.iter().sum::<u64>() > 0) {
+        let events: u64 = r.events.iter().sum();
+        let per_m = |ms: &[u64]| format!("{:.2}", ms.iter().sum::<u64>() as f64 / 1000.0 / events as f64 * 1e6);
+        let an: f64 = r.analyzer_cpu_s.iter().sum();
+        println!(
+            "{:<6} {:<40} {:>10} {:>9} {:>9} {:>9} {:>9} {:>12} {:>10.2} {:>10}",
+            r.target,
+            r.condition,
+            events,
+            per_m(&r.drain_ms),
+            per_m(&r.unwind_ms),
+            per_m(&r.cut_ms),
+            per_m(&r.reader_cpu_ms),
+            per_m(&r.process_cpu_ms),
+            an / events as f64 * 1e6,
+            r.demotions.iter().sum::<u64>()
+        );
+    }
+    println!("(seconds per million events: the reader's wall time draining the ring (symbolization included), unwinding stack copies, cutting batches; reader thread CPU; agent process CPU (reader + transport + encoding); analyzer CPU)");
     Ok(())
 }

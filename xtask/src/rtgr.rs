@@ -60,6 +60,15 @@ pub struct Row {
     pub stack_events: Vec<u64>,
     pub kernel_unwound: Vec<u64>,
     pub kernel_drops: Vec<u64>,
+    /// The agents' own account (their "reader finished" line), ms per run: reader thread time
+    /// draining the ring and building events, of which unwinding stack copies; cutting
+    /// batches; the reader thread's CPU; the whole agent process's CPU.
+    pub drain_ms: Vec<u64>,
+    pub unwind_ms: Vec<u64>,
+    pub cut_ms: Vec<u64>,
+    pub reader_cpu_ms: Vec<u64>,
+    pub process_cpu_ms: Vec<u64>,
+    pub demotions: Vec<u64>,
 }
 
 /// What [`measure`] needs besides the conditions.
@@ -162,13 +171,20 @@ fn one_run(
     let bench = if s.tier == Some(Target::Redis) { redis_benchmark(s.cfg).ok() } else { None };
     let seconds = t.elapsed().as_secs_f64();
     let (mut cpu, mut events, mut stacks, mut unwound, mut drops) = (0.0, 0, 0, 0, 0);
+    let mut stages = [0u64; 6];
     for (child, log) in agents {
-        cpu += cpu_seconds(child.id()).unwrap_or(0.0);
+        let proc_cpu = cpu_seconds(child.id()).unwrap_or(0.0);
         let text = stop_agent(child, &log)?;
         events += reader_counter(&text, "events");
         stacks += reader_counter(&text, "stack_events");
         unwound += reader_counter(&text, "kernel_unwound");
         drops += reader_counter(&text, "kernel_drops");
+        for (k, name) in ["drain_ms", "unwind_ms", "cut_ms", "reader_cpu_ms", "process_cpu_ms", "demotions"].iter().enumerate() {
+            stages[k] += reader_counter(&text, name);
+        }
+        // The agent's own figure includes its final drain; /proc is the fallback.
+        let logged = reader_counter(&text, "process_cpu_ms");
+        cpu += if logged > 0 { logged as f64 / 1000.0 } else { proc_cpu };
     }
     let analyzer_cpu = cpu_seconds(analyzer_pid).unwrap_or(0.0) - analyzer_cpu0;
     row.tier_us.extend(own);
@@ -183,6 +199,12 @@ fn one_run(
         row.stack_events.push(stacks);
         row.kernel_unwound.push(unwound);
         row.kernel_drops.push(drops);
+        row.drain_ms.push(stages[0]);
+        row.unwind_ms.push(stages[1]);
+        row.cut_ms.push(stages[2]);
+        row.reader_cpu_ms.push(stages[3]);
+        row.process_cpu_ms.push(stages[4]);
+        row.demotions.push(stages[5]);
     }
     println!(
         "rtgr rep {} {}: {:.0} req/s, mean {:.2} ms, {} errors{}{}{}",
