@@ -75,6 +75,9 @@ pub enum Which {
         /// Measure the probe costs again instead of using target/probe-costs.json.
         #[arg(long)]
         recalibrate: bool,
+        /// Also measure a plan bounded by `select --max-overhead` (share of one core), e.g. 2%.
+        #[arg(long)]
+        max_overhead: Option<String>,
     },
     /// Online diagnosis: diagnoses per second, window close -> stored diagnosis p50/p99 and
     /// the analyzer's RSS with four models loaded, against the same daemon without models.
@@ -94,7 +97,7 @@ pub fn run_bench(which: Which) -> Result<()> {
         Which::Attach { reps } => crate::attach::attach_bench(reps),
         Which::Testbed { built, netns, duration } => testbed_bench(built, netns, duration),
         Which::Diagnose { procs, seconds } => crate::bench_diagnose::diagnose_bench(procs, seconds),
-        Which::Rtgr { target, budget, reps, seconds, built, recalibrate } => {
+        Which::Rtgr { target, budget, reps, seconds, built, recalibrate, max_overhead } => {
             crate::bench_rtgr::rtgr_bench(crate::bench_rtgr::Args {
                 target,
                 budgets: budget,
@@ -102,6 +105,7 @@ pub fn run_bench(which: Which) -> Result<()> {
                 seconds,
                 built,
                 recalibrate,
+                max_overhead,
             })
         }
     }
@@ -215,7 +219,7 @@ fn start_analyzer_at(bin: &Path, dir: &Path, db: &Path, listen: &str, pin: Optio
     Ok(child)
 }
 
-fn analyzer_events(bin: &Path, server: &str) -> Result<u64> {
+pub fn analyzer_events(bin: &Path, server: &str) -> Result<u64> {
     let out = Command::new(bin.join("afetm-analyzer")).args(["stats", "--server", server]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()

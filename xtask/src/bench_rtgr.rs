@@ -43,6 +43,8 @@ pub struct Args {
     pub seconds: u64,
     pub built: bool,
     pub recalibrate: bool,
+    /// Also a plan bounded by `select --max-overhead` (share of a core).
+    pub max_overhead: Option<String>,
 }
 
 /// The host's probe costs, measured once and cached.
@@ -136,7 +138,7 @@ fn one_target(
         build: false,
     })?;
     let file = crate::sample::target_file(cfg, t)?;
-    let select = |budget: &str, costs: Option<&Path>, plan: &Path| -> Result<()> {
+    let select = |budget: &str, costs: Option<&Path>, plan: &Path, extra: &[&str]| -> Result<()> {
         let mut cmd = Command::new(bin.join("afetm-analyzer"));
         cmd.args(["select", "--elf"])
             .arg(&file)
@@ -149,10 +151,10 @@ fn one_target(
         if let Some(c) = costs {
             cmd.arg("--costs").arg(c);
         }
-        run(&mut cmd)
+        run(cmd.args(extra))
     };
     let before = dir.join("plan-before.json");
-    select(&a.budgets[0], None, &before)?;
+    select(&a.budgets[0], None, &before, &[])?;
     let mut conds = vec![
         Condition::new("untraced", vec![]),
         Condition { stack_copies: true, ..Condition::new(format!("P={} before (calls, stack copies)", a.budgets[0]), vec![before]) },
@@ -160,9 +162,14 @@ fn one_target(
     let mut first = None;
     for b in &a.budgets {
         let plan = dir.join(format!("plan-{}.json", b.trim_end_matches('%')));
-        select(b, Some(costs), &plan)?;
+        select(b, Some(costs), &plan, &[])?;
         first.get_or_insert_with(|| plan.clone());
         conds.push(Condition::new(format!("P={b}"), vec![plan]));
+    }
+    if let Some(x) = &a.max_overhead {
+        let plan = dir.join("plan-max-overhead.json");
+        select(&a.budgets[0], Some(costs), &plan, &["--max-overhead", x])?;
+        conds.push(Condition::new(format!("max overhead {x} of a core"), vec![plan]));
     }
     conds.push(Condition::new("full", vec![rtgr::full_plan(&dir, &file)?]));
     let rows = rtgr::measure(&setup(a, cfg, bin, &dir, Some(t)), &tn, &conds)?;
@@ -189,8 +196,13 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
 /// Events per request the plan predicts: its predicted events/s over the request rate the
 /// weights were scaled to (raw sampled rates when the weights were not scaled).
 fn predicted_per_request(plan_dir: &Path, condition: &str) -> Option<f64> {
-    let label = condition.strip_prefix("P=")?.split_whitespace().next()?.trim_end_matches('%');
-    let plan_file = if condition.contains("before") { "plan-before.json".to_string() } else { format!("plan-{label}.json") };
+    let plan_file = if condition.starts_with("max overhead") {
+        "plan-max-overhead.json".to_string()
+    } else if condition.contains("before") {
+        "plan-before.json".to_string()
+    } else {
+        format!("plan-{}.json", condition.strip_prefix("P=")?.split_whitespace().next()?.trim_end_matches('%'))
+    };
     let plan: serde_json::Value = serde_json::from_slice(&std::fs::read(plan_dir.join(plan_file)).ok()?).ok()?;
     let events = plan["selection"]["predicted"]["events_per_s"].as_f64()?;
     let tn = plan_dir.file_name()?.to_string_lossy().into_owned();
@@ -222,7 +234,8 @@ fn print_rows(rows: &[Row], plan_dir: &Path) -> Result<()> {
     for r in rows {
         let secs: f64 = r.seconds.iter().sum();
         let events: u64 = r.events.iter().sum();
-        let requests: f64 = r.rps.iter().zip(&r.seconds).map(|(a, b)| a * b).sum();
+        let requests: f64 = r.load_requests.iter().sum();
+        let load_events: u64 = r.load_events.iter().sum();
         let cpu: f64 = r.agent_cpu_s.iter().sum();
         let an: f64 = r.analyzer_cpu_s.iter().sum();
         let per_m = |c: f64| if events > 0 { format!("{:.2}+{:.2}", c / events as f64 * 1e6, an / events as f64 * 1e6) } else { "-".into() };
@@ -235,7 +248,7 @@ fn print_rows(rows: &[Row], plan_dir: &Path) -> Result<()> {
             format!("{} ({})", fmt(median(&r.e2e_ms), 2), growth(&r.e2e_ms, &base.e2e_ms)),
             format!("{} ({})", fmt(median(&r.bench_ms), 3), growth(&r.bench_ms, &base.bench_ms)),
             median(&r.rps).unwrap_or(0.0),
-            if events > 0 && requests > 0.0 { format!("{:.1}", events as f64 / requests) } else { "-".into() },
+            if load_events > 0 && requests > 0.0 { format!("{:.1}", load_events as f64 / requests) } else { "-".into() },
             fmt(predicted_per_request(plan_dir, &r.condition), 1),
             if events > 0 { format!("{:.0}%", 100.0 * stacks as f64 / events as f64) } else { "-".into() },
             if secs > 0.0 && events > 0 { format!("{:.3} core", cpu / secs) } else { "-".into() },

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::{
     Guard,
-    bench::{start_agent_with, stop_agent},
+    bench::{analyzer_events, start_agent_with, stop_agent},
     demo_diagnosis::terminate,
     sample::Target,
 };
@@ -60,6 +60,11 @@ pub struct Row {
     pub stack_events: Vec<u64>,
     pub kernel_unwound: Vec<u64>,
     pub kernel_drops: Vec<u64>,
+    /// Events the analyzer stored while the shop's load ran (warm-up included), and the
+    /// shop's requests in that time: events per request served, without the redis-benchmark
+    /// pass that follows.
+    pub load_events: Vec<u64>,
+    pub load_requests: Vec<f64>,
     /// The agents' own account (their "reader finished" line), ms per run: reader thread time
     /// draining the ring and building events, of which unwinding stack copies; cutting
     /// batches; the reader thread's CPU; the whole agent process's CPU.
@@ -155,12 +160,20 @@ fn one_run(
     }
     let analyzer_cpu0 = cpu_seconds(analyzer_pid).unwrap_or(0.0);
     let logs_at = testbed::logs::log_sizes(&s.cfg.logs_dir());
+    let traced = !c.plans.is_empty();
+    let stored = |bin: &Path| if traced { analyzer_events(bin, server).unwrap_or(0) } else { 0 };
+    let events0 = stored(s.bin);
     let t = Instant::now();
     let mut l = testbed::load::LoadConfig::new(s.cfg.url());
     l.items = s.cfg.seed_items;
     l.duration = s.load_for;
     l.warmup = Duration::from_secs(1);
     let report = testbed::load::run(&l)?;
+    let load_secs = t.elapsed().as_secs_f64();
+    if traced {
+        sleep(Duration::from_millis(400)); // the agent's last batches of the load
+    }
+    let load_events = stored(s.bin).saturating_sub(events0);
     let own = match s.tier {
         Some(Target::Redis) => Some(redis_usec_per_call(&redis_command(s.cfg, "INFO commandstats")?)),
         Some(Target::Nginx) => access_log_mean_us(&s.cfg.logs_dir(), &logs_at, "nginx-access.log", 1e6),
@@ -199,6 +212,8 @@ fn one_run(
         row.stack_events.push(stacks);
         row.kernel_unwound.push(unwound);
         row.kernel_drops.push(drops);
+        row.load_events.push(load_events);
+        row.load_requests.push(report.throughput_rps * load_secs);
         row.drain_ms.push(stages[0]);
         row.unwind_ms.push(stages[1]);
         row.cut_ms.push(stages[2]);
