@@ -156,7 +156,8 @@ impl Session {
         let spec = PlanTarget { path: Some(exe), pid: None };
         let target = Target::open(&spec)?;
         let module = target.module.clone();
-        let (tracer, maps, table) = Tracer::load(target, agent_common::DEFAULT_STACK_WINDOW, true, agent_common::RING_BYTES)?;
+        let (tracer, maps, table) =
+            Tracer::load(target, agent_common::DEFAULT_STACK_WINDOW, true, agent_common::RING_BYTES)?;
         let stop = Arc::new(AtomicBool::new(false));
         let reader = Reader::new(maps, table, module, Outbox::new(100_000), ReaderConfig::default());
         let s = stop.clone();

@@ -133,7 +133,11 @@ mod tests {
     use super::*;
 
     fn gov() -> Governor {
-        Governor::new(GovernorConfig { calm: Duration::from_secs(1), max_calm: Duration::from_secs(8), max_per_tick: 8 })
+        Governor::new(GovernorConfig {
+            calm: Duration::from_secs(1),
+            max_calm: Duration::from_secs(8),
+            max_per_tick: 8,
+        })
     }
 
     fn feed(g: &mut Governor, counts: &[(u32, u32)]) {
@@ -165,7 +169,10 @@ mod tests {
         assert_eq!(g.tick(t, 120, |_| true).len(), 2);
         assert!(g.tick(t + Duration::from_millis(500), 0, |_| true).is_empty(), "not calm for long enough");
         assert_eq!(g.tick(t + Duration::from_secs(1), 0, |_| true), vec![Action::Restore(2)]);
-        assert!(g.tick(t + Duration::from_millis(1500), 0, |_| true).is_empty(), "one calm period between restorations");
+        assert!(
+            g.tick(t + Duration::from_millis(1500), 0, |_| true).is_empty(),
+            "one calm period between restorations"
+        );
         assert_eq!(g.tick(t + Duration::from_secs(2), 0, |_| true), vec![Action::Restore(1)]);
         assert!(g.tick(t + Duration::from_secs(10), 0, |_| true).is_empty());
     }

@@ -573,7 +573,10 @@ impl Reader {
         let Some((g, to)) = &mut self.governor else { return };
         let table = self.table.read().unwrap_or_else(|p| p.into_inner());
         let demotable = |id: u32| {
-            table.get(id as usize).and_then(|e| e.as_ref()).is_some_and(|e| matches!(e.mode, Mode::Event | Mode::CallStack))
+            table
+                .get(id as usize)
+                .and_then(|e| e.as_ref())
+                .is_some_and(|e| matches!(e.mode, Mode::Event | Mode::CallStack))
         };
         for action in g.tick(Instant::now(), new_drops, demotable) {
             match action {

@@ -191,7 +191,9 @@ fn overload_demotes_hot_functions_until_drops_stop_then_restores_them() {
     sleep(Duration::from_secs(3)); // calm: the modes come back
     let log = agent.stop();
     let (demotions, restorations) = (reader_counter(&log, "demotions"), reader_counter(&log, "restorations"));
-    eprintln!("demotions {demotions}, restorations {restorations}, drops over time {drops:?}, demoted {demoted_seen:?}");
+    eprintln!(
+        "demotions {demotions}, restorations {restorations}, drops over time {drops:?}, demoted {demoted_seen:?}"
+    );
     assert!(demotions > 0, "the overflow demoted nothing: {log}");
     assert!(!demoted_seen.is_empty(), "the plan report never listed a demotion");
     for d in &demoted_seen {
@@ -495,6 +497,34 @@ fn selected_plan_from_sampled_weights_traces_its_functions() {
         .collect();
     assert!(!white.is_empty(), "the selected plan traced nothing; plan {names:?}");
     assert!(white.is_subset(&names), "traced {white:?} outside the plan {names:?}");
+
+    // Cost-aware: the host's probe costs, then plans bounded in probe CPU.
+    let costs = dir.path().join("costs.json");
+    let out = std::process::Command::new(agent_bin()).arg("--calibrate").arg(&costs).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "calibration failed: {text}");
+    let c = afetm_proto::costs::ProbeCosts::load(&costs).unwrap();
+    eprintln!("{text}");
+    assert!(c.emulated.count_ns > 0.0 && c.emulated.event_ns > 0.0 && c.emulated.callstack_ns > 0.0, "{c:?}");
+    assert!(c.single_stepped.event_ns > 3.0 * c.emulated.event_ns, "single-stepping costs more: {c:?}");
+    assert!(c.callstack_frames > 0, "call stacks were unwound in the kernel: {c:?}");
+    let (cp, pp) = (costs.to_str().unwrap(), plan.to_str().unwrap());
+    let common = ["select", "--elf", prog.to_str().unwrap(), "--weights", wp, "--db", db.to_str().unwrap()];
+    for extra in [&["--budget", "30%"][..], &["--max-overhead", "0.1%"]] {
+        let mut args = common.to_vec();
+        args.extend(["--normal-agent", "full", "--costs", cp, "--out", pp]);
+        args.extend(extra);
+        let out = cli(&args);
+        let sel = PlanFile::parse(&std::fs::read_to_string(&plan).unwrap()).unwrap().selection.unwrap();
+        let p = sel.predicted.clone().expect("prediction");
+        let cost = p.probe_ns_per_s.expect("a cost-aware plan predicts its probe CPU");
+        assert!(out.contains("probe CPU") && out.contains("of the bound"), "{out}");
+        assert!(cost <= sel.bound * (1.0 + 1e-9), "{extra:?}: predicted {cost} ns/s over the bound {}", sel.bound);
+        if extra[0] == "--max-overhead" {
+            assert_eq!(sel.bound, 0.001 * 1e9, "0.1% of a core");
+            assert_eq!(p.max_overhead, Some(0.001));
+        }
+    }
 }
 
 /// Count-only mode counts every call and sends no events.

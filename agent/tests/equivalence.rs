@@ -270,7 +270,7 @@ fn kernel_unwinding_matches_stack_copies_on_redis_under_load() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::new(dir.path().join("run"));
-    cfg.base_port = 25680;
+    cfg.base_port = 28480;
     cfg.apaches = 1;
     cfg.children = 4;
     cfg.seed_items = 50;

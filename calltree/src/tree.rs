@@ -141,35 +141,14 @@ impl Forest {
     }
 
     /// Depth of every node by index (roots 0): for a node of a full FCT, the number of frames
-    /// above the call, i.e. the length of its call chain.
+    /// above the call, i.e. the length of its call chain. One pass: parents come first.
     pub fn depths(&self) -> Vec<u32> {
-        let mut depth: Vec<Option<u32>> = vec![None; self.nodes.len()];
-        let mut path = Vec::new();
-        for i in 0..self.nodes.len() {
-            let mut cur = i;
-            // Walk up to a node of known depth (or a root), then assign on the way back down.
-            let base = loop {
-                if let Some(d) = depth[cur] {
-                    break d;
-                }
-                match self.nodes[cur].parent {
-                    Some(p) => {
-                        path.push(cur);
-                        cur = p as usize;
-                    }
-                    None => {
-                        depth[cur] = Some(0);
-                        break 0;
-                    }
-                }
-            };
-            let mut d = base;
-            while let Some(n) = path.pop() {
-                d += 1;
-                depth[n] = Some(d);
-            }
+        let mut depth: Vec<u32> = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            let d = n.parent.and_then(|p| depth.get(p as usize)).map_or(0, |d| d + 1);
+            depth.push(d);
         }
-        depth.into_iter().map(|d| d.unwrap_or(0)).collect()
+        depth
     }
 
     /// A canonical, table-independent description: one line per node, `depth name color`, in
@@ -270,5 +249,23 @@ impl Forest {
             out.push(func, color, parent, n.calls);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depths_count_the_frames_above_each_node() {
+        let mut t = FuncTable::default();
+        let (a, b, c) = (t.intern("m", "a"), t.intern("m", "b"), t.intern("m", "c"));
+        let mut f = Forest::default();
+        let root = f.push(a, Color::White, None, 1);
+        let x = f.push(b, Color::White, Some(root), 1);
+        f.push(c, Color::Blue, Some(x), 0);
+        f.push(c, Color::White, Some(root), 2);
+        f.push(a, Color::White, None, 1);
+        assert_eq!(f.depths(), vec![0, 1, 2, 1, 0]);
     }
 }

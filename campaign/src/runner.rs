@@ -228,7 +228,10 @@ impl Session {
             Command::new(self.cfg.bin_dir.join("afetm-agent"))
                 .arg("--plan")
                 .arg(&plan)
-                .args(["--analyzer", &self.url, "--agent-id", id, "--flush", "20ms", "--ready-file"])
+                .args(["--analyzer", &self.url, "--agent-id", id, "--flush", "20ms"])
+                // A full trace stays full: a run that overflows is marked dropped and left out,
+                // never kept with some functions demoted.
+                .args(["--overload-control", "false", "--ready-file"])
                 .arg(&ready)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log)?),

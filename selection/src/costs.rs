@@ -122,7 +122,8 @@ pub fn select_within(
         let prediction = predict(calls, &selection.functions, &callstack, Some(model));
         let fits = prediction.probe_ns_per_s <= w_ub * (1.0 + 1e-9);
         let new_stack = callstack.iter().zip(&sticky).any(|(now, known)| *now && !*known);
-        let out = Bounded { selection, callstack, prediction, bound_used: bound * model.unit_ns(), rounds: round, fits };
+        let out =
+            Bounded { selection, callstack, prediction, bound_used: bound * model.unit_ns(), rounds: round, fits };
         if fits {
             return Ok(out);
         }

@@ -78,6 +78,10 @@ pub enum Which {
         /// Also measure a plan bounded by `select --max-overhead` (share of one core), e.g. 2%.
         #[arg(long)]
         max_overhead: Option<String>,
+        /// With `--target all`: only the four targets traced at once, with the plans the last
+        /// run selected (target/bench-rtgr/<target>/).
+        #[arg(long)]
+        together_only: bool,
     },
     /// Online diagnosis: diagnoses per second, window close -> stored diagnosis p50/p99 and
     /// the analyzer's RSS with four models loaded, against the same daemon without models.
@@ -97,7 +101,7 @@ pub fn run_bench(which: Which) -> Result<()> {
         Which::Attach { reps } => crate::attach::attach_bench(reps),
         Which::Testbed { built, netns, duration } => testbed_bench(built, netns, duration),
         Which::Diagnose { procs, seconds } => crate::bench_diagnose::diagnose_bench(procs, seconds),
-        Which::Rtgr { target, budget, reps, seconds, built, recalibrate, max_overhead } => {
+        Which::Rtgr { target, budget, reps, seconds, built, recalibrate, max_overhead, together_only } => {
             crate::bench_rtgr::rtgr_bench(crate::bench_rtgr::Args {
                 target,
                 budgets: budget,
@@ -106,6 +110,7 @@ pub fn run_bench(which: Which) -> Result<()> {
                 built,
                 recalibrate,
                 max_overhead,
+                together_only,
             })
         }
     }

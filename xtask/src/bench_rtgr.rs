@@ -24,7 +24,7 @@ use crate::{
     target_dir,
 };
 
-const BASE_PORT: u16 = 24080;
+const BASE_PORT: u16 = 19580;
 const LISTEN: &str = "127.0.0.1:20077";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -45,6 +45,8 @@ pub struct Args {
     pub recalibrate: bool,
     /// Also a plan bounded by `select --max-overhead` (share of a core).
     pub max_overhead: Option<String>,
+    /// With `all`: only the four targets traced at once, with the plans of the last run.
+    pub together_only: bool,
 }
 
 /// The host's probe costs, measured once and cached.
@@ -86,27 +88,47 @@ pub fn rtgr_bench(a: Args) -> Result<()> {
     let mut all_rows = Vec::new();
     let mut first_plans = Vec::new();
     for t in &targets {
+        if a.together_only {
+            let plan = out.join(tname(*t)).join(format!("plan-{}.json", a.budgets[0].trim_end_matches('%')));
+            anyhow::ensure!(plan.is_file(), "{} missing: run without --together-only first", plan.display());
+            first_plans.push(plan);
+            continue;
+        }
         let (rows, first) = one_target(&a, &cfg, &at, &bin, &out, &costs, *t)?;
         print_rows(&rows, &out.join(tname(*t)))?;
         all_rows.extend(rows);
         first_plans.push(first);
     }
     if a.target == Which::All {
-        let conds = vec![
+        let mut conds = vec![
             Condition::new("untraced", vec![]),
             Condition::new(format!("all four P={}", a.budgets[0]), first_plans),
         ];
+        if let Some(x) = &a.max_overhead {
+            let plans: Vec<PathBuf> =
+                targets.iter().map(|t| out.join(tname(*t)).join("plan-max-overhead.json")).collect();
+            if plans.iter().all(|p| p.is_file()) {
+                conds.push(Condition::new(format!("all four max overhead {x}"), plans));
+            }
+        }
         let setup = setup(&a, &cfg, &bin, &out, None);
         let rows = rtgr::measure(&setup, "all", &conds)?;
         print_rows(&rows, &out)?;
         all_rows.extend(rows);
     }
-    std::fs::write(out.join("rtgr.json"), serde_json::to_string_pretty(&all_rows)?)?;
-    println!("\nevery repetition: {}", out.join("rtgr.json").display());
+    let name = if a.together_only { "rtgr-together.json" } else { "rtgr.json" };
+    std::fs::write(out.join(name), serde_json::to_string_pretty(&all_rows)?)?;
+    println!("\nevery repetition: {}", out.join(name).display());
     Ok(())
 }
 
-fn setup<'a>(a: &Args, cfg: &'a testbed::Config, bin: &'a Path, dir: &'a Path, tier: Option<Target>) -> rtgr::Setup<'a> {
+fn setup<'a>(
+    a: &Args,
+    cfg: &'a testbed::Config,
+    bin: &'a Path,
+    dir: &'a Path,
+    tier: Option<Target>,
+) -> rtgr::Setup<'a> {
     rtgr::Setup { cfg, bin, dir, tier, listen: LISTEN, reps: a.reps, load_for: Duration::from_secs(a.seconds) }
 }
 
@@ -157,7 +179,10 @@ fn one_target(
     select(&a.budgets[0], None, &before, &[])?;
     let mut conds = vec![
         Condition::new("untraced", vec![]),
-        Condition { stack_copies: true, ..Condition::new(format!("P={} before (calls, stack copies)", a.budgets[0]), vec![before]) },
+        Condition {
+            stack_copies: true,
+            ..Condition::new(format!("P={} before (calls, stack copies)", a.budgets[0]), vec![before])
+        },
     ];
     let mut first = None;
     for b in &a.budgets {
@@ -207,7 +232,8 @@ fn predicted_per_request(plan_dir: &Path, condition: &str) -> Option<f64> {
     let events = plan["selection"]["predicted"]["events_per_s"].as_f64()?;
     let tn = plan_dir.file_name()?.to_string_lossy().into_owned();
     let w: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(plan_dir.join("sample").join(format!("{tn}.weights.json"))).ok()?).ok()?;
+        serde_json::from_slice(&std::fs::read(plan_dir.join("sample").join(format!("{tn}.weights.json"))).ok()?)
+            .ok()?;
     let rps = w["sampling"]["real_rps"].as_f64()?;
     Some(events / rps)
 }
@@ -238,7 +264,13 @@ fn print_rows(rows: &[Row], plan_dir: &Path) -> Result<()> {
         let load_events: u64 = r.load_events.iter().sum();
         let cpu: f64 = r.agent_cpu_s.iter().sum();
         let an: f64 = r.analyzer_cpu_s.iter().sum();
-        let per_m = |c: f64| if events > 0 { format!("{:.2}+{:.2}", c / events as f64 * 1e6, an / events as f64 * 1e6) } else { "-".into() };
+        let per_m = |c: f64| {
+            if events > 0 {
+                format!("{:.2}+{:.2}", c / events as f64 * 1e6, an / events as f64 * 1e6)
+            } else {
+                "-".into()
+            }
+        };
         let stacks: u64 = r.stack_events.iter().sum();
         println!(
             "{:<6} {:<40} {:>14} {:>14} {:>12} {:>9.0} {:>9} {:>14} {:>8} {:>9} {:>9} {:>7}",
@@ -248,7 +280,11 @@ fn print_rows(rows: &[Row], plan_dir: &Path) -> Result<()> {
             format!("{} ({})", fmt(median(&r.e2e_ms), 2), growth(&r.e2e_ms, &base.e2e_ms)),
             format!("{} ({})", fmt(median(&r.bench_ms), 3), growth(&r.bench_ms, &base.bench_ms)),
             median(&r.rps).unwrap_or(0.0),
-            if load_events > 0 && requests > 0.0 { format!("{:.1}", load_events as f64 / requests) } else { "-".into() },
+            if load_events > 0 && requests > 0.0 {
+                format!("{:.1}", load_events as f64 / requests)
+            } else {
+                "-".into()
+            },
             fmt(predicted_per_request(plan_dir, &r.condition), 1),
             if events > 0 { format!("{:.0}%", 100.0 * stacks as f64 / events as f64) } else { "-".into() },
             if secs > 0.0 && events > 0 { format!("{:.3} core", cpu / secs) } else { "-".into() },
@@ -256,7 +292,9 @@ fn print_rows(rows: &[Row], plan_dir: &Path) -> Result<()> {
             r.kernel_drops.iter().sum::<u64>()
         );
     }
-    println!("(s/1M ev: agent + analyzer CPU seconds per million events; ev/req: events the agents received per request served; spread: see rtgr.json)");
+    println!(
+        "(s/1M ev: agent + analyzer CPU seconds per million events; ev/req: events the agents received per request served; spread: see rtgr.json)"
+    );
     println!(
         "\n{:<6} {:<40} {:>10} {:>9} {:>9} {:>9} {:>9} {:>12} {:>10} {:>10}",
         "target", "condition", "events", "drain", "unwind", "cut", "reader", "agent proc", "analyzer", "demotions"
@@ -279,6 +317,8 @@ fn print_rows(rows: &[Row], plan_dir: &Path) -> Result<()> {
             r.demotions.iter().sum::<u64>()
         );
     }
-    println!("(seconds per million events: the reader's wall time draining the ring (symbolization included), unwinding stack copies, cutting batches; reader thread CPU; agent process CPU (reader + transport + encoding); analyzer CPU)");
+    println!(
+        "(seconds per million events: the reader's wall time draining the ring (symbolization included), unwinding stack copies, cutting batches; reader thread CPU; agent process CPU (reader + transport + encoding); analyzer CPU)"
+    );
     Ok(())
 }

@@ -25,12 +25,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::{
-    rtgr,
     Guard,
     bench::{start_agent_as, stop_agent},
     cargo,
     demo_diagnosis::{ShopGuard, terminate},
-    run,
+    rtgr, run,
     sample::Target,
     target_dir,
 };
@@ -484,7 +483,6 @@ fn closed_loop(cfg: &testbed::Config, duration: Duration, warmup: Duration) -> t
     l
 }
 
-
 /// One live run on a restarted redis; returns its `LiveRun` record (see afetm-eval's `case`).
 #[allow(clippy::too_many_arguments)]
 fn live_run(
@@ -585,15 +583,14 @@ fn applications(out: &Path) -> serde_json::Value {
 fn rtgr_conditions(dir: &Path, budgets: &[String], file: &Path) -> Result<Vec<rtgr::Condition>> {
     let mut conds = vec![rtgr::Condition::new("untraced", vec![])];
     for b in budgets {
-        conds.push(rtgr::Condition::new(format!("P={b}"), vec![dir.join(format!("plan-{}.json", b.trim_end_matches('%')))]));
+        conds.push(rtgr::Condition::new(
+            format!("P={b}"),
+            vec![dir.join(format!("plan-{}.json", b.trim_end_matches('%')))],
+        ));
     }
     conds.push(rtgr::Condition::new("full", vec![rtgr::full_plan(dir, file)?]));
     Ok(conds)
 }
-
-
-
-
 
 /// rtgr.json: every target's measurements together, for the report.
 fn merge_rtgr(out: &Path) -> Result<()> {

@@ -192,7 +192,9 @@ fn one_run(
         stacks += reader_counter(&text, "stack_events");
         unwound += reader_counter(&text, "kernel_unwound");
         drops += reader_counter(&text, "kernel_drops");
-        for (k, name) in ["drain_ms", "unwind_ms", "cut_ms", "reader_cpu_ms", "process_cpu_ms", "demotions"].iter().enumerate() {
+        for (k, name) in
+            ["drain_ms", "unwind_ms", "cut_ms", "reader_cpu_ms", "process_cpu_ms", "demotions"].iter().enumerate()
+        {
             stages[k] += reader_counter(&text, name);
         }
         // The agent's own figure includes its final drain; /proc is the fallback.
@@ -258,7 +260,7 @@ fn redis_benchmark(cfg: &testbed::Config) -> Result<f64> {
     let avgs: Vec<f64> = text
         .lines()
         .skip(1)
-        .filter_map(|l| l.split(',').nth(2).map(|v| v.trim_matches('"').parse::<f64>().ok()).flatten())
+        .filter_map(|l| l.split(',').nth(2).and_then(|v| v.trim_matches('"').parse::<f64>().ok()))
         .collect();
     anyhow::ensure!(!avgs.is_empty(), "no redis-benchmark figures in: {text}");
     Ok(avgs.iter().sum::<f64>() / avgs.len() as f64)
@@ -311,9 +313,10 @@ fn access_log_mean_us(dir: &Path, before: &HashMap<PathBuf, u64>, suffix: &str, 
     use std::io::{Seek, SeekFrom};
     let (mut sum, mut n) = (0.0, 0u64);
     for (path, len) in testbed::logs::log_sizes(dir) {
-        let apache_or_nginx = path.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
-            f.ends_with(suffix) && (suffix != "-access.log" || f.starts_with("apache"))
-        });
+        let apache_or_nginx = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .is_some_and(|f| f.ends_with(suffix) && (suffix != "-access.log" || f.starts_with("apache")));
         if !apache_or_nginx {
             continue;
         }
@@ -323,7 +326,8 @@ fn access_log_mean_us(dir: &Path, before: &HashMap<PathBuf, u64>, suffix: &str, 
         if f.seek(SeekFrom::Start(from)).is_err() || f.read_to_string(&mut text).is_err() {
             continue;
         }
-        for v in text.lines().filter_map(|l| l.split_whitespace().nth_back(if suffix == "-access.log" { 0 } else { 1 })) {
+        for v in text.lines().filter_map(|l| l.split_whitespace().nth_back(if suffix == "-access.log" { 0 } else { 1 }))
+        {
             if let Ok(x) = v.parse::<f64>() {
                 sum += x * scale;
                 n += 1;

@@ -324,10 +324,13 @@ pub fn reader_counter(log: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {line}"))
 }
 
+/// Canonical trees per (pid, tid).
+pub type TreesByThread<T> = std::collections::BTreeMap<(u32, u32), Vec<T>>;
+
 /// Per (pid, tid): the canonical AFCT of each closed window of `agent`, in window order.
-pub fn canonical_trees(url: &str, agent: &str) -> std::collections::BTreeMap<(u32, u32), Vec<Vec<String>>> {
+pub fn canonical_trees(url: &str, agent: &str) -> TreesByThread<Vec<String>> {
     let (table, all) = rt().block_on(afcts(url, agent));
-    let mut out: std::collections::BTreeMap<(u32, u32), Vec<(u64, Vec<String>)>> = Default::default();
+    let mut out: TreesByThread<(u64, Vec<String>)> = Default::default();
     for (w, tid, f) in all {
         out.entry((w.pid, tid)).or_default().push((w.start_ns, f.canonical(&table)));
     }

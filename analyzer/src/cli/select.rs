@@ -58,7 +58,7 @@ struct Normal {
 }
 
 impl Normal {
-    fn load(db: &PathBuf, agent: &str) -> Result<Normal> {
+    fn load(db: &std::path::Path, agent: &str) -> Result<Normal> {
         let store = Store::open(db, WindowConfig::default(), Limits::default())
             .with_context(|| format!("opening database {}", db.display()))?;
         let windows =
@@ -271,7 +271,7 @@ fn report(
     }
     let greedy = selection::greedy(inst, selection::bound_for(inst, a.budget));
     println!(
-        "  for comparison, greedy on calls at P: {} functions, block coverage {:.2}%, weight {:.0} calls/s",
+        "  greedy: {} functions, block coverage {:.2}%, weight {:.0} calls/s (on calls at P, for comparison)",
         greedy.functions.len(),
         pct(greedy.covered),
         greedy.weight
