@@ -117,6 +117,34 @@ fn trees(url: &str, agent: &str, pid: u32, at: u64) -> (FuncTable, BTreeMap<u32,
     (table, out)
 }
 
+/// Starts every agent's windows of `pid` anew at one instant (`Control.Cut`), so their trees
+/// cover the same calls.
+fn cut_at_once(url: &str, agents: &[&str], pid: u32) -> u64 {
+    let at = afetm_agent::reader::monotonic_ns();
+    rt().block_on(async {
+        let mut c = control(url).await;
+        for agent in agents {
+            c.cut(pb::CutRequest { agent_id: agent.to_string(), pids: vec![pid], at_ns: at }).await.expect("cut");
+        }
+    });
+    at
+}
+
+/// Stops redis (its exit closes the windows), waits until every agent's windows of `pid` are
+/// closed, and requires that no agent lost an event.
+fn stop_redis_and_close(cfg: &Config, url: &str, agents: &[&str], pid: u32) {
+    testbed::stop_tier(cfg, Tier::Redis).unwrap();
+    let t = std::time::Instant::now();
+    while agents.iter().any(|a| rt().block_on(windows(url, a, false)).iter().any(|w| w.pid == pid && !w.closed)) {
+        assert!(t.elapsed() < Duration::from_secs(10), "windows of pid {pid} never closed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for agent in agents {
+        let info = rt().block_on(agent_info(url, agent)).expect("agent known");
+        assert_eq!((info.kernel_drops, info.queue_drops), (0, 0), "{agent} lost events");
+    }
+}
+
 #[test]
 fn afcts_of_a_selected_plan_equal_masked_full_fcts_on_redis() {
     require_root!();
@@ -179,27 +207,9 @@ fn afcts_of_a_selected_plan_equal_masked_full_fcts_on_redis() {
     // Both agents on the same process; windows cut at one instant.
     let planned = AgentProc::start(&plan, &an.url, "plan", dir.path());
     let pid = redis_pid(&cfg);
-    let at = afetm_agent::reader::monotonic_ns();
-    rt().block_on(async {
-        let mut c = control(&an.url).await;
-        for agent in ["full", "plan"] {
-            c.cut(pb::CutRequest { agent_id: agent.into(), pids: vec![pid], at_ns: at }).await.expect("cut");
-        }
-    });
+    let at = cut_at_once(&an.url, &["full", "plan"], pid);
     load(&cfg, 3);
-    testbed::stop_tier(&cfg, Tier::Redis).unwrap();
-    let t = std::time::Instant::now();
-    while ["full", "plan"]
-        .iter()
-        .any(|a| rt().block_on(windows(&an.url, a, false)).iter().any(|w| w.pid == pid && !w.closed))
-    {
-        assert!(t.elapsed() < Duration::from_secs(10), "windows of pid {pid} never closed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for agent in ["full", "plan"] {
-        let info = rt().block_on(agent_info(&an.url, agent)).expect("agent known");
-        assert_eq!((info.kernel_drops, info.queue_drops), (0, 0), "{agent} lost events");
-    }
+    stop_redis_and_close(&cfg, &an.url, &["full", "plan"], pid);
     full.stop();
     planned.stop();
 
@@ -289,13 +299,7 @@ fn kernel_unwinding_matches_stack_copies_on_redis_under_load() {
     let kernel = AgentProc::start(&plan, &an.url, "kernel", dir.path());
     let copies = AgentProc::start_with(&plan, &an.url, "copies", dir.path(), &["--kernel-unwind", "false"]);
     let pid = redis_pid(&cfg);
-    let at = afetm_agent::reader::monotonic_ns();
-    rt().block_on(async {
-        let mut c = control(&an.url).await;
-        for agent in ["kernel", "copies"] {
-            c.cut(pb::CutRequest { agent_id: agent.into(), pids: vec![pid], at_ns: at }).await.expect("cut");
-        }
-    });
+    let at = cut_at_once(&an.url, &["kernel", "copies"], pid);
     let mut l = testbed::load::LoadConfig::new(cfg.url());
     l.connections = 8;
     l.duration = Duration::from_secs(4);
@@ -305,19 +309,7 @@ fn kernel_unwinding_matches_stack_copies_on_redis_under_load() {
     // falls behind and the kernel drops, and with a loss the trees could not be compared.
     l.rate = Some(300.0);
     let report = testbed::load::run(&l).expect("load");
-    testbed::stop_tier(&cfg, Tier::Redis).unwrap(); // its exit closes the windows
-    let t = std::time::Instant::now();
-    while ["kernel", "copies"]
-        .iter()
-        .any(|a| rt().block_on(windows(&an.url, a, false)).iter().any(|w| w.pid == pid && !w.closed))
-    {
-        assert!(t.elapsed() < Duration::from_secs(10), "windows of pid {pid} never closed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for agent in ["kernel", "copies"] {
-        let info = rt().block_on(agent_info(&an.url, agent)).expect("agent known");
-        assert_eq!((info.kernel_drops, info.queue_drops), (0, 0), "{agent} lost events");
-    }
+    stop_redis_and_close(&cfg, &an.url, &["kernel", "copies"], pid);
     let (klog, clog) = (kernel.stop(), copies.stop());
     let (kt, kf) = trees(&an.url, "kernel", pid, at);
     let (ct, cf) = trees(&an.url, "copies", pid, at);

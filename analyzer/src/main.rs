@@ -9,7 +9,7 @@ use afetm_analyzer::{
 };
 use afetm_diagnosis::train::TrainConfig;
 use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
-use afetm_selection::{Params, weights::Weights};
+use afetm_selection::weights::Weights;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -202,46 +202,7 @@ enum Cmd {
     },
     /// Trace point selection (Alg. 1, MMAS) for a binary under sampled weights; writes the plan.
     /// With normal FCTs (`--db` and `--normal-agent`) coloring them (Alg. 2) gives F^callstack.
-    Select {
-        /// ELF file to select in (its structure is read from the machine code).
-        #[arg(long, required_unless_present = "structure", conflicts_with = "structure")]
-        elf: Option<PathBuf>,
-        /// Or a structure file written by `afetm-analyzer structure --out` (needs `--target`).
-        #[arg(long)]
-        structure: Option<PathBuf>,
-        /// Weights file (`afetm-analyzer weights`, `cargo xtask testbed sample`).
-        #[arg(long)]
-        weights: PathBuf,
-        /// P = w_ub / w_total: the share of the total call rate the plan may trace, as `10%` or
-        /// `0.1`; with `--costs`, the share of what tracing every function would cost.
-        #[arg(long, default_value = "10%", value_parser = parse_budget)]
-        budget: f64,
-        /// Probe costs measured on the host (`afetm-agent --calibrate FILE`): functions then
-        /// weigh their calls per second times the cost of a call in their mode at their probe
-        /// site, and the predicted CPU of the plan is printed next to the bound.
-        #[arg(long)]
-        costs: Option<PathBuf>,
-        /// Instead of P: the most CPU the probes may add, as a share of one core (`5%`); needs
-        /// `--costs`.
-        #[arg(long, value_parser = parse_budget, requires = "costs")]
-        max_overhead: Option<f64>,
-        #[arg(long, value_enum, default_value_t = cli_select::Algorithm::Mmas)]
-        algorithm: cli_select::Algorithm,
-        #[command(flatten)]
-        params: MmasArgs,
-        /// Plan target path (default: `--elf`).
-        #[arg(long)]
-        target: Option<PathBuf>,
-        /// Analyzer database holding the normal FCTs.
-        #[arg(long, requires = "normal_agent")]
-        db: Option<PathBuf>,
-        /// Agent whose closed windows are the normal FCTs (a full trace under normal load).
-        #[arg(long, requires = "db")]
-        normal_agent: Option<String>,
-        /// Where to write the plan (JSON); `-` for stdout.
-        #[arg(long, default_value = "-")]
-        out: String,
-    },
+    Select(cli_select::SelectArgs),
     /// The FDDB: per-target summary, export to JSON lines, import (merge), training dataset.
     Fddb {
         #[arg(long, default_value = "fddb.sqlite")]
@@ -279,59 +240,7 @@ enum FddbOp {
     },
 }
 
-/// Parameters of Algorithm 1; defaults in `selection::Params`.
-#[derive(clap::Args)]
-struct MmasArgs {
-    /// N_ant, ants per iteration.
-    #[arg(long, default_value_t = Params::default().ants)]
-    ants: usize,
-    /// N_run, iterations.
-    #[arg(long, default_value_t = Params::default().runs)]
-    runs: usize,
-    #[arg(long, default_value_t = Params::default().alpha)]
-    alpha: f64,
-    #[arg(long, default_value_t = Params::default().beta)]
-    beta: f64,
-    /// Evaporation rate rho.
-    #[arg(long, default_value_t = Params::default().rho)]
-    rho: f64,
-    #[arg(long, default_value_t = Params::default().tau_ini)]
-    tau_ini: f64,
-    /// Heuristic of a zero-weight function (eq 8).
-    #[arg(long, default_value_t = Params::default().eta_max)]
-    eta_max: f64,
-    /// Pheromone deposited per update (eq 7).
-    #[arg(long, default_value_t = Params::default().q)]
-    q: f64,
-    /// tau_min = tau_max / l.
-    #[arg(long, default_value_t = Params::default().l)]
-    l: f64,
-    /// Stop after this many iterations without a better solution (0: run all N_run).
-    #[arg(long, default_value_t = Params::default().patience)]
-    patience: usize,
-    #[arg(long, default_value_t = Params::default().seed)]
-    seed: u64,
-}
-
-impl MmasArgs {
-    fn params(&self) -> Params {
-        Params {
-            ants: self.ants,
-            runs: self.runs,
-            alpha: self.alpha,
-            beta: self.beta,
-            rho: self.rho,
-            tau_ini: self.tau_ini,
-            eta_max: self.eta_max,
-            q: self.q,
-            l: self.l,
-            patience: self.patience,
-            seed: self.seed,
-        }
-    }
-}
-
-fn parse_budget(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_budget(s: &str) -> Result<f64, String> {
     let (num, scale) = match s.strip_suffix('%') {
         Some(n) => (n, 0.01),
         None => (s, 1.0),
@@ -566,33 +475,7 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Select {
-            elf,
-            structure,
-            weights,
-            budget,
-            costs,
-            max_overhead,
-            algorithm,
-            params,
-            target,
-            db,
-            normal_agent,
-            out,
-        } => cli_select::select(cli_select::SelectArgs {
-            elf,
-            structure,
-            weights,
-            budget,
-            costs,
-            max_overhead,
-            algorithm,
-            params: params.params(),
-            target,
-            db,
-            normal_agent,
-            out,
-        }),
+        Cmd::Select(args) => cli_select::select(args),
         Cmd::Fddb { db, op } => {
             if !db.exists() {
                 bail!("no FDDB at {} (run a campaign first, or give --db)", db.display());

@@ -34,19 +34,99 @@ pub enum Algorithm {
     Greedy,
 }
 
+/// `afetm-analyzer select`.
+#[derive(clap::Args)]
 pub struct SelectArgs {
+    /// ELF file to select in (its structure is read from the machine code).
+    #[arg(long, required_unless_present = "structure", conflicts_with = "structure")]
     pub elf: Option<PathBuf>,
+    /// Or a structure file written by `afetm-analyzer structure --out` (needs `--target`).
+    #[arg(long)]
     pub structure: Option<PathBuf>,
+    /// Weights file (`afetm-analyzer weights`, `cargo xtask testbed sample`).
+    #[arg(long)]
     pub weights: PathBuf,
+    /// P = w_ub / w_total: the share of the total call rate the plan may trace, as `10%` or
+    /// `0.1`; with `--costs`, the share of what tracing every function would cost.
+    #[arg(long, default_value = "10%", value_parser = crate::parse_budget)]
     pub budget: f64,
+    /// Probe costs measured on the host (`afetm-agent --calibrate FILE`): functions then
+    /// weigh their calls per second times the cost of a call in their mode at their probe
+    /// site, and the predicted CPU of the plan is printed next to the bound.
+    #[arg(long)]
     pub costs: Option<PathBuf>,
+    /// Instead of P: the most CPU the probes may add, as a share of one core (`5%`); needs
+    /// `--costs`.
+    #[arg(long, value_parser = crate::parse_budget, requires = "costs")]
     pub max_overhead: Option<f64>,
+    #[arg(long, value_enum, default_value_t = Algorithm::Mmas)]
     pub algorithm: Algorithm,
-    pub params: Params,
+    #[command(flatten)]
+    pub params: MmasArgs,
+    /// Plan target path (default: `--elf`).
+    #[arg(long)]
     pub target: Option<PathBuf>,
+    /// Analyzer database holding the normal FCTs.
+    #[arg(long, requires = "normal_agent")]
     pub db: Option<PathBuf>,
+    /// Agent whose closed windows are the normal FCTs (a full trace under normal load).
+    #[arg(long, requires = "db")]
     pub normal_agent: Option<String>,
+    /// Where to write the plan (JSON); `-` for stdout.
+    #[arg(long, default_value = "-")]
     pub out: String,
+}
+
+/// Parameters of Algorithm 1; defaults in `selection::Params`.
+#[derive(clap::Args)]
+pub struct MmasArgs {
+    /// N_ant, ants per iteration.
+    #[arg(long, default_value_t = Params::default().ants)]
+    ants: usize,
+    /// N_run, iterations.
+    #[arg(long, default_value_t = Params::default().runs)]
+    runs: usize,
+    #[arg(long, default_value_t = Params::default().alpha)]
+    alpha: f64,
+    #[arg(long, default_value_t = Params::default().beta)]
+    beta: f64,
+    /// Evaporation rate rho.
+    #[arg(long, default_value_t = Params::default().rho)]
+    rho: f64,
+    #[arg(long, default_value_t = Params::default().tau_ini)]
+    tau_ini: f64,
+    /// Heuristic of a zero-weight function (eq 8).
+    #[arg(long, default_value_t = Params::default().eta_max)]
+    eta_max: f64,
+    /// Pheromone deposited per update (eq 7).
+    #[arg(long, default_value_t = Params::default().q)]
+    q: f64,
+    /// tau_min = tau_max / l.
+    #[arg(long, default_value_t = Params::default().l)]
+    l: f64,
+    /// Stop after this many iterations without a better solution (0: run all N_run).
+    #[arg(long, default_value_t = Params::default().patience)]
+    patience: usize,
+    #[arg(long, default_value_t = Params::default().seed)]
+    seed: u64,
+}
+
+impl MmasArgs {
+    pub fn params(&self) -> Params {
+        Params {
+            ants: self.ants,
+            runs: self.runs,
+            alpha: self.alpha,
+            beta: self.beta,
+            rho: self.rho,
+            tau_ini: self.tau_ini,
+            eta_max: self.eta_max,
+            q: self.q,
+            l: self.l,
+            patience: self.patience,
+            seed: self.seed,
+        }
+    }
 }
 
 /// The normal FCTs behind coloring, with each function's deepest node (the length of its call
@@ -159,7 +239,7 @@ fn choose(
     let Some(model) = model else {
         let bound = selection::bound_for(inst, a.budget);
         let selection = match a.algorithm {
-            Algorithm::Mmas => selection::mmas(inst, bound, &a.params)?,
+            Algorithm::Mmas => selection::mmas(inst, bound, &a.params.params())?,
             Algorithm::Greedy => selection::greedy(inst, bound),
         };
         let callstack = color(&selection.functions);
@@ -174,7 +254,7 @@ fn choose(
     if let Algorithm::Greedy = a.algorithm {
         bail!("--costs works with --algorithm mmas");
     }
-    let b = cost::select_within(inst, &calls, model, bound, &a.params, color)?;
+    let b = cost::select_within(inst, &calls, model, bound, &a.params.params(), color)?;
     Ok(Chosen {
         selection: b.selection,
         callstack: b.callstack,
