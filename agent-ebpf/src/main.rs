@@ -5,8 +5,10 @@
 //! and owning link live in `MODES` (`agent_common::Slot`), so a plan can change what a probe
 //! does without re-attaching it, and a link can be rebuilt without losing or doubling a call. Per call it records AFETM's trace tuple
 //! (function, caller, callstack) of section III.B: the caller as the return address at `[sp]`,
-//! the call stack as a copy of a bounded window of the user stack plus the registers that the
-//! userspace `.eh_frame` unwinder needs. Records are submitted without a wakeup; the agent polls.
+//! the call stack as the chain of return addresses unwound here with the `.eh_frame` steps the
+//! agent learnt (`walk`), or, where a step is not learnt yet, a copy of a bounded window of the
+//! user stack plus the registers the agent's unwinder needs. Records are submitted without a
+//! wakeup; the agent polls.
 #![no_std]
 #![no_main]
 
