@@ -44,14 +44,18 @@ pub fn propagate(h: &Tensor, src: &Tensor, dst: &Tensor, norm: &Tensor) -> candl
 }
 
 /// One dense layer's parameters (`x @ weight + bias`; PyTorch's `Linear` stores the transpose).
+/// Shared with the log-based models (`afetm-logdiag`).
 #[derive(Debug)]
-struct Dense {
-    weight: Var,
-    bias: Var,
+pub struct Dense {
+    /// `[fan_in, fan_out]`.
+    pub weight: Var,
+    /// `[fan_out]`.
+    pub bias: Var,
 }
 
 impl Dense {
-    fn new(rng: &mut StdRng, fan_in: usize, fan_out: usize, device: &Device) -> Result<Dense, DiagnosisError> {
+    /// Glorot-uniform weights from `rng`, zero bias.
+    pub fn new(rng: &mut StdRng, fan_in: usize, fan_out: usize, device: &Device) -> Result<Dense, DiagnosisError> {
         // Glorot uniform.
         let bound = (6.0 / (fan_in + fan_out) as f32).sqrt();
         let w: Vec<f32> = (0..fan_in * fan_out).map(|_| rng.random_range(-bound..bound)).collect();
@@ -61,7 +65,8 @@ impl Dense {
         })
     }
 
-    fn linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x @ weight + bias` for `x` `[N, fan_in]`.
+    pub fn linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.matmul(&self.weight)?.broadcast_add(&self.bias)
     }
 
