@@ -73,6 +73,10 @@ pub struct Case {
     pub logs: Vec<(String, String)>,
     /// The injection's first application, wall clock (live only).
     pub injected_unix_ms: Option<i64>,
+    /// The root-cause log line, where one exists: the first error-level line whose template
+    /// no normal training run logged (`methods::logs::LogIdealized::root_line`). The run's
+    /// logs carry no line labels; this is the line an engineer would read first.
+    pub root_line: Option<String>,
 }
 
 fn class_of(fault: &Option<(String, String, String)>) -> Result<Class, EvalError> {
@@ -99,6 +103,7 @@ pub fn from_fddb(fddb: &Fddb, target: &str, plan: Option<&PlanFile>, role: Role)
             windows: Vec::new(),
             logs: fddb.run_logs(r.id)?,
             injected_unix_ms: None,
+            root_line: None,
         });
     }
     let mut at: HashMap<(i64, u32, u32, u64), (usize, usize)> = HashMap::new();
@@ -225,6 +230,7 @@ fn live_case(store: &Store, index: i64, run: &LiveRun, window_ms: u64) -> Result
         windows,
         logs: run.logs.clone(),
         injected_unix_ms: first.map(|f| run.unix_ms(f)),
+        root_line: None,
     })
 }
 

@@ -10,7 +10,10 @@ use afetm_diagnosis::Model;
 use afetm_eval::{
     case::{self, Case},
     method::{Input, Method},
-    methods::{afetm::Afetm, afetm::Online, bag::Bag, edc::FctEdc, gdc::AfctGdc, logs::LogIdealized},
+    methods::{
+        afetm::Afetm, afetm::Online, bag::Bag, chimera::ChimeraMethod, edc::FctEdc, gdc::AfctGdc, logs::LogIdealized,
+        logsage::LogSage,
+    },
     metrics::{Reference, Scores, aggregate, outcome},
     report::{self, Row, Rtgr, Setup},
 };
@@ -138,7 +141,27 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
     })?;
     fit(&mut || Ok((Box::new(LogIdealized::fit(train, &a.target)), String::new())))?;
     fit(&mut || Ok((Box::new(Bag::fit(train)?), String::new())))?;
+    fit(&mut || Ok((Box::new(ChimeraMethod::fit(train)?), String::new())))?;
+    for share in [None, Some(ACTIVE_LABELS)] {
+        fit(&mut || {
+            let m = LogSage::fit(train, share)?;
+            let notes = m.notes();
+            Ok((Box::new(m), notes))
+        })?;
+    }
     Ok(out)
+}
+
+/// The share of training runs LogSage's active learning may ask about.
+const ACTIVE_LABELS: f64 = 0.3;
+
+/// Sets every case's root-cause line (the truth of HR@k), from the training normal runs'
+/// error templates.
+fn mark_root_lines(target: &str, train: &[Case], cases: &mut [Case]) {
+    let logs = LogIdealized::fit(train, target);
+    for c in cases.iter_mut() {
+        c.root_line = logs.root_line(c);
+    }
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {
@@ -174,7 +197,8 @@ fn score(a: &ScoreArgs) -> Result<()> {
             .with_context(|| format!("plan {}", a.plan.display()))?;
     let t = Instant::now();
     let train = case::from_fddb(&fddb, &a.target, Some(&plan), Role::Train)?;
-    let eval = case::from_fddb(&fddb, &a.target, Some(&plan), Role::Eval)?;
+    let mut eval = case::from_fddb(&fddb, &a.target, Some(&plan), Role::Eval)?;
+    mark_root_lines(&a.target, &train, &mut eval);
     eprintln!("read {} training and {} eval-role runs in {:.1} s", train.len(), eval.len(), t.elapsed().as_secs_f64());
     if eval.is_empty() {
         anyhow::bail!(
@@ -200,7 +224,8 @@ fn score(a: &ScoreArgs) -> Result<()> {
     }
     if let (Some(db), Some(runs)) = (&a.live_db, &a.live_runs) {
         let window_ms = Model::load(&a.model)?.manifest.window_ms;
-        let live = case::from_live(db, runs, window_ms)?;
+        let mut live = case::from_live(db, runs, window_ms)?;
+        mark_root_lines(&a.target, &train, &mut live);
         eprintln!("{} live runs", live.len());
         let online = Fitted { method: Box::new(Online), notes: "the daemon's stored verdicts".into(), fit_peak_kib: 0 };
         for f in fitted.iter().filter(|f| f.method.input() != Input::FullFct).chain([&online]) {

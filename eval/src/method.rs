@@ -51,13 +51,24 @@ pub struct Verdict {
     pub compute_us: u64,
     /// When the verdict was available, wall clock, if known (for FDD).
     pub reported_unix_ms: Option<i64>,
+    /// Log lines the method names as the root cause, most likely first (log-based methods).
+    pub lines: Vec<String>,
 }
 
 impl Verdict {
     /// A window's verdict (window, compute time and report time are filled in by
     /// [`Method::diagnose`]).
     pub fn new(error: bool, normality: f64, top: Vec<Suspect>) -> Verdict {
-        Verdict { window: None, error, normality, top, assumed_located: false, compute_us: 0, reported_unix_ms: None }
+        Verdict {
+            window: None,
+            error,
+            normality,
+            top,
+            assumed_located: false,
+            compute_us: 0,
+            reported_unix_ms: None,
+            lines: Vec::new(),
+        }
     }
 }
 

@@ -107,6 +107,20 @@ pub struct RunOutcome {
     pub fdd_ms: Option<f64>,
     /// Per window.
     pub windows: WindowCounts,
+    /// The run has a root-cause line and the method named lines: whether the line is its first
+    /// (HR@1) and among its first three (HR@3), compared by template (digits masked).
+    #[serde(default)]
+    pub line_hit: Option<(bool, bool)>,
+}
+
+fn line_hit(case: &Case, worst: Option<&Verdict>) -> Option<(bool, bool)> {
+    let root = crate::methods::logs::template(case.root_line.as_deref()?);
+    let lines = &worst?.lines;
+    if lines.is_empty() {
+        return None;
+    }
+    let hit = |k: usize| lines.iter().take(k).any(|l| crate::methods::logs::template(l) == root);
+    Some((hit(1), hit(3)))
 }
 
 fn names(v: &Verdict, function: &str, kind: Option<afetm_fault::FaultKind>, k: usize) -> (bool, bool) {
@@ -172,6 +186,7 @@ pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunO
         fld,
         fdd_ms: if fault { fdd_ms } else { None },
         windows,
+        line_hit: if fault { line_hit(case, worst) } else { None },
     }
 }
 
@@ -218,6 +233,19 @@ pub struct Scores {
     pub per_kind: BTreeMap<String, KindRow>,
     /// Per window.
     pub windows: WindowCounts,
+    /// Run-level detection F1: detected fault runs against alarmed normal runs and missed
+    /// fault runs.
+    #[serde(default)]
+    pub f1: f64,
+    /// Fault runs with a root-cause line where the method named lines.
+    #[serde(default)]
+    pub line_runs: u64,
+    /// HR@1 of root-cause lines over `line_runs`.
+    #[serde(default)]
+    pub hr1: f64,
+    /// HR@3 of root-cause lines over `line_runs`.
+    #[serde(default)]
+    pub hr3: f64,
 }
 
 fn rate(n: u64, of: u64) -> f64 {
@@ -252,6 +280,11 @@ pub fn aggregate(outcomes: &[RunOutcome], compute_us: Vec<u64>) -> Scores {
                     _ => {}
                 }
                 s.fdd_ms.extend(o.fdd_ms);
+                if let Some((h1, h3)) = o.line_hit {
+                    s.line_runs += 1;
+                    s.hr1 += h1 as u64 as f64;
+                    s.hr3 += h3 as u64 as f64;
+                }
             }
         }
     }
@@ -261,6 +294,9 @@ pub fn aggregate(outcomes: &[RunOutcome], compute_us: Vec<u64>) -> Scores {
     s.flr_top1_class = rate(t1c, s.fault_runs);
     s.flr_top3_class = rate(t3c, s.fault_runs);
     s.false_alarm_rate = rate(alarms, s.normal_runs);
+    s.f1 = rate(2 * det, 2 * det + alarms + (s.fault_runs - det));
+    s.hr1 = if s.line_runs == 0 { 0.0 } else { s.hr1 / s.line_runs as f64 };
+    s.hr3 = if s.line_runs == 0 { 0.0 } else { s.hr3 / s.line_runs as f64 };
     s
 }
 

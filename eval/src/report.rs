@@ -140,6 +140,7 @@ pub fn write(dir: &Path, setup: &Setup, rows: &[Row], rtgr: &[Rtgr], discussion:
         );
     }
     let _ = writeln!(md, "\n![Fig. 5](fig5.svg)\n");
+    log_table(&mut md, rows);
     per_kind_table(&mut md, rows);
     window_table(&mut md, rows);
     fld_table(&mut md, rows);
@@ -149,6 +150,32 @@ pub fn write(dir: &Path, setup: &Setup, rows: &[Row], rtgr: &[Rtgr], discussion:
     std::fs::write(dir.join("report.md"), md).map_err(|e| EvalError::Input(format!("{}: {e}", dir.display())))?;
     plots(dir, rows)?;
     Ok(())
+}
+
+/// Detection F1 of every method, and the root-cause lines of those that name lines (HR@k:
+/// the run's root-cause line, where it has one, among the first k lines named).
+fn log_table(md: &mut String, rows: &[Row]) {
+    let _ = writeln!(md, "\n### Detection F1 and root-cause lines (HR@k)\n");
+    let _ = writeln!(
+        md,
+        "F1 per run: detected fault runs against alarmed normal runs and missed fault runs. A run's root-cause line is its first error-level line whose template no normal training run logged; HR@k counts the fault runs that have one, for methods that name lines.\n"
+    );
+    let _ = writeln!(md, "| target | P | condition | method | F1 | runs with a root-cause line | HR@1 | HR@3 |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let s = &r.scores;
+        let (hr1, hr3) = if s.line_runs == 0 { ("-".into(), "-".into()) } else { (pct(s.hr1), pct(s.hr3)) };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {hr1} | {hr3} |",
+            r.target,
+            r.budget,
+            r.condition,
+            r.method,
+            pct(s.f1),
+            s.line_runs
+        );
+    }
 }
 
 fn per_kind_table(md: &mut String, rows: &[Row]) {

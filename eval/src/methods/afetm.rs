@@ -64,6 +64,7 @@ impl Method for Online {
             assumed_located: false,
             compute_us: s.latency_us,
             reported_unix_ms: Some(s.diagnosed_unix_ms),
+            lines: Vec::new(),
         }))
     }
 

@@ -62,8 +62,12 @@ pub fn template(line: &str) -> String {
     out
 }
 
+fn error_lines(case: &Case) -> impl Iterator<Item = &str> + '_ {
+    case.logs.iter().flat_map(|(source, text)| text.lines().filter(move |l| is_error_line(source, l)))
+}
+
 fn error_templates(case: &Case) -> impl Iterator<Item = String> + '_ {
-    case.logs.iter().flat_map(|(source, text)| text.lines().filter(move |l| is_error_line(source, l))).map(template)
+    error_lines(case).map(template)
 }
 
 /// See the module docs.
@@ -77,6 +81,16 @@ impl LogIdealized {
     pub fn fit(train: &[Case], target: &str) -> LogIdealized {
         let normal = train.iter().filter(|c| c.truth == Class::Normal).flat_map(error_templates).collect();
         LogIdealized { normal, logger: logging_function(target).to_string() }
+    }
+
+    /// The case's root-cause line (see [`Case::root_line`]): its first error-level line, in
+    /// time order, whose template no training normal run logged.
+    pub fn root_line(&self, case: &Case) -> Option<String> {
+        let lines = afetm_logs::line::lines_of(&case.logs);
+        lines
+            .into_iter()
+            .find(|l| is_error_line(&l.file, &l.raw) && !self.normal.contains(&template(&l.raw)))
+            .map(|l| l.raw)
     }
 }
 

@@ -4,13 +4,17 @@
 //! - [`edc`]: FCT_EDC (Wang et al., the paper's [16]) on full FCTs;
 //! - [`gdc`]: AFCT_GDC (Pham et al. [2], eq. 14, on AFCTs);
 //! - [`logs`]: the idealized log-based method;
-//! - [`bag`]: a topology-free control (softmax regression on the bag of an AFCT's functions).
+//! - [`bag`]: a topology-free control (softmax regression on the bag of an AFCT's functions);
+//! - [`chimera`]: Chimera on each run's logs (detection, root-cause lines);
+//! - [`logsage`]: LogSage without an LLM (FILE, then GARCA over the training runs).
 
 pub mod afetm;
 pub mod bag;
+pub mod chimera;
 pub mod edc;
 pub mod gdc;
 pub mod logs;
+pub mod logsage;
 
 use afetm_proto as pb;
 
