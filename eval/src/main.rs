@@ -129,20 +129,28 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
         let notes = format!("threshold {:.3}", model.manifest.threshold);
         Ok((Box::new(Afetm::new(model, "AFETM")), notes))
     })?;
-    fit(&mut || {
-        let m = FctEdc::fit(train)?;
-        let notes = format!("threshold {} edits", m.threshold());
-        Ok((Box::new(m), notes))
-    })?;
+    // Methods on full FCTs or logs alone do not depend on the plan.
+    let all = !a.plan_methods_only;
+    if all {
+        fit(&mut || {
+            let m = FctEdc::fit(train)?;
+            let notes = format!("threshold {} edits", m.threshold());
+            Ok((Box::new(m), notes))
+        })?;
+    }
     fit(&mut || {
         let m = AfctGdc::fit(train)?;
         let notes = format!("{} entries, sigma {:.2}", m.entries(), m.sigma());
         Ok((Box::new(m), notes))
     })?;
-    fit(&mut || Ok((Box::new(LogIdealized::fit(train, &a.target)), String::new())))?;
+    if all {
+        fit(&mut || Ok((Box::new(LogIdealized::fit(train, &a.target)), String::new())))?;
+    }
     fit(&mut || Ok((Box::new(Bag::fit(train)?), String::new())))?;
-    fit(&mut || Ok((Box::new(ChimeraMethod::fit(train)?), String::new())))?;
-    for share in [None, Some(ACTIVE_LABELS)] {
+    if all {
+        fit(&mut || Ok((Box::new(ChimeraMethod::fit(train)?), String::new())))?;
+    }
+    for share in [None, Some(ACTIVE_LABELS)].into_iter().filter(|_| all) {
         fit(&mut || {
             let m = LogSage::fit(train, share)?;
             let notes = m.notes();

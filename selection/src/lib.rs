@@ -25,6 +25,7 @@
 use rand::{Rng, RngExt, SeedableRng, rngs::StdRng};
 
 pub mod costs;
+pub mod infogain;
 pub mod weights;
 
 /// The MWSCP-UBC instance: `covers[j]` are the blocks function `j` covers, `weights[j]` its

@@ -274,6 +274,10 @@ fn eval_target(s: &Settings, t: Target, bin: &Path, out: &Path, a: &EvalArgs, t0
             lines.push(format!("{tn}, P = {b}: {} live runs ({})", l.count, l.what));
         }
         run(&mut cmd)?;
+        if i == 0 {
+            step(t0, &format!("{tn}, P = {b}: fault-aware selection (infogain) at the same bound"));
+            infogain_row(bin, &file, &sample, &tn, b, &fddb, &dir, out)?;
+        }
     }
     step(t0, &format!("{tn}: response times (Table I)"));
     let rtgr = out.join(format!("rtgr-{tn}.json"));
@@ -341,6 +345,48 @@ fn select_and_train(
             .arg(model))?;
     }
     Ok(())
+}
+
+/// `select --algorithm infogain` at budget `b` (same bound as MMAS), the GCN trained under
+/// that plan, and the plan-dependent methods scored on the eval-role runs as budget
+/// "`b` infogain".
+#[allow(clippy::too_many_arguments)]
+fn infogain_row(
+    bin: &Path,
+    file: &Path,
+    sample: &Path,
+    tn: &str,
+    b: &str,
+    fddb: &Path,
+    dir: &Path,
+    out: &Path,
+) -> Result<()> {
+    let label = b.trim_end_matches('%');
+    let plan = dir.join(format!("plan-infogain-{label}.json"));
+    let model = dir.join(format!("model-infogain-{label}"));
+    if !plan.is_file() {
+        run(Command::new(bin.join("afetm-analyzer"))
+            .args(["select", "--algorithm", "infogain", "--fddb"])
+            .arg(fddb)
+            .args(["--fddb-target", tn, "--elf"])
+            .arg(file)
+            .arg("--weights")
+            .arg(sample.join(format!("{tn}.weights.json")))
+            .arg("--db")
+            .arg(sample.join(format!("{tn}.sqlite")))
+            .args(["--normal-agent", &format!("normal-{tn}"), "--budget", b, "--out"])
+            .arg(&plan))?;
+    }
+    select_and_train(bin, file, sample, tn, b, fddb, &plan, &model)?;
+    run(Command::new(bin.join("afetm-eval"))
+        .args(["score", "--target", tn, "--budget", &format!("{b} infogain"), "--plan-methods-only", "--fddb"])
+        .arg(fddb)
+        .arg("--plan")
+        .arg(&plan)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(out.join(format!("rows-{tn}-{label}-infogain.json"))))
 }
 
 /// Where a target's live runs went.

@@ -4,7 +4,7 @@
 //! the budget is P of the full trace's cost, or `--max-overhead` of one core.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     path::PathBuf,
 };
 
@@ -13,6 +13,7 @@ use afetm_analyzer::{
     store::{Limits, Store, WindowConfig},
     tree::{Forest, FuncId, FuncTable},
 };
+use afetm_fddb::{Fddb, Role, dataset::DatasetOptions};
 use afetm_proto::{
     self as pb,
     costs::ProbeCosts,
@@ -21,6 +22,7 @@ use afetm_proto::{
 use afetm_selection::{
     self as selection, Instance, Params, Selection,
     costs::{self as cost, CostModel, Prediction},
+    infogain,
     weights::Weights,
 };
 use anyhow::{Context, Result, bail};
@@ -32,6 +34,9 @@ pub enum Algorithm {
     Mmas,
     /// Greedy weighted set cover (baseline).
     Greedy,
+    /// Fault-aware: the fewest functions whose anomaly flags tell the FDDB's faults apart
+    /// (information gain, `afetm_selection::infogain`); needs `--fddb`.
+    Infogain,
 }
 
 /// `afetm-analyzer select`.
@@ -72,6 +77,13 @@ pub struct SelectArgs {
     /// Agent whose closed windows are the normal FCTs (a full trace under normal load).
     #[arg(long, requires = "db")]
     pub normal_agent: Option<String>,
+    /// The FDDB whose training runs' flags `--algorithm infogain` selects by (eval-role runs
+    /// are never read).
+    #[arg(long)]
+    pub fddb: Option<PathBuf>,
+    /// The target's name in the FDDB (`redis`, `nginx`, ...).
+    #[arg(long)]
+    pub fddb_target: Option<String>,
     /// Where to write the plan (JSON); `-` for stdout.
     #[arg(long, default_value = "-")]
     pub out: String,
@@ -236,11 +248,14 @@ fn choose(
 ) -> Result<Chosen> {
     let calls = inst.weights.clone();
     let color = |sel: &[usize]| normal.map_or_else(|| vec![false; names.len()], |n| n.callstack(names, sel));
+    if let Algorithm::Infogain = a.algorithm {
+        return infogain(a, inst, names, model, color);
+    }
     let Some(model) = model else {
         let bound = selection::bound_for(inst, a.budget);
         let selection = match a.algorithm {
             Algorithm::Mmas => selection::mmas(inst, bound, &a.params.params())?,
-            Algorithm::Greedy => selection::greedy(inst, bound),
+            _ => selection::greedy(inst, bound),
         };
         let callstack = color(&selection.functions);
         let prediction = cost::predict(&calls, &selection.functions, &callstack, None);
@@ -263,6 +278,81 @@ fn choose(
         rounds: b.rounds,
         fits: b.fits,
     })
+}
+
+/// Eq. 3's matrix over the FDDB's training runs of `target`: the normal runs' trees are the
+/// profile, each fault run's faulty trees raise its flags.
+fn flag_matrix(path: &std::path::Path, target: &str) -> Result<infogain::Matrix> {
+    let db = Fddb::open(path).with_context(|| format!("FDDB {}", path.display()))?;
+    let runs = db.valid_runs(target, Role::Train)?;
+    if runs.is_empty() {
+        bail!("the FDDB {} has no valid training run of {target:?} (see --fddb-target)", path.display());
+    }
+    let class: HashMap<i64, Option<String>> =
+        runs.iter().map(|r| (r.id, r.fault.as_ref().map(|(f, k, _)| format!("{f}/{k}")))).collect();
+    let mut normal = Vec::new();
+    let mut faulty: HashMap<i64, Vec<pb::Tree>> = HashMap::new();
+    db.for_each_tree(target, &DatasetOptions { role: Some(Role::Train), plan: None }, |row| {
+        match class.get(&row.run) {
+            Some(None) => normal.push(row.forest.to_proto(row.table)),
+            Some(Some(_)) if row.faulty => faulty.entry(row.run).or_default().push(row.forest.to_proto(row.table)),
+            _ => {}
+        }
+        Ok(())
+    })?;
+    if normal.is_empty() {
+        bail!("the FDDB has no normal training run of {target:?}: no profile to flag against");
+    }
+    let profile = infogain::Profile::new(&normal);
+    let mut by_fault: HashMap<String, Vec<BTreeSet<infogain::Flag>>> = HashMap::new();
+    for (run, trees) in &faulty {
+        if let Some(Some(c)) = class.get(run) {
+            by_fault.entry(c.clone()).or_default().push(trees.iter().flat_map(|t| profile.flags(t)).collect());
+        }
+    }
+    Ok(infogain::Matrix::from_runs(&by_fault))
+}
+
+/// `--algorithm infogain`: the flags' points in the order Alg. 1 of the logging paper picks
+/// them, within the same bound as MMAS (calls at P, or probe CPU with `--costs`).
+fn infogain(
+    a: &SelectArgs,
+    inst: &Instance,
+    names: &[&str],
+    model: Option<&CostModel>,
+    color: impl Fn(&[usize]) -> Vec<bool>,
+) -> Result<Chosen> {
+    let fddb = a.fddb.as_ref().context("--algorithm infogain needs --fddb (the campaign's FDDB)")?;
+    let target =
+        a.fddb_target.as_deref().context("--algorithm infogain needs --fddb-target (the target's name in the FDDB)")?;
+    let m = flag_matrix(fddb, target)?;
+    let order = infogain::select(&m);
+    let calls = inst.weights.clone();
+    let (weights, bound) = match model {
+        None => (calls.clone(), selection::bound_for(inst, a.budget)),
+        Some(model) => {
+            let full = Instance { weights: model.weights(&calls, &[]), ..inst.clone() };
+            let ns = a.max_overhead.map_or(selection::bound_for(&full, a.budget) * model.unit_ns(), |x| x * 1e9);
+            (full.weights, ns / model.unit_ns())
+        }
+    };
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(j, n)| (*n, j)).collect();
+    let points = infogain::points_within(&m, &order, bound, |f| index.get(f).map(|&j| weights[j]));
+    let functions: Vec<usize> = points.iter().filter_map(|p| index.get(p).copied()).collect();
+    println!(
+        "  infogain: {} faults, {} flags; {} flags chosen tell {} fault classes apart; {} trace points fit the bound",
+        m.faults.len(),
+        m.flags.len(),
+        order.len(),
+        infogain::distinguished(&m, &order),
+        functions.len()
+    );
+    let selection = Instance { weights, ..inst.clone() }.evaluate(&functions, bound);
+    let callstack = color(&functions);
+    let prediction = cost::predict(&calls, &functions, &callstack, model);
+    let bound_out = model.map_or(bound, |m| bound * m.unit_ns());
+    let fits = model.is_none_or(|_| prediction.probe_ns_per_s <= bound_out * (1.0 + 1e-9));
+    Ok(Chosen { selection, callstack, prediction, bound: bound_out, rounds: 1, fits })
 }
 
 pub fn select(a: SelectArgs) -> Result<()> {
