@@ -147,6 +147,10 @@ pub struct TrainingSummary {
     pub val_detection: f64,
     /// Wall time, seconds.
     pub seconds: f64,
+    /// The FDDB runs held out for validation: what a model stacked on the GCN (the fusion of
+    /// `afetm-report`) may be fitted on without the GCN having trained on it.
+    #[serde(default)]
+    pub val_run_ids: Vec<i64>,
 }
 
 /// The model directory's `manifest.json`.

@@ -157,6 +157,7 @@ pub fn train(
     let mut summary = TrainingSummary {
         train_runs: train_s.iter().map(|s| s.run).collect::<BTreeSet<_>>().len(),
         val_runs: val_runs.len(),
+        val_run_ids: val_runs.iter().copied().collect(),
         ..Default::default()
     };
     let prepare = |set: &[&Sample], summary: &mut TrainingSummary| -> Result<Vec<Prepared>, DiagnosisError> {

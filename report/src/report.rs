@@ -1,0 +1,408 @@
+//! The report of one window (OScope's Fig.: failure symptoms, diagnostic process, root causes
+//! with confidence, resolution steps), built from the window's evidence:
+//! * symptoms: the verdicts, the servers' alarming log lines per file (counts and an example),
+//!   non-OK responses, and the lines the log model flagged;
+//! * process: the window, the GCN's verdict on its worst thread, the AFCT path from the root to
+//!   the top suspect, the log evidence, the fusion, the historical cases;
+//! * root causes: the GCN's top-k (function, kind) with their probabilities, and what backs
+//!   each (similar historical runs with the same fault);
+//! * resolution: the SOP of the top cause's fault kind (checks, then steps).
+
+use std::{collections::BTreeMap, fmt::Write};
+
+use afetm_logs::{Level, line::lines_of};
+use afetm_proto as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::{fusion::Fusion, similar::SimilarCase, sop::Library};
+
+/// The GCN's diagnosis of a window's worst thread.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gcn {
+    /// The thread.
+    pub tid: u32,
+    /// P(normal).
+    pub p_normal: f64,
+    /// The model's alarm threshold on P(normal).
+    pub threshold: f64,
+    /// The model alarmed.
+    pub error: bool,
+    /// (function, kind, probability), most likely first.
+    pub top: Vec<(String, String, f64)>,
+}
+
+/// Everything known about a window.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Evidence {
+    /// The analyzer's window id.
+    pub window_id: u64,
+    /// The agent.
+    pub agent: String,
+    /// The process.
+    pub pid: u32,
+    /// Window start and end, agent clock (ns).
+    pub start_ns: u64,
+    /// See `start_ns`.
+    pub end_ns: u64,
+    /// The GCN's diagnosis, if a model served.
+    pub gcn: Option<Gcn>,
+    /// The worst thread's AFCT.
+    pub afct: Option<pb::Tree>,
+    /// The window's log lines, (file, text).
+    pub logs: Vec<(String, String)>,
+    /// Lines a log model flagged as the root cause, with its score, best first.
+    pub flagged: Vec<(String, f64)>,
+    /// The log model's P(anomalous), if it ran.
+    pub p_logs: Option<f64>,
+    /// Similar historical cases.
+    pub similar: Vec<SimilarCase>,
+}
+
+/// A root cause.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cause {
+    /// The function.
+    pub function: String,
+    /// The fault kind.
+    pub kind: String,
+    /// Confidence in [0, 1].
+    pub confidence: f64,
+    /// What backs it.
+    pub evidence: String,
+}
+
+/// The report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The window.
+    pub window_id: u64,
+    /// The agent.
+    pub agent: String,
+    /// The process.
+    pub pid: u32,
+    /// The fused verdict.
+    pub error: bool,
+    /// The fused P(error).
+    pub p_error: f64,
+    /// One line: what happened.
+    pub title: String,
+    /// Failure symptoms.
+    pub symptoms: Vec<String>,
+    /// Diagnostic process, in order.
+    pub process: Vec<String>,
+    /// Root causes, most likely first.
+    pub causes: Vec<Cause>,
+    /// Similar historical cases.
+    pub similar: Vec<SimilarCase>,
+    /// The SOP's checks.
+    pub checks: Vec<String>,
+    /// The SOP's resolution steps.
+    pub resolution: Vec<String>,
+    /// The SOP used (fault kind or `unknown`).
+    pub sop: String,
+}
+
+/// The AFCT path from a root to the first node of `function`, as names.
+pub fn path_to(tree: &pb::Tree, function: &str) -> Option<Vec<String>> {
+    let i = tree.nodes.iter().position(|n| n.function == function)?;
+    let mut path = vec![tree.nodes[i].function.clone()];
+    let mut at = tree.nodes[i].parent;
+    while let Some(n) = usize::try_from(at).ok().and_then(|p| tree.nodes.get(p)) {
+        path.push(n.function.clone());
+        at = n.parent;
+    }
+    path.reverse();
+    Some(path)
+}
+
+fn symptoms(e: &Evidence) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(g) = &e.gcn {
+        out.push(format!(
+            "call trees: the GCN puts P(normal) at {:.3} on thread {} (it alarms below {:.3})",
+            g.p_normal, g.tid, g.threshold
+        ));
+    }
+    if let Some(p) = e.p_logs {
+        out.push(format!("logs: the log model puts P(anomalous) at {p:.2}"));
+    }
+    let mut per_file: BTreeMap<(String, Level), (usize, String)> = BTreeMap::new();
+    for l in lines_of(&e.logs).into_iter().filter(|l| l.level >= Level::Warning) {
+        let entry = per_file.entry((l.file.clone(), l.level)).or_insert((0, l.message.clone()));
+        entry.0 += 1;
+    }
+    for ((file, level), (n, example)) in per_file.iter().rev() {
+        out.push(format!("{file}: {n} line(s) at {level:?} level, e.g. `{example}`"));
+    }
+    for (line, score) in e.flagged.iter().take(3) {
+        out.push(format!("flagged by the log model (score {score:.2}): `{}`", line.trim()));
+    }
+    if out.is_empty() {
+        out.push("nothing alarming: no verdict and no warning in the logs".into());
+    }
+    out
+}
+
+fn process(e: &Evidence, causes: &[Cause], p_error: f64, fused: bool) -> Vec<String> {
+    let lines = lines_of(&e.logs).len();
+    let mut out = vec![format!(
+        "window {} of agent {} (pid {}), agent clock {:.3} s to {:.3} s, {lines} log line(s)",
+        e.window_id,
+        e.agent,
+        e.pid,
+        e.start_ns as f64 / 1e9,
+        e.end_ns as f64 / 1e9
+    )];
+    match (&e.gcn, &e.afct) {
+        (Some(g), Some(t)) => out.push(format!(
+            "the AFCT of thread {} ({} nodes) goes through the GCN: P(normal) {:.3}, {}",
+            g.tid,
+            t.nodes.len(),
+            g.p_normal,
+            if g.error { "alarm" } else { "no alarm" }
+        )),
+        (Some(g), None) => {
+            out.push(format!("the GCN's stored verdict on thread {}: P(normal) {:.3}", g.tid, g.p_normal))
+        }
+        _ => out.push("no GCN verdict for this window (no model served, or no AFCT)".into()),
+    }
+    if let Some(top) = causes.first() {
+        match e.afct.as_ref().and_then(|t| path_to(t, &top.function)) {
+            Some(p) => out.push(format!("AFCT path to the top suspect: {}", p.join(" → "))),
+            None => out.push(format!(
+                "{} is not a node of the AFCT (not traced under the plan): the GCN infers it from the shape of the tree",
+                top.function
+            )),
+        }
+    }
+    if !e.flagged.is_empty() {
+        out.push(format!(
+            "the log model ranked the window's {} event(s); the best are listed as symptoms",
+            e.flagged.len()
+        ));
+    }
+    out.push(if fused {
+        format!("fusion of the call-tree and log verdicts: P(error) {p_error:.2}")
+    } else {
+        "no fusion model: the GCN's own alarm decides (the log model's output is shown, not weighed)".into()
+    });
+    if !e.similar.is_empty() {
+        let same = e.similar.iter().filter(|s| causes.first().is_some_and(|c| c.function == s.function)).count();
+        out.push(format!(
+            "{} similar historical case(s) in the FDDB, {same} with the top suspect's function",
+            e.similar.len()
+        ));
+    }
+    out
+}
+
+fn causes(e: &Evidence) -> Vec<Cause> {
+    let Some(g) = &e.gcn else { return Vec::new() };
+    g.top
+        .iter()
+        .map(|(function, kind, p)| {
+            let runs: Vec<String> = e
+                .similar
+                .iter()
+                .filter(|s| s.function == *function && s.fault.starts_with(kind.trim_end_matches("+n")))
+                .map(|s| format!("run {} ({})", s.run, s.manifestation))
+                .collect();
+            let evidence = if runs.is_empty() {
+                format!("GCN probability {p:.2}")
+            } else {
+                format!("GCN probability {p:.2}; like historical {}", runs.join(", "))
+            };
+            Cause { function: function.clone(), kind: kind.clone(), confidence: *p, evidence }
+        })
+        .collect()
+}
+
+/// Builds the report of a window (see the module docs). With a fitted `fusion`, the verdict
+/// is the fused P(error) >= 0.5; with the default one, the GCN's own alarm (or, without a
+/// GCN, the log model's P(anomalous) >= 0.5).
+pub fn build(e: &Evidence, fusion: &Fusion, lib: &Library) -> Report {
+    let fused = fusion.samples > 0;
+    let p_gcn = e.gcn.as_ref().map(|g| 1.0 - g.p_normal);
+    let p_error = match (fused, p_gcn) {
+        (true, Some(g)) => fusion.p_error(g, e.p_logs),
+        (_, Some(g)) => g,
+        (_, None) => e.p_logs.unwrap_or(0.0),
+    };
+    let error = match (fused, &e.gcn) {
+        (true, Some(_)) => p_error >= 0.5,
+        (false, Some(g)) => g.error,
+        (_, None) => e.p_logs.is_some_and(|p| p >= 0.5),
+    };
+    let causes = if error { causes(e) } else { Vec::new() };
+    let sop = lib.get(causes.first().map(|c| c.kind.as_str()));
+    let title = match (error, causes.first(), sop) {
+        (false, _, _) => "No fault: the window looks normal".to_string(),
+        (true, Some(c), Some(s)) => format!("{}: {} in {} ({:.0}%)", s.title, c.kind, c.function, 100.0 * c.confidence),
+        (true, _, _) => "Anomaly without a named fault".to_string(),
+    };
+    Report {
+        window_id: e.window_id,
+        agent: e.agent.clone(),
+        pid: e.pid,
+        error,
+        p_error,
+        title,
+        symptoms: symptoms(e),
+        process: process(e, &causes, p_error, fused),
+        similar: if error { e.similar.clone() } else { Vec::new() },
+        checks: if error { sop.map(|s| s.checks.clone()).unwrap_or_default() } else { Vec::new() },
+        resolution: if error { sop.map(|s| s.resolution.clone()).unwrap_or_default() } else { Vec::new() },
+        sop: if error { sop.map(|s| s.kind.clone()).unwrap_or_default() } else { String::new() },
+        causes,
+    }
+}
+
+impl Report {
+    /// The report as markdown.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# {}\n", self.title);
+        let _ = writeln!(
+            md,
+            "Window {} · agent `{}` · pid {} · verdict: **{}** (P(error) {:.2})\n",
+            self.window_id,
+            self.agent,
+            self.pid,
+            if self.error { "ERROR" } else { "normal" },
+            self.p_error
+        );
+        let _ = writeln!(md, "## Failure symptoms\n");
+        for s in &self.symptoms {
+            let _ = writeln!(md, "- {s}");
+        }
+        let _ = writeln!(md, "\n## Diagnostic process\n");
+        for (i, s) in self.process.iter().enumerate() {
+            let _ = writeln!(md, "{}. {s}", i + 1);
+        }
+        if !self.causes.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Root causes\n\n| # | function | fault kind | confidence | evidence |\n|---|---|---|---|---|"
+            );
+            for (i, c) in self.causes.iter().enumerate() {
+                let _ = writeln!(
+                    md,
+                    "| {} | `{}` | {} | {:.0}% | {} |",
+                    i + 1,
+                    c.function,
+                    c.kind,
+                    100.0 * c.confidence,
+                    c.evidence
+                );
+            }
+        }
+        if !self.similar.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Similar historical cases (FDDB)\n\n| run | fault | function | manifestation | similarity | first warning line |\n|---|---|---|---|---|---|"
+            );
+            for s in &self.similar {
+                let line = s.line.as_deref().unwrap_or("-").replace('|', "\\|");
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | `{}` | {} | {:.2} | `{}` |",
+                    s.run,
+                    s.fault,
+                    s.function,
+                    s.manifestation,
+                    s.similarity,
+                    line.trim()
+                );
+            }
+        }
+        if !self.checks.is_empty() || !self.resolution.is_empty() {
+            let _ = writeln!(md, "\n## Resolution (SOP: {})\n\nCheck:\n", self.sop);
+            for (i, s) in self.checks.iter().enumerate() {
+                let _ = writeln!(md, "{}. {s}", i + 1);
+            }
+            let _ = writeln!(md, "\nThen:\n");
+            for (i, s) in self.resolution.iter().enumerate() {
+                let _ = writeln!(md, "{}. {s}", i + 1);
+            }
+        }
+        md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn evidence() -> Evidence {
+        let node = |f: &str, parent: i32| pb::TreeNode { function: f.into(), parent, ..Default::default() };
+        Evidence {
+            window_id: 7,
+            agent: "redis".into(),
+            pid: 42,
+            start_ns: 1_000_000_000,
+            end_ns: 2_000_000_000,
+            gcn: Some(Gcn {
+                tid: 42,
+                p_normal: 0.001,
+                threshold: 0.013,
+                error: true,
+                top: vec![("setGenericCommand".into(), "crash".into(), 0.91), ("call".into(), "crash".into(), 0.05)],
+            }),
+            afct: Some(pb::Tree {
+                nodes: vec![node("main", -1), node("processCommand", 0), node("setGenericCommand", 1)],
+                truncated: false,
+            }),
+            logs: vec![(
+                "php-error.log".into(),
+                "[29-Nov-2026 01:25:37 UTC] shop: Connection refused\n[29-Nov-2026 01:25:38 UTC] shop: Connection refused\n".into(),
+            )],
+            flagged: vec![("[29-Nov-2026 01:25:37 UTC] shop: Connection refused".into(), 0.97)],
+            p_logs: Some(0.99),
+            similar: vec![SimilarCase {
+                run: 17,
+                function: "setGenericCommand".into(),
+                fault: "crash".into(),
+                manifestation: "crash".into(),
+                similarity: 1.0,
+                line: Some("shop: Connection refused".into()),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_crash_report_names_the_crash_the_function_and_the_steps() {
+        let lib = Library::built_in().unwrap();
+        let r = build(&evidence(), &Fusion::default(), &lib);
+        assert!(r.error);
+        assert_eq!(r.title, "The process died: crash in setGenericCommand (91%)");
+        assert_eq!(r.causes[0].function, "setGenericCommand");
+        assert!(r.causes[0].evidence.contains("run 17"));
+        assert!(r.process.iter().any(|p| p.contains("main → processCommand → setGenericCommand")));
+        assert!(r.symptoms.iter().any(|s| s.contains("php-error.log: 2 line(s)")));
+        assert_eq!(r.sop, "crash");
+        let md = r.markdown();
+        for part in [
+            "## Failure symptoms",
+            "## Diagnostic process",
+            "## Root causes",
+            "## Similar historical cases",
+            "## Resolution (SOP: crash)",
+        ] {
+            assert!(md.contains(part), "{part} missing from\n{md}");
+        }
+    }
+
+    #[test]
+    fn a_normal_window_has_no_causes_and_a_fitted_fusion_decides() {
+        let lib = Library::built_in().unwrap();
+        let mut e = evidence();
+        e.gcn.as_mut().unwrap().error = false;
+        e.gcn.as_mut().unwrap().p_normal = 0.9;
+        let r = build(&e, &Fusion::default(), &lib);
+        assert!(!r.error && r.causes.is_empty() && r.resolution.is_empty());
+        // A fusion that trusts the logs alarms on the same window.
+        let f = Fusion { w: [0.0, 0.0, 2.0], lambda: 1.0, samples: 10 };
+        let r = build(&e, &f, &lib);
+        assert!(r.error, "p_error {}", r.p_error);
+    }
+}
