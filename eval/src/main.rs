@@ -11,8 +11,8 @@ use afetm_eval::{
     case::{self, Case},
     method::{Input, Method},
     methods::{
-        afetm::Afetm, afetm::Online, bag::Bag, chimera::ChimeraMethod, edc::FctEdc, gdc::AfctGdc, logs::LogIdealized,
-        logsage::LogSage,
+        afetm::Afetm, afetm::Online, bag::Bag, chimera::ChimeraMethod, edc::FctEdc, fusion::Fused, gdc::AfctGdc,
+        logs::LogIdealized, logsage::LogSage,
     },
     metrics::{Reference, Scores, aggregate, outcome},
     report::{self, Row, Rtgr, Setup},
@@ -156,6 +156,21 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
             let notes = m.notes();
             Ok((Box::new(m), notes))
         })?;
+    }
+    if all {
+        let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
+        if model.manifest.training.val_run_ids.is_empty() {
+            eprintln!(
+                "fusion left out: the GCN's manifest lists no validation runs (trained before they were recorded)"
+            );
+        } else {
+            let mut model = Some(model);
+            fit(&mut || {
+                let m = Fused::fit(train, model.take().context("the fusion is fitted once")?)?;
+                let notes = m.notes();
+                Ok((Box::new(m), notes))
+            })?;
+        }
     }
     Ok(out)
 }

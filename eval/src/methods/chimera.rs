@@ -78,6 +78,21 @@ impl ChimeraMethod {
     }
 }
 
+impl ChimeraMethod {
+    /// P(anomalous) of a run and its top lines; `None` without logs.
+    pub fn score(&self, case: &Case) -> Result<Option<(f32, Vec<String>)>, EvalError> {
+        let seq = self.view.sequence(case);
+        let out = self
+            .net
+            .diagnose(&seq.features(&self.view.embedder))
+            .map_err(|e| EvalError::Input(format!("Chimera: {e}")))?;
+        Ok(out.map(|o| {
+            let lines = o.top(TOP_LINES).into_iter().map(|i| seq.events[i].example.clone()).collect();
+            (o.p_anomaly, lines)
+        }))
+    }
+}
+
 impl Method for ChimeraMethod {
     fn name(&self) -> &str {
         "Chimera (logs)"

@@ -115,6 +115,13 @@ impl LogSage {
         Ok(LogSage { name, view, classes, mean, model, labels })
     }
 
+    /// Class probabilities of a case, by class.
+    pub fn probabilities(&self, case: &Case) -> Result<Vec<(Class, f32)>, EvalError> {
+        let (c, _) = Self::vectors(&self.view, case);
+        let p = self.model.classify(&centred(&self.mean, c)).map_err(|e| EvalError::Input(format!("LogSage: {e}")))?;
+        Ok(self.classes.iter().cloned().zip(p).collect())
+    }
+
     /// Labels the graph was trained with, and its edges.
     pub fn notes(&self) -> String {
         format!("{} labels, {} classes, {} edges", self.labels, self.classes.len(), self.model.edge_count())

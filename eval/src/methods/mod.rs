@@ -6,12 +6,14 @@
 //! - [`logs`]: the idealized log-based method;
 //! - [`bag`]: a topology-free control (softmax regression on the bag of an AFCT's functions);
 //! - [`chimera`]: Chimera on each run's logs (detection, root-cause lines);
-//! - [`logsage`]: LogSage without an LLM (FILE, then GARCA over the training runs).
+//! - [`logsage`]: LogSage without an LLM (FILE, then GARCA over the training runs);
+//! - [`fusion`]: the GCN, Chimera and LogSage combined into one verdict.
 
 pub mod afetm;
 pub mod bag;
 pub mod chimera;
 pub mod edc;
+pub mod fusion;
 pub mod gdc;
 pub mod logs;
 pub mod logsage;
