@@ -12,6 +12,7 @@ use std::{
 use afetm_agent::{
     calibrate,
     governor::{Action, Governor, GovernorConfig},
+    logtail::{self, LogQueue},
     reader::{Reader, ReaderConfig},
     tracer::{self, Target, Tracer},
     transport::{self, Outbox},
@@ -74,6 +75,17 @@ struct Cli {
     /// `false` copies the window for every call-stack event. Both give the same call stacks.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     kernel_unwind: bool,
+    /// A log file to tail beside the traces (repeatable): its new lines go to the analyzer in
+    /// the same stream, stamped with the agent clock, and land in the windows they were
+    /// written in. Rotation and truncation are followed.
+    #[arg(long = "log", value_name = "FILE")]
+    logs: Vec<PathBuf>,
+    /// Most log lines held for the next batch; the oldest go first.
+    #[arg(long, default_value_t = 100_000)]
+    log_queue: usize,
+    /// How often the log files are read.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    log_poll: Duration,
     /// Write this file once every probe is attached (for scripts and tests).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -255,6 +267,17 @@ fn run(cli: Cli) -> Result<()> {
         let cfg = GovernorConfig { calm: cli.overload_calm, ..GovernorConfig::default() };
         reader = reader.with_governor(Governor::new(cfg), actions_tx);
     }
+    let log_stop = Arc::new(AtomicBool::new(false));
+    let mut log_thread = None;
+    if !cli.logs.is_empty() {
+        let queue = LogQueue::new(cli.log_queue);
+        reader = reader.with_logs(queue.clone());
+        let (files, poll, s) = (cli.logs.clone(), cli.log_poll.max(Duration::from_millis(10)), log_stop.clone());
+        tracing::info!(files = ?files, "tailing log files");
+        log_thread = Some(
+            std::thread::Builder::new().name("afetm-logs".into()).spawn(move || logtail::run(files, queue, poll, s))?,
+        );
+    }
     let reader_stop = stop.clone();
     let reader_thread =
         std::thread::Builder::new().name("afetm-reader".into()).spawn(move || reader.run(reader_stop))?;
@@ -327,10 +350,15 @@ fn run(cli: Cli) -> Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => tracing::info!("terminated"),
             _ = target_gone => {}
         }
+        // The log tailer reads its files one last time before the reader's final batch.
+        log_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = log_thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         stop.store(true, Ordering::Relaxed);
         let stats = tokio::task::spawn_blocking(move || reader_thread.join()).await;
         match stats {
-            Ok(Ok(s)) => tracing::info!(events = s.events, stack_events = s.stack_events, kernel_unwound = s.kernel_unwound, unwind_steps_learnt = s.unwind_steps_learnt, demotions = s.demotions, restorations = s.restorations, drain_ms = s.drain_ms, unwind_ms = s.unwind_ms, cut_ms = s.cut_ms, reader_cpu_ms = s.thread_cpu_ms, process_cpu_ms = process_cpu_ms(), batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
+            Ok(Ok(s)) => tracing::info!(events = s.events, log_lines = s.log_lines, stack_events = s.stack_events, kernel_unwound = s.kernel_unwound, unwind_steps_learnt = s.unwind_steps_learnt, demotions = s.demotions, restorations = s.restorations, drain_ms = s.drain_ms, unwind_ms = s.unwind_ms, cut_ms = s.cut_ms, reader_cpu_ms = s.thread_cpu_ms, process_cpu_ms = process_cpu_ms(), batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
             _ => tracing::error!("reader thread failed"),
         }
         let _ = governor.await;

@@ -22,6 +22,7 @@ use agent_common::{EventHeader, HEADER_LEN, Mode, UnwindStep, kind, stat};
 
 use crate::{
     governor::{Action, Governor},
+    logtail::LogQueue,
     procmaps::{Mapping, ProcMaps},
     symbols::Module,
     tracer::{FnTable, ReaderMaps},
@@ -102,11 +103,15 @@ struct Proc {
 }
 
 const SYM_CACHE_LIMIT: usize = 1 << 16;
+/// Log lines per batch, at most.
+const MAX_BATCH_LOGS: usize = 10_000;
 
 /// Counters the reader keeps for its final report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReaderStats {
     pub events: u64,
+    /// Log lines sent (`--log`).
+    pub log_lines: u64,
     pub stack_events: u64,
     pub malformed: u64,
     pub unknown_fn: u64,
@@ -165,6 +170,8 @@ pub struct Reader {
     learnt_total: usize,
     /// Overload control, when the agent runs it: the policy and where its actions go.
     governor: Option<(Governor, std::sync::mpsc::Sender<Action>)>,
+    /// Log lines tailed beside the traces (`--log`), sent in the same batches.
+    logs: Option<Arc<LogQueue>>,
     stats: ReaderStats,
     drain_ns: u128,
     unwind_ns: u128,
@@ -202,6 +209,7 @@ impl Reader {
             learnt: HashMap::new(),
             learnt_total: 0,
             governor: None,
+            logs: None,
             stats: ReaderStats::default(),
             drain_ns: 0,
             unwind_ns: 0,
@@ -212,6 +220,12 @@ impl Reader {
     /// Turns overload control on: the reader feeds `governor` and sends its actions to `to`.
     pub fn with_governor(mut self, governor: Governor, to: std::sync::mpsc::Sender<Action>) -> Reader {
         self.governor = Some((governor, to));
+        self
+    }
+
+    /// Sends the lines of `queue` in its batches.
+    pub fn with_logs(mut self, queue: Arc<LogQueue>) -> Reader {
+        self.logs = Some(queue);
         self
     }
 
@@ -237,7 +251,10 @@ impl Reader {
                 last_counts = Instant::now();
             }
             let due = last_flush.elapsed() >= self.cfg.flush;
-            let has_data = !self.events.is_empty() || !self.counts.is_empty() || !self.exits.is_empty();
+            let has_data = !self.events.is_empty()
+                || !self.counts.is_empty()
+                || !self.exits.is_empty()
+                || self.logs.as_ref().is_some_and(|q| q.pending() > 0);
             if stopping || (due && has_data) || last_push.elapsed() >= self.cfg.heartbeat {
                 self.cut(stopping);
                 last_push = Instant::now();
@@ -615,7 +632,11 @@ impl Reader {
         referenced.remove(&0);
         let acked = self.outbox.acked_symbols();
         let symbols = referenced.into_iter().filter(|s| !acked.contains(s)).filter_map(|s| self.syms.def(s)).collect();
+        let (logs, log_drops) = self.logs.as_ref().map(|q| q.take(MAX_BATCH_LOGS)).unwrap_or_default();
+        self.stats.log_lines += logs.len() as u64;
         let batch = pb::Batch {
+            logs,
+            log_drops,
             seq: 0,
             agent_clock_ns: monotonic_ns(),
             symbols,

@@ -27,7 +27,13 @@ struct State {
     acked_symbols: HashSet<u32>,
 }
 
-/// Batches waiting for an acknowledgement, bounded by a number of events.
+/// What a batch counts for in the queue's bound: its events and its log lines.
+fn weight(b: &pb::Batch) -> usize {
+    b.events.len() + b.logs.len()
+}
+
+/// Batches waiting for an acknowledgement, bounded by a number of events (log lines count as
+/// events).
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
@@ -53,12 +59,13 @@ impl Outbox {
         let mut s = self.lock();
         batch.seq = s.next_seq;
         s.next_seq += 1;
-        let n = batch.events.len();
+        // A log line weighs as much as an event in the bound.
+        let n = weight(&batch);
         while s.queued_events + n > self.max_events {
             let Some(old) = s.queue.pop_front() else {
                 break;
             };
-            s.queued_events -= old.events.len();
+            s.queued_events -= weight(&old);
             s.dropped_events += old.events.len() as u64;
             s.dropped_batches += 1;
             if s.dropped_batches == 1 || s.dropped_batches.is_power_of_two() {
@@ -93,7 +100,7 @@ impl Outbox {
         s.acked_seq = s.acked_seq.max(seq);
         while s.queue.front().is_some_and(|b| b.seq <= seq) {
             if let Some(b) = s.queue.pop_front() {
-                s.queued_events -= b.events.len();
+                s.queued_events -= weight(&b);
                 for sym in &b.symbols {
                     s.acked_symbols.insert(sym.id);
                 }
@@ -107,7 +114,7 @@ impl Outbox {
         if let Some(i) = s.queue.iter().position(|b| b.seq == seq)
             && let Some(b) = s.queue.remove(i)
         {
-            s.queued_events -= b.events.len();
+            s.queued_events -= weight(&b);
             s.dropped_events += b.events.len() as u64;
             s.rejected_batches += 1;
         }

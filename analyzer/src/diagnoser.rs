@@ -284,6 +284,14 @@ impl Diagnoser {
         Ok(pb::Diagnosis { diagnosed_unix_ms: unix_ms(), threads: 1, ..to_proto(&d, &model) })
     }
 
+    /// The alarm threshold on P(normal) of the model for `target`.
+    pub fn threshold(&self, target: &str) -> Option<f64> {
+        lock(&self.served)
+            .iter()
+            .find(|s| s.model.manifest.target == target)
+            .map(|s| f64::from(s.model.manifest.threshold))
+    }
+
     /// Models loaded (for logs and tests).
     pub fn models(&self) -> usize {
         lock(&self.served).len()

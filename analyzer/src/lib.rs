@@ -2,11 +2,13 @@
 //! call trees (AFCTs) and serves them over gRPC.
 //!
 //! [`store`] cuts agent batches into windows and persists windows and AFCTs in SQLite;
-//! [`service`] is the gRPC surface (ingest, query, control). The algorithms live in their own
+//! [`service`] is the gRPC surface (ingest, query, control); [`reporting`] builds a window's
+//! report (issue 13) from the store, the log model and the FDDB. The algorithms live in their own
 //! crates: call trees, Alg. 2 and Alg. 3 in `afetm-calltree`, trace point selection (Alg. 1)
 //! in `afetm-selection`, the FDDB in `afetm-fddb`, the campaign in `afetm-campaign`.
 
 pub mod diagnoser;
+pub mod reporting;
 pub mod service;
 pub mod store;
 pub mod training;

@@ -3,6 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use afetm_analyzer::{
     diagnoser::Diagnoser,
+    reporting::Reporter,
     service::{self, Analyzer},
     store::{Limits, Store, WindowConfig},
     tree::Forest,
@@ -15,6 +16,8 @@ use clap::{Parser, Subcommand};
 
 #[path = "cli/diagnosis.rs"]
 mod cli_diagnosis;
+#[path = "cli/logs.rs"]
+mod cli_logs;
 #[path = "cli/select.rs"]
 mod cli_select;
 
@@ -53,13 +56,38 @@ enum Cmd {
         #[arg(long = "model")]
         models: Vec<PathBuf>,
         /// The FDDB the models were trained from: when an agent's plan changes, a model for the
-        /// new plan is trained from it in the background.
+        /// new plan is trained from it in the background; reports list its similar runs.
         #[arg(long)]
         fddb: Option<PathBuf>,
         /// Suspects per diagnosis.
         #[arg(long, default_value_t = 3)]
         top_k: usize,
+        /// Chimera's model directory (`afetm-analyzer train-logs --out`): reports weigh the
+        /// window's log lines with it.
+        #[arg(long)]
+        log_model: Option<PathBuf>,
+        /// The fusion of the GCN and the logs (`afetm-eval fuse --out`); without it the GCN's
+        /// alarm decides a report's verdict.
+        #[arg(long)]
+        fusion: Option<PathBuf>,
+        /// A folder of SOP files (`report/sop/*.toml`) over the built-in ones.
+        #[arg(long)]
+        sop_dir: Option<PathBuf>,
     },
+    /// A window's report: symptoms, diagnostic process, root causes, similar historical cases
+    /// (with `serve --fddb`) and the resolution steps of its fault kind's SOP.
+    Report(cli_logs::ReportArgs),
+    /// An engineer's verdict on a window or on one of its log lines; used by `train-logs`.
+    Feedback(cli_logs::FeedbackArgs),
+    /// Print the log lines the agent tailed during a window.
+    Logs {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        #[arg(long)]
+        window: u64,
+    },
+    /// Train Chimera (the log model) on the FDDB's runs and the judged windows.
+    TrainLogs(cli_logs::TrainLogsArgs),
     /// Train the diagnosis GCN on an FDDB's training runs of one target under a plan.
     Train {
         #[arg(long)]
@@ -299,7 +327,24 @@ async fn run(cli: Cli) -> Result<()> {
             let listing = cli_diagnosis::Listing { agent, window, errors, follow, last, tree };
             cli_diagnosis::diagnoses(&server, listing).await
         }
-        Cmd::Serve { listen, db, window, grace, node_cap, stale_after, models, fddb, top_k } => {
+        Cmd::Report(a) => cli_logs::report(a).await,
+        Cmd::Feedback(a) => cli_logs::feedback(a).await,
+        Cmd::Logs { server, window } => cli_logs::logs(&server, window).await,
+        Cmd::TrainLogs(a) => tokio::task::spawn_blocking(move || cli_logs::train_logs(&a)).await?,
+        Cmd::Serve {
+            listen,
+            db,
+            window,
+            grace,
+            node_cap,
+            stale_after,
+            models,
+            fddb,
+            top_k,
+            log_model,
+            fusion,
+            sop_dir,
+        } => {
             if window.is_zero() {
                 bail!("--window must be longer than 0");
             }
@@ -316,13 +361,13 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 tracing::info!("shutting down");
             };
-            let mut analyzer = Analyzer::new(store);
+            let reporter = Reporter::new(log_model.as_deref(), fusion.as_deref(), fddb.clone(), sop_dir.as_deref())
+                .context("loading what reports draw on")?;
+            let mut analyzer = Analyzer::new(store).with_reporter(reporter);
             if !models.is_empty() {
                 let diagnoser = Diagnoser::load(&models, fddb, top_k, window.as_millis() as u64)
                     .context("loading diagnosis models")?;
                 analyzer = analyzer.with_diagnoser(diagnoser);
-            } else if fddb.is_some() {
-                bail!("--fddb is for retraining the models given with --model; none was given");
             }
             service::serve(analyzer, listener, stale_after, shutdown).await
         }

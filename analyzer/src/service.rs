@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     coloring,
     diagnoser::{AgentPlan, Closed, Diagnoser, DiagnoserError, Plans},
+    reporting::{Reporter, ReportingError, to_proto},
     store::{AgentKey, Store, StoreError},
     tree::{Forest, FuncTable},
 };
@@ -67,12 +68,21 @@ pub struct Analyzer {
     plans: Plans,
     diagnoser: Option<Arc<Diagnoser>>,
     closed_tx: Option<mpsc::Sender<Closed>>,
+    reporter: Arc<Reporter>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the SQLite state half-written (transactions
     // roll back), so poisoning is not a reason to stop serving.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn reporting_status(e: ReportingError) -> Status {
+    match e {
+        ReportingError::NoWindow(m) => Status::not_found(m),
+        ReportingError::Store(s) => status(s),
+        other => Status::internal(other.to_string()),
+    }
 }
 
 fn status(e: StoreError) -> Status {
@@ -92,7 +102,14 @@ impl Analyzer {
             plans: Arc::default(),
             diagnoser: None,
             closed_tx: None,
+            reporter: Arc::new(Reporter::default()),
         }
+    }
+
+    /// Builds reports with `reporter` (log model, FDDB, fusion, SOP library).
+    pub fn with_reporter(mut self, reporter: Reporter) -> Analyzer {
+        self.reporter = Arc::new(reporter);
+        self
     }
 
     /// Diagnoses every window closed from now on with `diagnoser`'s models (a worker task on
@@ -448,6 +465,34 @@ impl Query for Analyzer {
         Ok(Response::new(pb::CountsResponse { counts }))
     }
 
+    async fn window_logs(
+        &self,
+        request: Request<pb::WindowLogsRequest>,
+    ) -> Result<Response<pb::WindowLogsResponse>, Status> {
+        let id = request.into_inner().window_id;
+        let lines = self.with_store(move |s| s.window_logs(id)).await.map_err(status)?;
+        Ok(Response::new(pb::WindowLogsResponse { lines }))
+    }
+
+    async fn report(&self, request: Request<pb::ReportRequest>) -> Result<Response<pb::WindowReport>, Status> {
+        let req = request.into_inner();
+        let diag = self.diagnoser.clone();
+        let threshold = move |t: &str| diag.as_ref().and_then(|d| d.threshold(t));
+        let store = self.store.clone();
+        let (evidence, target) =
+            tokio::task::spawn_blocking(move || Reporter::evidence(&lock(&store), req.window_id, threshold))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(reporting_status)?;
+        let reporter = self.reporter.clone();
+        let k = if req.similar == 0 { 5 } else { req.similar as usize };
+        let report = tokio::task::spawn_blocking(move || reporter.report(evidence, target.as_deref(), k))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(reporting_status)?;
+        Ok(Response::new(to_proto(&report)))
+    }
+
     async fn stats(&self, _: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let (windows_closed, afcts) = self.with_store(|s| s.totals()).await.map_err(status)?;
         let s = &self.stats;
@@ -465,6 +510,13 @@ impl Query for Analyzer {
 
 #[tonic::async_trait]
 impl Control for Analyzer {
+    async fn feedback(&self, request: Request<pb::FeedbackRequest>) -> Result<Response<pb::FeedbackResponse>, Status> {
+        let req = request.into_inner();
+        let id = self.with_store(move |s| s.put_feedback(&req)).await.map_err(status)?;
+        tracing::info!(id, "feedback stored; it joins the next train-logs");
+        Ok(Response::new(pb::FeedbackResponse { id: id as u64 }))
+    }
+
     async fn color(&self, request: Request<pb::ColorRequest>) -> Result<Response<pb::ColorResponse>, Status> {
         let req = request.into_inner();
         if req.fcts.is_empty() {

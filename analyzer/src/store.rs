@@ -21,7 +21,9 @@ use crate::{
 };
 
 mod diagnoses;
+mod logs;
 pub use diagnoses::WindowTrees;
+pub use logs::Feedback;
 
 /// Limits that make the analyzer refuse input rather than store nonsense.
 #[derive(Clone, Debug)]
@@ -32,6 +34,10 @@ pub struct Limits {
     pub max_name_len: usize,
     /// How far an event's timestamp may lie after the agent clock of its batch.
     pub max_future_ns: u64,
+    /// Log lines per batch.
+    pub max_logs_per_batch: usize,
+    /// Log lines kept in the database (the oldest are deleted).
+    pub max_log_lines: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +48,8 @@ impl Default for Limits {
             max_stack_depth: 512,
             max_name_len: 4096,
             max_future_ns: 60_000_000_000,
+            max_logs_per_batch: 100_000,
+            max_log_lines: 2_000_000,
         }
     }
 }
@@ -153,11 +161,22 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(logs::SCHEMA)?;
         // Databases from before window cuts: add the columns (their windows keep working).
         let has_cut: i64 =
             conn.query_row("SELECT COUNT(*) FROM pragma_table_info('processes') WHERE name = 'cut_ns'", [], |r| {
                 r.get(0)
             })?;
+        let has_logs: i64 =
+            conn.query_row("SELECT COUNT(*) FROM pragma_table_info('agents') WHERE name = 'log_lines'", [], |r| {
+                r.get(0)
+            })?;
+        if has_logs == 0 {
+            conn.execute_batch(
+                "ALTER TABLE agents ADD COLUMN log_lines INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE agents ADD COLUMN log_drops INTEGER NOT NULL DEFAULT 0;",
+            )?;
+        }
         if has_cut == 0 {
             conn.execute_batch(
                 "ALTER TABLE processes ADD COLUMN cut_ns INTEGER NOT NULL DEFAULT 0;
@@ -254,6 +273,7 @@ impl Store {
         if batch.events.len() > l.max_events_per_batch {
             return Err(invalid("batch_size", format!("{} events > {}", batch.events.len(), l.max_events_per_batch)));
         }
+        logs::validate(batch, l.max_logs_per_batch)?;
         if batch.symbols.len() > l.max_symbols_per_batch {
             return Err(invalid(
                 "batch_size",
@@ -435,6 +455,7 @@ impl Store {
                 params![agent.agent_id, agent.instance as i64, resolve(c.function).0, batch.agent_clock_ns as i64, c.calls as i64, c.interval_ns as i64],
             )?;
         }
+        logs::put(&tx, agent, batch, self.limits.max_log_lines)?;
         tx.execute(
             "UPDATE agents SET last_seq = ?3, events = events + ?4, kernel_drops = ?5, queue_drops = ?6, last_seen_unix = ?7
              WHERE agent_id = ?1 AND instance = ?2",
@@ -530,7 +551,7 @@ impl Store {
 
     pub fn list_agents(&self) -> Result<Vec<pb::AgentInfo>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT agent_id, instance, hostname, target, last_seq, events, kernel_drops, queue_drops FROM agents ORDER BY agent_id, instance",
+            "SELECT agent_id, instance, hostname, target, last_seq, events, kernel_drops, queue_drops, log_lines, log_drops FROM agents ORDER BY agent_id, instance",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(pb::AgentInfo {
@@ -544,6 +565,8 @@ impl Store {
                 queue_drops: r.get::<_, i64>(7)? as u64,
                 connected: false,
                 last_plan: None,
+                log_lines: r.get::<_, i64>(8)? as u64,
+                log_drops: r.get::<_, i64>(9)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

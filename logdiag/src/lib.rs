@@ -10,12 +10,16 @@
 //!   case-similarity graph over the FDDB's runs, GraphSAGE, and active learning that asks
 //!   about the most uncertain cases first.
 //!
+//! * [`model`]: Chimera with its templates and embedder, saved and loaded as one directory
+//!   (what the daemon serves and `afetm-analyzer train-logs` writes).
+//!
 //! Both read logs through `afetm-logs` (templates, embeddings, sequences) and run on the CPU
 //! with candle, deterministic for a seed on one thread.
 #![deny(missing_docs)]
 
 pub mod chimera;
 pub mod logsage;
+pub mod model;
 
 /// What can go wrong in the log-based models.
 #[derive(Debug, thiserror::Error)]

@@ -65,7 +65,8 @@ impl Embedder {
 
     /// The embedding of a template's text (all zeros for a text without words).
     pub fn embed(&self, text: &str) -> Vec<f32> {
-        let mut tf: HashMap<u64, u32> = HashMap::new();
+        // Ordered: floating-point sums must not depend on a hash map's per-process order.
+        let mut tf: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
         for h in grams(text) {
             *tf.entry(h).or_default() += 1;
         }

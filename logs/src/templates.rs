@@ -63,7 +63,14 @@ impl Templates {
 
     /// Writes the templates to the store file (no-op in memory).
     pub fn save(&self) -> Result<(), LogsError> {
-        let Some(file) = &self.file else { return Ok(()) };
+        match &self.file {
+            Some(file) => self.save_to(file),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the templates to `file` (atomically), which becomes their store.
+    pub fn save_to(&self, file: &Path) -> Result<(), LogsError> {
         self.miner
             .save_state(&FilePersistence::new(file) as &dyn Persistence)
             .map_err(|e| LogsError::Store { path: file.display().to_string(), message: e.to_string() })

@@ -17,9 +17,10 @@ use afetm_logdiag::logsage::{
     file::{self, extract},
     garca::{self, Garca, active_learning},
 };
-use afetm_logs::line::lines_of;
+use afetm_logdiag::model::view;
+use afetm_logs::{Embedder, Templates, line::lines_of};
 
-use super::chimera::{LogView, TOP_LINES};
+use super::chimera::TOP_LINES;
 use crate::{
     EvalError,
     case::{Case, Window},
@@ -28,6 +29,12 @@ use crate::{
 
 /// Width of a case's tree vector.
 pub const TREE_DIM: usize = 64;
+
+/// Templates and embedder, fitted on the training runs.
+struct LogView {
+    templates: Templates,
+    embedder: Embedder,
+}
 
 /// See the module docs.
 pub struct LogSage {
@@ -78,7 +85,8 @@ impl LogSage {
 
     /// Builds the graph over the training runs and trains GARCA (see the module docs).
     pub fn fit(train: &[Case], label_share: Option<f64>) -> Result<LogSage, EvalError> {
-        let (view, _) = LogView::fit(train);
+        let (templates, embedder, _) = view(train.iter().map(|c| c.logs.as_slice()));
+        let view = LogView { templates, embedder };
         let mut classes = vec![Class::Normal];
         for c in train {
             if !classes.contains(&c.truth) {

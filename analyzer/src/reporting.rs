@@ -1,0 +1,202 @@
+//! Reports in the daemon (`Query.Report`, `afetm-analyzer report --window ID`): a window's
+//! evidence from the store (its stored GCN diagnosis, the worst thread's AFCT, the log lines
+//! its agent tailed during it), the log model's verdict on those lines (`serve --log-model`),
+//! similar historical cases from the FDDB (`serve --fddb`), the fusion (`serve --fusion`) and
+//! the SOP library (`serve --sop-dir`, else the built-in one), put together by
+//! `afetm_report::report::build`.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use afetm_fddb::Fddb;
+use afetm_logdiag::model::LogModel;
+use afetm_proto as pb;
+use afetm_report::{
+    Evidence, Report,
+    fusion::Fusion,
+    report::{Gcn, build},
+    similar,
+    sop::Library,
+};
+
+use crate::store::{Store, StoreError};
+
+/// What can go wrong building a report.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportingError {
+    /// The window is unknown or still open.
+    #[error("{0}")]
+    NoWindow(String),
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The log model refused.
+    #[error("log model: {0}")]
+    Logs(#[from] afetm_logdiag::LogDiagError),
+    /// The SOP library, the fusion file or the FDDB refused.
+    #[error(transparent)]
+    Report(#[from] afetm_report::ReportError),
+    /// A file.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The daemon's report builder and what it draws on.
+pub struct Reporter {
+    logs: Option<LogModel>,
+    fusion: Fusion,
+    fddb: Option<PathBuf>,
+    sop: Library,
+}
+
+impl Default for Reporter {
+    /// The GCN alone, no log model, no FDDB, the built-in SOP library.
+    fn default() -> Reporter {
+        let sop = Library::built_in().unwrap_or_else(|e| {
+            // The built-in files are constants checked by afetm-report's tests.
+            tracing::error!(error = %e, "built-in SOP library unreadable: reports come without resolution steps");
+            Library::empty()
+        });
+        Reporter { logs: None, fusion: Fusion::default(), fddb: None, sop }
+    }
+}
+
+/// A window's log lines grouped by file, in the order they were read.
+pub fn by_file(lines: &[pb::LogRecord]) -> Vec<(String, String)> {
+    let mut files: BTreeMap<&str, String> = BTreeMap::new();
+    for l in lines {
+        let text = files.entry(l.file.as_str()).or_default();
+        text.push_str(&l.text);
+        text.push('\n');
+    }
+    files.into_iter().map(|(f, t)| (f.to_string(), t)).collect()
+}
+
+impl Reporter {
+    /// Loads what the flags name (each optional).
+    pub fn new(
+        log_model: Option<&Path>,
+        fusion: Option<&Path>,
+        fddb: Option<PathBuf>,
+        sop_dir: Option<&Path>,
+    ) -> Result<Reporter, ReportingError> {
+        let logs = log_model.map(LogModel::load).transpose()?;
+        let fusion = match fusion {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ReportingError::File { path: p.display().to_string(), message: e.to_string() })?;
+                serde_json::from_str(&text)
+                    .map_err(|e| ReportingError::File { path: p.display().to_string(), message: e.to_string() })?
+            }
+            None => Fusion::default(),
+        };
+        if let Some(f) = &fddb {
+            Fddb::open(f)
+                .map_err(|e| ReportingError::File { path: f.display().to_string(), message: e.to_string() })?;
+        }
+        let sop = match sop_dir {
+            Some(d) => Library::load_dir(d)?,
+            None => Library::built_in()?,
+        };
+        Ok(Reporter { logs, fusion, fddb, sop })
+    }
+
+    /// A window's evidence from the store, and the target its diagnosis was made for. Reads
+    /// the store only (call it under the store's lock, then [`Reporter::report`] without).
+    pub fn evidence(
+        store: &Store,
+        window_id: u64,
+        threshold: impl Fn(&str) -> Option<f64>,
+    ) -> Result<(Evidence, Option<String>), ReportingError> {
+        let w = store
+            .window_trees(window_id as i64)?
+            .ok_or_else(|| ReportingError::NoWindow(format!("window {window_id} does not exist or is still open")))?;
+        let req = pb::ListDiagnosesRequest { window_id, ..Default::default() };
+        let d = store.list_diagnoses(&req)?.into_iter().next();
+        let afct = d.as_ref().and_then(|d| w.trees.iter().find(|(t, _)| *t == d.tid)).map(|(_, t)| t.clone());
+        let gcn = d.as_ref().map(|d| Gcn {
+            tid: d.tid,
+            p_normal: f64::from(d.p_normal),
+            threshold: threshold(&d.model).unwrap_or(f64::NAN),
+            error: d.error,
+            top: d.top.iter().map(|s| (s.function.clone(), s.kind.clone(), f64::from(s.probability))).collect(),
+        });
+        let logs = by_file(&store.window_logs(window_id)?);
+        let e = Evidence {
+            window_id,
+            agent: w.agent_id,
+            pid: w.pid,
+            start_ns: w.start_ns,
+            end_ns: w.end_ns,
+            gcn,
+            afct,
+            logs,
+            ..Evidence::default()
+        };
+        Ok((e, d.map(|d| d.model)))
+    }
+
+    /// Completes the evidence (log model, historical cases) and builds the report.
+    pub fn report(&self, mut e: Evidence, target: Option<&str>, similar_k: usize) -> Result<Report, ReportingError> {
+        if let Some(m) = &self.logs
+            && let Some(s) = m.score(&e.logs)?
+        {
+            e.p_logs = Some(f64::from(s.p_anomaly));
+            e.flagged = s.lines.into_iter().take(5).map(|(l, p)| (l, f64::from(p))).collect();
+        }
+        if let (Some(f), Some(t), Some(g)) = (&self.fddb, target, &e.gcn) {
+            let fddb = Fddb::open(f)
+                .map_err(|x| ReportingError::File { path: f.display().to_string(), message: x.to_string() })?;
+            let causes: Vec<(String, String)> = g.top.iter().map(|(f, k, _)| (f.clone(), k.clone())).collect();
+            e.similar = similar::find(&fddb, t, &causes, &e.logs, similar_k)?;
+        }
+        Ok(build(&e, &self.fusion, &self.sop))
+    }
+}
+
+/// A report on the wire.
+pub fn to_proto(r: &Report) -> pb::WindowReport {
+    pb::WindowReport {
+        window_id: r.window_id,
+        agent_id: r.agent.clone(),
+        pid: r.pid,
+        error: r.error,
+        p_error: r.p_error,
+        title: r.title.clone(),
+        symptoms: r.symptoms.clone(),
+        process: r.process.clone(),
+        causes: r
+            .causes
+            .iter()
+            .map(|c| pb::ReportCause {
+                function: c.function.clone(),
+                kind: c.kind.clone(),
+                confidence: c.confidence,
+                evidence: c.evidence.clone(),
+            })
+            .collect(),
+        similar: r
+            .similar
+            .iter()
+            .map(|s| pb::ReportCase {
+                run: s.run,
+                function: s.function.clone(),
+                fault: s.fault.clone(),
+                manifestation: s.manifestation.clone(),
+                similarity: s.similarity,
+                line: s.line.clone().unwrap_or_default(),
+            })
+            .collect(),
+        checks: r.checks.clone(),
+        resolution: r.resolution.clone(),
+        sop: r.sop.clone(),
+        markdown: r.markdown(),
+    }
+}
