@@ -129,6 +129,7 @@ impl Reporter {
             top: d.top.iter().map(|s| (s.function.clone(), s.kind.clone(), f64::from(s.probability))).collect(),
         });
         let logs = by_file(&store.window_logs(window_id)?);
+        let exited = store.ends_exited_process(window_id)?;
         let e = Evidence {
             window_id,
             agent: w.agent_id,
@@ -138,6 +139,7 @@ impl Reporter {
             gcn,
             afct,
             logs,
+            exited,
             ..Evidence::default()
         };
         Ok((e, d.map(|d| d.model)))

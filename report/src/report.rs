@@ -56,6 +56,8 @@ pub struct Evidence {
     pub p_logs: Option<f64>,
     /// Similar historical cases.
     pub similar: Vec<SimilarCase>,
+    /// The process exited at the end of this window (its last window; the agent saw the exit).
+    pub exited: bool,
 }
 
 /// A root cause.
@@ -134,6 +136,9 @@ fn symptoms(e: &Evidence) -> Vec<String> {
     for ((file, level), (n, example)) in per_file.iter().rev() {
         out.push(format!("{file}: {n} line(s) at {level:?} level, e.g. `{example}`"));
     }
+    if e.exited {
+        out.push(format!("the process (pid {}) exited: this is its last window", e.pid));
+    }
     for (line, score) in e.flagged.iter().take(3) {
         out.push(format!("flagged by the log model (score {score:.2}): `{}`", line.trim()));
     }
@@ -196,10 +201,15 @@ fn process(e: &Evidence, causes: &[Cause], p_error: f64, fused: bool) -> Vec<Str
     out
 }
 
+/// The GCN's suspects; when the process exited, its crash suspects first (an exit is what a
+/// crash looks like from outside, whatever the tree's shape says).
 fn causes(e: &Evidence) -> Vec<Cause> {
     let Some(g) = &e.gcn else { return Vec::new() };
-    g.top
-        .iter()
+    let mut top: Vec<&(String, String, f64)> = g.top.iter().collect();
+    if e.exited {
+        top.sort_by_key(|(_, k, _)| k != "crash");
+    }
+    top.into_iter()
         .map(|(function, kind, p)| {
             let runs: Vec<String> = e
                 .similar
@@ -218,20 +228,21 @@ fn causes(e: &Evidence) -> Vec<Cause> {
 }
 
 /// Builds the report of a window (see the module docs). With a fitted `fusion`, the verdict
-/// is the fused P(error) >= 0.5; with the default one, the GCN's own alarm (or, without a
-/// GCN, the log model's P(anomalous) >= 0.5).
+/// is the fused P(error) >= 0.5; with the default one, either source's own alarm: the GCN's,
+/// the log model's P(anomalous) >= 0.5, or the process's exit. P(error) is then the larger of
+/// the two models' (1 for an exit).
 pub fn build(e: &Evidence, fusion: &Fusion, lib: &Library) -> Report {
     let fused = fusion.samples > 0;
     let p_gcn = e.gcn.as_ref().map(|g| 1.0 - g.p_normal);
+    let either = p_gcn.unwrap_or(0.0).max(e.p_logs.unwrap_or(0.0));
     let p_error = match (fused, p_gcn) {
         (true, Some(g)) => fusion.p_error(g, e.p_logs),
-        (_, Some(g)) => g,
-        (_, None) => e.p_logs.unwrap_or(0.0),
+        _ if e.exited => 1.0,
+        _ => either,
     };
     let error = match (fused, &e.gcn) {
-        (true, Some(_)) => p_error >= 0.5,
-        (false, Some(g)) => g.error,
-        (_, None) => e.p_logs.is_some_and(|p| p >= 0.5),
+        (true, Some(_)) => p_error >= 0.5 || e.exited,
+        _ => e.gcn.as_ref().is_some_and(|g| g.error) || e.p_logs.is_some_and(|p| p >= 0.5) || e.exited,
     };
     let causes = if error { causes(e) } else { Vec::new() };
     let sop = lib.get(causes.first().map(|c| c.kind.as_str()));
@@ -358,6 +369,7 @@ mod tests {
             )],
             flagged: vec![("[29-Nov-2026 01:25:37 UTC] shop: Connection refused".into(), 0.97)],
             p_logs: Some(0.99),
+            exited: false,
             similar: vec![SimilarCase {
                 run: 17,
                 function: "setGenericCommand".into(),
@@ -393,15 +405,34 @@ mod tests {
     }
 
     #[test]
+    fn an_exit_puts_the_crash_first_and_alarms_alone() {
+        let lib = Library::built_in().unwrap();
+        let mut e = evidence();
+        let g = e.gcn.as_mut().unwrap();
+        g.error = false;
+        g.p_normal = 0.9;
+        g.top = vec![("call".into(), "input".into(), 0.6), ("setGenericCommand".into(), "crash".into(), 0.2)];
+        e.p_logs = None;
+        assert!(!build(&e, &Fusion::default(), &lib).error);
+        e.exited = true;
+        let r = build(&e, &Fusion::default(), &lib);
+        assert!(r.error);
+        assert_eq!((r.causes[0].function.as_str(), r.causes[0].kind.as_str()), ("setGenericCommand", "crash"));
+        assert!(r.symptoms.iter().any(|s| s.contains("exited")));
+    }
+
+    #[test]
     fn a_normal_window_has_no_causes_and_a_fitted_fusion_decides() {
         let lib = Library::built_in().unwrap();
         let mut e = evidence();
         e.gcn.as_mut().unwrap().error = false;
         e.gcn.as_mut().unwrap().p_normal = 0.9;
+        e.p_logs = Some(0.1);
         let r = build(&e, &Fusion::default(), &lib);
         assert!(!r.error && r.causes.is_empty() && r.resolution.is_empty());
-        // A fusion that trusts the logs alarms on the same window.
+        // A fusion that trusts the logs alarms when they say so, whatever the GCN says.
         let f = Fusion { w: [0.0, 0.0, 2.0], lambda: 1.0, samples: 10 };
+        e.p_logs = Some(0.95);
         let r = build(&e, &f, &lib);
         assert!(r.error, "p_error {}", r.p_error);
     }

@@ -59,6 +59,22 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<pb::Diagnosis> {
 }
 
 impl Store {
+    /// Whether the window is the last of a process the agent saw exit.
+    pub fn ends_exited_process(&self, window_id: u64) -> Result<bool, StoreError> {
+        let last: Option<bool> = self
+            .conn
+            .query_row(
+                "SELECT p.exited = 1 AND w.idx = (SELECT MAX(idx) FROM windows x WHERE x.agent_id = w.agent_id
+                   AND x.instance = w.instance AND x.pid = w.pid)
+                 FROM windows w JOIN processes p ON p.agent_id = w.agent_id AND p.instance = w.instance AND p.pid = w.pid
+                 WHERE w.id = ?1",
+                params![window_id as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(last.unwrap_or(false))
+    }
+
     /// A closed window and its AFCTs; None if the window does not exist or is open.
     pub fn window_trees(&self, window_id: i64) -> Result<Option<WindowTrees>, StoreError> {
         let head = self

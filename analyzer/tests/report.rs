@@ -1,0 +1,251 @@
+//! Logs beside the traces, end to end on the real shop: a small real campaign on the
+//! source-built redis (one function, `setGenericCommand`, every fault type) fills an FDDB with
+//! call trees and the servers' logs; Chimera is trained on those logs (`train-logs`) and the
+//! GCN on the trees (`train`); the daemon serves both with the FDDB; an agent traces the
+//! shop's redis and tails its log files (`--log`); after a normal run, a crash is injected
+//! into `setGenericCommand` while the shop runs. Checked: the log lines reach the daemon and
+//! land in their windows; an engineer's feedback is stored and refused for an unknown window;
+//! the crashed process's last window gets a report that names the crash and the injected
+//! function, lists the clients' errors among its symptoms, cites historical crash runs of the
+//! FDDB and gives the crash SOP's steps; a window of the normal run reports no fault. Root only.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
+
+fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("AFETM_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_afetm-analyzer")).parent().unwrap().to_path_buf());
+    dir.join(name)
+}
+
+struct Kill(Vec<Child>);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run_ok(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn load(cfg: &testbed::Config, secs: u64) -> testbed::load::Report {
+    let mut l = testbed::load::LoadConfig::new(cfg.url());
+    l.items = cfg.seed_items;
+    l.connections = 4;
+    l.rate = Some(RATE);
+    l.duration = Duration::from_secs(secs);
+    l.warmup = Duration::ZERO;
+    testbed::load::run(&l).unwrap()
+}
+
+const RATE: f64 = 200.0;
+const FUNCTION: &str = "setGenericCommand";
+
+fn campaign(dir: &Path) -> PathBuf {
+    let fddb = dir.join("fddb.sqlite");
+    run_ok(
+        Command::new(bin("afetm-campaign"))
+            .args(["redis", "--scope", &format!("functions:{FUNCTION}"), "--db"])
+            .arg(&fddb)
+            .arg("--work-dir")
+            .arg(dir.join("campaign"))
+            .arg("--bin-dir")
+            .arg(bin(""))
+            .args(["--base-port", "24380", "--cap", "2", "--eval-runs", "0", "--normal-runs", "4", "--sample", "2s"])
+            .args(["--rate", &RATE.to_string()]),
+    );
+    fddb
+}
+
+async fn connect(port: u16, child: &mut Child) -> QueryClient<tonic::transport::Channel> {
+    let t = Instant::now();
+    loop {
+        if let Ok(c) = QueryClient::connect(format!("http://127.0.0.1:{port}")).await {
+            return c;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the analyzer exited");
+        assert!(t.elapsed() < Duration::from_secs(30), "analyzer not up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_gets_a_report_that_names_it() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: the campaign starts the testbed and injects faults; run as root (cargo xtask test)");
+        return;
+    }
+    let Some(binaries) = testbed::build::binaries(&testbed::build::cache_dir()) else {
+        panic!("source builds missing: cargo xtask testbed build");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let fddb = campaign(dir.path());
+    let redis = binaries.redis.clone();
+    let plan = dir.path().join("plan.json");
+    let points = serde_json::json!([{"function": "*", "mode": "event"}]);
+    std::fs::write(&plan, serde_json::json!({"target": {"path": redis}, "points": points}).to_string()).unwrap();
+    let analyzer = env!("CARGO_BIN_EXE_afetm-analyzer");
+    let (model, logs_model) = (dir.path().join("model"), dir.path().join("logs-model"));
+    run_ok(
+        Command::new(analyzer)
+            .args(["train", "--target", "redis", "--fddb"])
+            .arg(&fddb)
+            .arg("--plan")
+            .arg(&plan)
+            .arg("--out")
+            .arg(&model),
+    );
+    let trained = run_ok(
+        Command::new(analyzer)
+            .args(["train-logs", "--target", "redis", "--fddb"])
+            .arg(&fddb)
+            .arg("--out")
+            .arg(&logs_model),
+    );
+    assert!(trained.contains("Chimera trained on"), "{trained}");
+
+    let mut cfg = testbed::Config::new(dir.path().join("shop"));
+    cfg.base_port = 24680;
+    cfg.apaches = 1;
+    cfg.binaries = binaries;
+    let _ = testbed::down(&cfg);
+    testbed::up(&cfg).unwrap();
+    struct Down(testbed::Config);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = testbed::down(&self.0);
+        }
+    }
+    let _down = Down(cfg.clone());
+
+    let port = 24995;
+    let mut daemon = Command::new(analyzer)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--window", "1s", "--top-k", "10", "--db"])
+        .arg(dir.path().join("live.sqlite"))
+        .arg("--model")
+        .arg(&model)
+        .arg("--log-model")
+        .arg(&logs_model)
+        .arg("--fddb")
+        .arg(&fddb)
+        .stderr(std::fs::File::create(dir.path().join("analyzer.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut q = connect(port, &mut daemon).await;
+    let mut procs = Kill(vec![daemon]);
+    let ready = dir.path().join("agent.ready");
+    let mut agent = Command::new(bin("afetm-agent"));
+    agent.arg("--plan").arg(&plan).args(["--analyzer", &format!("http://127.0.0.1:{port}"), "--agent-id", "live"]);
+    for f in ["redis.log", "php-error.log", "nginx-access.log", "nginx-error.log"] {
+        agent.arg("--log").arg(cfg.logs_dir().join(f));
+    }
+    procs.0.push(
+        agent
+            .arg("--ready-file")
+            .arg(&ready)
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while !ready.exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "agent not ready");
+        sleep(Duration::from_millis(50));
+    }
+    let normal = load(&cfg, 3);
+    assert_eq!(normal.errors, 0);
+    let normal_end = testbed::monotonic_ns();
+    let pid = testbed::servers(&cfg).unwrap().into_iter().find(|s| s.name.starts_with("redis")).unwrap().pid;
+    let mut inject = Command::new(bin("afetm-inject"))
+        .arg("--module")
+        .arg(&redis)
+        .args(["--function", FUNCTION, "--fault", "crash", "--pid", &pid.to_string(), "--foreign"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let after = load(&cfg, 3);
+    let _ = inject.kill();
+    let _ = inject.wait();
+    assert!(after.errors > 0, "the crash did not show to clients: {after:?}");
+    let mut agent = procs.0.remove(1);
+    let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
+    let _ = agent.wait();
+
+    // The lines reached the daemon, counted, and sit in their windows.
+    let agents = q.list_agents(pb::ListAgentsRequest { without_plans: true }).await.unwrap().into_inner().agents;
+    let live = agents.iter().find(|a| a.agent_id == "live").unwrap();
+    assert!(live.log_lines > 0, "no log line stored: {live:?}");
+    assert_eq!(live.log_drops, 0);
+    let windows = q
+        .list_windows(pb::ListWindowsRequest { agent_id: "live".into(), pid, closed_only: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .windows;
+    let last = windows.iter().max_by_key(|w| w.start_ns).expect("no closed window of redis");
+    let mut lines = 0;
+    for w in &windows {
+        let l = q.window_logs(pb::WindowLogsRequest { window_id: w.id }).await.unwrap().into_inner().lines;
+        assert!(l.iter().all(|x| x.ts_ns >= w.start_ns && x.ts_ns < w.end_ns));
+        lines += l.len();
+    }
+    assert!(lines > 0, "no window holds a log line");
+
+    // The crashed process's last window: the report names the crash and the function.
+    let t = Instant::now();
+    while q
+        .list_diagnoses(pb::ListDiagnosesRequest { window_id: last.id, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .diagnoses
+        .is_empty()
+    {
+        assert!(t.elapsed() < Duration::from_secs(60), "the last window was not diagnosed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = q.report(pb::ReportRequest { window_id: last.id, similar: 5 }).await.unwrap().into_inner();
+    eprintln!("{}", r.markdown);
+    assert!(r.error, "{}", r.markdown);
+    let top = r.causes.first().expect("no cause");
+    assert_eq!((top.function.as_str(), top.kind.as_str()), (FUNCTION, "crash"), "{}", r.markdown);
+    assert!(r.title.contains("crash") && r.title.contains(FUNCTION), "{}", r.title);
+    assert!(r.symptoms.iter().any(|s| s.contains("exited")), "{:?}", r.symptoms);
+    assert!(r.similar.iter().any(|s| s.function == FUNCTION && s.fault == "crash"), "{:?}", r.similar);
+    assert_eq!(r.sop, "crash");
+    assert!(!r.resolution.is_empty() && r.markdown.contains("## Resolution (SOP: crash)"));
+
+    // A window of the normal run: no fault in its report unless the models alarmed on it.
+    let early = windows.iter().find(|w| w.end_ns <= normal_end).expect("no window of the normal run");
+    let r0 = q.report(pb::ReportRequest { window_id: early.id, similar: 5 }).await.unwrap().into_inner();
+    eprintln!("normal window {}: {}", early.id, r0.title);
+    assert!(r0.causes.is_empty() || r0.error);
+
+    // Feedback: stored for a real window, refused for an unknown one.
+    let mut c = ControlClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+    let line = r.symptoms.iter().find(|s| s.contains(".log")).cloned().unwrap_or_default();
+    let fb = pb::FeedbackRequest { window_id: last.id, line, confirm: true, note: "test".into() };
+    assert!(c.feedback(fb).await.unwrap().into_inner().id > 0);
+    let bad = c.feedback(pb::FeedbackRequest { window_id: 999_999, ..Default::default() }).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
+    let missing = q.report(pb::ReportRequest { window_id: 999_999, similar: 0 }).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+}
