@@ -7,7 +7,8 @@
 //! land in their windows; an engineer's feedback is stored and refused for an unknown window;
 //! the crashed process's last window gets a report that names the crash and the injected
 //! function, lists the clients' errors among its symptoms, cites historical crash runs of the
-//! FDDB and gives the crash SOP's steps; a window of the normal run reports no fault. Root only.
+//! FDDB and gives the crash SOP's steps; a window of the normal run shows no exit (whether the
+//! small models alarm there is printed, not asserted). Root only.
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -227,8 +228,9 @@ async fn a_crash_gets_a_report_that_names_it() {
     assert!(r.error, "{}", r.markdown);
     let top = r.causes.first().expect("no cause");
     assert_eq!((top.function.as_str(), top.kind.as_str()), (FUNCTION, "crash"), "{}", r.markdown);
-    assert!(r.title.contains("crash") && r.title.contains(FUNCTION), "{}", r.title);
+    assert!(r.title.contains("crash") && r.title.contains(FUNCTION) && r.title.contains("exited"), "{}", r.title);
     assert!(r.symptoms.iter().any(|s| s.contains("exited")), "{:?}", r.symptoms);
+    assert!(r.symptoms.iter().any(|s| s.contains("php-error.log") && s.contains("Error level")), "{:?}", r.symptoms);
     assert!(r.similar.iter().any(|s| s.function == FUNCTION && s.fault == "crash"), "{:?}", r.similar);
     assert_eq!(r.sop, "crash");
     assert!(!r.resolution.is_empty() && r.markdown.contains("## Resolution (SOP: crash)"));
@@ -236,8 +238,10 @@ async fn a_crash_gets_a_report_that_names_it() {
     // A window of the normal run: no fault in its report unless the models alarmed on it.
     let early = windows.iter().find(|w| w.end_ns <= normal_end).expect("no window of the normal run");
     let r0 = q.report(pb::ReportRequest { window_id: early.id, similar: 5 }).await.unwrap().into_inner();
+    // Whether the models alarm on it is printed, not asserted (a model this small is not
+    // reliable); that its process did not exit there is a fact.
     eprintln!("normal window {}: {}", early.id, r0.title);
-    assert!(r0.causes.is_empty() || r0.error);
+    assert!(!r0.symptoms.iter().any(|s| s.contains("exited")), "{:?}", r0.symptoms);
 
     // Feedback: stored for a real window, refused for an unknown one.
     let mut c = ControlClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();

@@ -35,6 +35,25 @@ enum Cmd {
     /// Fits every method on the FDDB's training runs and scores it on its eval-role runs (and,
     /// given a live analyzer database, on the live runs); writes the rows as JSON.
     Score(ScoreArgs),
+    /// Fits the fusion of the GCN and the log models on the GCN's validation runs and writes
+    /// it (`afetm-analyzer serve --fusion FILE` reads it).
+    Fuse {
+        /// The campaign's FDDB.
+        #[arg(long)]
+        fddb: PathBuf,
+        /// The target's name in it.
+        #[arg(long)]
+        target: String,
+        /// The plan the GCN was trained under.
+        #[arg(long)]
+        plan: PathBuf,
+        /// The GCN (its manifest lists its validation runs).
+        #[arg(long)]
+        model: PathBuf,
+        /// Where the fusion goes (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Writes report.md and the figures from the rows, rtgr.json and setup.json in a folder.
     Report {
         /// The folder (`target/eval`).
@@ -86,6 +105,7 @@ fn main() -> Result<()> {
     }
     match Cli::parse().cmd {
         Cmd::Score(a) => score(&a),
+        Cmd::Fuse { fddb, target, plan, model, out } => fuse(&fddb, &target, &plan, &model, &out),
         Cmd::Report { dir } => write_report(&dir),
     }
 }
@@ -260,6 +280,16 @@ fn score(a: &ScoreArgs) -> Result<()> {
     }
     std::fs::write(&a.out, serde_json::to_string_pretty(&rows)?).with_context(|| format!("{}", a.out.display()))?;
     eprintln!("wrote {} rows to {}", rows.len(), a.out.display());
+    Ok(())
+}
+
+fn fuse(fddb: &Path, target: &str, plan: &Path, model: &Path, out: &Path) -> Result<()> {
+    let db = Fddb::open(fddb).with_context(|| format!("FDDB {}", fddb.display()))?;
+    let plan = PlanFile::parse(&std::fs::read_to_string(plan).with_context(|| format!("plan {}", plan.display()))?)?;
+    let train = case::from_fddb(&db, target, Some(&plan), Role::Train)?;
+    let m = Fused::fit(&train, Model::load(model).with_context(|| format!("model {}", model.display()))?)?;
+    std::fs::write(out, serde_json::to_string_pretty(m.fusion())?).with_context(|| format!("{}", out.display()))?;
+    eprintln!("{} -> {}", m.notes(), out.display());
     Ok(())
 }
 

@@ -28,7 +28,9 @@ pub struct Window {
 pub struct Scored {
     /// P(anomalous).
     pub p_anomaly: f32,
-    /// Each event's first line and its localizer score, best first.
+    /// Each event's first line and its localizer score, best first; scores within 0.01 of
+    /// each other rank the more severe line first (a saturated localizer scores many events
+    /// 1.00, and an error line is then the one to read).
     pub lines: Vec<(String, f32)>,
 }
 
@@ -74,8 +76,10 @@ impl LogModel {
     pub fn score(&self, logs: &[(String, String)]) -> Result<Option<Scored>, LogDiagError> {
         let seq = self.sequence(logs);
         let Some(out) = self.net.diagnose(&seq.features(&self.embedder))? else { return Ok(None) };
-        let lines =
-            out.top(seq.events.len()).into_iter().map(|i| (seq.events[i].example.clone(), out.scores[i])).collect();
+        let mut order: Vec<usize> = (0..seq.events.len()).collect();
+        let key = |i: usize| ((out.scores[i] * 100.0).round() as i64, seq.events[i].level);
+        order.sort_by(|a, b| key(*b).cmp(&key(*a)).then(a.cmp(b)));
+        let lines = order.into_iter().map(|i| (seq.events[i].example.clone(), out.scores[i])).collect();
         Ok(Some(Scored { p_anomaly: out.p_anomaly, lines }))
     }
 

@@ -102,6 +102,8 @@ pub struct Report {
     pub resolution: Vec<String>,
     /// The SOP used (fault kind or `unknown`).
     pub sop: String,
+    /// Its title.
+    pub sop_title: Option<String>,
 }
 
 /// The AFCT path from a root to the first node of `function`, as names.
@@ -189,7 +191,7 @@ fn process(e: &Evidence, causes: &[Cause], p_error: f64, fused: bool) -> Vec<Str
     out.push(if fused {
         format!("fusion of the call-tree and log verdicts: P(error) {p_error:.2}")
     } else {
-        "no fusion model: the GCN's own alarm decides (the log model's output is shown, not weighed)".into()
+        "no fusion model: an alarm of the GCN or of the log model, or the process's exit, makes the verdict".into()
     });
     if !e.similar.is_empty() {
         let same = e.similar.iter().filter(|s| causes.first().is_some_and(|c| c.function == s.function)).count();
@@ -246,10 +248,16 @@ pub fn build(e: &Evidence, fusion: &Fusion, lib: &Library) -> Report {
     };
     let causes = if error { causes(e) } else { Vec::new() };
     let sop = lib.get(causes.first().map(|c| c.kind.as_str()));
-    let title = match (error, causes.first(), sop) {
-        (false, _, _) => "No fault: the window looks normal".to_string(),
-        (true, Some(c), Some(s)) => format!("{}: {} in {} ({:.0}%)", s.title, c.kind, c.function, 100.0 * c.confidence),
-        (true, _, _) => "Anomaly without a named fault".to_string(),
+    let title = match (error, causes.first()) {
+        (false, _) => "No fault: the window looks normal".to_string(),
+        (true, Some(c)) => format!(
+            "Suspected {} in {} ({:.0}%){}",
+            c.kind,
+            c.function,
+            100.0 * c.confidence,
+            if e.exited { ": the process exited" } else { "" }
+        ),
+        (true, None) => "Anomaly without a named fault".to_string(),
     };
     Report {
         window_id: e.window_id,
@@ -264,6 +272,7 @@ pub fn build(e: &Evidence, fusion: &Fusion, lib: &Library) -> Report {
         checks: if error { sop.map(|s| s.checks.clone()).unwrap_or_default() } else { Vec::new() },
         resolution: if error { sop.map(|s| s.resolution.clone()).unwrap_or_default() } else { Vec::new() },
         sop: if error { sop.map(|s| s.kind.clone()).unwrap_or_default() } else { String::new() },
+        sop_title: if error { sop.map(|s| s.title.clone()) } else { None },
         causes,
     }
 }
@@ -273,6 +282,9 @@ impl Report {
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "# {}\n", self.title);
+        if let Some(t) = &self.sop_title {
+            let _ = writeln!(md, "SOP: *{t}*\n");
+        }
         let _ = writeln!(
             md,
             "Window {} · agent `{}` · pid {} · verdict: **{}** (P(error) {:.2})\n",
@@ -386,7 +398,7 @@ mod tests {
         let lib = Library::built_in().unwrap();
         let r = build(&evidence(), &Fusion::default(), &lib);
         assert!(r.error);
-        assert_eq!(r.title, "The process died: crash in setGenericCommand (91%)");
+        assert_eq!(r.title, "Suspected crash in setGenericCommand (91%)");
         assert_eq!(r.causes[0].function, "setGenericCommand");
         assert!(r.causes[0].evidence.contains("run 17"));
         assert!(r.process.iter().any(|p| p.contains("main → processCommand → setGenericCommand")));

@@ -67,6 +67,11 @@ impl Fused {
         Ok(me)
     }
 
+    /// The fitted fusion (what `afetm-analyzer serve --fusion` reads).
+    pub fn fusion(&self) -> &Fusion {
+        &self.fusion
+    }
+
     /// The weights learnt, for the report's notes.
     pub fn notes(&self) -> String {
         let w = self.fusion.w;
