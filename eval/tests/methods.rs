@@ -49,6 +49,7 @@ fn case(run: i64, truth: Class, windows: Vec<(bool, pb::Tree)>) -> Case {
             .collect(),
         logs: Vec::new(),
         injected_unix_ms: None,
+        root_line: None,
     }
 }
 
@@ -61,7 +62,30 @@ fn verdict(window: usize, error: bool, normality: f64, top: &[(&str, FaultKind)]
         assumed_located: false,
         compute_us: 10,
         reported_unix_ms: Some(1_000 + window as i64 * 1000),
+        lines: Vec::new(),
     }
+}
+
+#[test]
+fn root_cause_lines_and_detection_f1() {
+    let t = tree(&[("main", -1), ("f", 0)]);
+    let mut c = case(1, fault("f", FaultKind::Crash), vec![(true, t.clone())]);
+    c.root_line = Some("[29-Nov-2026 01:25:37 UTC] shop: Connection refused".into());
+    let mut v = verdict(0, true, 0.1, &[]);
+    // The same line at another time is the same line; it is second here.
+    v.lines = vec!["GET / OK".into(), "[30-Nov-2026 02:00:00 UTC] shop: Connection refused".into()];
+    let o = outcome(&c, &[v.clone()], &Reference::default());
+    assert_eq!(o.line_hit, Some((false, true)));
+    // A method that names no line is not scored on lines; a normal run has no root line.
+    let o2 = outcome(&c, &[verdict(0, true, 0.1, &[])], &Reference::default());
+    assert_eq!(o2.line_hit, None);
+    let n = case(2, Class::Normal, vec![(false, t.clone())]);
+    let alarm = outcome(&n, &[verdict(0, true, 0.2, &[])], &Reference::default());
+    let missed = outcome(&case(3, fault("f", FaultKind::Crash), vec![(true, t)]), &[], &Reference::default());
+    let s = aggregate(&[o, alarm, missed], vec![]);
+    // TP 1, FP 1, FN 1: F1 = 2 / 4.
+    assert!((s.f1 - 0.5).abs() < 1e-9, "{}", s.f1);
+    assert_eq!((s.line_runs, s.hr1, s.hr3), (1, 0.0, 1.0));
 }
 
 #[test]

@@ -142,10 +142,13 @@ pub fn start_agent_as(
     pin: Option<&str>,
     id: &str,
 ) -> Result<(Child, PathBuf)> {
-    start_agent_with(bin, plan, server, dir, pin, id, false)
+    start_agent_with(bin, plan, server, dir, pin, id, &[])
 }
 
-/// An agent as [`start_agent_as`]; `stack_copies` turns the kernel's unwinding off.
+/// The agent arguments that turn the kernel's unwinding off (call stacks copied).
+pub const STACK_COPIES: [&str; 2] = ["--kernel-unwind", "false"];
+
+/// An agent as [`start_agent_as`], with `extra` arguments ([`STACK_COPIES`], `--log FILE`).
 pub fn start_agent_with(
     bin: &Path,
     plan: &Path,
@@ -153,7 +156,7 @@ pub fn start_agent_with(
     dir: &Path,
     pin: Option<&str>,
     id: &str,
-    stack_copies: bool,
+    extra: &[&str],
 ) -> Result<(Child, PathBuf)> {
     let ready = dir.join(format!("{id}.ready"));
     let log = dir.join(format!("{id}.log"));
@@ -171,7 +174,7 @@ pub fn start_agent_with(
         .arg(plan)
         .args(["--analyzer", server, "--agent-id", id, "--ready-file"])
         .arg(&ready)
-        .args(if stack_copies { &["--kernel-unwind", "false"][..] } else { &[] })
+        .args(extra)
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     let t = Instant::now();
@@ -293,7 +296,8 @@ fn probe(calls: u64, reps: usize) -> Result<()> {
         }
         // The copy row is the call-stack event as it was before kernel unwinding (8 KiB copied).
         let copy = label.ends_with("(copy)");
-        let (agent, log) = start_agent_with(&bin, &plan, &server, &dir, None, "bench", copy)?;
+        let extra: &[&str] = if copy { &STACK_COPIES } else { &[] };
+        let (agent, log) = start_agent_with(&bin, &plan, &server, &dir, None, "bench", extra)?;
         let emu = measure(&prog, "emu", calls, reps)?;
         let ss = measure(&prog, "ss", calls, reps)?;
         stop_agent(agent, &log)?;

@@ -4,13 +4,16 @@
 //! 2. the shop comes up, every function of redis is counted under the CRUD mix (weights) and
 //!    the called ones traced briefly (normal FCTs): `cargo xtask testbed sample`'s steps;
 //! 3. trace point selection at P = 10% (Alg. 1) with F^callstack from coloring (Alg. 2);
-//! 4. the GCN is trained on the FDDB's colored, masked FCTs under that plan;
+//! 4. the GCN is trained on the FDDB's colored, masked FCTs under that plan, and Chimera on the
+//!    FDDB's logs;
 //! 5. the analyzer serves with the model, an agent traces redis with the plan while the shop
 //!    runs at the campaign's request rate, and a fault of the campaign ([`Chosen`]) is injected
 //!    into the running redis:
 //!    a fresh injection that training never saw;
-//! 6. the stored diagnoses are printed (verdict, top-3, the AFCT with the suspect marked),
-//!    and whether the top-1 of the window with the lowest P(normal) names the injected fault.
+//! 6. the stored diagnoses are printed (verdict, top-3, the AFCT with the suspect marked), the
+//!    report of the window with the lowest P(normal) (symptoms from its logs, which the agent
+//!    tails, the AFCT path, causes, similar FDDB runs, the SOP's steps), and whether its top-1
+//!    names the injected fault.
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command},
@@ -23,7 +26,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     Guard,
-    bench::{start_agent_as, stop_agent},
+    bench::{start_agent_with, stop_agent},
     cargo, run, target_dir,
 };
 
@@ -46,6 +49,8 @@ struct Chosen {
 }
 
 const LISTEN: &str = "127.0.0.1:20074";
+/// The shop's log files the demo's agent tails.
+const LOG_FILES: [&str; 4] = ["redis.log", "php-error.log", "nginx-access.log", "nginx-error.log"];
 const BASE_PORT: u16 = 22080;
 
 fn step(n: u32, t0: Instant, what: &str) {
@@ -113,7 +118,7 @@ pub fn run_demo() -> Result<()> {
         .args(["--normal-agent", "normal-redis", "--budget", "10%", "--out"])
         .arg(&plan))?;
 
-    step(4, t0, "Training the GCN on the FDDB's FCTs, colored and masked under the plan");
+    step(4, t0, "Training the GCN on the FDDB's FCTs (colored and masked under the plan), and Chimera on its logs");
     let model = dir.join("model");
     run(analyzer_cmd(&bin)
         .args(["train", "--target", "redis", "--fddb"])
@@ -122,6 +127,12 @@ pub fn run_demo() -> Result<()> {
         .arg(&plan)
         .arg("--out")
         .arg(&model))?;
+    let logs_model = dir.join("logs-model");
+    run(analyzer_cmd(&bin)
+        .args(["train-logs", "--target", "redis", "--fddb"])
+        .arg(&fddb)
+        .arg("--out")
+        .arg(&logs_model))?;
 
     step(
         5,
@@ -138,12 +149,19 @@ pub fn run_demo() -> Result<()> {
         .arg(&live)
         .arg("--model")
         .arg(&model)
+        .arg("--log-model")
+        .arg(&logs_model)
+        .arg("--fddb")
+        .arg(&fddb)
         .stderr(std::fs::File::create(dir.join("analyzer.log"))?)
         .spawn()
         .context("starting afetm-analyzer")?;
     let mut guard = Guard(vec![analyzer]);
     sleep(Duration::from_millis(700));
-    let (agent, agent_log) = start_agent_as(&bin, &plan, &server, &dir, None, "demo-redis")?;
+    // The agent tails the shop's logs beside the traces: the reports weigh them.
+    let logs: Vec<String> = LOG_FILES.iter().map(|f| cfg.logs_dir().join(f).display().to_string()).collect();
+    let extra: Vec<&str> = logs.iter().flat_map(|l| ["--log", l.as_str()]).collect();
+    let (agent, agent_log) = start_agent_with(&bin, &plan, &server, &dir, None, "demo-redis", &extra)?;
     guard.0.push(agent);
     let pid = redis_pid(&cfg)?;
     let injected_at = live_run(&bin, &cfg, &redis, pid, rate, &dir, &chosen)?;
@@ -259,6 +277,8 @@ fn report(bin: &Path, server: &str, injected_at: u64, chosen: &Chosen) -> Result
         .context("no window after the injection was diagnosed")?;
     println!("\nThe window with the lowest P(normal) after the injection, its AFCT with the suspect marked:\n");
     run(analyzer_cmd(bin).args(["diagnoses", "--server", server, "--window", &worst.window_id.to_string(), "--tree"]))?;
+    println!("\nIts report (afetm-analyzer report --window {}):\n", worst.window_id);
+    run(analyzer_cmd(bin).args(["report", "--server", server, "--window", &worst.window_id.to_string()]))?;
     let top1 = worst.top.first().map(|s| (s.kind.as_str(), s.function.as_str()));
     let function_right = top1.is_some_and(|(_, f)| f == chosen.function);
     let kind_right = top1.is_some_and(|(k, _)| k == chosen.kind);

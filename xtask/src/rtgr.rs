@@ -153,7 +153,8 @@ fn one_run(
     let mut agents = Vec::new();
     for (k, plan) in c.plans.iter().enumerate() {
         let id = format!("rtgr-{rep}-{i}-{k}");
-        agents.push(start_agent_with(s.bin, plan, server, s.dir, None, &id, c.stack_copies)?);
+        let extra: &[&str] = if c.stack_copies { &crate::bench::STACK_COPIES } else { &[] };
+        agents.push(start_agent_with(s.bin, plan, server, s.dir, None, &id, extra)?);
     }
     if s.tier == Some(Target::Redis) {
         redis_command(s.cfg, "CONFIG RESETSTAT")?;
