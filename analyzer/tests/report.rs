@@ -4,7 +4,8 @@
 //! GCN on the trees (`train`); the daemon serves both with the FDDB; an agent traces the
 //! shop's redis and tails its log files (`--log`); after a normal run, a crash is injected
 //! into `setGenericCommand` while the shop runs. Checked: the log lines reach the daemon and
-//! land in their windows; an engineer's feedback is stored and refused for an unknown window;
+//! land in their windows; an engineer's feedback is stored (and joins the next `train-logs`)
+//! and refused for an unknown window;
 //! the crashed process's last window gets a report that names the crash and the injected
 //! function, lists the clients' errors among its symptoms, cites historical crash runs of the
 //! FDDB and gives the crash SOP's steps; a window of the normal run shows no exit (whether the
@@ -252,4 +253,15 @@ async fn a_crash_gets_a_report_that_names_it() {
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
     let missing = q.report(pb::ReportRequest { window_id: 999_999, similar: 0 }).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+    // The judged window joins the next training of the log model.
+    let retrained = run_ok(
+        Command::new(analyzer)
+            .args(["train-logs", "--target", "redis", "--epochs", "20", "--fddb"])
+            .arg(&fddb)
+            .arg("--db")
+            .arg(dir.path().join("live.sqlite"))
+            .arg("--out")
+            .arg(dir.path().join("logs-model-2")),
+    );
+    assert!(retrained.contains("and 1 judged windows"), "{retrained}");
 }
