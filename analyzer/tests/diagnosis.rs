@@ -16,7 +16,6 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    thread::sleep,
     time::{Duration, Instant},
 };
 
@@ -27,23 +26,9 @@ use afetm_diagnosis::{
 };
 use afetm_fault::FaultKind;
 use afetm_proto::{self as pb, query_client::QueryClient};
+use common::{Down, Kill, agent, bin, connect, is_root, run_ok};
 
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("AFETM_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_afetm-analyzer")).parent().unwrap().to_path_buf());
-    dir.join(name)
-}
-
-struct Kill(Vec<Child>);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+mod common;
 
 fn serve(dir: &Path, port: u16, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_afetm-analyzer"))
@@ -53,18 +38,6 @@ fn serve(dir: &Path, port: u16, extra: &[&str]) -> Child {
         .stderr(std::fs::File::create(dir.join(format!("analyzer-{port}.log"))).unwrap())
         .spawn()
         .unwrap()
-}
-
-async fn connect(port: u16, child: &mut Child) -> QueryClient<tonic::transport::Channel> {
-    let t = Instant::now();
-    loop {
-        if let Ok(c) = QueryClient::connect(format!("http://127.0.0.1:{port}")).await {
-            return c;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the analyzer exited");
-        assert!(t.elapsed() < Duration::from_secs(20), "the analyzer did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn tree(nodes: &[(&str, i32)]) -> pb::Tree {
@@ -169,32 +142,11 @@ async fn bad_models_and_trees_get_clear_errors_and_the_daemon_keeps_serving() {
     assert!(!d.error, "{d:?}");
 }
 
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn run_ok(c: &mut Command) {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+const RATE: f64 = 200.0;
 
 fn load(cfg: &testbed::Config, secs: u64) -> testbed::load::Report {
-    let mut l = testbed::load::LoadConfig::new(cfg.url());
-    l.items = cfg.seed_items;
-    l.connections = 4;
-    l.rate = Some(RATE);
-    l.duration = Duration::from_secs(secs);
-    l.warmup = Duration::ZERO;
-    testbed::load::run(&l).unwrap()
+    common::load(cfg, secs, RATE)
 }
-
-const RATE: f64 = 200.0;
 
 /// Pushes the agent's plan less `serverCron` and waits (with the shop under load) until the
 /// daemon says the retrained model is ready; returns how long that took, in seconds.
@@ -291,12 +243,6 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     cfg.binaries = binaries;
     let _ = testbed::down(&cfg);
     testbed::up(&cfg).unwrap();
-    struct Down(testbed::Config);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = testbed::down(&self.0);
-        }
-    }
     let _down = Down(cfg.clone());
 
     let port = 27432;
@@ -308,22 +254,7 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
         .await
         .unwrap()
         .into_inner();
-    let ready = dir.path().join("agent.ready");
-    procs.0.push(
-        Command::new(bin("afetm-agent"))
-            .arg("--plan")
-            .arg(&plan)
-            .args(["--analyzer", &format!("http://127.0.0.1:{port}"), "--agent-id", "live", "--ready-file"])
-            .arg(&ready)
-            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let t = Instant::now();
-    while !ready.exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "agent not ready");
-        sleep(Duration::from_millis(50));
-    }
+    procs.0.push(agent(&plan, port, dir.path(), &[]));
     // A normal run, then the fault injected while the shop runs.
     let normal = load(&cfg, 4);
     assert_eq!(normal.errors, 0);

@@ -12,52 +12,20 @@
 //! small models alarm there is printed, not asserted). Root only.
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    thread::sleep,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
+use afetm_proto::{self as pb, control_client::ControlClient};
+use common::{Down, Kill, agent, bin, connect, is_root, run_ok};
 
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("AFETM_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_afetm-analyzer")).parent().unwrap().to_path_buf());
-    dir.join(name)
-}
-
-struct Kill(Vec<Child>);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn run_ok(c: &mut Command) -> String {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn load(cfg: &testbed::Config, secs: u64) -> testbed::load::Report {
-    let mut l = testbed::load::LoadConfig::new(cfg.url());
-    l.items = cfg.seed_items;
-    l.connections = 4;
-    l.rate = Some(RATE);
-    l.duration = Duration::from_secs(secs);
-    l.warmup = Duration::ZERO;
-    testbed::load::run(&l).unwrap()
-}
+mod common;
 
 const RATE: f64 = 200.0;
+
+fn load(cfg: &testbed::Config, secs: u64) -> testbed::load::Report {
+    common::load(cfg, secs, RATE)
+}
 const FUNCTION: &str = "setGenericCommand";
 
 fn campaign(dir: &Path) -> PathBuf {
@@ -76,22 +44,9 @@ fn campaign(dir: &Path) -> PathBuf {
     fddb
 }
 
-async fn connect(port: u16, child: &mut Child) -> QueryClient<tonic::transport::Channel> {
-    let t = Instant::now();
-    loop {
-        if let Ok(c) = QueryClient::connect(format!("http://127.0.0.1:{port}")).await {
-            return c;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the analyzer exited");
-        assert!(t.elapsed() < Duration::from_secs(30), "analyzer not up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_gets_a_report_that_names_it() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         eprintln!("SKIPPED: the campaign starts the testbed and injects faults; run as root (cargo xtask test)");
         return;
     }
@@ -130,12 +85,6 @@ async fn a_crash_gets_a_report_that_names_it() {
     cfg.binaries = binaries;
     let _ = testbed::down(&cfg);
     testbed::up(&cfg).unwrap();
-    struct Down(testbed::Config);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = testbed::down(&self.0);
-        }
-    }
     let _down = Down(cfg.clone());
 
     let port = 24995;
@@ -153,25 +102,11 @@ async fn a_crash_gets_a_report_that_names_it() {
         .unwrap();
     let mut q = connect(port, &mut daemon).await;
     let mut procs = Kill(vec![daemon]);
-    let ready = dir.path().join("agent.ready");
-    let mut agent = Command::new(bin("afetm-agent"));
-    agent.arg("--plan").arg(&plan).args(["--analyzer", &format!("http://127.0.0.1:{port}"), "--agent-id", "live"]);
-    for f in ["redis.log", "php-error.log", "nginx-access.log", "nginx-error.log"] {
-        agent.arg("--log").arg(cfg.logs_dir().join(f));
-    }
-    procs.0.push(
-        agent
-            .arg("--ready-file")
-            .arg(&ready)
-            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let t = Instant::now();
-    while !ready.exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "agent not ready");
-        sleep(Duration::from_millis(50));
-    }
+    let logs: Vec<PathBuf> = ["redis.log", "php-error.log", "nginx-access.log", "nginx-error.log"]
+        .iter()
+        .map(|f| cfg.logs_dir().join(f))
+        .collect();
+    procs.0.push(agent(&plan, port, dir.path(), &logs));
     let normal = load(&cfg, 3);
     assert_eq!(normal.errors, 0);
     let normal_end = testbed::monotonic_ns();

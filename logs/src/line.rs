@@ -84,6 +84,25 @@ pub struct LogLine {
     pub raw: String,
 }
 
+/// A line with each run of digits replaced by one `0` (timestamps, pids, ports, ids): the
+/// cheap template that compares lines across runs without a miner.
+pub fn mask_digits(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut in_digits = false;
+    for ch in line.chars() {
+        if ch.is_ascii_digit() {
+            if !in_digits {
+                out.push('0');
+            }
+            in_digits = true;
+        } else {
+            out.push(ch);
+            in_digits = false;
+        }
+    }
+    out
+}
+
 /// Parses one line of `file`.
 pub fn parse(file: &str, raw: &str) -> LogLine {
     let source = Source::of_file(file);

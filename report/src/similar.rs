@@ -8,7 +8,10 @@
 use std::collections::BTreeSet;
 
 use afetm_fddb::{Fddb, Role};
-use afetm_logs::{Level, line::lines_of};
+use afetm_logs::{
+    Level,
+    line::{lines_of, mask_digits as mask},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::ReportError;
@@ -28,24 +31,6 @@ pub struct SimilarCase {
     pub similarity: f64,
     /// Its first warning-or-worse log line, if any.
     pub line: Option<String>,
-}
-
-/// Digits masked: a line's template for comparison.
-pub fn mask(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut prev_digit = false;
-    for c in line.chars() {
-        if c.is_ascii_digit() {
-            if !prev_digit {
-                out.push('0');
-            }
-            prev_digit = true;
-        } else {
-            out.push(c);
-            prev_digit = false;
-        }
-    }
-    out
 }
 
 /// The masked messages of the warning-or-worse lines of `(file, text)` logs, and the first

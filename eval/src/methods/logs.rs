@@ -46,20 +46,7 @@ pub fn is_error_line(source: &str, line: &str) -> bool {
 
 /// A line with its digits masked (timestamps, pids, ports, ids).
 pub fn template(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut in_digits = false;
-    for ch in line.chars() {
-        if ch.is_ascii_digit() {
-            if !in_digits {
-                out.push('0');
-            }
-            in_digits = true;
-        } else {
-            out.push(ch);
-            in_digits = false;
-        }
-    }
-    out
+    afetm_logs::line::mask_digits(line)
 }
 
 fn error_lines(case: &Case) -> impl Iterator<Item = &str> + '_ {
