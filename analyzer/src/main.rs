@@ -88,6 +88,9 @@ enum Cmd {
     },
     /// Train Chimera (the log model) on the FDDB's runs and the judged windows.
     TrainLogs(cli_logs::TrainLogsArgs),
+    /// Active learning (LogSage's GARCA): the closed windows whose root cause is least certain,
+    /// to judge first with `feedback --cause`.
+    Ask(cli_logs::AskArgs),
     /// Train the diagnosis GCN on an FDDB's training runs of one target under a plan.
     Train {
         #[arg(long)]
@@ -331,6 +334,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Feedback(a) => cli_logs::feedback(a).await,
         Cmd::Logs { server, window } => cli_logs::logs(&server, window).await,
         Cmd::TrainLogs(a) => tokio::task::spawn_blocking(move || cli_logs::train_logs(&a)).await?,
+        Cmd::Ask(a) => tokio::task::spawn_blocking(move || cli_logs::ask(&a)).await?,
         Cmd::Serve {
             listen,
             db,

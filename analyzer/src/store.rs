@@ -162,6 +162,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(logs::SCHEMA)?;
+        logs::migrate(&conn)?;
         // Databases from before window cuts: add the columns (their windows keep working).
         let has_cut: i64 =
             conn.query_row("SELECT COUNT(*) FROM pragma_table_info('processes') WHERE name = 'cut_ns'", [], |r| {

@@ -5,7 +5,7 @@
 //! shop's redis and tails its log files (`--log`); after a normal run, a crash is injected
 //! into `setGenericCommand` while the shop runs. Checked: the log lines reach the daemon and
 //! land in their windows; an engineer's feedback is stored (and joins the next `train-logs`)
-//! and refused for an unknown window;
+//! and refused for an unknown window or cause; `ask` lists the windows to judge next;
 //! the crashed process's last window gets a report that names the crash and the injected
 //! function, lists the clients' errors among its symptoms, cites historical crash runs of the
 //! FDDB and gives the crash SOP's steps; a window of the normal run shows no exit (whether the
@@ -182,10 +182,33 @@ async fn a_crash_gets_a_report_that_names_it() {
     // Feedback: stored for a real window, refused for an unknown one.
     let mut c = ControlClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
     let line = r.symptoms.iter().find(|s| s.contains(".log")).cloned().unwrap_or_default();
-    let fb = pb::FeedbackRequest { window_id: last.id, line, confirm: true, note: "test".into() };
+    let fb = pb::FeedbackRequest { window_id: last.id, line, confirm: true, note: "test".into(), cause: String::new() };
     assert!(c.feedback(fb).await.unwrap().into_inner().id > 0);
     let bad = c.feedback(pb::FeedbackRequest { window_id: 999_999, ..Default::default() }).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
+    let cause = |cause: &str| pb::FeedbackRequest {
+        window_id: last.id,
+        confirm: true,
+        cause: cause.into(),
+        ..Default::default()
+    };
+    assert!(c.feedback(cause(&format!("{FUNCTION}/crash"))).await.is_ok());
+    let bad = c.feedback(cause("setGenericCommand/melted")).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
+    // Active learning: the windows whose root cause GARCA is least sure of (the judged one
+    // is labelled now, so it is not asked about).
+    let asked = run_ok(
+        Command::new(analyzer)
+            .args(["ask", "--target", "redis", "--count", "3", "--fddb"])
+            .arg(&fddb)
+            .arg("--db")
+            .arg(dir.path().join("live.sqlite"))
+            .arg("--plan")
+            .arg(&plan),
+    );
+    let asked_windows: Vec<&str> = asked.lines().filter(|l| l.trim_start().starts_with("window ")).collect();
+    assert_eq!(asked_windows.len(), 3.min(windows.len() - 1), "{asked}");
+    assert!(!asked_windows.iter().any(|l| l.trim_start().starts_with(&format!("window {} ", last.id))), "{asked}");
     let missing = q.report(pb::ReportRequest { window_id: 999_999, similar: 0 }).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
     // The judged window joins the next training of the log model.

@@ -51,6 +51,32 @@ pub struct FeedbackArgs {
     reject: bool,
     #[arg(long, default_value = "")]
     note: String,
+    /// The root cause, `function/kind` (what `ask` wants to know; LogSage learns from it).
+    #[arg(long, default_value = "")]
+    cause: String,
+}
+
+/// `afetm-analyzer ask`: the windows whose root cause LogSage is least sure of, to judge first.
+#[derive(clap::Args)]
+pub struct AskArgs {
+    /// The analyzer's database (its closed windows are the cases to ask about).
+    #[arg(long)]
+    db: PathBuf,
+    /// Only this agent's windows.
+    #[arg(long, default_value = "")]
+    agent: String,
+    /// The campaign's FDDB: its training runs are the labelled cases.
+    #[arg(long)]
+    fddb: PathBuf,
+    /// The target's name in the FDDB.
+    #[arg(long)]
+    target: String,
+    /// The plan the agent runs (the FDDB's trees become the AFCTs it would give).
+    #[arg(long)]
+    plan: PathBuf,
+    /// How many windows to ask about.
+    #[arg(long, default_value_t = 5)]
+    count: usize,
 }
 
 /// `afetm-analyzer train-logs`.
@@ -105,7 +131,13 @@ pub async fn feedback(a: FeedbackArgs) -> Result<()> {
     let mut c = ControlClient::connect(a.server.clone())
         .await
         .with_context(|| format!("cannot reach analyzer at {}", a.server))?;
-    let req = pb::FeedbackRequest { window_id: a.window, line: a.line.clone(), confirm: a.confirm, note: a.note };
+    let req = pb::FeedbackRequest {
+        window_id: a.window,
+        line: a.line.clone(),
+        confirm: a.confirm,
+        note: a.note,
+        cause: a.cause,
+    };
     let id = c.feedback(req).await.context("feedback")?.into_inner().id;
     let on = if a.line.is_empty() { format!("window {}", a.window) } else { format!("a line of window {}", a.window) };
     println!(
@@ -121,6 +153,105 @@ pub async fn logs(server: &str, window: u64) -> Result<()> {
         println!("{} {}: {}", l.ts_ns, l.file, l.text);
     }
     eprintln!("{} line(s)", lines.len());
+    Ok(())
+}
+
+/// A case of the graph: its logs, its trees and its class (if known).
+struct AskCase {
+    logs: Vec<(String, String)>,
+    trees: Vec<pb::Tree>,
+    label: Option<usize>,
+    window: Option<pb::WindowInfo>,
+}
+
+/// The FDDB's training runs as labelled cases, with the AFCTs the plan's agent would give; the
+/// class names (`normal`, then `function/kind`).
+fn fddb_cases(path: &Path, target: &str, plan: &Path) -> Result<(Vec<AskCase>, Vec<String>)> {
+    let db = Fddb::open(path).with_context(|| format!("FDDB {}", path.display()))?;
+    let text = std::fs::read_to_string(plan).with_context(|| format!("plan {}", plan.display()))?;
+    let plan = afetm_proto::plan::PlanFile::parse(&text).with_context(|| format!("plan {}", plan.display()))?;
+    let mut classes = vec!["normal".to_string()];
+    let mut cases = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for r in db.valid_runs(target, Role::Train)? {
+        let class = r.fault.as_ref().map_or("normal".to_string(), |(f, k, _)| format!("{f}/{k}"));
+        let label = classes.iter().position(|c| *c == class).unwrap_or_else(|| {
+            classes.push(class.clone());
+            classes.len() - 1
+        });
+        index.insert(r.id, cases.len());
+        cases.push(AskCase { logs: db.run_logs(r.id)?, trees: vec![], label: Some(label), window: None });
+    }
+    let opts = afetm_fddb::dataset::DatasetOptions { role: Some(Role::Train), plan: Some(plan) };
+    db.for_each_tree(target, &opts, |row| {
+        if let Some(&i) = index.get(&row.run) {
+            cases[i].trees.push(row.forest.to_proto(row.table));
+        }
+        Ok(())
+    })?;
+    Ok((cases, classes))
+}
+
+/// The analyzer's closed windows as cases; an engineer's cause (or "normal" verdict) labels one.
+fn live_cases(path: &Path, agent: &str, classes: &[String]) -> Result<Vec<AskCase>> {
+    let store = Store::open(path, WindowConfig::default(), Limits::default())
+        .with_context(|| format!("opening database {}", path.display()))?;
+    let mut label: std::collections::HashMap<u64, usize> = Default::default();
+    for f in store.feedback()?.into_iter().filter(|f| f.line.is_empty()) {
+        let class = if !f.confirm { Some(0) } else { classes.iter().position(|c| *c == f.cause) };
+        if let Some(c) = class {
+            label.insert(f.window_id, c);
+        }
+    }
+    let mut out = Vec::new();
+    for w in store.list_windows(&pb::ListWindowsRequest { agent_id: agent.to_string(), pid: 0, closed_only: true })? {
+        let mut trees = Vec::new();
+        for tid in &w.tids {
+            trees.extend(store.afct(w.id, *tid)?);
+        }
+        let logs = by_file(&store.window_logs(w.id)?);
+        out.push(AskCase { logs, trees, label: label.get(&w.id).copied(), window: Some(w) });
+    }
+    Ok(out)
+}
+
+pub fn ask(a: &AskArgs) -> Result<()> {
+    use afetm_logdiag::logsage::{cases::CaseBuilder, garca};
+    let (mut cases, classes) = fddb_cases(&a.fddb, &a.target, &a.plan)?;
+    cases.extend(live_cases(&a.db, &a.agent, &classes)?);
+    if cases.iter().all(|c| c.window.is_none()) {
+        bail!(
+            "{} has no closed window{}",
+            a.db.display(),
+            if a.agent.is_empty() { String::new() } else { format!(" of agent {:?}", a.agent) }
+        );
+    }
+    let mut b = CaseBuilder::fit(cases.iter().map(|c| c.logs.as_slice()));
+    let raws: Vec<garca::Case> =
+        cases.iter().map(|c| garca::Case { label: c.label, ..b.raw(&c.logs, &c.trees, 0).0 }).collect();
+    b.centre_on(&raws);
+    let graph: Vec<garca::Case> = raws.into_iter().map(|c| b.centred(c)).collect();
+    let model = garca::Garca::train(graph, classes.len(), garca::Config::default()).context("training GARCA")?;
+    let p = model.probabilities()?;
+    println!(
+        "GARCA over {} cases ({} edges); ask about these windows first (most uncertain first):",
+        cases.len(),
+        model.edge_count()
+    );
+    for i in model.query(a.count)? {
+        let Some(w) = &cases[i].window else { continue };
+        let mut order: Vec<usize> = (0..classes.len()).collect();
+        order.sort_by(|x, y| p[i][*y].total_cmp(&p[i][*x]));
+        let guess: Vec<String> = order.iter().take(2).map(|c| format!("{} {:.2}", classes[*c], p[i][*c])).collect();
+        println!(
+            "  window {} (agent {}, pid {}): {}; judge it: afetm-analyzer feedback --window {} --confirm --cause FUNCTION/KIND (or --reject if normal)",
+            w.id,
+            w.agent_id,
+            w.pid,
+            guess.join(", "),
+            w.id
+        );
+    }
     Ok(())
 }
 

@@ -15,8 +15,19 @@ CREATE TABLE IF NOT EXISTS logs (id INTEGER PRIMARY KEY, agent_id TEXT NOT NULL,
   ts_ns INTEGER NOT NULL, unix_ms INTEGER NOT NULL, file TEXT NOT NULL, text TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS logs_time ON logs(agent_id, instance, ts_ns);
 CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, window_id INTEGER NOT NULL REFERENCES windows(id),
-  line TEXT NOT NULL, confirm INTEGER NOT NULL, note TEXT NOT NULL, unix_ms INTEGER NOT NULL);
+  line TEXT NOT NULL, confirm INTEGER NOT NULL, note TEXT NOT NULL, unix_ms INTEGER NOT NULL,
+  cause TEXT NOT NULL DEFAULT '');
 "#;
+
+/// Adds what tables created by earlier versions lack.
+pub fn migrate(conn: &rusqlite::Connection) -> Result<(), StoreError> {
+    let has: i64 =
+        conn.query_row("SELECT COUNT(*) FROM pragma_table_info('feedback') WHERE name = 'cause'", [], |r| r.get(0))?;
+    if has == 0 {
+        conn.execute_batch("ALTER TABLE feedback ADD COLUMN cause TEXT NOT NULL DEFAULT '';")?;
+    }
+    Ok(())
+}
 
 /// Longest line accepted, bytes (the agent cuts at 4 KiB).
 pub const MAX_LINE: usize = 64 * 1024;
@@ -34,6 +45,8 @@ pub struct Feedback {
     pub confirm: bool,
     /// Free text.
     pub note: String,
+    /// The root cause named, `function/kind` (empty: none).
+    pub cause: String,
 }
 
 /// Checks a batch's log lines against the limits.
@@ -110,20 +123,29 @@ impl Store {
         if !exists {
             return Err(invalid("window", format!("no window {}", f.window_id)));
         }
+        if !f.cause.is_empty() {
+            let kind = f.cause.rsplit_once('/').map(|(_, k)| k).unwrap_or("");
+            if f.cause.split('/').next().is_none_or(str::is_empty) || kind.parse::<afetm_fault::FaultKind>().is_err() {
+                return Err(invalid(
+                    "cause",
+                    format!("cause {:?}: expected function/kind (kind: crash, deadlock, ip+n, input, output)", f.cause),
+                ));
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         self.conn.execute(
-            "INSERT INTO feedback(window_id, line, confirm, note, unix_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![f.window_id as i64, f.line, f.confirm, f.note, now],
+            "INSERT INTO feedback(window_id, line, confirm, note, unix_ms, cause) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![f.window_id as i64, f.line, f.confirm, f.note, now, f.cause],
         )?;
         Ok(self.conn.last_insert_rowid())
     }
 
     /// Every verdict, oldest first (a later one on the same line or window overrides).
     pub fn feedback(&self) -> Result<Vec<Feedback>, StoreError> {
-        let mut st = self.conn.prepare("SELECT id, window_id, line, confirm, note FROM feedback ORDER BY id")?;
+        let mut st = self.conn.prepare("SELECT id, window_id, line, confirm, note, cause FROM feedback ORDER BY id")?;
         let rows = st.query_map([], |r| {
             Ok(Feedback {
                 id: r.get(0)?,
@@ -131,6 +153,7 @@ impl Store {
                 line: r.get(2)?,
                 confirm: r.get(3)?,
                 note: r.get(4)?,
+                cause: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

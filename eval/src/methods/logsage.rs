@@ -2,10 +2,8 @@
 //! each run's fault-indicating lines, GARCA classifies the run over a graph of the training
 //! runs, in the GCN's classes (`normal` and every (function, fault kind)).
 //!
-//! A case's vectors, both centred on the training cases' mean so that what every run shares
-//! (the access log's ordinary lines, the functions every request calls) does not make every
-//! pair of cases similar: the mean embedding of its FILE lines' templates, and the share of
-//! its AFCTs' nodes per function, hashed into [`TREE_DIM`] buckets.
+//! A run is a case as `afetm_logdiag::logsage::cases` builds it: its logs' FILE region and its
+//! AFCTs under the plan, centred on the training runs' mean.
 //!
 //! With `label_share`, the graph is trained by active learning: a tenth of the share labelled
 //! at random, the rest asked in four rounds, most uncertain first, the FDDB's truth standing
@@ -14,11 +12,9 @@
 
 use afetm_diagnosis::Class;
 use afetm_logdiag::logsage::{
-    file::{self, extract},
+    cases::CaseBuilder,
     garca::{self, Garca, active_learning},
 };
-use afetm_logdiag::model::view;
-use afetm_logs::{Embedder, Templates, line::lines_of};
 
 use super::chimera::TOP_LINES;
 use crate::{
@@ -27,81 +23,33 @@ use crate::{
     method::{Input, Method, Suspect, Verdict},
 };
 
-/// Width of a case's tree vector.
-pub const TREE_DIM: usize = 64;
-
-/// Templates and embedder, fitted on the training runs.
-struct LogView {
-    templates: Templates,
-    embedder: Embedder,
-}
-
 /// See the module docs.
 pub struct LogSage {
     name: String,
-    view: LogView,
+    cases: CaseBuilder,
     classes: Vec<Class>,
-    mean: garca::Case,
     model: Garca,
     labels: usize,
 }
 
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
-fn centred(mean: &garca::Case, mut c: garca::Case) -> garca::Case {
-    c.logs.iter_mut().zip(&mean.logs).for_each(|(a, m)| *a -= m);
-    c.trees.iter_mut().zip(&mean.trees).for_each(|(a, m)| *a -= m);
-    c
-}
-
-fn tree_vector(case: &Case) -> Vec<f32> {
-    let mut v = vec![0f32; TREE_DIM];
-    let mut n = 0f32;
-    for t in case.windows.iter().filter_map(|w| w.afct.as_ref()) {
-        for node in &t.nodes {
-            v[(fnv(&node.function) % TREE_DIM as u64) as usize] += 1.0;
-            n += 1.0;
-        }
-    }
-    v.iter_mut().for_each(|x| *x /= n.max(1.0));
-    v
+fn raw(b: &CaseBuilder, c: &Case) -> (garca::Case, Vec<String>) {
+    b.raw(&c.logs, c.windows.iter().filter_map(|w| w.afct.as_ref()), TOP_LINES)
 }
 
 impl LogSage {
-    fn vectors(view: &LogView, case: &Case) -> (garca::Case, Vec<String>) {
-        let lines = lines_of(&case.logs);
-        let region = extract(&lines, &view.templates, &view.embedder, file::Config::default());
-        let mut logs = vec![0f32; view.embedder.dim];
-        for &i in &region {
-            let id = view.templates.learn(&lines[i].message);
-            let e = view.embedder.embed(&view.templates.text(id).unwrap_or_default());
-            logs.iter_mut().zip(e).for_each(|(a, b)| *a += b / region.len() as f32);
-        }
-        let shown = region.iter().take(TOP_LINES).map(|&i| lines[i].raw.clone()).collect();
-        (garca::Case { logs, trees: tree_vector(case), label: None }, shown)
-    }
-
     /// Builds the graph over the training runs and trains GARCA (see the module docs).
     pub fn fit(train: &[Case], label_share: Option<f64>) -> Result<LogSage, EvalError> {
-        let (templates, embedder, _) = view(train.iter().map(|c| c.logs.as_slice()));
-        let view = LogView { templates, embedder };
+        let mut builder = CaseBuilder::fit(train.iter().map(|c| c.logs.as_slice()));
         let mut classes = vec![Class::Normal];
         for c in train {
             if !classes.contains(&c.truth) {
                 classes.push(c.truth.clone());
             }
         }
-        let raw: Vec<garca::Case> = train.iter().map(|c| Self::vectors(&view, c).0).collect();
-        let n = raw.len().max(1) as f32;
-        let avg = |f: &dyn Fn(&garca::Case) -> &Vec<f32>| -> Vec<f32> {
-            let w = raw.first().map(|c| f(c).len()).unwrap_or(0);
-            (0..w).map(|i| raw.iter().map(|c| f(c)[i]).sum::<f32>() / n).collect()
-        };
-        let mean = garca::Case { logs: avg(&|c| &c.logs), trees: avg(&|c| &c.trees), label: None };
+        let raws: Vec<garca::Case> = train.iter().map(|c| raw(&builder, c).0).collect();
+        builder.centre_on(&raws);
+        let cases: Vec<garca::Case> = raws.into_iter().map(|c| builder.centred(c)).collect();
         let truth: Vec<usize> = train.iter().map(|c| classes.iter().position(|k| *k == c.truth).unwrap_or(0)).collect();
-        let cases: Vec<garca::Case> = raw.into_iter().map(|c| centred(&mean, c)).collect();
         let err = |e: afetm_logdiag::LogDiagError| EvalError::Input(format!("LogSage: {e}"));
         let cfg = garca::Config::default();
         let (model, labels, name) = match label_share {
@@ -120,13 +68,13 @@ impl LogSage {
                 (m, used, format!("LogSage (active, {:.0}% labels)", share * 100.0))
             }
         };
-        Ok(LogSage { name, view, classes, mean, model, labels })
+        Ok(LogSage { name, cases: builder, classes, model, labels })
     }
 
     /// Class probabilities of a case, by class.
     pub fn probabilities(&self, case: &Case) -> Result<Vec<(Class, f32)>, EvalError> {
-        let (c, _) = Self::vectors(&self.view, case);
-        let p = self.model.classify(&centred(&self.mean, c)).map_err(|e| EvalError::Input(format!("LogSage: {e}")))?;
+        let (c, _) = raw(&self.cases, case);
+        let p = self.model.classify(&self.cases.centred(c)).map_err(|e| EvalError::Input(format!("LogSage: {e}")))?;
         Ok(self.classes.iter().cloned().zip(p).collect())
     }
 
@@ -151,8 +99,8 @@ impl Method for LogSage {
 
     fn diagnose(&self, case: &Case) -> Result<Vec<Verdict>, EvalError> {
         let t = std::time::Instant::now();
-        let (c, lines) = Self::vectors(&self.view, case);
-        let p = self.model.classify(&centred(&self.mean, c)).map_err(|e| EvalError::Input(format!("LogSage: {e}")))?;
+        let (c, lines) = raw(&self.cases, case);
+        let p = self.model.classify(&self.cases.centred(c)).map_err(|e| EvalError::Input(format!("LogSage: {e}")))?;
         let mut ranked: Vec<usize> = (1..self.classes.len()).collect();
         ranked.sort_by(|a, b| p[*b].total_cmp(&p[*a]));
         let top = ranked
