@@ -7,9 +7,10 @@
 //! land in their windows; an engineer's feedback is stored (and joins the next `train-logs`)
 //! and refused for an unknown window or cause; `ask` lists the windows to judge next;
 //! the crashed process's last window gets a report that names the crash and the injected
-//! function, lists the clients' errors among its symptoms, cites historical crash runs of the
-//! FDDB and gives the crash SOP's steps; a window of the normal run shows no exit (whether the
-//! small models alarm there is printed, not asserted). Root only.
+//! function, lists the clients' errors among its symptoms, cites the FDDB's historical runs in
+//! which that function's faults crashed redis and gives the crash SOP's steps; a window of the
+//! normal run shows no exit (whether the small models alarm there is printed, not asserted).
+//! Root only.
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -167,7 +168,8 @@ async fn a_crash_gets_a_report_that_names_it() {
     assert!(r.title.contains("crash") && r.title.contains(FUNCTION) && r.title.contains("exited"), "{}", r.title);
     assert!(r.symptoms.iter().any(|s| s.contains("exited")), "{:?}", r.symptoms);
     assert!(r.symptoms.iter().any(|s| s.contains("php-error.log") && s.contains("Error level")), "{:?}", r.symptoms);
-    assert!(r.similar.iter().any(|s| s.function == FUNCTION && s.fault == "crash"), "{:?}", r.similar);
+    // Historical runs in which the function's faults crashed redis.
+    assert!(r.similar.iter().any(|s| s.function == FUNCTION && s.manifestation == "crash"), "{:?}", r.similar);
     assert_eq!(r.sop, "crash");
     assert!(!r.resolution.is_empty() && r.markdown.contains("## Resolution (SOP: crash)"));
 

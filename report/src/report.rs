@@ -204,21 +204,26 @@ fn process(e: &Evidence, causes: &[Cause], p_error: f64, fused: bool) -> Vec<Str
 }
 
 /// The GCN's suspects; when the process exited, its crash suspects first (an exit is what a
-/// crash looks like from outside, whatever the tree's shape says).
+/// crash looks like from outside, whatever the tree's shape says). A model without a crash
+/// class for any suspect (the campaign's crash runs of those functions were not valid) still
+/// gets one: a crash of the top suspect's function, at that function's probability.
 fn causes(e: &Evidence) -> Vec<Cause> {
     let Some(g) = &e.gcn else { return Vec::new() };
     let mut top: Vec<&(String, String, f64)> = g.top.iter().collect();
     if e.exited {
         top.sort_by_key(|(_, k, _)| k != "crash");
     }
-    top.into_iter()
+    let backing = |function: &str, kind: &str| -> Vec<String> {
+        e.similar
+            .iter()
+            .filter(|s| s.function == function && s.fault.starts_with(kind.trim_end_matches("+n")))
+            .map(|s| format!("run {} ({})", s.run, s.manifestation))
+            .collect()
+    };
+    let mut out: Vec<Cause> = top
+        .into_iter()
         .map(|(function, kind, p)| {
-            let runs: Vec<String> = e
-                .similar
-                .iter()
-                .filter(|s| s.function == *function && s.fault.starts_with(kind.trim_end_matches("+n")))
-                .map(|s| format!("run {} ({})", s.run, s.manifestation))
-                .collect();
+            let runs = backing(function, kind);
             let evidence = if runs.is_empty() {
                 format!("GCN probability {p:.2}")
             } else {
@@ -226,7 +231,24 @@ fn causes(e: &Evidence) -> Vec<Cause> {
             };
             Cause { function: function.clone(), kind: kind.clone(), confidence: *p, evidence }
         })
-        .collect()
+        .collect();
+    if let (true, Some(first)) = (e.exited, out.first().filter(|c| c.kind != "crash").cloned()) {
+        let p: f64 = g.top.iter().filter(|(f, _, _)| *f == first.function).map(|t| t.2).sum();
+        let crashed: Vec<String> = e
+            .similar
+            .iter()
+            .filter(|s| s.function == first.function && s.manifestation == "crash")
+            .map(|s| format!("run {} ({})", s.run, s.fault))
+            .collect();
+        let mut evidence = format!(
+            "the process exited; the model has no crash class here, the function is the GCN's top suspect (its probability over all kinds {p:.2})"
+        );
+        if !crashed.is_empty() {
+            evidence.push_str(&format!("; historical crashes of it: {}", crashed.join(", ")));
+        }
+        out.insert(0, Cause { function: first.function, kind: "crash".into(), confidence: p, evidence });
+    }
+    out
 }
 
 /// Builds the report of a window (see the module docs). With a fitted `fusion`, the verdict
@@ -431,6 +453,19 @@ mod tests {
         assert!(r.error);
         assert_eq!((r.causes[0].function.as_str(), r.causes[0].kind.as_str()), ("setGenericCommand", "crash"));
         assert!(r.symptoms.iter().any(|s| s.contains("exited")));
+    }
+
+    #[test]
+    fn an_exit_without_a_crash_class_still_names_a_crash() {
+        let lib = Library::built_in().unwrap();
+        let mut e = evidence();
+        e.exited = true;
+        e.gcn.as_mut().unwrap().top = vec![("f".into(), "input".into(), 0.02), ("f".into(), "ip+n".into(), 0.01)];
+        let r = build(&e, &Fusion::default(), &lib);
+        assert_eq!((r.causes[0].function.as_str(), r.causes[0].kind.as_str()), ("f", "crash"));
+        assert!((r.causes[0].confidence - 0.03).abs() < 1e-9);
+        assert_eq!(r.causes[1].kind, "input");
+        assert_eq!(r.sop, "crash");
     }
 
     #[test]
