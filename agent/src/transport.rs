@@ -21,6 +21,8 @@ struct State {
     queued_events: usize,
     next_seq: u64,
     dropped_events: u64,
+    /// Log lines dropped with their batches (added to every batch's `log_drops`).
+    dropped_logs: u64,
     dropped_batches: u64,
     rejected_batches: u64,
     acked_seq: u64,
@@ -67,6 +69,7 @@ impl Outbox {
             };
             s.queued_events -= weight(&old);
             s.dropped_events += old.events.len() as u64;
+            s.dropped_logs += old.logs.len() as u64;
             s.dropped_batches += 1;
             if s.dropped_batches == 1 || s.dropped_batches.is_power_of_two() {
                 tracing::warn!(
@@ -77,6 +80,8 @@ impl Outbox {
             }
         }
         batch.queue_drops = s.dropped_events;
+        // The reader's count (lines its tailer dropped) plus what this queue dropped.
+        batch.log_drops += s.dropped_logs;
         s.queued_events += n;
         let seq = batch.seq;
         s.queue.push_back(batch);
@@ -116,6 +121,7 @@ impl Outbox {
         {
             s.queued_events -= weight(&b);
             s.dropped_events += b.events.len() as u64;
+            s.dropped_logs += b.logs.len() as u64;
             s.rejected_batches += 1;
         }
     }
@@ -307,6 +313,22 @@ mod tests {
         assert_eq!((queued, dropped), (2, 4));
         assert_eq!(o.after(0, 10).iter().map(|b| b.seq).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(o.after(0, 10)[1].queue_drops, 4);
+    }
+
+    #[test]
+    fn log_lines_count_in_the_bound_and_their_drops_are_reported() {
+        let o = Outbox::new(10);
+        let logs = |n: usize, tail_drops: u64| pb::Batch {
+            logs: vec![pb::LogRecord::default(); n],
+            log_drops: tail_drops,
+            ..Default::default()
+        };
+        o.push(logs(6, 0));
+        o.push(logs(6, 2)); // 12 > 10: the first batch and its 6 lines go
+        let kept = o.after(0, 10);
+        assert_eq!(kept.len(), 1);
+        // The tailer's 2 and the queue's 6.
+        assert_eq!(kept[0].log_drops, 8);
     }
 
     #[test]
