@@ -106,6 +106,39 @@ pub struct Report {
     pub sop_title: Option<String>,
 }
 
+/// Signal handlers and crash reporters that stand in a crash's stack trace above the frame
+/// that died.
+const HANDLERS: [&str; 6] = [
+    "sigsegvHandler",
+    "sigtermHandler",
+    "watchdogSignalHandler",
+    "logStackTrace",
+    "bugReportStart",
+    "printCrashReport",
+];
+
+/// The function names of a crash's stack trace the server logged (redis' `------ STACK TRACE
+/// ------` lines, `binary addr(function+0x60)[0x...]`), innermost first, each once, signal
+/// handlers and nameless frames (`libc.so.6(+0x3c050)`) left out.
+pub fn crash_frames(logs: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in logs.iter().flat_map(|(_, text)| text.lines()) {
+        let Some(open) = line.rfind('(') else { continue };
+        let rest = &line[open + 1..];
+        let Some(plus) = rest.find("+0x") else { continue };
+        let name = &rest[..plus];
+        let named = !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.');
+        if named && rest[plus..].contains(")[0x") && !HANDLERS.contains(&name) && !out.iter().any(|f| f == name) {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
+/// The confidence given to the function a server's own stack trace says it died in: the
+/// crash is where it died unless the fault came in from a caller (a corrupted argument).
+pub const STACK_TRACE_CONFIDENCE: f64 = 0.9;
+
 /// The AFCT path from a root to the first node of `function`, as names.
 pub fn path_to(tree: &pb::Tree, function: &str) -> Option<Vec<String>> {
     let i = tree.nodes.iter().position(|n| n.function == function)?;
@@ -140,6 +173,11 @@ fn symptoms(e: &Evidence) -> Vec<String> {
     }
     if e.exited {
         out.push(format!("the process (pid {}) exited: this is its last window", e.pid));
+    }
+    let frames = crash_frames(&e.logs);
+    if !frames.is_empty() {
+        let shown: Vec<&str> = frames.iter().take(4).map(String::as_str).collect();
+        out.push(format!("the server logged a stack trace at its crash: {} (innermost first)", shown.join(" ← ")));
     }
     for (line, score) in e.flagged.iter().take(3) {
         out.push(format!("flagged by the log model (score {score:.2}): `{}`", line.trim()));
@@ -206,8 +244,28 @@ fn process(e: &Evidence, causes: &[Cause], p_error: f64, fused: bool) -> Vec<Str
 /// The GCN's suspects; when the process exited, its crash suspects first (an exit is what a
 /// crash looks like from outside, whatever the tree's shape says). A model without a crash
 /// class for any suspect (the campaign's crash runs of those functions were not valid) still
-/// gets one: a crash of the top suspect's function, at that function's probability.
+/// gets one: a crash of the top suspect's function, at that function's probability. A stack
+/// trace the server logged at its crash outranks both: its innermost frame comes first, at
+/// [`STACK_TRACE_CONFIDENCE`].
 fn causes(e: &Evidence) -> Vec<Cause> {
+    let mut out = gcn_causes(e);
+    if let Some(f) = crash_frames(&e.logs).first() {
+        out.retain(|c| !(c.kind == "crash" && c.evidence.starts_with("the process exited")));
+        let evidence = "the server's own stack trace at the crash names it (the fault may have come in from a caller)";
+        out.insert(
+            0,
+            Cause {
+                function: f.clone(),
+                kind: "crash".into(),
+                confidence: STACK_TRACE_CONFIDENCE,
+                evidence: evidence.into(),
+            },
+        );
+    }
+    out
+}
+
+fn gcn_causes(e: &Evidence) -> Vec<Cause> {
     let Some(g) = &e.gcn else { return Vec::new() };
     let mut top: Vec<&(String, String, f64)> = g.top.iter().collect();
     if e.exited {
@@ -267,7 +325,7 @@ pub fn build(e: &Evidence, fusion: &Fusion, lib: &Library) -> Report {
     let error = match (fused, &e.gcn) {
         (true, Some(_)) => p_error >= 0.5 || e.exited,
         _ => e.gcn.as_ref().is_some_and(|g| g.error) || e.p_logs.is_some_and(|p| p >= 0.5) || e.exited,
-    };
+    } || !crash_frames(&e.logs).is_empty();
     let causes = if error { causes(e) } else { Vec::new() };
     let sop = lib.get(causes.first().map(|c| c.kind.as_str()));
     let title = match (error, causes.first()) {
@@ -466,6 +524,28 @@ mod tests {
         assert!((r.causes[0].confidence - 0.03).abs() < 1e-9);
         assert_eq!(r.causes[1].kind, "input");
         assert_eq!(r.sop, "crash");
+    }
+
+    #[test]
+    fn a_stack_trace_in_the_log_names_the_function_that_died() {
+        let lib = Library::built_in().unwrap();
+        let mut e = evidence();
+        e.exited = true;
+        e.gcn.as_mut().unwrap().top = vec![("getGenericCommand".into(), "input".into(), 0.4)];
+        let log = "12907:M 29 Nov 2026 08:32:14.123 # Redis 7.0.15 crashed by signal: 11, si_code: 1\n\
+                   ------ STACK TRACE ------\nEIP:\n/x/redis-server 127.0.0.1:22379(delGenericCommand+0x60)[0x563c3cda6520]\n\n\
+                   Backtrace:\n/x/redis-server 127.0.0.1:22379(sigsegvHandler+0x1d1)[0x1]\n\
+                   /lib/x86_64-linux-gnu/libc.so.6(+0x3c050)[0x2]\n\
+                   /x/redis-server 127.0.0.1:22379(delGenericCommand+0x60)[0x563c3cda6520]\n\
+                   /x/redis-server 127.0.0.1:22379(call+0x16d)[0x3]\n";
+        e.logs.push(("redis.log".into(), log.into()));
+        assert_eq!(crash_frames(&e.logs), ["delGenericCommand", "call"]);
+        let r = build(&e, &Fusion::default(), &lib);
+        assert_eq!((r.causes[0].function.as_str(), r.causes[0].kind.as_str()), ("delGenericCommand", "crash"));
+        // The GCN's own suspects follow; no second crash cause made up from them.
+        assert_eq!(r.causes.iter().filter(|c| c.kind == "crash").count(), 1);
+        assert!(r.symptoms.iter().any(|s| s.contains("delGenericCommand ← call")), "{:?}", r.symptoms);
+        assert!(crash_frames(&[("php-error.log".into(), "shop: read error (x+1)\n".into())]).is_empty());
     }
 
     #[test]
