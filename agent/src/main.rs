@@ -295,7 +295,7 @@ fn run(cli: Cli) -> Result<()> {
     let pid = plan.target.pid;
     let tracer = Arc::new(Mutex::new(tracer));
     let outbox_run = outbox.clone();
-    rt.block_on(async move {
+    let gone = rt.block_on(async move {
         let outbox = outbox_run;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (plans_tx, mut plans_rx) = mpsc::channel::<pb::Plan>(8);
@@ -338,18 +338,18 @@ fn run(cli: Cli) -> Result<()> {
                 Some(pid) => loop {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     if !Path::new(&format!("/proc/{pid}")).exists() {
-                        tracing::info!(pid, "target process exited");
-                        break;
+                        tracing::error!(pid, "target process exited; sending what is left, then exiting");
+                        break pid;
                     }
                 },
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => tracing::info!("terminated"),
-            _ = target_gone => {}
-        }
+        let gone = tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); None }
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => { tracing::info!("terminated"); None }
+            pid = target_gone => Some(pid),
+        };
         // The log tailer reads its files one last time before the reader's final batch.
         log_stop.store(true, Ordering::Relaxed);
         if let Some(t) = log_thread {
@@ -365,6 +365,7 @@ fn run(cli: Cli) -> Result<()> {
         let _ = shutdown_tx.send(true);
         let _ = transport.await;
         plans.abort();
+        gone
     });
     let (queued, dropped, rejected, _) = outbox.counters();
     if queued > 0 || dropped > 0 || rejected > 0 {
@@ -374,6 +375,11 @@ fn run(cli: Cli) -> Result<()> {
             rejected_batches = rejected,
             "not everything reached the analyzer"
         );
+    }
+    // A pid names one process: once it is gone there is nothing left to trace, and a
+    // supervisor must hear that (a path target follows restarts instead).
+    if let Some(pid) = gone {
+        bail!("target process {pid} is gone (traced by pid; trace by path to follow restarts)");
     }
     Ok(())
 }

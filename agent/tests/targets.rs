@@ -95,22 +95,23 @@ fn pid_target_traces_only_that_process() {
     let plan = dir.path().join("pid.json");
     std::fs::write(&plan, format!(r#"{{"target":{{"pid":{pid}}},"points":[{{"function":"op_add","mode":"event"}}]}}"#))
         .unwrap();
-    let agent = AgentProc::start(&plan, &an.url, "bypid", dir.path());
+    let mut agent = AgentProc::start(&plan, &an.url, "bypid", dir.path());
     let other = Command::new(&prog).args(["5", "0.5"]).stdout(Stdio::null()).status().unwrap();
     assert!(other.success());
     assert!(traced.wait().unwrap().success());
-    // The agent follows its target out: it exits by itself once the pid is gone.
-    let mut child = agent.proc.0.as_ref().map(|c| c.id()).unwrap();
+    // The agent follows its target out: once the pid is gone it delivers what it has, says so
+    // and exits non-zero (a supervisor must see that there is nothing left to trace).
+    let mut status = None;
     for _ in 0..100 {
-        if !Path::new(&format!("/proc/{child}")).exists()
-            || std::fs::read_to_string(format!("/proc/{child}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)
-        {
-            child = 0;
+        status = agent.proc.0.as_mut().unwrap().try_wait().unwrap();
+        if status.is_some() {
             break;
         }
         sleep(Duration::from_millis(100));
     }
-    assert_eq!(child, 0, "agent should exit after its target pid: {}", agent.log());
+    let status = status.unwrap_or_else(|| panic!("agent should exit after its target pid: {}", agent.log()));
+    assert_eq!(status.code(), Some(1), "{}", agent.log());
+    assert!(agent.log().contains(&format!("target process {pid} is gone")), "{}", agent.log());
     let w = rt().block_on(windows(&an.url, "bypid", true));
     assert!(!w.is_empty());
     assert!(w.iter().all(|w| w.pid == pid), "only pid {pid} is traced: {w:?}");

@@ -38,6 +38,12 @@ pub struct Limits {
     pub max_logs_per_batch: usize,
     /// Log lines kept in the database (the oldest are deleted).
     pub max_log_lines: usize,
+    /// Largest step of a batch's seq over the last stored one. An agent skips seqs only for
+    /// batches its full queue dropped, so a bigger jump is a broken or hostile agent: accepted,
+    /// it would make every later batch look like a duplicate.
+    pub max_seq_gap: u64,
+    /// Largest `hostname` and `target` of a Hello, bytes.
+    pub max_hello_len: usize,
 }
 
 impl Default for Limits {
@@ -50,6 +56,8 @@ impl Default for Limits {
             max_future_ns: 60_000_000_000,
             max_logs_per_batch: 100_000,
             max_log_lines: 2_000_000,
+            max_seq_gap: 1 << 24,
+            max_hello_len: 4096,
         }
     }
 }
@@ -228,6 +236,10 @@ impl Store {
         if hello.instance == 0 {
             return Err(invalid("hello", "instance must not be 0"));
         }
+        let max = self.limits.max_hello_len;
+        if hello.hostname.len() > max || hello.target.len() > max {
+            return Err(invalid("hello", format!("hostname and target must have at most {max} bytes")));
+        }
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO agents(agent_id, instance, hostname, target, last_seen_unix) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -270,6 +282,10 @@ impl Store {
         let l = &self.limits;
         if batch.seq == 0 {
             return Err(invalid("seq", "batch seq must start at 1"));
+        }
+        // SQLite stores these as i64; a larger value would come back negative.
+        if batch.agent_clock_ns == 0 || batch.agent_clock_ns > i64::MAX as u64 {
+            return Err(invalid("clock", format!("agent clock {} out of 1..=i64::MAX", batch.agent_clock_ns)));
         }
         if batch.events.len() > l.max_events_per_batch {
             return Err(invalid("batch_size", format!("{} events > {}", batch.events.len(), l.max_events_per_batch)));
@@ -349,6 +365,12 @@ impl Store {
         )?;
         if batch.seq <= last_seq as u64 {
             return Ok(Applied { duplicate: true, ..Default::default() });
+        }
+        if batch.seq - last_seq as u64 > self.limits.max_seq_gap {
+            return Err(invalid(
+                "seq",
+                format!("seq {} jumps more than {} past the last stored {last_seq}", batch.seq, self.limits.max_seq_gap),
+            ));
         }
         // Functions only ever grow; interning them ahead of the batch transaction is harmless.
         let mut new_syms = Vec::new();

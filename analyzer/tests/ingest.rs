@@ -118,6 +118,10 @@ async fn malformed_batches_are_refused_counted_and_not_stored() {
         ),
         ("symbol", pb::Batch { symbols: vec![sym(0, "zero")], ..good(1) }),
         ("seq", pb::Batch { seq: 0, ..good(1) }),
+        // Stored as last_seq, u64::MAX would read back as -1 and make every later batch a
+        // "duplicate": refused instead.
+        ("seq", good(u64::MAX)),
+        ("clock", pb::Batch { agent_clock_ns: u64::MAX, ..good(1) }),
     ];
     for (i, (reason, batch)) in cases.iter().enumerate() {
         let seq = batch.seq;
@@ -146,6 +150,16 @@ async fn malformed_batches_are_refused_counted_and_not_stored() {
     tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Batch(good(1))) }).await.unwrap();
     let mut inbound = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
     assert_eq!(inbound.message().await.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    // Hello strings are bounded.
+    let mut client = IngestClient::connect(server.url.clone()).await.unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    let hello = pb::Hello { agent_id: "t".into(), instance: 7, hostname: "h".repeat(5000), target: "prog".into() };
+    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await.unwrap();
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let err = inbound.message().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("hostname"), "{}", err.message());
     server.shutdown().await;
 }
 
