@@ -369,7 +369,10 @@ impl Store {
         if batch.seq - last_seq as u64 > self.limits.max_seq_gap {
             return Err(invalid(
                 "seq",
-                format!("seq {} jumps more than {} past the last stored {last_seq}", batch.seq, self.limits.max_seq_gap),
+                format!(
+                    "seq {} jumps more than {} past the last stored {last_seq}",
+                    batch.seq, self.limits.max_seq_gap
+                ),
             ));
         }
         // Functions only ever grow; interning them ahead of the batch transaction is harmless.

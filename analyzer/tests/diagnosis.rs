@@ -26,7 +26,7 @@ use afetm_diagnosis::{
 };
 use afetm_fault::FaultKind;
 use afetm_proto::{self as pb, query_client::QueryClient};
-use common::{Down, Kill, agent, bin, connect, is_root, run_ok};
+use common::{Down, Kill, agent, bin, connect, run_ok};
 
 mod common;
 
@@ -198,8 +198,7 @@ fn errors_fault(fddb: &Path) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
-    if !is_root() {
-        eprintln!("SKIPPED: the campaign starts the testbed and injects faults; run as root (cargo xtask test)");
+    if testbed::skip::needs_root("starting the testbed and injecting faults") {
         return;
     }
     let Some(binaries) = testbed::build::binaries(&testbed::build::cache_dir()) else {

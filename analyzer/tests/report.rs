@@ -18,7 +18,7 @@ use std::{
 };
 
 use afetm_proto::{self as pb, control_client::ControlClient};
-use common::{Down, Kill, agent, bin, connect, is_root, run_ok};
+use common::{Down, Kill, agent, bin, connect, run_ok};
 
 mod common;
 
@@ -47,8 +47,7 @@ fn campaign(dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_gets_a_report_that_names_it() {
-    if !is_root() {
-        eprintln!("SKIPPED: the campaign starts the testbed and injects faults; run as root (cargo xtask test)");
+    if testbed::skip::needs_root("starting the testbed and injecting faults") {
         return;
     }
     let Some(binaries) = testbed::build::binaries(&testbed::build::cache_dir()) else {

@@ -64,9 +64,7 @@ fn dataset(db: &Path, role: Option<Role>) -> Vec<serde_json::Value> {
 
 #[test]
 fn small_redis_campaign_full_traces_honest_labels_resumable() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: the campaign starts the testbed and injects faults; run as root (cargo xtask test)");
+    if testbed::skip::needs_root("starting the testbed and injecting faults") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -9,11 +9,6 @@ use std::{
 
 use testbed::{Config, down, group_members, http_get, servers, status, up};
 
-fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn redis_get(host: &str, port: u16, key: &str) -> Option<String> {
     let mut s = TcpStream::connect((host, port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -36,10 +31,7 @@ fn header(cfg: &Config, path: &str, name: &str) -> Option<String> {
 
 #[test]
 fn every_operation_end_to_end_and_down_leaves_nothing() {
-    if !is_root() {
-        eprintln!(
-            "SKIPPED: the testbed servers are started as root and drop to www-data; run as root (cargo xtask test)"
-        );
+    if testbed::skip::needs_root("starting the servers (they drop to www-data)") {
         return;
     }
     shop(false);
@@ -48,8 +40,7 @@ fn every_operation_end_to_end_and_down_leaves_nothing() {
 /// The same with each tier in a network namespace of its own.
 #[test]
 fn tiers_in_network_namespaces() {
-    if !is_root() {
-        eprintln!("SKIPPED: creating network namespaces needs root; run as root (cargo xtask test)");
+    if testbed::skip::needs_root("creating network namespaces") {
         return;
     }
     shop(true);
@@ -155,10 +146,7 @@ fn shop(netns: bool) {
 /// the database from a pristine copy.
 #[test]
 fn ports_held_by_another_shop_and_single_tier_restarts() {
-    if !is_root() {
-        eprintln!(
-            "SKIPPED: the testbed servers are started as root and drop to www-data; run as root (cargo xtask test)"
-        );
+    if testbed::skip::needs_root("starting the servers (they drop to www-data)") {
         return;
     }
     struct Down(Config);

@@ -243,6 +243,25 @@ pub fn cargo(args: &[&str]) -> Command {
     c
 }
 
+/// Lists the tests that skipped themselves (see `testbed::skip`); under CI a skip fails the
+/// run, since CI runs as root and every test must really run there.
+fn report_skips(log: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let skipped: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    if skipped.is_empty() {
+        eprintln!("xtask test: no test skipped");
+        return Ok(());
+    }
+    eprintln!("xtask test: {} tests SKIPPED (they passed without running):", skipped.len());
+    for l in &skipped {
+        eprintln!("  {}", l.replace('\t', ": "));
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        bail!("{} tests skipped under CI", skipped.len());
+    }
+    Ok(())
+}
+
 fn main() {
     // Library code (the campaign runner) logs through tracing.
     tracing_subscriber::fmt()
@@ -263,12 +282,15 @@ fn main() {
                 }
             }
             run(&mut cargo(&["build", "--workspace", "--bins"]))?;
+            let skip_log = target_dir().join("afetm-skipped-tests.txt");
+            let _ = std::fs::remove_file(&skip_log);
             let mut c = cargo(&["test", "--workspace"]);
-            c.env("AFETM_BIN_DIR", target_dir().join("debug"));
+            c.env("AFETM_BIN_DIR", target_dir().join("debug")).env(::testbed::skip::SKIP_LOG_ENV, &skip_log);
             if !args.is_empty() {
                 c.arg("--").args(&args);
             }
-            run(&mut c)
+            run(&mut c)?;
+            report_skips(&skip_log)
         }),
         Cmd::Demo { which } => setup().and_then(|_| match which {
             Some(_) => demo::run(),

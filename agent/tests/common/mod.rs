@@ -31,8 +31,7 @@ pub fn is_root() -> bool {
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !common::is_root() {
-            eprintln!("SKIPPED: this test attaches real uprobes and needs root; run it as root (cargo xtask test)");
+        if testbed::skip::needs_root("attaching real uprobes") {
             return;
         }
     };

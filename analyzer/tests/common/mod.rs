@@ -37,11 +37,6 @@ impl Drop for Down {
     }
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Runs a command that must succeed; its stdout.
 pub fn run_ok(c: &mut Command) -> String {
     let out = c.output().unwrap();
