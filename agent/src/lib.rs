@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod governor;
 pub mod inject;
 pub mod logtail;
+pub mod metrics;
 pub mod procmaps;
 pub mod reader;
 pub use afetm_elf::{probe_site, symbols};

@@ -13,6 +13,7 @@ use afetm_agent::{
     calibrate,
     governor::{Action, Governor, GovernorConfig},
     logtail::{self, LogQueue},
+    metrics::metrics,
     reader::{Reader, ReaderConfig},
     tracer::{self, Target, Tracer},
     transport::{self, Outbox},
@@ -86,6 +87,10 @@ struct Cli {
     /// How often the log files are read.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     log_poll: Duration,
+    /// Serve Prometheus metrics (`afetm_agent_*`) on this address, at `/metrics`; e.g.
+    /// `127.0.0.1:9431`. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Write this file once every probe is attached (for scripts and tests).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -251,6 +256,7 @@ fn run(cli: Cli) -> Result<()> {
     let (mut tracer, maps, table) = Tracer::load(target, cli.stack_window, cli.kernel_unwind, ring_bytes(&cli)?)?;
     tracer.set_handover_hold(cli.handover_hold);
     let report = tracer.apply(&plan)?;
+    metrics().plan_report(&report);
     let (n, emulated, moved) = summary(&report);
     tracing::info!(target = %describe, functions = n, emulated, moved, single_stepped = n - emulated, unprobeable = report.unprobeable.len(), "probes attached");
     if cli.print_probes {
@@ -287,6 +293,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    if let Some(addr) = &cli.metrics_listen {
+        // The agent is healthy while it runs: a broken tracer or transport ends the process.
+        let health: afetm_metrics::Health = Arc::new(|| Ok(()));
+        rt.block_on(afetm_metrics::serve(addr, metrics().registry(), health))?;
+    }
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
@@ -325,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
                         pb::PlanReport { version, ok: false, error, ..Default::default() }
                     }
                 };
+                metrics().plan_report(&report);
                 if reports_tx.send(report).await.is_err() {
                     break;
                 }

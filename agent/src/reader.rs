@@ -173,6 +173,8 @@ pub struct Reader {
     /// Log lines tailed beside the traces (`--log`), sent in the same batches.
     logs: Option<Arc<LogQueue>>,
     stats: ReaderStats,
+    /// What the metrics have seen of `stats` (they get the difference at each batch).
+    published: ReaderStats,
     drain_ns: u128,
     unwind_ns: u128,
     cut_ns: u128,
@@ -211,6 +213,7 @@ impl Reader {
             governor: None,
             logs: None,
             stats: ReaderStats::default(),
+            published: ReaderStats::default(),
             drain_ns: 0,
             unwind_ns: 0,
             cut_ns: 0,
@@ -649,5 +652,7 @@ impl Reader {
         };
         self.outbox.push(batch);
         self.stats.batches += 1;
+        crate::metrics::metrics().reader_progress(&self.published, &self.stats);
+        self.published = self.stats.clone();
     }
 }

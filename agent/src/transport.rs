@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use crate::metrics::metrics;
 use afetm_proto::{self as pb, ingest_client::IngestClient};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -71,6 +72,7 @@ impl Outbox {
             s.dropped_events += old.events.len() as u64;
             s.dropped_logs += old.logs.len() as u64;
             s.dropped_batches += 1;
+            metrics().queue_drops.inc_by(old.events.len() as u64);
             if s.dropped_batches == 1 || s.dropped_batches.is_power_of_two() {
                 tracing::warn!(
                     dropped_events = s.dropped_events,
@@ -85,6 +87,7 @@ impl Outbox {
         s.queued_events += n;
         let seq = batch.seq;
         s.queue.push_back(batch);
+        metrics().outbox_batches.set(s.queue.len() as i64);
         drop(s);
         self.notify.notify_one();
         seq
@@ -105,12 +108,14 @@ impl Outbox {
         s.acked_seq = s.acked_seq.max(seq);
         while s.queue.front().is_some_and(|b| b.seq <= seq) {
             if let Some(b) = s.queue.pop_front() {
+                metrics().batches_acked.inc();
                 s.queued_events -= weight(&b);
                 for sym in &b.symbols {
                     s.acked_symbols.insert(sym.id);
                 }
             }
         }
+        metrics().outbox_batches.set(s.queue.len() as i64);
     }
 
     /// The analyzer refused batch `seq`; it is dropped for good and counted.
@@ -123,6 +128,9 @@ impl Outbox {
             s.dropped_events += b.events.len() as u64;
             s.dropped_logs += b.logs.len() as u64;
             s.rejected_batches += 1;
+            metrics().batches_rejected.inc();
+            metrics().queue_drops.inc_by(b.events.len() as u64);
+            metrics().outbox_batches.set(s.queue.len() as i64);
         }
     }
 
@@ -166,6 +174,9 @@ pub async fn run(
     let mut warned = false;
     let mut pending_report: Option<pb::PlanReport> = None;
     let mut deadline: Option<tokio::time::Instant> = None;
+    // Whether a stream was ever opened, and the highest seq ever sent (a batch at or below it
+    // is a resend).
+    let (mut connected, mut max_sent) = (false, 0u64);
     loop {
         if *shutdown.borrow() {
             let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + drain_timeout);
@@ -183,6 +194,7 @@ pub async fn run(
         let channel = match channel {
             Ok(c) => c,
             Err(e) => {
+                metrics().connect_failures.inc();
                 if !warned {
                     tracing::warn!(%endpoint, error = %e, "analyzer unreachable; queueing events and retrying");
                     warned = true;
@@ -227,6 +239,10 @@ pub async fn run(
         }
         outbox.ack(last);
         tracing::info!(%endpoint, last_acked = last, "connected to analyzer");
+        if connected {
+            metrics().reconnects.inc();
+        }
+        connected = true;
         warned = false;
         backoff = Duration::from_millis(100);
         let mut sent = last.max(outbox.counters().3);
@@ -241,6 +257,10 @@ pub async fn run(
             if room > 0 {
                 for b in outbox.after(sent, room) {
                     sent = b.seq;
+                    if sent <= max_sent {
+                        metrics().batches_resent.inc();
+                    }
+                    max_sent = max_sent.max(sent);
                     if tx.send(msg(pb::agent_message::Msg::Batch(b))).await.is_err() {
                         break 'conn;
                     }

@@ -562,7 +562,8 @@ fn unreachable_analyzer_is_retried_and_queued_events_arrive() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let plan = write_plan(dir.path(), "q", &prog, &[("op_add", "event")]);
-    let agent = AgentProc::start(&plan, &url, "late", dir.path());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let agent = AgentProc::start_with(&plan, &url, "late", dir.path(), &["--metrics-listen", &metrics]);
     run_prog(&prog, 50, 0.0);
     sleep(Duration::from_millis(500));
     assert!(
@@ -570,6 +571,17 @@ fn unreachable_analyzer_is_retried_and_queued_events_arrive() {
         "agent should say the analyzer is unreachable: {}",
         agent.log()
     );
+    // The metrics say the same: every call read, nothing acknowledged, batches waiting.
+    let m = scrape(&metrics);
+    assert_eq!(metric(&m, "afetm_agent_events_total"), Some(50.0), "{m}");
+    assert_eq!(metric(&m, "afetm_agent_batches_acked_total"), Some(0.0), "{m}");
+    assert!(metric(&m, "afetm_agent_connect_failures_total") >= Some(1.0), "{m}");
+    assert!(metric(&m, "afetm_agent_outbox_batches") >= Some(1.0), "{m}");
+    assert_eq!(metric(&m, r#"afetm_agent_probes{placement="unprobeable"}"#), Some(0.0), "{m}");
+    let placed = metric(&m, r#"afetm_agent_probes{placement="emulated"}"#).unwrap_or(0.0)
+        + metric(&m, r#"afetm_agent_probes{placement="single_stepped"}"#).unwrap_or(0.0);
+    assert_eq!(placed, 1.0, "op_add is probed once: {m}");
+    assert_eq!(metric(&m, "afetm_agent_plan_apply_seconds_count"), Some(1.0), "{m}");
     let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), port, &[]);
     let mut events = 0;
     for _ in 0..100 {
@@ -579,8 +591,11 @@ fn unreachable_analyzer_is_retried_and_queued_events_arrive() {
         }
         sleep(Duration::from_millis(100));
     }
+    let m = scrape(&metrics);
     agent.stop();
     assert_eq!(events, 50, "every queued op_add call arrives once");
+    assert!(metric(&m, "afetm_agent_batches_acked_total") >= Some(1.0), "{m}");
+    assert_eq!(metric(&m, "afetm_agent_queue_drops_total"), Some(0.0), "{m}");
 }
 
 fn agent_error(plan: &std::path::Path, as_nobody: bool) -> String {
