@@ -20,7 +20,7 @@ use afetm_agent::{
 };
 use afetm_proto::{self as pb, plan::PlanFile};
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio::sync::{mpsc, watch};
 
 #[derive(Parser, Debug)]
@@ -30,8 +30,16 @@ use tokio::sync::{mpsc, watch};
     about = "Traces a plan's functions with uprobes and streams the calls to the afetm analyzer"
 )]
 struct Cli {
+    /// A TOML file whose keys are these flags' long names with `_` (`queue_events = 500000`,
+    /// `log = ["/var/log/a.log"]`); `AFETM_<KEY>` variables override it and flags override
+    /// both. Also `AFETM_CONFIG`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the configuration the agent would run with (each value's source marked) and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Plan file (JSON): target and trace points; see the README.
-    #[arg(long, required_unless_present_any = ["calibrate", "calibration_loop"])]
+    #[arg(long, required_unless_present_any = ["calibrate", "calibration_loop", "print_config"])]
     plan: Option<PathBuf>,
     /// Measure what a probe costs on this host (per mode, emulated and single-stepped probe
     /// sites), write it to this file (`afetm-analyzer select --costs` reads it) and exit.
@@ -119,7 +127,15 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = run(Cli::parse()) {
+    let cmd = Cli::command();
+    let layered = afetm_config::layered_args(&cmd);
+    let matches = cmd.clone().get_matches_from(&layered.args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if cli.print_config {
+        print!("{}", afetm_config::effective(&cmd, &matches, &layered));
+        return;
+    }
+    if let Err(e) = run(cli) {
         eprintln!("afetm-agent: {e:#}");
         std::process::exit(1);
     }

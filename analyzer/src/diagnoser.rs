@@ -163,6 +163,12 @@ impl Diagnoser {
 
     /// The model for an agent's plan and whether it is stale; starts a retraining when the
     /// plan changed and an FDDB is at hand.
+    /// Models that serve an agent whose plan they were not trained under (until a retrained
+    /// one replaces them).
+    pub fn stale_models(&self) -> usize {
+        lock(&self.served).iter().filter(|s| s.warned_stale).count()
+    }
+
     pub fn model_for(self: &Arc<Self>, plan: &AgentPlan) -> Option<(Arc<Model>, bool)> {
         let mut served = lock(&self.served);
         let s = served.iter_mut().find(|s| s.model.manifest.module == plan.module)?;

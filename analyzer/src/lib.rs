@@ -8,6 +8,7 @@
 //! in `afetm-selection`, the FDDB in `afetm-fddb`, the campaign in `afetm-campaign`.
 
 pub mod diagnoser;
+pub mod metrics;
 pub mod reporting;
 pub mod service;
 pub mod store;

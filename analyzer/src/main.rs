@@ -1,18 +1,12 @@
 //! `afetm-analyzer`: the analyzer daemon and a small client for it.
 use std::{path::PathBuf, time::Duration};
 
-use afetm_analyzer::{
-    diagnoser::Diagnoser,
-    reporting::Reporter,
-    service::{self, Analyzer},
-    store::{Limits, Store, WindowConfig},
-    tree::Forest,
-};
+use afetm_analyzer::tree::Forest;
 use afetm_diagnosis::train::TrainConfig;
 use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
 use afetm_selection::weights::Weights;
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[path = "cli/diagnosis.rs"]
 mod cli_diagnosis;
@@ -20,6 +14,8 @@ mod cli_diagnosis;
 mod cli_logs;
 #[path = "cli/select.rs"]
 mod cli_select;
+#[path = "cli/serve.rs"]
+mod cli_serve;
 
 #[derive(Parser)]
 #[command(name = "afetm-analyzer", version, about = "Builds AFCTs from afetm-agent traces and serves them over gRPC")]
@@ -31,49 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the analyzer: ingest, query and control services, gRPC health and reflection.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        listen: String,
-        /// SQLite database file (created if missing; WAL mode).
-        #[arg(long, default_value = "afetm.sqlite")]
-        db: PathBuf,
-        /// Window length: each process's events are cut into windows this long, one AFCT per
-        /// thread and window.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        window: Duration,
-        /// A window closes when the agent's clock passes its end by this much.
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-        grace: Duration,
-        /// Largest AFCT, in nodes; bigger ones are cut and marked truncated.
-        #[arg(long, default_value_t = afetm_analyzer::afct::DEFAULT_NODE_CAP)]
-        node_cap: usize,
-        /// Close the open windows of an agent silent this long.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        stale_after: Duration,
-        /// A diagnosis model directory (`afetm-analyzer train --out`); repeat for one per
-        /// target. Every closed window of an agent tracing that module is diagnosed.
-        #[arg(long = "model")]
-        models: Vec<PathBuf>,
-        /// The FDDB the models were trained from: when an agent's plan changes, a model for the
-        /// new plan is trained from it in the background; reports list its similar runs.
-        #[arg(long)]
-        fddb: Option<PathBuf>,
-        /// Suspects per diagnosis.
-        #[arg(long, default_value_t = 3)]
-        top_k: usize,
-        /// Chimera's model directory (`afetm-analyzer train-logs --out`): reports weigh the
-        /// window's log lines with it.
-        #[arg(long)]
-        log_model: Option<PathBuf>,
-        /// The fusion of the GCN and the logs (`afetm-eval fuse --out`); without it the GCN's
-        /// alarm decides a report's verdict.
-        #[arg(long)]
-        fusion: Option<PathBuf>,
-        /// A folder of SOP files (`report/sop/*.toml`) over the built-in ones.
-        #[arg(long)]
-        sop_dir: Option<PathBuf>,
-    },
+    Serve(cli_serve::ServeArgs),
     /// A window's report: symptoms, diagnostic process, root causes, similar historical cases
     /// (with `serve --fddb`) and the resolution steps of its fault kind's SOP.
     Report(cli_logs::ReportArgs),
@@ -311,10 +265,29 @@ async fn async_main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = run(Cli::parse()).await {
+    let (cli, shown) = parse_layered();
+    if let Some(text) = shown {
+        print!("{text}");
+        return;
+    }
+    if let Err(e) = run(cli).await {
         eprintln!("afetm-analyzer: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The command line over the config file and `AFETM_*` (see `afetm-config`), and the effective
+/// configuration when `serve --print-config` asked for it.
+fn parse_layered() -> (Cli, Option<String>) {
+    let cmd = Cli::command();
+    let layered = afetm_config::layered_args(&cmd);
+    let matches = cmd.clone().get_matches_from(&layered.args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let shown = match &cli.cmd {
+        Cmd::Serve(a) if a.print_config => Some(afetm_config::effective(&cmd, &matches, &layered)),
+        _ => None,
+    };
+    (cli, shown)
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -335,46 +308,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Logs { server, window } => cli_logs::logs(&server, window).await,
         Cmd::TrainLogs(a) => tokio::task::spawn_blocking(move || cli_logs::train_logs(&a)).await?,
         Cmd::Ask(a) => tokio::task::spawn_blocking(move || cli_logs::ask(&a)).await?,
-        Cmd::Serve {
-            listen,
-            db,
-            window,
-            grace,
-            node_cap,
-            stale_after,
-            models,
-            fddb,
-            top_k,
-            log_model,
-            fusion,
-            sop_dir,
-        } => {
-            if window.is_zero() {
-                bail!("--window must be longer than 0");
-            }
-            let cfg = WindowConfig { len_ns: window.as_nanos() as u64, grace_ns: grace.as_nanos() as u64, node_cap };
-            let store = Store::open(&db, cfg, Limits::default())
-                .with_context(|| format!("opening database {}", db.display()))?;
-            let listener =
-                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-            let shutdown = async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                }
-                tracing::info!("shutting down");
-            };
-            let reporter = Reporter::new(log_model.as_deref(), fusion.as_deref(), fddb.clone(), sop_dir.as_deref())
-                .context("loading what reports draw on")?;
-            let mut analyzer = Analyzer::new(store).with_reporter(reporter);
-            if !models.is_empty() {
-                let diagnoser = Diagnoser::load(&models, fddb, top_k, window.as_millis() as u64)
-                    .context("loading diagnosis models")?;
-                analyzer = analyzer.with_diagnoser(diagnoser);
-            }
-            service::serve(analyzer, listener, stale_after, shutdown).await
-        }
+        Cmd::Serve(args) => cli_serve::run(args).await,
         Cmd::Afcts { server, window, agent } => {
             let mut q = QueryClient::connect(server.clone())
                 .await

@@ -24,8 +24,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     coloring,
     diagnoser::{AgentPlan, Closed, Diagnoser, DiagnoserError, Plans},
+    metrics::{AnalyzerMetrics, BatchResult, ResultLabel},
     reporting::{Reporter, ReportingError, to_proto},
-    store::{AgentKey, Store, StoreError},
+    store::{AgentKey, Applied, Store, StoreError},
     tree::{Forest, FuncTable},
 };
 
@@ -69,6 +70,11 @@ pub struct Analyzer {
     diagnoser: Option<Arc<Diagnoser>>,
     closed_tx: Option<mpsc::Sender<Closed>>,
     reporter: Arc<Reporter>,
+    metrics: Arc<AnalyzerMetrics>,
+    /// Why the database is unusable, from the last health probe; `None` while it takes writes.
+    unhealthy: Arc<Mutex<Option<String>>>,
+    /// How often `serve` probes the database.
+    probe_every: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -103,6 +109,74 @@ impl Analyzer {
             diagnoser: None,
             closed_tx: None,
             reporter: Arc::new(Reporter::default()),
+            metrics: Arc::default(),
+            unhealthy: Arc::default(),
+            probe_every: Duration::from_secs(5),
+        }
+    }
+
+    /// Probes the database this often while serving (default 5 s); see [`Store::probe`].
+    pub fn with_probe_every(mut self, every: Duration) -> Analyzer {
+        self.probe_every = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// This analyzer's Prometheus metrics.
+    pub fn metrics(&self) -> Arc<AnalyzerMetrics> {
+        self.metrics.clone()
+    }
+
+    /// `Ok` while the database takes writes; else why not (the last probe's error).
+    pub fn health(&self) -> Result<(), String> {
+        match lock(&self.unhealthy).as_ref() {
+            None => Ok(()),
+            Some(why) => Err(why.clone()),
+        }
+    }
+
+    /// Counts refused input in `Query.Stats` and the metrics.
+    fn reject(&self, reason: &str) {
+        self.stats.reject(reason);
+        self.metrics.reject(reason, 1);
+    }
+
+    fn count_applied(&self, a: &Applied) {
+        let m = &self.metrics;
+        let result = if a.duplicate { BatchResult::duplicate } else { BatchResult::applied };
+        m.batches.get_or_create(&ResultLabel { result }).inc();
+        if a.duplicate {
+            return;
+        }
+        m.events.inc_by(a.events);
+        m.windows_opened.inc_by(a.windows_opened);
+        m.windows_closed.inc_by(a.windows_closed);
+        m.afcts.inc_by(a.afcts);
+        m.commit_latency.observe(a.commit.as_secs_f64());
+    }
+
+    /// Probes the database once and records the outcome; returns whether it takes writes.
+    async fn probe(&self) -> bool {
+        let result = match tokio::time::timeout(Duration::from_secs(10), self.with_store(Store::probe)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the database did not answer within 10 s".to_string()),
+        };
+        let mut state = lock(&self.unhealthy);
+        match result {
+            Ok(()) => {
+                if state.take().is_some() {
+                    tracing::info!("database takes writes again: serving");
+                }
+                self.metrics.database_up.set(1);
+                true
+            }
+            Err(why) => {
+                if state.is_none() {
+                    tracing::error!(error = %why, "database unusable: health says NOT_SERVING");
+                }
+                *state = Some(why);
+                self.metrics.database_up.set(0);
+                false
+            }
         }
     }
 
@@ -151,6 +225,7 @@ impl Analyzer {
             return;
         };
         let Some((model, stale)) = diag.model_for(&plan) else { return };
+        self.metrics.stale_models.set(diag.stale_models() as i64);
         let d = diag.clone();
         let record = tokio::task::spawn_blocking(move || {
             d.diagnose_window(&model, &w).map(|r| d.window_record(&model, &w, r, stale, closed_at))
@@ -160,7 +235,10 @@ impl Analyzer {
         record.latency_us = closed_at.elapsed().as_micros() as u64;
         let stored = record.clone();
         match self.with_store(move |s| s.put_diagnosis(&stored)).await {
-            Ok(()) => diag.publish(record),
+            Ok(()) => {
+                self.metrics.diagnosed(record.error, record.stale, closed_at.elapsed());
+                diag.publish(record)
+            }
             Err(e) => tracing::error!(window = id, error = %e, "storing a diagnosis"),
         }
     }
@@ -179,8 +257,10 @@ impl Analyzer {
     pub async fn sweep(&self, idle: Duration) {
         let secs = idle.as_secs() as i64;
         match self.with_store(move |s| s.close_stale(secs)).await {
-            Ok(ids) if ids.is_empty() => {}
-            Ok(ids) => {
+            Ok((ids, _)) if ids.is_empty() => {}
+            Ok((ids, afcts)) => {
+                self.metrics.windows_closed.inc_by(ids.len() as u64);
+                self.metrics.afcts.inc_by(afcts);
                 tracing::info!(windows = ids.len(), "closed windows of silent agents");
                 self.closed(ids).await;
             }
@@ -200,7 +280,7 @@ impl Analyzer {
                 return;
             }
             _ => {
-                self.stats.reject("hello");
+                self.reject("hello");
                 let _ = tx.send(Err(Status::invalid_argument("hello: the first message must be Hello"))).await;
                 return;
             }
@@ -209,6 +289,7 @@ impl Analyzer {
         let h = hello.clone();
         let (last_seq, mut session) = match self.with_store(move |s| s.hello(&h)).await {
             Ok((last, session, closed)) => {
+                self.metrics.windows_closed.inc_by(closed);
                 if closed > 0 {
                     tracing::info!(agent = %key.agent_id, windows = closed, "new agent instance: closed the old one's windows");
                 }
@@ -216,7 +297,7 @@ impl Analyzer {
             }
             Err(e) => {
                 if let StoreError::Invalid { reason, .. } = &e {
-                    self.stats.reject(reason);
+                    self.reject(reason);
                 }
                 let _ = tx.send(Err(status(e))).await;
                 return;
@@ -224,6 +305,7 @@ impl Analyzer {
         };
         tracing::info!(agent = %key.agent_id, instance = key.instance, target = %hello.target, last_seq, "agent connected");
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.metrics.agents_connected.inc();
         lock(&self.agents).entry(key.agent_id.clone()).or_default().push(Connected {
             instance: key.instance,
             conn_id,
@@ -264,6 +346,7 @@ impl Analyzer {
                         match result {
                             Ok(applied) => {
                                 self.closed(applied.closed.clone()).await;
+                                self.count_applied(&applied);
                                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                                 self.stats.events.fetch_add(applied.events, Ordering::Relaxed);
                                 if applied.duplicate {
@@ -274,6 +357,7 @@ impl Analyzer {
                                     if let Ok(mut m) = self.stats.by_reason.lock() {
                                         *m.entry("late_event".into()).or_insert(0) += applied.late_events;
                                     }
+                                    self.metrics.reject("late_event", applied.late_events);
                                 }
                                 let ack =
                                     pb::AnalyzerMessage { msg: Some(pb::analyzer_message::Msg::Ack(pb::Ack { seq })) };
@@ -284,7 +368,7 @@ impl Analyzer {
                             Err(e) => {
                                 let mut st = match &e {
                                     StoreError::Invalid { reason, .. } => {
-                                        self.stats.reject(reason);
+                                        self.reject(reason);
                                         tracing::warn!(agent = %key.agent_id, seq, error = %e, "rejected batch");
                                         status(e)
                                     }
@@ -317,7 +401,7 @@ impl Analyzer {
                         }
                     }
                     Some(pb::agent_message::Msg::Hello(_)) | None => {
-                        self.stats.reject("hello");
+                        self.reject("hello");
                         let _ = tx.send(Err(Status::invalid_argument("hello: sent twice or empty message"))).await;
                         break;
                     }
@@ -327,6 +411,7 @@ impl Analyzer {
         if let Some(list) = lock(&self.agents).get_mut(&key.agent_id) {
             list.retain(|c| c.conn_id != conn_id);
         }
+        self.metrics.agents_connected.dec();
         tracing::info!(agent = %key.agent_id, instance = key.instance, "agent disconnected");
     }
 }
@@ -571,9 +656,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     use afetm_proto::{control_server::ControlServer, ingest_server::IngestServer, query_server::QueryServer};
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<IngestServer<Analyzer>>().await;
-    health.set_serving::<QueryServer<Analyzer>>().await;
-    health.set_serving::<ControlServer<Analyzer>>().await;
+    set_health(&health, analyzer.probe().await).await;
     // Both reflection versions: older grpcurl releases only speak v1alpha.
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
@@ -582,6 +665,19 @@ pub async fn serve(
     };
     let reflection = reflection_builder().build_v1()?;
     let reflection_alpha = reflection_builder().build_v1alpha()?;
+    let prober = analyzer.clone();
+    let probe = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(prober.probe_every);
+        let mut serving = true;
+        loop {
+            tick.tick().await;
+            let ok = prober.probe().await;
+            if ok != serving {
+                serving = ok;
+                set_health(&health, ok).await;
+            }
+        }
+    });
     let sweeper = analyzer.clone();
     let sweep = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10).min(stale_after));
@@ -602,7 +698,24 @@ pub async fn serve(
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await;
     sweep.abort();
+    probe.abort();
     Ok(result?)
+}
+
+/// gRPC health of the whole server ("") and of each afetm service: SERVING while the
+/// database takes writes, NOT_SERVING while it does not.
+async fn set_health(health: &tonic_health::server::HealthReporter, ok: bool) {
+    use afetm_proto::{control_server::ControlServer, ingest_server::IngestServer, query_server::QueryServer};
+    use tonic_health::ServingStatus;
+    let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+    for name in [
+        "",
+        <IngestServer<Analyzer> as tonic::server::NamedService>::NAME,
+        <QueryServer<Analyzer> as tonic::server::NamedService>::NAME,
+        <ControlServer<Analyzer> as tonic::server::NamedService>::NAME,
+    ] {
+        health.set_service_status(name, status).await;
+    }
 }
 
 /// Colors stored FCTs against the trace point set `traced` (Alg. 2) and derives the plan:

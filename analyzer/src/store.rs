@@ -110,7 +110,11 @@ pub struct Applied {
     /// Events older than their process's last cut ([`Store::cut`]), dropped.
     pub cut_events: u64,
     pub windows_closed: u64,
+    /// Windows this batch opened.
+    pub windows_opened: u64,
     pub afcts: u64,
+    /// How long the batch's transaction took to commit.
+    pub commit: std::time::Duration,
     /// The windows this batch closed (their AFCTs are stored).
     pub closed: Vec<i64>,
 }
@@ -129,6 +133,7 @@ pub struct Store {
 }
 
 const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), at_unix INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS functions (id INTEGER PRIMARY KEY, module TEXT NOT NULL, name TEXT NOT NULL, UNIQUE(module, name));
 CREATE TABLE IF NOT EXISTS agents (
   agent_id TEXT NOT NULL, instance INTEGER NOT NULL, hostname TEXT NOT NULL, target TEXT NOT NULL,
@@ -444,7 +449,8 @@ impl Store {
             let (wid, closed) = match windows.get(&(e.pid, idx)) {
                 Some(w) => *w,
                 None => {
-                    let w = window_for(&tx, agent, e.pid, idx, a.origin + rel * len, a.origin + (rel + 1) * len)?;
+                    let (start, end) = (a.origin + rel * len, a.origin + (rel + 1) * len);
+                    let w = window_for(&tx, agent, e.pid, idx, start, end, &mut applied.windows_opened)?;
                     windows.insert((e.pid, idx), w);
                     w
                 }
@@ -510,7 +516,9 @@ impl Store {
             applied.windows_closed += 1;
             applied.closed.push(w);
         }
+        let committing = std::time::Instant::now();
         tx.commit()?;
+        applied.commit = committing.elapsed();
         for (sym, f) in new_syms {
             session.symbols.insert(sym, f);
         }
@@ -557,9 +565,18 @@ impl Store {
         Ok(discarded)
     }
 
+    /// Checks that the database takes writes: one small write transaction (a lock held by
+    /// another process, a full disk or an I/O error fail it). Backs gRPC health.
+    pub fn probe(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("INSERT OR REPLACE INTO health(id, at_unix) VALUES (1, ?1)", params![now_unix()])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Closes every open window whose agent was last seen more than `idle_secs` ago; returns
-    /// their ids.
-    pub fn close_stale(&mut self, idle_secs: i64) -> Result<Vec<i64>, StoreError> {
+    /// their ids and the number of AFCTs built.
+    pub fn close_stale(&mut self, idle_secs: i64) -> Result<(Vec<i64>, u64), StoreError> {
         let tx = self.conn.transaction()?;
         let ids: Vec<i64> = {
             let mut stmt = tx.prepare(
@@ -568,11 +585,12 @@ impl Store {
             )?;
             stmt.query_map(params![now_unix() - idle_secs], |r| r.get(0))?.collect::<Result<_, _>>()?
         };
+        let mut afcts = 0;
         for w in &ids {
-            close_window(&tx, &self.funcs, *w, self.window.node_cap)?;
+            afcts += close_window(&tx, &self.funcs, *w, self.window.node_cap)?;
         }
         tx.commit()?;
-        Ok(ids)
+        Ok((ids, afcts))
     }
 
     pub fn list_agents(&self) -> Result<Vec<pb::AgentInfo>, StoreError> {
@@ -693,11 +711,12 @@ fn window_for(
     idx: u64,
     start: u64,
     end: u64,
+    opened: &mut u64,
 ) -> Result<(i64, bool), StoreError> {
-    tx.execute(
+    *opened += tx.execute(
         "INSERT INTO windows(agent_id, instance, pid, idx, start_ns, end_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
         params![agent.agent_id, agent.instance as i64, pid, idx as i64, start as i64, end as i64],
-    )?;
+    )? as u64;
     Ok(tx.query_row(
         "SELECT id, closed FROM windows WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3 AND idx = ?4",
         params![agent.agent_id, agent.instance as i64, pid, idx as i64],

@@ -245,7 +245,12 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     let _down = Down(cfg.clone());
 
     let port = 27432;
-    let mut analyzer = serve(dir.path(), port, &["--model", model.to_str().unwrap(), "--fddb", fddb.to_str().unwrap()]);
+    let metrics_addr = "127.0.0.1:27433";
+    let mut analyzer = serve(
+        dir.path(),
+        port,
+        &["--model", model.to_str().unwrap(), "--fddb", fddb.to_str().unwrap(), "--metrics-listen", metrics_addr],
+    );
     let mut q = connect(port, &mut analyzer).await;
     let mut procs = Kill(vec![analyzer]);
     let mut watch = q
@@ -323,6 +328,22 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
         worst.p_normal,
         worst.top.iter().take(3).any(|s| s.function == function)
     );
+    // The metrics counted every stored diagnosis (more may have come since the listing).
+    let m = scrape(metrics_addr);
+    let count = |prefix: &str| -> f64 {
+        m.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    assert!(count("afetm_analyzer_diagnoses_total{") >= all.len() as f64, "{m}");
+    let stale = all.iter().filter(|d| d.stale).count() as f64;
+    assert!(
+        count("afetm_analyzer_diagnoses_total{verdict=\"normal\",stale=\"true\"}")
+            + count("afetm_analyzer_diagnoses_total{verdict=\"error\",stale=\"true\"}")
+            >= stale,
+        "{m}"
+    );
+    assert!(count("afetm_analyzer_diagnosis_latency_seconds_count") >= all.len() as f64, "{m}");
+    assert!(count("afetm_analyzer_afcts_total") >= all.len() as f64, "{m}");
+    assert_eq!(count("afetm_analyzer_database_up"), 1.0, "{m}");
     // WatchDiagnoses streamed every diagnosis as it was stored, the worst one included.
     let t = Instant::now();
     loop {
@@ -334,4 +355,14 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
         }
         assert!(t.elapsed() < Duration::from_secs(20), "WatchDiagnoses did not send the worst window");
     }
+}
+
+/// `GET /metrics` from `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }

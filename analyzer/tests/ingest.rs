@@ -293,3 +293,93 @@ async fn a_cut_discards_open_windows_and_restarts_them_at_its_instant() {
     assert_eq!(names, ["main", "serve", "leaf"], "main -> leaf of the start-up is gone");
     server.shutdown().await;
 }
+
+/// `GET path` over real HTTP; (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+/// Metrics count what ingest did; while another process holds the database's write lock,
+/// gRPC health and /healthz say NOT_SERVING, and SERVING again once it lets go.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_ingest_and_health_follows_the_database() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.sqlite");
+    let store =
+        Store::open(&db, WindowConfig { len_ns: 1_000_000_000, grace_ns: 0, node_cap: 1000 }, Limits::default())
+            .unwrap();
+    let analyzer = Analyzer::new(store).with_probe_every(Duration::from_millis(100));
+    let a = analyzer.clone();
+    let health_fn: afetm_metrics::Health = std::sync::Arc::new(move || a.health());
+    let maddr = afetm_metrics::serve("127.0.0.1:0", analyzer.metrics().registry(), health_fn).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(service::serve(analyzer, listener, Duration::from_secs(300), async {
+        let _ = stopped.await;
+    }));
+
+    let (acks, err) = exchange(&url, 1, vec![good(1), good(1)]).await;
+    assert_eq!((acks, err.map(|e| e.code())), (vec![1, 1], None));
+    let (_, err) = exchange(&url, 2, vec![good(u64::MAX)]).await;
+    assert!(err.is_some());
+    let (status, m) = http_get(maddr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(sample(&m, r#"afetm_analyzer_batches_total{result="applied"}"#), Some(1.0), "{m}");
+    assert_eq!(sample(&m, r#"afetm_analyzer_batches_total{result="duplicate"}"#), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "afetm_analyzer_events_total"), Some(3.0), "{m}");
+    assert_eq!(sample(&m, "afetm_analyzer_windows_opened_total"), Some(1.0), "{m}");
+    assert_eq!(sample(&m, r#"afetm_analyzer_rejected_total{reason="seq"}"#), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "afetm_analyzer_sqlite_commit_seconds_count"), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "afetm_analyzer_database_up"), Some(1.0), "{m}");
+
+    let channel = tonic::transport::Channel::from_shared(url.clone()).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let status_of = |service: &'static str| {
+        let mut h = health.clone();
+        async move { h.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status }
+    };
+    assert_eq!(status_of("afetm.v1.Ingest").await, ServingStatus::Serving as i32);
+
+    // Another process (here: another connection) takes the write lock and keeps it.
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let mut down = false;
+    for _ in 0..200 {
+        if status_of("").await == ServingStatus::NotServing as i32 {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(down, "health must say NOT_SERVING while the database is locked");
+    assert_eq!(status_of("afetm.v1.Ingest").await, ServingStatus::NotServing as i32);
+    let (status, body) = http_get(maddr, "/healthz").await;
+    assert!(status.contains("503") && body.contains("locked"), "{status} {body}");
+    assert_eq!(sample(&http_get(maddr, "/metrics").await.1, "afetm_analyzer_database_up"), Some(0.0));
+
+    other.execute_batch("ROLLBACK").unwrap();
+    let mut up = false;
+    for _ in 0..200 {
+        if status_of("afetm.v1.Query").await == ServingStatus::Serving as i32 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "health must say SERVING once the lock is gone");
+    assert!(http_get(maddr, "/healthz").await.0.contains("200"));
+    let _ = stop.send(());
+    let _ = task.await;
+}

@@ -81,6 +81,8 @@ const APT_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "bpftrace",
+    // systemd-analyze checks the units in packaging/
+    "systemd",
     "iproute2",
     // the NHSR-OSW shop (../shared/notes/testbed.md); installing starts no service
     "nginx",
