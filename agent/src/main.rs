@@ -51,6 +51,21 @@ struct Cli {
     /// Analyzer gRPC address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     analyzer: String,
+    /// The CA (PEM) that signed the analyzer's certificate, for an `https://` analyzer.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This agent's client certificate (PEM) for mTLS; with `--tls-key`.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A file holding the bearer token (role `agent` or `control`) to send, first line.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Send plaintext gRPC to a non-loopback analyzer (refused otherwise).
+    #[arg(long)]
+    insecure: bool,
     /// Name this agent reports (default: hostname/target basename).
     #[arg(long)]
     agent_id: Option<String>,
@@ -249,6 +264,14 @@ fn run(cli: Cli) -> Result<()> {
         );
         return Ok(());
     }
+    let auth = afetm_auth::ClientAuth {
+        ca: cli.tls_ca.clone(),
+        identity: cli.tls_cert.clone().zip(cli.tls_key.clone()),
+        token: afetm_auth::ClientAuth::token_from(cli.token_file.as_deref())?,
+        insecure: cli.insecure,
+    };
+    // Bad TLS files or a plaintext non-loopback address fail here, not in the send loop.
+    auth.endpoint(&cli.analyzer)?;
     let plan_path = cli.plan.clone().context("--plan is required")?;
     let text = std::fs::read_to_string(&plan_path).with_context(|| format!("reading plan {}", plan_path.display()))?;
     let plan = PlanFile::parse(&text).with_context(|| format!("plan {}", plan_path.display()))?;
@@ -328,7 +351,7 @@ fn run(cli: Cli) -> Result<()> {
         let (plans_tx, mut plans_rx) = mpsc::channel::<pb::Plan>(8);
         let (reports_tx, reports_rx) = mpsc::channel::<pb::PlanReport>(8);
         let _ = reports_tx.send(report).await;
-        let transport = tokio::spawn(transport::run(cli.analyzer.clone(), hello, outbox.clone(), plans_tx, reports_rx, shutdown_rx, cli.drain_timeout));
+        let transport = tokio::spawn(transport::run(cli.analyzer.clone(), auth, hello, outbox.clone(), plans_tx, reports_rx, shutdown_rx, cli.drain_timeout));
         let governed = reports_tx.clone();
         let t = tracer.clone();
         let plans = tokio::spawn(async move {

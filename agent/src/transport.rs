@@ -161,8 +161,10 @@ const IN_FLIGHT: usize = 64;
 
 /// Runs until `shutdown` turns true and the outbox is empty (or `drain_timeout` passes after
 /// shutdown). Plans pushed by the analyzer go to `plans`; reports from `reports` go back.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     endpoint: String,
+    auth: afetm_auth::ClientAuth,
     hello: pb::Hello,
     outbox: Arc<Outbox>,
     plans: mpsc::Sender<pb::Plan>,
@@ -184,7 +186,7 @@ pub async fn run(
                 break;
             }
         }
-        let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
+        let channel = match auth.endpoint(&endpoint) {
             Ok(ep) => ep.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await,
             Err(e) => {
                 tracing::error!(%endpoint, error = %e, "bad analyzer address");
@@ -207,6 +209,7 @@ pub async fn run(
                 continue;
             }
         };
+        let channel = afetm_auth::AuthChannel::new(channel, auth.interceptor());
         let mut client =
             IngestClient::new(channel).max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(IN_FLIGHT * 2);

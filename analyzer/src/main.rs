@@ -3,11 +3,13 @@ use std::{path::PathBuf, time::Duration};
 
 use afetm_analyzer::tree::Forest;
 use afetm_diagnosis::train::TrainConfig;
-use afetm_proto::{self as pb, control_client::ControlClient, plan::PlanFile, query_client::QueryClient};
+use afetm_proto::{self as pb, plan::PlanFile};
 use afetm_selection::weights::Weights;
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+#[path = "cli/client.rs"]
+mod cli_client;
 #[path = "cli/diagnosis.rs"]
 mod cli_diagnosis;
 #[path = "cli/logs.rs"]
@@ -22,6 +24,15 @@ mod cli_serve;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Clients: the CA (PEM) that signed the analyzer's certificate, for `https://` servers.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Clients: a file holding the bearer token to send (first line).
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Plaintext gRPC to (clients) or on (`serve`) a non-loopback address; refused otherwise.
+    #[arg(long, global = true)]
+    insecure: bool,
 }
 
 #[derive(Subcommand)]
@@ -291,6 +302,8 @@ fn parse_layered() -> (Cli, Option<String>) {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let token = afetm_auth::ClientAuth::token_from(cli.token_file.as_deref())?;
+    cli_client::init(afetm_auth::ClientAuth { ca: cli.tls_ca.clone(), identity: None, token, insecure: cli.insecure });
     match cli.cmd {
         Cmd::Train { fddb, target, plan, out, seed, epochs, patience } => {
             let cfg = TrainConfig { seed, epochs, patience, ..Default::default() };
@@ -308,11 +321,9 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Logs { server, window } => cli_logs::logs(&server, window).await,
         Cmd::TrainLogs(a) => tokio::task::spawn_blocking(move || cli_logs::train_logs(&a)).await?,
         Cmd::Ask(a) => tokio::task::spawn_blocking(move || cli_logs::ask(&a)).await?,
-        Cmd::Serve(args) => cli_serve::run(args).await,
+        Cmd::Serve(args) => cli_serve::run(args, cli.insecure).await,
         Cmd::Afcts { server, window, agent } => {
-            let mut q = QueryClient::connect(server.clone())
-                .await
-                .with_context(|| format!("cannot reach analyzer at {server}"))?;
+            let mut q = cli_client::query(&server).await?;
             let windows = q
                 .list_windows(pb::ListWindowsRequest { agent_id: agent, pid: 0, closed_only: true })
                 .await?
@@ -332,9 +343,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Color { server, mut windows, agent, check_agent, traced, target, out } => {
-            let mut q = QueryClient::connect(server.clone())
-                .await
-                .with_context(|| format!("cannot reach analyzer at {server}"))?;
+            let mut q = cli_client::query(&server).await?;
             let all = q
                 .list_windows(pb::ListWindowsRequest { agent_id: String::new(), pid: 0, closed_only: true })
                 .await?
@@ -354,7 +363,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("window {id} is unknown or still open"))?;
                 fcts.extend(w.tids.iter().map(|tid| pb::FctRef { window_id: *id, tid: *tid }));
             }
-            let mut c = ControlClient::connect(server).await?;
+            let mut c = cli_client::control(&server).await?;
             let resp = c.color(pb::ColorRequest { fcts, traced }).await?.into_inner();
             let mut plan = resp.plan.context("analyzer returned no plan")?;
             plan.target_path = target.to_string_lossy().into_owned();
@@ -404,9 +413,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::SetPlan { server, agent, plan } => {
             let text = std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?;
             let file = PlanFile::parse(&text).with_context(|| format!("in {}", plan.display()))?;
-            let mut c = ControlClient::connect(server.clone())
-                .await
-                .with_context(|| format!("cannot reach analyzer at {server}"))?;
+            let mut c = cli_client::control(&server).await?;
             let r = c.set_plan(pb::SetPlanRequest { agent_id: agent, plan: Some(file.to_proto()) }).await?.into_inner();
             println!("delivered to {} agent connection(s)", r.delivered);
             Ok(())
@@ -437,9 +444,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Weights { server, agent, module, period, workload, requests, real_rps, out } => {
-            let mut q = QueryClient::connect(server.clone())
-                .await
-                .with_context(|| format!("cannot reach analyzer at {server}"))?;
+            let mut q = cli_client::query(&server).await?;
             let counts = q.counts(pb::CountsRequest { agent_id: agent.clone() }).await?.into_inner().counts;
             let mut w = Weights::from_counts(&module, &counts, period.as_secs_f64(), &workload)
                 .with_context(|| format!("agent {agent:?}"))?;
@@ -501,9 +506,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Stats { server } => {
-            let mut q = QueryClient::connect(server.clone())
-                .await
-                .with_context(|| format!("cannot reach analyzer at {server}"))?;
+            let mut q = cli_client::query(&server).await?;
             let s = q.stats(pb::StatsRequest {}).await?.into_inner();
             println!("{s:#?}");
             Ok(())

@@ -654,7 +654,29 @@ pub async fn serve(
     stale_after: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with(analyzer, listener, stale_after, Security::default(), shutdown).await
+}
+
+/// Transport security and access control for [`serve_with`] (see `afetm-auth`).
+#[derive(Clone, Default)]
+pub struct Security {
+    /// TLS, when the analyzer has a certificate.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Who may call what.
+    pub policy: afetm_auth::Policy,
+}
+
+/// [`serve`] with TLS and access control.
+pub async fn serve_with(
+    analyzer: Analyzer,
+    listener: tokio::net::TcpListener,
+    stale_after: Duration,
+    security: Security,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use afetm_auth::Service;
     use afetm_proto::{control_server::ControlServer, ingest_server::IngestServer, query_server::QueryServer};
+    use tonic::service::interceptor::InterceptedService;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, analyzer.probe().await).await;
     // Both reflection versions: older grpcurl releases only speak v1alpha.
@@ -688,13 +710,20 @@ pub async fn serve(
     });
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "analyzer listening");
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = security.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let policy = security.policy;
+    let ingest = IngestServer::new(analyzer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let control = ControlServer::new(analyzer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let result = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(IngestServer::new(analyzer.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(QueryServer::new(analyzer.clone()))
-        .add_service(ControlServer::new(analyzer).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(InterceptedService::new(ingest, policy.interceptor(Service::Ingest)))
+        .add_service(InterceptedService::new(QueryServer::new(analyzer), policy.interceptor(Service::Query)))
+        .add_service(InterceptedService::new(control, policy.interceptor(Service::Control)))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await;
     sweep.abort();

@@ -172,7 +172,12 @@ pub fn layered(cmd: &Command, args: Vec<OsString>) -> Result<Layered, ConfigErro
     let mut inserted = Vec::new();
     for (key, v) in &values {
         let from_file = fig.find_metadata(key).is_some_and(|m| matches!(m.source, Some(figment::Source::File(_))));
-        let Some(arg) = sub.get_arguments().find(|a| a.get_long().map(key_of).as_deref() == Some(key.as_str())) else {
+        // The subcommand's own flags first, then global ones of the root.
+        let named = |c: &'_ Command| {
+            c.get_arguments().find(|a| a.get_long().map(key_of).as_deref() == Some(key.as_str())).cloned()
+        };
+        let arg = named(sub).or_else(|| named(cmd).filter(|a| a.is_global_set()));
+        let Some(arg) = arg else {
             if from_file && !known_anywhere(key) {
                 return Err(ConfigError::UnknownKey { file: path.clone().unwrap_or_default(), key: key.clone() });
             }
@@ -181,7 +186,7 @@ pub fn layered(cmd: &Command, args: Vec<OsString>) -> Result<Layered, ConfigErro
         if key == CONFIG_FLAG || user.contains(key) {
             continue;
         }
-        inserted.extend(flags(arg, key, v)?);
+        inserted.extend(flags(&arg, key, v)?);
         out.origins.insert(key.clone(), if from_file { Origin::File } else { Origin::Env });
     }
     out.args = args[..=at].to_vec();

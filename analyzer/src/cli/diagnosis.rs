@@ -95,8 +95,7 @@ pub struct Listing {
 
 /// `afetm-analyzer diagnoses`: the stored diagnoses (oldest first), then with `follow` each new one.
 pub async fn diagnoses(server: &str, l: Listing) -> Result<()> {
-    let mut q =
-        QueryClient::connect(server.to_string()).await.with_context(|| format!("cannot reach analyzer at {server}"))?;
+    let mut q = crate::cli_client::query(server).await?;
     let mut watch = if l.follow {
         let req = pb::WatchDiagnosesRequest { agent_id: l.agent.clone(), errors_only: l.errors };
         Some(q.watch_diagnoses(req).await.context("watching diagnoses")?.into_inner())
@@ -126,7 +125,7 @@ pub async fn diagnoses(server: &str, l: Listing) -> Result<()> {
     Ok(())
 }
 
-async fn show(q: &mut QueryClient<tonic::transport::Channel>, d: &pb::Diagnosis, tree: bool) -> Result<()> {
+async fn show(q: &mut QueryClient<afetm_auth::AuthChannel>, d: &pb::Diagnosis, tree: bool) -> Result<()> {
     println!("{}", line(d));
     if tree {
         let afct = q.get_afct(pb::GetAfctRequest { window_id: d.window_id, tid: d.tid }).await.context("GetAfct")?;
@@ -193,8 +192,7 @@ pub fn marked(tree: &pb::Tree, d: &pb::Diagnosis, max_lines: usize) -> String {
 
 /// `afetm-analyzer diagnose`: stored AFCTs of a window through `Query.Diagnose`.
 pub async fn diagnose_stored(server: &str, window: u64, tid: Option<u32>, model: String, top_k: u32) -> Result<()> {
-    let mut q =
-        QueryClient::connect(server.to_string()).await.with_context(|| format!("cannot reach analyzer at {server}"))?;
+    let mut q = crate::cli_client::query(server).await?;
     let windows =
         q.list_windows(pb::ListWindowsRequest { closed_only: true, ..Default::default() }).await?.into_inner().windows;
     let w = windows.iter().find(|w| w.id == window).with_context(|| format!("no closed window {window}"))?;

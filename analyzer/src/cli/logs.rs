@@ -13,7 +13,7 @@ use afetm_logdiag::{
     chimera::Config,
     model::{LogModel, Window},
 };
-use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
+use afetm_proto::{self as pb, query_client::QueryClient};
 use anyhow::{Context, Result, bail};
 
 /// `afetm-analyzer report --window ID`.
@@ -101,8 +101,8 @@ pub struct TrainLogsArgs {
     seed: u64,
 }
 
-async fn query(server: &str) -> Result<QueryClient<tonic::transport::Channel>> {
-    QueryClient::connect(server.to_string()).await.with_context(|| format!("cannot reach analyzer at {server}"))
+async fn query(server: &str) -> Result<QueryClient<afetm_auth::AuthChannel>> {
+    crate::cli_client::query(server).await
 }
 
 pub async fn report(a: ReportArgs) -> Result<()> {
@@ -128,7 +128,7 @@ pub async fn report(a: ReportArgs) -> Result<()> {
 }
 
 pub async fn feedback(a: FeedbackArgs) -> Result<()> {
-    let mut c = ControlClient::connect(a.server.clone())
+    let mut c = crate::cli_client::control(&a.server)
         .await
         .with_context(|| format!("cannot reach analyzer at {}", a.server))?;
     let req = pb::FeedbackRequest {

@@ -65,6 +65,21 @@ pub struct ServeArgs {
     /// `127.0.0.1:9430`. Off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// The analyzer's TLS certificate (PEM); with `--tls-key`, gRPC is served over TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A CA (PEM): agents with a client certificate it signed may stream without a token
+    /// (mTLS). Needs `--tls-cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Bearer tokens with roles, one `ROLE TOKEN` per line (roles: agent = Ingest, read =
+    /// Query, control = everything). Without it (and without a client CA) every call is
+    /// allowed.
+    #[arg(long, value_name = "FILE")]
+    pub tokens: Option<PathBuf>,
     /// How often the database is probed with a small write; gRPC health says NOT_SERVING
     /// while the probe fails.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -72,7 +87,7 @@ pub struct ServeArgs {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(args: ServeArgs) -> Result<()> {
+pub async fn run(args: ServeArgs, insecure: bool) -> Result<()> {
     let ServeArgs {
         config: _,
         print_config: _,
@@ -90,7 +105,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         sop_dir,
         metrics_listen,
         probe_every,
+        tls_cert,
+        tls_key,
+        tls_client_ca,
+        tokens,
     } = args;
+    let security = security(&listen, tls_cert.zip(tls_key), tls_client_ca, tokens, insecure)?;
     if window.is_zero() {
         bail!("--window must be longer than 0");
     }
@@ -121,5 +141,30 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         let health: afetm_metrics::Health = Arc::new(move || a.health());
         afetm_metrics::serve(addr, analyzer.metrics().registry(), health).await?;
     }
-    service::serve(analyzer, listener, stale_after, shutdown).await
+    service::serve_with(analyzer, listener, stale_after, security, shutdown).await
+}
+
+/// TLS and access control from the flags; plaintext on a non-loopback address needs
+/// `--insecure`.
+fn security(
+    listen: &str,
+    tls: Option<(PathBuf, PathBuf)>,
+    client_ca: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    insecure: bool,
+) -> Result<service::Security> {
+    let tokens = token_file.as_deref().map(afetm_auth::Tokens::load).transpose()?.map(Arc::new);
+    let policy = afetm_auth::Policy { tokens, client_certs: client_ca.is_some() };
+    let tls = match tls {
+        Some((cert, key)) => Some(afetm_auth::server_tls(&cert, &key, client_ca.as_deref())?),
+        None => {
+            let host = listen.rsplit_once(':').map(|(h, _)| h).unwrap_or(listen);
+            afetm_auth::plaintext_ok(host.trim_start_matches('[').trim_end_matches(']'), insecure)?;
+            if insecure && policy.tokens.is_none() {
+                tracing::warn!(%listen, "plaintext gRPC without tokens on a non-loopback address: anyone who reaches it may push plans");
+            }
+            None
+        }
+    };
+    Ok(service::Security { tls, policy })
 }
