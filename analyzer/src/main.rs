@@ -12,6 +12,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 mod cli_client;
 #[path = "cli/diagnosis.rs"]
 mod cli_diagnosis;
+#[path = "cli/export.rs"]
+mod cli_export;
 #[path = "cli/logs.rs"]
 mod cli_logs;
 #[path = "cli/select.rs"]
@@ -115,6 +117,9 @@ enum Cmd {
         #[arg(long)]
         tree: bool,
     },
+    /// A window's AFCTs as Graphviz DOT, SVG, or Chrome trace JSON (ui.perfetto.dev); the
+    /// diagnosis's top suspect is marked.
+    Export(cli_export::ExportArgs),
     /// Print stored AFCTs.
     Afcts {
         #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -321,6 +326,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Logs { server, window } => cli_logs::logs(&server, window).await,
         Cmd::TrainLogs(a) => tokio::task::spawn_blocking(move || cli_logs::train_logs(&a)).await?,
         Cmd::Ask(a) => tokio::task::spawn_blocking(move || cli_logs::ask(&a)).await?,
+        Cmd::Export(args) => cli_export::run(args).await,
         Cmd::Serve(args) => cli_serve::run(args, cli.insecure).await,
         Cmd::Afcts { server, window, agent } => {
             let mut q = cli_client::query(&server).await?;

@@ -163,7 +163,8 @@ async fn malformed_batches_are_refused_counted_and_not_stored() {
     server.shutdown().await;
 }
 
-#[tokio::test]
+// Multi-threaded: the export CLI runs as a blocking child process while this process serves.
+#[tokio::test(flavor = "multi_thread")]
 async fn duplicates_are_acked_once_and_windows_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("b.sqlite");
@@ -205,6 +206,7 @@ async fn duplicates_are_acked_once_and_windows_survive_a_reopen() {
         ]
     );
     assert!(afct.text.contains("prog!leaf [white] calls=2"), "{}", afct.text);
+    export_the_window(&server.url, w[0].id, dir.path());
     // An agent's final batch closes whatever it still had open.
     let (acks, _) = exchange(&server.url, 8, vec![good(1)]).await;
     assert_eq!(acks, vec![1]);
@@ -345,7 +347,7 @@ async fn metrics_count_ingest_and_health_follows_the_database() {
     assert_eq!(sample(&m, "afetm_analyzer_database_up"), Some(1.0), "{m}");
 
     let channel = tonic::transport::Channel::from_shared(url.clone()).unwrap().connect().await.unwrap();
-    let mut health = HealthClient::new(channel);
+    let health = HealthClient::new(channel);
     let status_of = |service: &'static str| {
         let mut h = health.clone();
         async move { h.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status }
@@ -382,4 +384,38 @@ async fn metrics_count_ingest_and_health_follows_the_database() {
     assert!(http_get(maddr, "/healthz").await.0.contains("200"));
     let _ = stop.send(());
     let _ = task.await;
+}
+
+/// `afetm-analyzer export` of a closed window (libc_start -> main -> leaf x2) in each format.
+fn export_the_window(url: &str, window: u64, dir: &std::path::Path) {
+    let export = |format: &str, extra: &[&str]| {
+        let out = dir.join(format!("w.{format}"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_afetm-analyzer"))
+            .args(["export", "--server", url, "--window", &window.to_string(), "--format", format, "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out).unwrap()
+    };
+    let dot = export("dot", &["--highlight", "leaf"]);
+    assert!(dot.contains("label=\"main\"") && dot.contains("-> n2 [label=\"2\"]"), "{dot}");
+    assert_eq!(dot.matches("crimson").count(), 1, "{dot}");
+    let svg = export("svg", &["--highlight", "leaf"]);
+    assert_eq!(svg.matches("class=\"node suspect\"").count(), 1, "{svg}");
+    assert!(svg.contains("data-function=\"libc_start\" data-color=\"blue\""), "{svg}");
+    let trace: serde_json::Value = serde_json::from_str(&export("chrome", &[])).unwrap();
+    let slices: Vec<&serde_json::Value> =
+        trace["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X").collect();
+    assert_eq!(slices.len(), 3);
+    let leaf = slices.iter().find(|e| e["name"] == "leaf").unwrap();
+    assert_eq!(
+        (leaf["pid"].as_u64(), leaf["tid"].as_u64(), leaf["args"]["calls"].as_u64()),
+        (Some(42), Some(42), Some(2))
+    );
+    // When Graphviz is installed, the DOT renders.
+    if let Ok(o) = std::process::Command::new("dot").arg("-Tsvg").arg(dir.join("w.dot")).output() {
+        assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("<svg"), "dot -Tsvg failed");
+    }
 }

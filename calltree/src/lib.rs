@@ -14,4 +14,5 @@
 
 pub mod afct;
 pub mod coloring;
+pub mod export;
 pub mod tree;

@@ -1,0 +1,281 @@
+//! Call trees for people and their tools: Graphviz DOT, a self-contained SVG drawing, and a
+//! Chrome trace (JSON) that ui.perfetto.dev and chrome://tracing open.
+//!
+//! Colors follow the paper's figures (Alg. 2): white nodes were traced, blue ones are known
+//! only as callers or stack frames, red ones are the untraced nodes coloring found. A
+//! highlighted function (a diagnosis's suspect) gets a thick crimson border.
+//!
+//! The SVG is drawn here rather than through Graphviz so that the web view and the CLI need no
+//! external program: a tree needs only a layered layout (x by leaf order, y by depth).
+//!
+//! **What the Chrome trace approximates.** The analyzer keeps, per window and thread, the
+//! call edges with their counts, not each call's timestamps, so calls cannot be placed in time.
+//! The trace draws each AFCT node as one slice on its thread's track, nested as in the tree,
+//! spread over the window's real time span. A slice's width is proportional to its calls,
+//! and it is at least as wide as its children together. Start times and durations are
+//! therefore layout, not measurement; each slice's `args` carry the real call count.
+use std::{collections::HashSet, fmt::Write};
+
+use crate::tree::{Color, Forest, FuncTable};
+
+fn fill(c: Color) -> &'static str {
+    match c {
+        Color::White => "#ffffff",
+        Color::Blue => "#9ecae1",
+        Color::Red => "#fc9272",
+    }
+}
+
+fn escape_dot(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn escape_xml(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// The forest as a Graphviz digraph; edges are labelled with their calls.
+pub fn dot(f: &Forest, table: &FuncTable, highlight: &HashSet<String>) -> String {
+    let mut s =
+        String::from("digraph afct {\n  rankdir=TB;\n  node [shape=box, style=filled, fontname=\"monospace\"];\n");
+    for (i, n) in f.nodes.iter().enumerate() {
+        let name = &table.get(n.func).name;
+        let border = if highlight.contains(&**name) { ", color=\"crimson\", penwidth=3" } else { "" };
+        let _ = writeln!(s, "  n{i} [label=\"{}\", fillcolor=\"{}\"{border}];", escape_dot(name), fill(n.color));
+        if let Some(p) = n.parent {
+            let _ = writeln!(s, "  n{p} -> n{i} [label=\"{}\"];", n.calls);
+        }
+    }
+    if f.truncated {
+        s.push_str("  truncated [shape=note, label=\"truncated at the node cap\"];\n");
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Leaf-ordered x positions (in leaf slots) and depths of every node.
+fn layout(f: &Forest) -> (Vec<f64>, Vec<usize>) {
+    let mut x = vec![0.0; f.nodes.len()];
+    let mut depth = vec![0usize; f.nodes.len()];
+    for (i, n) in f.nodes.iter().enumerate() {
+        depth[i] = n.parent.map(|p| depth[p as usize] + 1).unwrap_or(0);
+    }
+    // Preorder: leaves get consecutive slots; a parent sits over its children's middle.
+    let mut next = 0.0;
+    for i in 0..f.nodes.len() {
+        if f.nodes[i].children.is_empty() {
+            x[i] = next;
+            next += 1.0;
+        }
+    }
+    for i in (0..f.nodes.len()).rev() {
+        let c = &f.nodes[i].children;
+        if let (Some(first), Some(last)) = (c.first(), c.last()) {
+            x[i] = (x[*first as usize] + x[*last as usize]) / 2.0;
+        }
+    }
+    (x, depth)
+}
+
+/// Most nodes [`svg`] draws; a bigger tree is cut (and says so).
+pub const SVG_NODE_LIMIT: usize = 3000;
+
+/// The forest drawn as SVG (see the module doc); each node has `class="node"` and
+/// `data-function`, a highlighted one also `class="node suspect"`.
+pub fn svg(f: &Forest, table: &FuncTable, highlight: &HashSet<String>) -> String {
+    let cut;
+    let f = if f.nodes.len() > SVG_NODE_LIMIT {
+        cut = f.filtered(|_| true);
+        let mut c = cut;
+        c.nodes.truncate(SVG_NODE_LIMIT);
+        for n in &mut c.nodes {
+            n.children.retain(|ch| (*ch as usize) < SVG_NODE_LIMIT);
+        }
+        c.truncated = true;
+        std::borrow::Cow::Owned(c)
+    } else {
+        std::borrow::Cow::Borrowed(f)
+    };
+    let (x, depth) = layout(&f);
+    let (w, h, gap_x, gap_y) = (150.0, 26.0, 12.0, 44.0);
+    let px = |i: usize| 10.0 + x[i] * (w + gap_x);
+    let py = |i: usize| 10.0 + depth[i] as f64 * (h + gap_y);
+    let width = x.iter().cloned().fold(0.0, f64::max) * (w + gap_x) + w + 20.0;
+    let height = depth.iter().max().map(|d| *d as f64 + 1.0).unwrap_or(1.0) * (h + gap_y) + 30.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"afct\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"monospace\" font-size=\"11\">\n"
+    );
+    for (i, n) in f.nodes.iter().enumerate() {
+        if let Some(p) = n.parent {
+            let p = p as usize;
+            let _ = writeln!(
+                s,
+                "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#888\"><title>{} calls</title></line>",
+                px(p) + w / 2.0,
+                py(p) + h,
+                px(i) + w / 2.0,
+                py(i),
+                n.calls
+            );
+        }
+    }
+    for (i, n) in f.nodes.iter().enumerate() {
+        let name = &table.get(n.func).name;
+        let suspect = highlight.contains(&**name);
+        let (class, stroke, sw) = if suspect { ("node suspect", "crimson", 3) } else { ("node", "#333", 1) };
+        let label: String =
+            if name.chars().count() > 20 { name.chars().take(19).chain(['…']).collect() } else { name.to_string() };
+        let color = format!("{:?}", n.color).to_lowercase();
+        let _ = writeln!(
+            s,
+            "<g class=\"{class}\" data-function=\"{}\" data-color=\"{color}\"><title>{} ({color}, {} calls)</title><rect x=\"{:.1}\" y=\"{:.1}\" width=\"{w}\" height=\"{h}\" rx=\"4\" fill=\"{}\" stroke=\"{stroke}\" stroke-width=\"{sw}\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text></g>",
+            escape_xml(name),
+            escape_xml(name),
+            n.calls,
+            px(i),
+            py(i),
+            fill(n.color),
+            px(i) + w / 2.0,
+            py(i) + h / 2.0 + 4.0,
+            escape_xml(&label)
+        );
+    }
+    if f.truncated {
+        let _ = writeln!(s, "<text x=\"10\" y=\"{:.0}\">(truncated)</text>", height - 8.0);
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// One thread's AFCT for [`chrome_trace`].
+pub struct Track<'a> {
+    /// The process.
+    pub pid: u32,
+    /// The thread.
+    pub tid: u32,
+    /// Its AFCT.
+    pub forest: &'a Forest,
+}
+
+/// Chrome trace JSON of a window's AFCTs, one track per thread, over `[start_ns, end_ns)`
+/// (see the module doc for what is laid out rather than measured).
+pub fn chrome_trace(tracks: &[Track<'_>], table: &FuncTable, start_ns: u64, end_ns: u64) -> String {
+    let span_us = end_ns.saturating_sub(start_ns) as f64 / 1000.0;
+    let mut events = Vec::new();
+    for t in tracks {
+        let f = t.forest;
+        // A node's width: its calls (at least 1), and at least its children's together.
+        let mut weight = vec![0.0f64; f.nodes.len()];
+        for i in (0..f.nodes.len()).rev() {
+            let kids: f64 = f.nodes[i].children.iter().map(|c| weight[*c as usize]).sum();
+            weight[i] = (f.nodes[i].calls.max(1) as f64).max(kids);
+        }
+        let total: f64 = f.roots().map(|r| weight[r as usize]).sum();
+        let scale = if total > 0.0 { span_us / total } else { 0.0 };
+        let mut at = vec![0.0f64; f.nodes.len()];
+        let mut cursor = start_ns as f64 / 1000.0;
+        for r in f.roots() {
+            at[r as usize] = cursor;
+            cursor += weight[r as usize] * scale;
+        }
+        for (i, n) in f.nodes.iter().enumerate() {
+            let mut child_at = at[i];
+            for c in &n.children {
+                at[*c as usize] = child_at;
+                child_at += weight[*c as usize] * scale;
+            }
+            let color = format!("{:?}", n.color).to_lowercase();
+            events.push(format!(
+                "{{\"name\":{},\"cat\":\"{color}\",\"ph\":\"X\",\"ts\":{:.3},\"dur\":{:.3},\"pid\":{},\"tid\":{},\"args\":{{\"calls\":{},\"color\":\"{color}\"}}}}",
+                json_string(&table.get(n.func).name),
+                at[i],
+                weight[i] * scale,
+                t.pid,
+                t.tid,
+                n.calls
+            ));
+        }
+        events.push(format!(
+            "{{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":{},\"tid\":{},\"args\":{{\"name\":\"tid {}\"}}}}",
+            t.pid, t.tid, t.tid
+        ));
+    }
+    format!(
+        "{{\"displayTimeUnit\":\"ms\",\"otherData\":{{\"note\":\"afetm AFCTs: slices are laid out over the window by call count, not measured (the analyzer keeps call counts per edge, not call times)\"}},\"traceEvents\":[\n{}\n]}}\n",
+        events.join(",\n")
+    )
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Forest, FuncTable) {
+        let mut t = FuncTable::default();
+        let (main, a, b, leaf) =
+            (t.intern("m", "main"), t.intern("m", "a<\"x\">"), t.intern("m", "b"), t.intern("m", "leaf"));
+        let mut f = Forest::default();
+        let r = f.push(main, Color::White, None, 1);
+        let na = f.push(a, Color::Blue, Some(r), 3);
+        f.push(leaf, Color::White, Some(na), 10);
+        f.push(b, Color::Red, Some(r), 2);
+        (f, t)
+    }
+
+    #[test]
+    fn dot_has_every_node_and_edge_with_colors_and_the_suspect() {
+        let (f, t) = sample();
+        let d = dot(&f, &t, &HashSet::from(["leaf".to_string()]));
+        assert_eq!(d.matches(" -> ").count(), 3);
+        assert!(d.contains("label=\"a<\\\"x\\\">\""), "{d}");
+        assert!(d.contains("fillcolor=\"#9ecae1\"") && d.contains("fillcolor=\"#fc9272\""), "{d}");
+        assert_eq!(d.matches("crimson").count(), 1, "{d}");
+        assert!(d.contains("n1 -> n2 [label=\"10\"]"), "{d}");
+    }
+
+    #[test]
+    fn svg_is_well_formed_and_marks_the_suspect() {
+        let (f, t) = sample();
+        let s = svg(&f, &t, &HashSet::from(["b".to_string()]));
+        assert_eq!(s.matches("<g class=\"node").count(), 4);
+        assert_eq!(s.matches("class=\"node suspect\"").count(), 1);
+        assert!(s.contains("data-function=\"a&lt;&quot;x&quot;&gt;\""), "{s}");
+        assert_eq!(s.matches("<line").count(), 3);
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn chrome_trace_nests_children_inside_parents_over_the_window() {
+        let (f, t) = sample();
+        let json = chrome_trace(&[Track { pid: 7, tid: 8, forest: &f }], &t, 1_000_000, 11_000_000);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let ev = v["traceEvents"].as_array().unwrap();
+        let slice = |name: &str| ev.iter().find(|e| e["name"] == name).unwrap().clone();
+        let (main, a, leaf, b) = (slice("main"), slice("a<\"x\">"), slice("leaf"), slice("b"));
+        let span =
+            |e: &serde_json::Value| (e["ts"].as_f64().unwrap(), e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap());
+        let inside = |c: (f64, f64), p: (f64, f64)| c.0 >= p.0 - 1e-6 && c.1 <= p.1 + 1e-6;
+        assert_eq!(span(&main), (1000.0, 11000.0), "the root fills the window");
+        assert!(inside(span(&a), span(&main)) && inside(span(&b), span(&main)) && inside(span(&leaf), span(&a)));
+        assert!(span(&a).1 <= span(&b).0 + 1e-6, "siblings do not overlap");
+        assert_eq!(leaf["args"]["calls"], 10);
+        assert_eq!(a["cat"], "blue");
+        assert!(ev.iter().any(|e| e["ph"] == "M" && e["tid"] == 8));
+    }
+}
