@@ -117,6 +117,42 @@ fn pid_target_traces_only_that_process() {
     assert!(w.iter().all(|w| w.pid == pid), "only pid {pid} is traced: {w:?}");
 }
 
+/// A path target follows restarts: a new process of the traced binary (new pid) is traced
+/// from its first call, with no action from the agent. Its first window starts (first event,
+/// kernel timestamp) within 1 s of the process's start.
+#[test]
+fn path_target_follows_a_restarted_process() {
+    require_root!();
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let prog = build_calltree(dir.path(), true);
+    let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &[]);
+    let plan = write_plan(dir.path(), "restart", &prog, &[("op_add", "event")]);
+    let agent = AgentProc::start(&plan, &an.url, "restart", dir.path());
+    run_prog(&prog, 5, 0.0);
+    // The "restart": the same binary again, a new pid.
+    let started = testbed::monotonic_ns();
+    let mut second = Command::new(&prog).args(["20", "2.0"]).stdout(Stdio::null()).spawn().unwrap();
+    let pid = second.id();
+    let mut first_window = None;
+    for _ in 0..100 {
+        first_window = rt().block_on(windows(&an.url, "restart", false)).into_iter().find(|w| w.pid == pid);
+        if first_window.is_some() {
+            break;
+        }
+        sleep(Duration::from_millis(100));
+    }
+    assert!(second.wait().unwrap().success());
+    let w = first_window.unwrap_or_else(|| panic!("no event from the restarted process {pid}: {}", agent.log()));
+    let resumed_ms = w.start_ns.saturating_sub(started) as f64 / 1e6;
+    assert!(resumed_ms < 1000.0, "events resumed {resumed_ms:.0} ms after the restart");
+    eprintln!("restarted process traced from {resumed_ms:.1} ms after its start");
+    let pids: std::collections::BTreeSet<u32> =
+        rt().block_on(windows(&an.url, "restart", false)).iter().map(|w| w.pid).collect();
+    assert_eq!(pids.len(), 2, "both processes traced: {pids:?}");
+    agent.stop();
+}
+
 /// A stripped binary: functions come from .eh_frame and are named <module>+0x<addr>; the full
 /// trace has the same shape as that of the unstripped binary.
 #[test]

@@ -13,5 +13,6 @@ pub mod reporting;
 pub mod service;
 pub mod store;
 pub mod training;
+pub mod web;
 
 pub use afetm_calltree::{afct, coloring, tree};

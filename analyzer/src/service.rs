@@ -75,6 +75,8 @@ pub struct Analyzer {
     unhealthy: Arc<Mutex<Option<String>>>,
     /// How often `serve` probes the database.
     probe_every: Duration,
+    /// Set when the server is shutting down: long-lived streams end so that it can.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -112,6 +114,7 @@ impl Analyzer {
             metrics: Arc::default(),
             unhealthy: Arc::default(),
             probe_every: Duration::from_secs(5),
+            stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
 
@@ -315,9 +318,19 @@ impl Analyzer {
         let welcome = pb::AnalyzerMessage {
             msg: Some(pb::analyzer_message::Msg::Welcome(pb::Welcome { last_acked_seq: last_seq })),
         };
+        let mut stopping = self.stopping.subscribe();
         if tx.send(Ok(welcome)).await.is_ok() {
             loop {
-                let msg = match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => Some(m),
+                    _ = stopping.wait_for(|s| *s) => None,
+                };
+                let Some(next) = next else {
+                    // The agent reconnects and resends what was not acknowledged.
+                    let _ = tx.send(Err(Status::unavailable("the analyzer is shutting down"))).await;
+                    break;
+                };
+                let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -480,9 +493,15 @@ impl Query for Analyzer {
             .ok_or_else(|| Status::failed_precondition("no diagnosis model is loaded (serve --model DIR)"))?;
         let mut sub = diag.subscribe();
         let (tx, rx) = mpsc::channel(256);
+        let mut stopping = self.stopping.subscribe();
         tokio::spawn(async move {
             loop {
-                let d = match sub.recv().await {
+                let next = tokio::select! {
+                    d = sub.recv() => Some(d),
+                    _ = stopping.wait_for(|s| *s) => None,
+                };
+                let Some(next) = next else { break };
+                let d = match next {
                     Ok(d) => d,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(
@@ -710,6 +729,7 @@ pub async fn serve_with(
     });
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "analyzer listening");
+    let stopping = analyzer.stopping.clone();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = security.tls {
         builder = builder.tls_config(tls)?;
@@ -724,7 +744,11 @@ pub async fn serve_with(
         .add_service(InterceptedService::new(ingest, policy.interceptor(Service::Ingest)))
         .add_service(InterceptedService::new(QueryServer::new(analyzer), policy.interceptor(Service::Query)))
         .add_service(InterceptedService::new(control, policy.interceptor(Service::Control)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            // Streams never end by themselves; graceful shutdown waits for them.
+            stopping.send_replace(true);
+        })
         .await;
     sweep.abort();
     probe.abort();

@@ -249,7 +249,16 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     let mut analyzer = serve(
         dir.path(),
         port,
-        &["--model", model.to_str().unwrap(), "--fddb", fddb.to_str().unwrap(), "--metrics-listen", metrics_addr],
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--fddb",
+            fddb.to_str().unwrap(),
+            "--metrics-listen",
+            metrics_addr,
+            "--http-listen",
+            WEB,
+        ],
     );
     let mut q = connect(port, &mut analyzer).await;
     let mut procs = Kill(vec![analyzer]);
@@ -344,6 +353,7 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     assert!(count("afetm_analyzer_diagnosis_latency_seconds_count") >= all.len() as f64, "{m}");
     assert!(count("afetm_analyzer_afcts_total") >= all.len() as f64, "{m}");
     assert_eq!(count("afetm_analyzer_database_up"), 1.0, "{m}");
+    web_view_shows(worst, &all);
     // WatchDiagnoses streamed every diagnosis as it was stored, the worst one included.
     let t = Instant::now();
     loop {
@@ -365,4 +375,56 @@ fn scrape(addr: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+/// The web view's address in the shop test.
+const WEB: &str = "127.0.0.1:27434";
+
+/// Headless Chromium (Debian's package) against the web view: the index lists the diagnosed
+/// windows, and the worst window's page shows its verdict, its suspects with probabilities
+/// and its AFCT drawn with the top suspect outlined; a screenshot of that page is kept at
+/// `target/tmp/web-view-diagnosis.png`.
+fn web_view_shows(worst: &pb::Diagnosis, all: &[pb::Diagnosis]) {
+    let chromium = |args: &[&str]| {
+        let o = Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            .args(args)
+            .output()
+            .expect("chromium (cargo xtask setup installs it)");
+        assert!(o.status.success(), "chromium {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let index = chromium(&["--dump-dom", &format!("http://{WEB}/")]);
+    assert!(index.contains("Latest windows"), "{index}");
+    for d in all.iter().take(3) {
+        assert!(index.contains(&format!("href=\"/window/{}\"", d.window_id)), "window {} not listed", d.window_id);
+    }
+    let url = format!("http://{WEB}/window/{}", worst.window_id);
+    let dom = chromium(&["--dump-dom", &url]);
+    let verdict = if worst.error { "Error" } else { "Normal" };
+    assert!(
+        dom.contains(&format!("id=\"verdict\""))
+            && dom.contains(&format!("{verdict} - P(normal) {:.3}", worst.p_normal)),
+        "{dom}"
+    );
+    for s in &worst.top {
+        assert!(
+            dom.contains(&format!("<td class=\"function\">{}</td>", s.function)),
+            "suspect {} missing: {dom}",
+            s.function
+        );
+        assert!(dom.contains(&format!("<td class=\"probability\">{:.3}</td>", s.probability)), "{dom}");
+    }
+    assert!(dom.contains("<svg") && dom.matches("class=\"node").count() >= 2, "no AFCT drawn: {dom}");
+    let top = &worst.top[0].function;
+    assert!(
+        dom.contains(&format!("class=\"node suspect\" data-function=\"{top}\"")),
+        "top suspect {top} not outlined: {dom}"
+    );
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-view-diagnosis.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(&[&format!("--screenshot={}", shot.display()), "--window-size=1400,1200", &url]);
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "screenshot {} bytes", png.len());
+    eprintln!("web view screenshot: {}", shot.display());
 }

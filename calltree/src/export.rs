@@ -6,7 +6,8 @@
 //! highlighted function (a diagnosis's suspect) gets a thick crimson border.
 //!
 //! The SVG is drawn here rather than through Graphviz so that the web view and the CLI need no
-//! external program: a tree needs only a layered layout (x by leaf order, y by depth).
+//! external program: a tree needs only an indented layout (one row per node in preorder, x by
+//! depth), which stays readable for the hundreds of nodes of a real AFCT.
 //!
 //! **What the Chrome trace approximates.** The analyzer keeps, per window and thread, the
 //! call edges with their counts, not each call's timestamps, so calls cannot be placed in time.
@@ -53,28 +54,13 @@ pub fn dot(f: &Forest, table: &FuncTable, highlight: &HashSet<String>) -> String
     s
 }
 
-/// Leaf-ordered x positions (in leaf slots) and depths of every node.
-fn layout(f: &Forest) -> (Vec<f64>, Vec<usize>) {
-    let mut x = vec![0.0; f.nodes.len()];
+/// Depth of every node (preorder: parents come first).
+fn depths(f: &Forest) -> Vec<usize> {
     let mut depth = vec![0usize; f.nodes.len()];
     for (i, n) in f.nodes.iter().enumerate() {
         depth[i] = n.parent.map(|p| depth[p as usize] + 1).unwrap_or(0);
     }
-    // Preorder: leaves get consecutive slots; a parent sits over its children's middle.
-    let mut next = 0.0;
-    for i in 0..f.nodes.len() {
-        if f.nodes[i].children.is_empty() {
-            x[i] = next;
-            next += 1.0;
-        }
-    }
-    for i in (0..f.nodes.len()).rev() {
-        let c = &f.nodes[i].children;
-        if let (Some(first), Some(last)) = (c.first(), c.last()) {
-            x[i] = (x[*first as usize] + x[*last as usize]) / 2.0;
-        }
-    }
-    (x, depth)
+    depth
 }
 
 /// Most nodes [`svg`] draws; a bigger tree is cut (and says so).
@@ -96,25 +82,25 @@ pub fn svg(f: &Forest, table: &FuncTable, highlight: &HashSet<String>) -> String
     } else {
         std::borrow::Cow::Borrowed(f)
     };
-    let (x, depth) = layout(&f);
-    let (w, h, gap_x, gap_y) = (150.0, 26.0, 12.0, 44.0);
-    let px = |i: usize| 10.0 + x[i] * (w + gap_x);
-    let py = |i: usize| 10.0 + depth[i] as f64 * (h + gap_y);
-    let width = x.iter().cloned().fold(0.0, f64::max) * (w + gap_x) + w + 20.0;
-    let height = depth.iter().max().map(|d| *d as f64 + 1.0).unwrap_or(1.0) * (h + gap_y) + 30.0;
+    // An indented tree, one node per row in preorder (x by depth): readable at any size,
+    // where a layered drawing of a few hundred leaves would be metres wide.
+    let depth = depths(&f);
+    let (row, h, indent) = (24.0, 18.0, 22.0);
+    let px = |i: usize| 10.0 + depth[i] as f64 * indent;
+    let py = |i: usize| 10.0 + i as f64 * row;
+    let width = depth.iter().max().map(|d| *d as f64).unwrap_or(0.0) * indent + 7.0 * 44.0 + 120.0;
+    let height = f.nodes.len() as f64 * row + 40.0;
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"afct\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"monospace\" font-size=\"11\">\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"afct-tree\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"monospace\" font-size=\"11\">\n"
     );
     for (i, n) in f.nodes.iter().enumerate() {
         if let Some(p) = n.parent {
             let p = p as usize;
+            let (x0, y0, y1) = (px(p) + 8.0, py(p) + h, py(i) + h / 2.0);
             let _ = writeln!(
                 s,
-                "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#888\"><title>{} calls</title></line>",
-                px(p) + w / 2.0,
-                py(p) + h,
-                px(i) + w / 2.0,
-                py(i),
+                "<polyline points=\"{x0:.1},{y0:.1} {x0:.1},{y1:.1} {:.1},{y1:.1}\" fill=\"none\" stroke=\"#888\"><title>{} calls</title></polyline>",
+                px(i),
                 n.calls
             );
         }
@@ -124,20 +110,24 @@ pub fn svg(f: &Forest, table: &FuncTable, highlight: &HashSet<String>) -> String
         let suspect = highlight.contains(&**name);
         let (class, stroke, sw) = if suspect { ("node suspect", "crimson", 3) } else { ("node", "#333", 1) };
         let label: String =
-            if name.chars().count() > 20 { name.chars().take(19).chain(['…']).collect() } else { name.to_string() };
+            if name.chars().count() > 40 { name.chars().take(39).chain(['…']).collect() } else { name.to_string() };
+        let bw = 7.0 * label.chars().count() as f64 + 10.0;
         let color = format!("{:?}", n.color).to_lowercase();
         let _ = writeln!(
             s,
-            "<g class=\"{class}\" data-function=\"{}\" data-color=\"{color}\"><title>{} ({color}, {} calls)</title><rect x=\"{:.1}\" y=\"{:.1}\" width=\"{w}\" height=\"{h}\" rx=\"4\" fill=\"{}\" stroke=\"{stroke}\" stroke-width=\"{sw}\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text></g>",
+            "<g class=\"{class}\" data-function=\"{}\" data-color=\"{color}\"><title>{} ({color}, {} calls)</title><rect x=\"{:.1}\" y=\"{:.1}\" width=\"{bw:.1}\" height=\"{h}\" rx=\"3\" fill=\"{}\" stroke=\"{stroke}\" stroke-width=\"{sw}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#666\">×{}</text></g>",
             escape_xml(name),
             escape_xml(name),
             n.calls,
             px(i),
             py(i),
             fill(n.color),
-            px(i) + w / 2.0,
+            px(i) + 5.0,
             py(i) + h / 2.0 + 4.0,
-            escape_xml(&label)
+            escape_xml(&label),
+            px(i) + bw + 6.0,
+            py(i) + h / 2.0 + 4.0,
+            n.calls
         );
     }
     if f.truncated {
@@ -256,7 +246,7 @@ mod tests {
         assert_eq!(s.matches("<g class=\"node").count(), 4);
         assert_eq!(s.matches("class=\"node suspect\"").count(), 1);
         assert!(s.contains("data-function=\"a&lt;&quot;x&quot;&gt;\""), "{s}");
-        assert_eq!(s.matches("<line").count(), 3);
+        assert_eq!(s.matches("<polyline").count(), 3);
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
     }
 

@@ -81,8 +81,9 @@ const APT_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "bpftrace",
-    // systemd-analyze checks the units in packaging/
+    // systemd-analyze checks the units in packaging/; headless Chromium renders the web view
     "systemd",
+    "chromium",
     "iproute2",
     // the NHSR-OSW shop (../shared/notes/testbed.md); installing starts no service
     "nginx",

@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// allowed.
     #[arg(long, value_name = "FILE")]
     pub tokens: Option<PathBuf>,
+    /// Serve the web view (agents, windows, diagnoses with their AFCT drawn, reports) on this
+    /// address, e.g. `127.0.0.1:9432`. Off by default; plaintext HTTP, so loopback only unless
+    /// `--insecure` (put a TLS proxy in front for remote access).
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
     /// How often the database is probed with a small write; gRPC health says NOT_SERVING
     /// while the probe fails.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -104,6 +109,7 @@ pub async fn run(args: ServeArgs, insecure: bool) -> Result<()> {
         fusion,
         sop_dir,
         metrics_listen,
+        http_listen,
         probe_every,
         tls_cert,
         tls_key,
@@ -140,6 +146,13 @@ pub async fn run(args: ServeArgs, insecure: bool) -> Result<()> {
         let a = analyzer.clone();
         let health: afetm_metrics::Health = Arc::new(move || a.health());
         afetm_metrics::serve(addr, analyzer.metrics().registry(), health).await?;
+    }
+    if let Some(addr) = &http_listen {
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+        afetm_auth::plaintext_ok(host.trim_start_matches('[').trim_end_matches(']'), insecure)?;
+        afetm_analyzer::web::serve(addr, analyzer.clone())
+            .await
+            .with_context(|| format!("web view: cannot listen on {addr}"))?;
     }
     service::serve_with(analyzer, listener, stale_after, security, shutdown).await
 }
