@@ -291,6 +291,8 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     let _ = load(&cfg, 3);
     let _ = inject.kill();
     let _ = inject.wait();
+    // The agent's metrics, while it runs.
+    let am = scrape(common::AGENT_METRICS);
     // Stopping the agent closes the last windows.
     let mut agent = procs.0.remove(1);
     let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
@@ -353,6 +355,15 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     assert!(count("afetm_analyzer_diagnosis_latency_seconds_count") >= all.len() as f64, "{m}");
     assert!(count("afetm_analyzer_afcts_total") >= all.len() as f64, "{m}");
     assert_eq!(count("afetm_analyzer_database_up"), 1.0, "{m}");
+    let agent_count =
+        |name: &str| am.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
+    assert!(agent_count("afetm_agent_events_total") > Some(0.0), "{am}");
+    assert!(agent_count("afetm_agent_batches_acked_total") > Some(0.0), "{am}");
+    assert!(agent_count("afetm_agent_plans_applied_total") >= Some(2.0), "the plan change is counted: {am}");
+    let sample = |t: &str| {
+        t.lines().filter(|l| l.starts_with("afetm_") && !l.contains("_bucket")).collect::<Vec<_>>().join("\n")
+    };
+    eprintln!("metrics sample, analyzer:\n{}\nagent:\n{}", sample(&m), sample(&am));
     web_view_shows(worst, &all);
     // WatchDiagnoses streamed every diagnosis as it was stored, the worst one included.
     let t = Instant::now();

@@ -289,6 +289,12 @@ pub fn plaintext_ok(host: &str, insecure: bool) -> Result<(), AuthError> {
     Err(AuthError::Plaintext(host.to_string()))
 }
 
+/// [`plaintext_ok`] for a listen address (`HOST:PORT`, `[V6]:PORT`).
+pub fn plaintext_listen_ok(addr: &str, insecure: bool) -> Result<(), AuthError> {
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    plaintext_ok(host.trim_start_matches('[').trim_end_matches(']'), insecure)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +331,8 @@ mod tests {
         let e = plaintext_ok("10.0.0.5", false).unwrap_err().to_string();
         assert!(e.contains("10.0.0.5") && e.contains("--insecure"), "{e}");
         assert!(plaintext_ok("10.0.0.5", true).is_ok());
+        assert!(plaintext_listen_ok("[::1]:50051", false).is_ok());
+        assert!(plaintext_listen_ok("0.0.0.0:50051", false).is_err());
         assert!(ClientAuth::default().endpoint("http://192.0.2.1:50051").is_err());
         assert!(ClientAuth::default().endpoint("http://127.0.0.1:50051").is_ok());
         assert!(ClientAuth::default().endpoint("ftp://127.0.0.1:50051").is_err());

@@ -148,8 +148,7 @@ pub async fn run(args: ServeArgs, insecure: bool) -> Result<()> {
         afetm_metrics::serve(addr, analyzer.metrics().registry(), health).await?;
     }
     if let Some(addr) = &http_listen {
-        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
-        afetm_auth::plaintext_ok(host.trim_start_matches('[').trim_end_matches(']'), insecure)?;
+        afetm_auth::plaintext_listen_ok(addr, insecure)?;
         afetm_analyzer::web::serve(addr, analyzer.clone())
             .await
             .with_context(|| format!("web view: cannot listen on {addr}"))?;
@@ -171,8 +170,7 @@ fn security(
     let tls = match tls {
         Some((cert, key)) => Some(afetm_auth::server_tls(&cert, &key, client_ca.as_deref())?),
         None => {
-            let host = listen.rsplit_once(':').map(|(h, _)| h).unwrap_or(listen);
-            afetm_auth::plaintext_ok(host.trim_start_matches('[').trim_end_matches(']'), insecure)?;
+            afetm_auth::plaintext_listen_ok(listen, insecure)?;
             if insecure && policy.tokens.is_none() {
                 tracing::warn!(%listen, "plaintext gRPC without tokens on a non-loopback address: anyone who reaches it may push plans");
             }

@@ -73,12 +73,16 @@ pub async fn connect(port: u16, child: &mut Child) -> QueryClient<tonic::transpo
     }
 }
 
+/// Where the agent started by [`agent`] serves its metrics.
+pub const AGENT_METRICS: &str = "127.0.0.1:27435";
+
 /// An agent `live` tracing `plan` to the daemon on `port`, tailing `logs`, once its probes
 /// are attached (its log in `dir/agent.log`).
 pub fn agent(plan: &std::path::Path, port: u16, dir: &std::path::Path, logs: &[PathBuf]) -> Child {
     let ready = dir.join("agent.ready");
     let mut c = Command::new(bin("afetm-agent"));
     c.arg("--plan").arg(plan).args(["--analyzer", &format!("http://127.0.0.1:{port}"), "--agent-id", "live"]);
+    c.args(["--metrics-listen", AGENT_METRICS]);
     for l in logs {
         c.arg("--log").arg(l);
     }
