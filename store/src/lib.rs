@@ -5,6 +5,8 @@
 //! agent was told is stored survives a crash or restart of the analyzer; the agent resends what
 //! was not acknowledged and batches at or below the stored sequence number are ignored.
 
+#![deny(missing_docs)]
+
 use std::{
     collections::HashMap,
     path::Path,
@@ -15,7 +17,7 @@ use afetm_proto as pb;
 use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::{
+use afetm_calltree::{
     afct::TraceData,
     tree::{Forest, FuncId, FuncTable},
 };
@@ -28,9 +30,13 @@ pub use logs::Feedback;
 /// Limits that make the analyzer refuse input rather than store nonsense.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// Events in one batch.
     pub max_events_per_batch: usize,
+    /// Symbol definitions in one batch.
     pub max_symbols_per_batch: usize,
+    /// Frames of one event's call stack (F^callstack).
     pub max_stack_depth: usize,
+    /// Bytes of a module or function name.
     pub max_name_len: usize,
     /// How far an event's timestamp may lie after the agent clock of its batch.
     pub max_future_ns: u64,
@@ -75,17 +81,29 @@ pub struct WindowConfig {
 
 impl Default for WindowConfig {
     fn default() -> Self {
-        WindowConfig { len_ns: 10_000_000_000, grace_ns: 1_000_000_000, node_cap: crate::afct::DEFAULT_NODE_CAP }
+        WindowConfig {
+            len_ns: 10_000_000_000,
+            grace_ns: 1_000_000_000,
+            node_cap: afetm_calltree::afct::DEFAULT_NODE_CAP,
+        }
     }
 }
 
+/// Why the store refused input or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The input broke the contract; `reason` is a short stable label used in counters.
     #[error("invalid {reason}: {detail}")]
-    Invalid { reason: &'static str, detail: String },
+    Invalid {
+        /// The counter label, e.g. `seq` or `unknown_symbol`.
+        reason: &'static str,
+        /// What exactly was wrong, for the agent's log.
+        detail: String,
+    },
+    /// SQLite failed (busy, disk full, I/O).
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// Something read back from the database does not decode.
     #[error("stored tree is corrupt: {0}")]
     Corrupt(String),
 }
@@ -97,21 +115,28 @@ fn invalid(reason: &'static str, detail: impl Into<String>) -> StoreError {
 /// An agent process as the analyzer knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct AgentKey {
+    /// The agent's stable id (its Hello's `agent_id`).
     pub agent_id: String,
+    /// Which start of that agent: a new instance begins a new seq space.
     pub instance: u64,
 }
 
 /// What applying a batch did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
+    /// The batch's seq was already stored: nothing changed.
     pub duplicate: bool,
+    /// Events stored.
     pub events: u64,
+    /// Events for windows already closed, dropped.
     pub late_events: u64,
     /// Events older than their process's last cut ([`Store::cut`]), dropped.
     pub cut_events: u64,
+    /// Windows this batch closed.
     pub windows_closed: u64,
     /// Windows this batch opened.
     pub windows_opened: u64,
+    /// AFCTs built for the closed windows (one per thread).
     pub afcts: u64,
     /// How long the batch's transaction took to commit.
     pub commit: std::time::Duration,
@@ -125,6 +150,7 @@ pub struct Session {
     symbols: HashMap<u32, FuncId>,
 }
 
+/// The database: one SQLite connection, and the function table every agent's symbols map into.
 pub struct Store {
     conn: Connection,
     funcs: FuncTable,
@@ -213,10 +239,12 @@ impl Store {
         Ok(Store { conn, funcs, limits, window })
     }
 
+    /// Every function any agent has defined, by analyzer id.
     pub fn funcs(&self) -> &FuncTable {
         &self.funcs
     }
 
+    /// How trace data is cut into windows.
     pub fn window_config(&self) -> &WindowConfig {
         &self.window
     }
@@ -593,6 +621,7 @@ impl Store {
         Ok((ids, afcts))
     }
 
+    /// Every agent instance that has said Hello, with its counters.
     pub fn list_agents(&self) -> Result<Vec<pb::AgentInfo>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT agent_id, instance, hostname, target, last_seq, events, kernel_drops, queue_drops, log_lines, log_drops FROM agents ORDER BY agent_id, instance",
@@ -616,6 +645,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Windows matching `req` (agent, pid, closed only) in id order, with their threads.
     pub fn list_windows(&self, req: &pb::ListWindowsRequest) -> Result<Vec<pb::WindowInfo>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT id, agent_id, pid, start_ns, end_ns, events, closed FROM windows
