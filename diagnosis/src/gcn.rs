@@ -150,6 +150,54 @@ impl Gcn {
         self.named().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
     }
 
+    /// The parameters' names and shapes for `dims`, in [`Gcn::named`] order, computed without
+    /// allocating them; `None` when a width overflows.
+    fn shapes(dims: Dims) -> Option<Vec<(String, Vec<usize>)>> {
+        let mut out = vec![("embed".to_string(), vec![dims.vocab, dims.embed])];
+        let mut width = dims.embed.checked_add(DENSE)?;
+        let mut dense = Vec::new();
+        for i in 0..LAYERS {
+            dense.push((format!("gcn.{i}"), width, dims.hidden));
+            width = dims.hidden;
+        }
+        dense.push(("head.0".into(), dims.hidden.checked_mul(2)?, dims.hidden));
+        dense.push(("head.1".into(), dims.hidden, dims.classes));
+        for (name, fan_in, fan_out) in dense {
+            out.push((format!("{name}.weight"), vec![fan_in, fan_out]));
+            out.push((format!("{name}.bias"), vec![fan_out]));
+        }
+        Some(out)
+    }
+
+    /// The network for `dims` with the parameters `tensors` (by name). Every shape is checked
+    /// against `dims` before anything is allocated, so a model file cannot make the loader
+    /// allocate what its weights file does not hold.
+    pub fn from_tensors(dims: Dims, tensors: &HashMap<String, Tensor>) -> Result<Gcn, DiagnosisError> {
+        let shapes = Gcn::shapes(dims).ok_or_else(|| DiagnosisError::Weights(format!("dims {dims:?} overflow")))?;
+        let mut vars = Vec::with_capacity(shapes.len());
+        for (name, shape) in shapes {
+            let t = tensors.get(&name).ok_or_else(|| DiagnosisError::Weights(format!("no tensor {name:?}")))?;
+            if t.dims() != shape.as_slice() || t.dtype() != DType::F32 {
+                return Err(DiagnosisError::Weights(format!(
+                    "tensor {name:?} is {:?} {:?}, the manifest's model needs {shape:?} f32",
+                    t.dtype(),
+                    t.dims(),
+                )));
+            }
+            vars.push(Var::from_tensor(t)?);
+        }
+        let mut vars = vars.into_iter();
+        let mut next = || vars.next().ok_or_else(|| DiagnosisError::Weights("parameter count".into()));
+        let embed = next()?;
+        let mut dense = Vec::with_capacity(LAYERS + 2);
+        for _ in 0..LAYERS + 2 {
+            dense.push(Dense { weight: next()?, bias: next()? });
+        }
+        let head1 = dense.pop().ok_or_else(|| DiagnosisError::Weights("head".into()))?;
+        let head0 = dense.pop().ok_or_else(|| DiagnosisError::Weights("head".into()))?;
+        Ok(Gcn { dims, embed, layers: dense, head: [head0, head1] })
+    }
+
     /// Overwrites the parameters with `tensors` (by name), checking every shape.
     pub fn load(&mut self, tensors: &HashMap<String, Tensor>) -> Result<(), DiagnosisError> {
         for (name, var) in self.named() {

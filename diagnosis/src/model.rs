@@ -233,8 +233,18 @@ impl Model {
     pub fn load(dir: &Path) -> Result<Model, DiagnosisError> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| DiagnosisError::Io(path.clone(), e))?;
+        let weights: PathBuf = dir.join(WEIGHTS);
+        let bytes = std::fs::read(&weights).map_err(|e| DiagnosisError::Io(weights.clone(), e))?;
+        Model::from_parts(&text, &bytes, dir)
+    }
+
+    /// A model from the text of its manifest and the bytes of its safetensors file; `dir` names
+    /// them in errors. Sizes are checked before any tensor is allocated. The fuzz target
+    /// `manifest` enters here.
+    pub fn from_parts(manifest: &str, weights: &[u8], dir: &Path) -> Result<Model, DiagnosisError> {
+        let path = dir.join(MANIFEST);
         let mut manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| DiagnosisError::Manifest(format!("{}: {e}", path.display())))?;
+            serde_json::from_str(manifest).map_err(|e| DiagnosisError::Manifest(format!("{}: {e}", path.display())))?;
         if manifest.format != FORMAT {
             return Err(DiagnosisError::Manifest(format!(
                 "{}: format {} (this afetm reads {FORMAT})",
@@ -256,11 +266,11 @@ impl Model {
             )));
         }
         let device = Device::Cpu;
-        let weights: PathBuf = dir.join(WEIGHTS);
-        let tensors = candle_core::safetensors::load(&weights, &device)
-            .map_err(|e| DiagnosisError::Weights(format!("{}: {e}", weights.display())))?;
-        let mut net = Gcn::new(dims, 0, &device)?;
-        net.load(&tensors).map_err(|e| DiagnosisError::Weights(format!("{}: {e}", weights.display())))?;
+        let file = dir.join(WEIGHTS);
+        let tensors = candle_core::safetensors::load_buffer(weights, &device)
+            .map_err(|e| DiagnosisError::Weights(format!("{}: {e}", file.display())))?;
+        let net = Gcn::from_tensors(dims, &tensors)
+            .map_err(|e| DiagnosisError::Weights(format!("{}: {e}", file.display())))?;
         Ok(Model { manifest, net, device })
     }
 

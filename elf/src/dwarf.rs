@@ -100,6 +100,12 @@ type R<'a> = EndianSlice<'a, RunTimeEndian>;
 pub fn signatures(path: &Path) -> Result<HashMap<u64, Signature>, DwarfError> {
     let p = path.display().to_string();
     let data = std::fs::read(path).map_err(|e| DwarfError::Io(p.clone(), e))?;
+    signatures_in(&p, &data)
+}
+
+/// Signatures of the functions defined in the ELF file `data`; `p` names it in errors.
+pub fn signatures_in(p: &str, data: &[u8]) -> Result<HashMap<u64, Signature>, DwarfError> {
+    let p = p.to_string();
     let file = object::File::parse(&*data).map_err(|e| DwarfError::Parse(p.clone(), e))?;
     let endian = if file.is_little_endian() { RunTimeEndian::Little } else { RunTimeEndian::Big };
     let sections = gimli::DwarfSections::load(|id| -> Result<Cow<[u8]>, gimli::Error> {

@@ -106,6 +106,12 @@ impl Module {
     pub fn load_as(path: &Path, name: String) -> Result<Module, SymbolError> {
         let data: Arc<[u8]> =
             std::fs::read(path).map_err(|source| SymbolError::Io { path: path.into(), source })?.into();
+        Module::parse(path, name, data)
+    }
+
+    /// Reads a module from the bytes of an ELF file; `path` only names it (in errors and
+    /// [`Module::path`]-style output). The fuzz target `elf` enters here.
+    pub fn parse(path: &Path, name: String, data: Arc<[u8]>) -> Result<Module, SymbolError> {
         let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse { path: path.into(), source })?;
         if file.architecture() != object::Architecture::X86_64 {
             return Err(SymbolError::Arch { path: path.into() });

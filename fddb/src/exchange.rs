@@ -4,10 +4,7 @@
 //! stored once, as `fct` lines carrying the deflated protobuf tree in hex (lossless); runs name them by
 //! hash. For a readable form of the trees, see [`crate::dataset`].
 
-use std::{
-    io::{BufRead, Write},
-    path::Path,
-};
+use std::{io::Write, path::Path};
 
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -240,10 +237,16 @@ impl Fddb {
     pub fn import(&mut self, path: &Path) -> Result<usize, FddbError> {
         let p = path.display().to_string();
         let file = std::fs::File::open(path).map_err(|e| FddbError::Io(p.clone(), e))?;
+        self.import_from(std::io::BufReader::new(file), &p)
+    }
+
+    /// [`Fddb::import`] from any reader; `p` names the source in errors. All or nothing: on an
+    /// error nothing of the input is kept.
+    pub fn import_from(&mut self, input: impl std::io::BufRead, p: &str) -> Result<usize, FddbError> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut n = 0;
-        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|e| FddbError::Io(p.clone(), e))?;
+        for (i, line) in input.lines().enumerate() {
+            let line = line.map_err(|e| FddbError::Io(p.to_string(), e))?;
             if line.trim().is_empty() {
                 continue;
             }

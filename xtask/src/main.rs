@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | check | test | demo | eval | testbed | campaign | bench`.
+//! Project tasks: `cargo xtask setup | check | test | demo | eval | testbed | campaign | fuzz | bench`.
 //!
 //! `setup` installs, idempotently, what building and testing need on a fresh Debian machine:
 //! Debian's rustc/cargo/std sources (the eBPF crate needs `-Z build-std=core`), LLVM 22 and
-//! bpf-linker built against it, gcc, bpftrace (benchmark baseline), and mounts tracefs/debugfs.
+//! bpf-linker built against it, gcc, bpftrace (benchmark baseline), cargo-fuzz, and mounts
+//! tracefs/debugfs.
 //! Every other task checks the same things first and names what is missing in one line.
 use std::{
     path::{Path, PathBuf},
@@ -20,6 +21,7 @@ mod campaign;
 mod demo;
 mod demo_diagnosis;
 mod eval;
+mod fuzz;
 mod rtgr;
 mod sample;
 mod testbed;
@@ -65,6 +67,9 @@ enum Cmd {
     /// log-based method and a topology-free control on held-out runs; writes
     /// target/eval/report.md and its figures.
     Eval(eval::EvalArgs),
+    /// Fuzz every parser of untrusted input (cargo-fuzz targets in `fuzz/`) for `--seconds`
+    /// each; prints executions and findings, fails on a crash.
+    Fuzz(fuzz::FuzzArgs),
     /// Benchmarks that print figures as ratios to a baseline taken in the same run.
     Bench {
         #[command(subcommand)]
@@ -159,6 +164,9 @@ fn problems() -> Vec<String> {
     if !bpf_linker_ok() {
         out.push(format!("bpf-linker {BPF_LINKER_VERSION} in {}", tools_dir().join("bin").display()));
     }
+    if !fuzz::cargo_fuzz_ok() {
+        out.push(format!("cargo-fuzz {} in {}", fuzz::CARGO_FUZZ_VERSION, tools_dir().join("bin").display()));
+    }
     if !mounted("tracefs", "/sys/kernel/tracing") && !Path::new("/sys/kernel/tracing/uprobe_events").exists() {
         out.push("tracefs at /sys/kernel/tracing".into());
     }
@@ -216,6 +224,9 @@ fn setup() -> Result<()> {
                 "--root",
             ])
             .arg(tools_dir()))?;
+    }
+    if !fuzz::cargo_fuzz_ok() {
+        fuzz::install_cargo_fuzz()?;
     }
     for (fs, at) in [("tracefs", "/sys/kernel/tracing"), ("debugfs", "/sys/kernel/debug")] {
         if !mounted(fs, at) && is_root() {
@@ -293,7 +304,10 @@ fn main() {
                 c.arg("--").args(&args);
             }
             run(&mut c)?;
-            report_skips(&skip_log)
+            report_skips(&skip_log)?;
+            // Every fuzz target, briefly: the seeds and what a short run finds must not crash.
+            let seconds = fuzz::TEST_SECONDS;
+            fuzz::run_fuzz(&fuzz::FuzzArgs { seconds, targets: Vec::new(), grow_corpus: false })
         }),
         Cmd::Demo { which } => setup().and_then(|_| match which {
             Some(_) => demo::run(),
@@ -302,6 +316,7 @@ fn main() {
         Cmd::Testbed { cmd } => testbed::run(cmd),
         Cmd::Campaign { args } => check().and_then(|_| campaign::campaign(args)),
         Cmd::Eval(a) => setup().and_then(|_| eval::run_eval(a)),
+        Cmd::Fuzz(a) => setup().and_then(|_| fuzz::run_fuzz(&a)),
         Cmd::Bench { which } => check().and_then(|_| bench::run_bench(which)),
     };
     if let Err(e) = result {
