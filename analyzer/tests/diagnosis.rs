@@ -380,12 +380,7 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
 
 /// `GET /metrics` from `addr`.
 fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    testbed::scrape::scrape(addr).expect("metrics endpoint")
 }
 
 /// The web view's address in the shop test.

@@ -297,19 +297,11 @@ async fn a_cut_discards_open_windows_and_restarts_them_at_its_instant() {
 }
 
 /// `GET path` over real HTTP; (status line, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+async fn http_get(addr: std::net::SocketAddr, path: &'static str) -> (String, String) {
+    tokio::task::spawn_blocking(move || testbed::scrape::get(&addr.to_string(), path)).await.unwrap().unwrap()
 }
 
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
-}
+use testbed::scrape::sample;
 
 /// Metrics count what ingest did; while another process holds the database's write lock,
 /// gRPC health and /healthz say NOT_SERVING, and SERVING again once it lets go.

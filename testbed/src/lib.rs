@@ -12,6 +12,7 @@ pub mod build;
 pub mod load;
 pub mod logs;
 pub mod ports;
+pub mod scrape;
 pub mod skip;
 mod stack;
 

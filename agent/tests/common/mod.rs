@@ -343,16 +343,9 @@ pub fn canonical_trees(url: &str, agent: &str) -> TreesByThread<Vec<String>> {
 
 /// `GET /metrics` from an agent's or analyzer's `--metrics-listen` address.
 pub fn scrape(addr: &str) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read metrics");
-    assert!(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"), "{out}");
-    out
+    testbed::scrape::scrape(addr).expect("scraping the metrics endpoint")
 }
 
-/// The value of one sample (`name` with its labels, as exposed) in a scrape.
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
-}
+/// One sample of a scrape (see `testbed::scrape::sample`).
+#[allow(unused_imports)]
+pub use testbed::scrape::sample as metric;
