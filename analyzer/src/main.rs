@@ -331,7 +331,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Afcts { server, window, agent } => {
             let mut q = cli_client::query(&server).await?;
             let windows = q
-                .list_windows(pb::ListWindowsRequest { agent_id: agent, pid: 0, closed_only: true })
+                .list_windows(pb::ListWindowsRequest { agent_id: agent, closed_only: true, ..Default::default() })
                 .await?
                 .into_inner()
                 .windows;
@@ -351,7 +351,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Color { server, mut windows, agent, check_agent, traced, target, out } => {
             let mut q = cli_client::query(&server).await?;
             let all = q
-                .list_windows(pb::ListWindowsRequest { agent_id: String::new(), pid: 0, closed_only: true })
+                .list_windows(pb::ListWindowsRequest { closed_only: true, ..Default::default() })
                 .await?
                 .into_inner()
                 .windows;

@@ -29,7 +29,7 @@ use tonic::Request;
 use crate::service::Analyzer;
 
 /// Windows listed on the index page.
-const LATEST: usize = 50;
+const LATEST: u32 = 50;
 
 const STYLE: &str = "body{font-family:sans-serif;margin:1.5em;max-width:80em}table{border-collapse:collapse}\
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}.error{color:#b00;font-weight:bold}\
@@ -74,12 +74,12 @@ async fn index(State(a): State<Analyzer>) -> Response {
         Ok(r) => r.into_inner().agents,
         Err(e) => return internal(e),
     };
-    let mut windows = match a.list_windows(Request::new(pb::ListWindowsRequest::default())).await {
+    let req = pb::ListWindowsRequest { latest: LATEST, ..Default::default() };
+    let mut windows = match a.list_windows(Request::new(req)).await {
         Ok(r) => r.into_inner().windows,
         Err(e) => return internal(e),
     };
-    windows.sort_by(|x, y| y.id.cmp(&x.id));
-    windows.truncate(LATEST);
+    windows.reverse();
     let req = pb::ListDiagnosesRequest { limit: 1000, ..Default::default() };
     let diagnoses = a.list_diagnoses(Request::new(req)).await.map(|r| r.into_inner().diagnoses).unwrap_or_default();
     let verdict = |id: u64| diagnoses.iter().find(|d| d.window_id == id);
@@ -127,8 +127,9 @@ async fn index(State(a): State<Analyzer>) -> Response {
 
 /// A window, its diagnosis (if any) and the thread to draw (the diagnosed one).
 async fn window_parts(a: &Analyzer, id: u64) -> Result<(pb::WindowInfo, Option<pb::Diagnosis>), Response> {
-    let windows = a.list_windows(Request::new(pb::ListWindowsRequest::default())).await.map_err(internal)?;
-    let Some(w) = windows.into_inner().windows.into_iter().find(|w| w.id == id) else {
+    let req = pb::ListWindowsRequest { window_id: id, ..Default::default() };
+    let windows = a.list_windows(Request::new(req)).await.map_err(internal)?;
+    let Some(w) = windows.into_inner().windows.into_iter().next() else {
         return Err(failed(StatusCode::NOT_FOUND, "no such window", format!("window {id} is not stored")));
     };
     let req = pb::ListDiagnosesRequest { window_id: id, limit: 1, ..Default::default() };

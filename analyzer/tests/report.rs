@@ -132,7 +132,7 @@ async fn a_crash_gets_a_report_that_names_it() {
     assert!(live.log_lines > 0, "no log line stored: {live:?}");
     assert_eq!(live.log_drops, 0);
     let windows = q
-        .list_windows(pb::ListWindowsRequest { agent_id: "live".into(), pid, closed_only: true })
+        .list_windows(pb::ListWindowsRequest { agent_id: "live".into(), pid, closed_only: true, ..Default::default() })
         .await
         .unwrap()
         .into_inner()

@@ -549,7 +549,7 @@ impl Session {
             let windows = loop {
                 let mut mine: Vec<pb::WindowInfo> = Vec::new();
                 for pid in pids {
-                    let req = pb::ListWindowsRequest { agent_id: "full".into(), pid: *pid, closed_only: false };
+                    let req = pb::ListWindowsRequest { agent_id: "full".into(), pid: *pid, ..Default::default() };
                     mine.extend(q.list_windows(req).await.context("ListWindows")?.into_inner().windows);
                 }
                 if mine.iter().all(|w| w.closed) || t.elapsed() > Duration::from_secs(10) {

@@ -191,7 +191,7 @@ fn live_case(store: &Store, index: i64, run: &LiveRun, window_ms: u64) -> Result
     let (truth, kind) = run.truth()?;
     let everywhere = matches!(kind, Some(FaultKind::Crash | FaultKind::Deadlock));
     let first = run.applications.iter().map(|a| a.first_ns).min();
-    let req = pb::ListWindowsRequest { agent_id: run.agent.clone(), pid: 0, closed_only: true };
+    let req = pb::ListWindowsRequest { agent_id: run.agent.clone(), closed_only: true, ..Default::default() };
     let diag_req = pb::ListDiagnosesRequest {
         agent_id: run.agent.clone(),
         from_ns: run.from_ns,

@@ -645,14 +645,19 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Windows matching `req` (agent, pid, closed only) in id order, with their threads.
+    /// Windows matching `req` (agent, pid, closed only, one id, the newest N) in id order, with
+    /// their threads.
     pub fn list_windows(&self, req: &pb::ListWindowsRequest) -> Result<Vec<pb::WindowInfo>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT id, agent_id, pid, start_ns, end_ns, events, closed FROM windows
-             WHERE (?1 = '' OR agent_id = ?1) AND (?2 = 0 OR pid = ?2) AND (?3 = 0 OR closed = 1) ORDER BY id",
+             WHERE (?1 = '' OR agent_id = ?1) AND (?2 = 0 OR pid = ?2) AND (?3 = 0 OR closed = 1)
+               AND (?4 = 0 OR id = ?4) ORDER BY id DESC LIMIT ?5",
         )?;
+        // SQLite reads a negative LIMIT as none.
+        let limit = if req.latest == 0 { -1 } else { i64::from(req.latest) };
+        let id = i64::try_from(req.window_id).unwrap_or(-1);
         let mut out: Vec<pb::WindowInfo> = stmt
-            .query_map(params![req.agent_id, req.pid, req.closed_only as i64], |r| {
+            .query_map(params![req.agent_id, req.pid, req.closed_only as i64, id, limit], |r| {
                 Ok(pb::WindowInfo {
                     id: r.get::<_, i64>(0)? as u64,
                     agent_id: r.get(1)?,
@@ -665,6 +670,7 @@ impl Store {
                 })
             })?
             .collect::<Result<_, _>>()?;
+        out.reverse();
         let mut tids = self.conn.prepare("SELECT DISTINCT tid FROM edges WHERE window_id = ?1 ORDER BY tid")?;
         for w in &mut out {
             w.tids = tids.query_map(params![w.id as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;

@@ -207,7 +207,7 @@ pub fn run_prog(prog: &Path, iterations: u32, seconds: f64) {
 
 pub async fn windows(url: &str, agent: &str, closed_only: bool) -> Vec<pb::WindowInfo> {
     let mut q = QueryClient::connect(url.to_string()).await.expect("connect");
-    q.list_windows(pb::ListWindowsRequest { agent_id: agent.into(), pid: 0, closed_only })
+    q.list_windows(pb::ListWindowsRequest { agent_id: agent.into(), closed_only, ..Default::default() })
         .await
         .expect("list windows")
         .into_inner()

@@ -43,8 +43,9 @@ pub struct ExportArgs {
 /// Fetches the window's AFCTs and writes them in the asked format.
 pub async fn run(a: ExportArgs) -> Result<()> {
     let mut q = crate::cli_client::query(&a.server).await?;
-    let windows = q.list_windows(pb::ListWindowsRequest::default()).await?.into_inner().windows;
-    let Some(w) = windows.into_iter().find(|w| w.id == a.window) else {
+    let req = pb::ListWindowsRequest { window_id: a.window, ..Default::default() };
+    let windows = q.list_windows(req).await?.into_inner().windows;
+    let Some(w) = windows.into_iter().next() else {
         bail!("no window {} at {}", a.window, a.server);
     };
     if !w.closed {

@@ -204,7 +204,11 @@ fn live_cases(path: &Path, agent: &str, classes: &[String]) -> Result<Vec<AskCas
         }
     }
     let mut out = Vec::new();
-    for w in store.list_windows(&pb::ListWindowsRequest { agent_id: agent.to_string(), pid: 0, closed_only: true })? {
+    for w in store.list_windows(&pb::ListWindowsRequest {
+        agent_id: agent.to_string(),
+        closed_only: true,
+        ..Default::default()
+    })? {
         let mut trees = Vec::new();
         for tid in &w.tids {
             trees.extend(store.afct(w.id, *tid)?);

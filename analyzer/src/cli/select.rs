@@ -153,8 +153,11 @@ impl Normal {
     fn load(db: &std::path::Path, agent: &str) -> Result<Normal> {
         let store = Store::open(db, WindowConfig::default(), Limits::default())
             .with_context(|| format!("opening database {}", db.display()))?;
-        let windows =
-            store.list_windows(&pb::ListWindowsRequest { agent_id: agent.to_string(), pid: 0, closed_only: true })?;
+        let windows = store.list_windows(&pb::ListWindowsRequest {
+            agent_id: agent.to_string(),
+            closed_only: true,
+            ..Default::default()
+        })?;
         let mut table = FuncTable::default();
         let mut fcts = Vec::new();
         for w in &windows {
