@@ -69,16 +69,13 @@ pub const SVG_NODE_LIMIT: usize = 3000;
 /// The forest drawn as SVG (see the module doc); each node has `class="node"` and
 /// `data-function`, a highlighted one also `class="node suspect"`.
 pub fn svg(f: &Forest, table: &FuncTable, highlight: &HashSet<String>) -> String {
-    let cut;
     let f = if f.nodes.len() > SVG_NODE_LIMIT {
-        cut = f.filtered(|_| true);
-        let mut c = cut;
-        c.nodes.truncate(SVG_NODE_LIMIT);
-        for n in &mut c.nodes {
+        // Preorder: the first nodes hold their own parents, so a prefix is a forest.
+        let mut nodes = f.nodes[..SVG_NODE_LIMIT].to_vec();
+        for n in &mut nodes {
             n.children.retain(|ch| (*ch as usize) < SVG_NODE_LIMIT);
         }
-        c.truncated = true;
-        std::borrow::Cow::Owned(c)
+        std::borrow::Cow::Owned(Forest { nodes, truncated: true })
     } else {
         std::borrow::Cow::Borrowed(f)
     };
@@ -248,6 +245,21 @@ mod tests {
         assert!(s.contains("data-function=\"a&lt;&quot;x&quot;&gt;\""), "{s}");
         assert_eq!(s.matches("<polyline").count(), 3);
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn svg_of_a_huge_tree_draws_its_first_nodes_and_no_dangling_edge() {
+        let mut t = FuncTable::default();
+        let (root, leaf) = (t.intern("m", "root"), t.intern("m", "leaf"));
+        let mut f = Forest::default();
+        let r = f.push(root, Color::White, None, 1);
+        for _ in 0..SVG_NODE_LIMIT + 500 {
+            f.push(leaf, Color::White, Some(r), 1);
+        }
+        let s = svg(&f, &t, &HashSet::new());
+        assert_eq!(s.matches("<g class=\"node").count(), SVG_NODE_LIMIT);
+        assert_eq!(s.matches("<polyline").count(), SVG_NODE_LIMIT - 1, "one edge per drawn child");
+        assert!(s.trim_end().ends_with("</svg>"));
     }
 
     #[test]
