@@ -126,7 +126,7 @@ impl Module {
         let plt_ranges: Vec<(u64, u64)> = file
             .sections()
             .filter(|s| s.name().is_ok_and(|n| n.starts_with(".plt")))
-            .map(|s| (s.address(), s.address() + s.size()))
+            .map(|s| (s.address(), s.address().saturating_add(s.size())))
             .collect();
         let in_plt = |a: u64| plt_ranges.iter().any(|(s, e)| a >= *s && a < *e);
 
@@ -141,7 +141,9 @@ impl Module {
             }
             // Versioned dynamic names (`foo@@VER`) read as `foo`.
             let n = n.split('@').next().unwrap_or(n);
-            raw.push((sym.address(), sym.address() + sym.size(), n.to_string()));
+            // A symbol that ends past the address space is corrupt: leave it out.
+            let Some(end) = sym.address().checked_add(sym.size()) else { continue };
+            raw.push((sym.address(), end, n.to_string()));
         }
         let eh = load_eh(&file, &data);
         if let Some(eh) = &eh {
@@ -202,15 +204,15 @@ impl Module {
     pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
         self.segments
             .iter()
-            .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz)
-            .map(|s| vaddr - s.vaddr + s.offset)
+            .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.filesz)
+            .and_then(|s| (vaddr - s.vaddr).checked_add(s.offset))
     }
 
     pub fn offset_to_vaddr(&self, offset: u64) -> Option<u64> {
         self.segments
             .iter()
-            .find(|s| offset >= s.offset && offset < s.offset + s.filesz)
-            .map(|s| offset - s.offset + s.vaddr)
+            .find(|s| offset >= s.offset && offset - s.offset < s.filesz)
+            .and_then(|s| (offset - s.offset).checked_add(s.vaddr))
     }
 
     /// The machine code of `f` (empty when the file does not hold it).
@@ -274,7 +276,8 @@ fn load_plt(file: &object::File) -> HashMap<u64, Arc<str>> {
                 && let Some(name) = slots.get(&insn.ip_rel_memory_address())
             {
                 // Stubs are 16-byte entries; calls land on the entry's first byte.
-                let entry = base + ((insn.ip() - base) & !15);
+                // Wrapping: the decoder's ip wraps at the end of the address space.
+                let entry = base.wrapping_add(insn.ip().wrapping_sub(base) & !15);
                 out.insert(entry, name.clone());
             }
         }
@@ -285,7 +288,7 @@ fn load_plt(file: &object::File) -> HashMap<u64, Arc<str>> {
 fn load_eh(file: &object::File, data: &Arc<[u8]>) -> Option<EhIndex> {
     let sec = file.section_by_name(".eh_frame")?;
     let (off, size) = sec.file_range()?;
-    let bytes: Arc<[u8]> = data.get(off as usize..(off + size) as usize)?.into();
+    let bytes: Arc<[u8]> = data.get(usize::try_from(off).ok()?..usize::try_from(off.checked_add(size)?).ok()?)?.into();
     let section = EhFrame::from(EndianArcSlice::new(bytes, LittleEndian));
     let mut bases = BaseAddresses::default().set_eh_frame(sec.address());
     if let Some(t) = file.section_by_name(".text") {
@@ -304,8 +307,10 @@ fn load_eh(file: &object::File, data: &Arc<[u8]>) -> Option<EhIndex> {
             && let Ok(fde) = partial.parse(EhFrame::cie_from_offset)
         {
             let start = fde.initial_address();
-            if fde.len() > 0 {
-                fdes.push((start, start + fde.len(), fde));
+            if let Some(end) = start.checked_add(fde.len())
+                && fde.len() > 0
+            {
+                fdes.push((start, end, fde));
             }
         }
     }
