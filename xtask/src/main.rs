@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | check | test | demo | eval | testbed | campaign | fuzz | bench`.
+//! Project tasks: `cargo xtask setup | check | test | demo | eval | testbed | campaign | fuzz | soak | bench`.
 //!
 //! `setup` installs, idempotently, what building and testing need on a fresh Debian machine:
 //! Debian's rustc/cargo/std sources (the eBPF crate needs `-Z build-std=core`), LLVM 22 and
@@ -24,6 +24,7 @@ mod eval;
 mod fuzz;
 mod rtgr;
 mod sample;
+mod soak;
 mod testbed;
 
 #[derive(Parser)]
@@ -70,6 +71,10 @@ enum Cmd {
     /// Fuzz every parser of untrusted input (cargo-fuzz targets in `fuzz/`) for `--seconds`
     /// each; prints executions and findings, fails on a crash.
     Fuzz(fuzz::FuzzArgs),
+    /// The analyzer down for `--down` (10 minutes) under load: checks that the agent's RSS stays
+    /// bounded by its queue, that drops are counted exactly and that everything after the
+    /// restart arrives once; writes target/soak/report.md.
+    Soak(soak::SoakArgs),
     /// Benchmarks that print figures as ratios to a baseline taken in the same run.
     Bench {
         #[command(subcommand)]
@@ -317,6 +322,7 @@ fn main() {
         Cmd::Campaign { args } => check().and_then(|_| campaign::campaign(args)),
         Cmd::Eval(a) => setup().and_then(|_| eval::run_eval(a)),
         Cmd::Fuzz(a) => setup().and_then(|_| fuzz::run_fuzz(&a)),
+        Cmd::Soak(a) => check().and_then(|_| soak::soak(a)),
         Cmd::Bench { which } => check().and_then(|_| bench::run_bench(which)),
     };
     if let Err(e) = result {
