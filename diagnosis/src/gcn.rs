@@ -76,6 +76,23 @@ impl Dense {
     }
 }
 
+/// The tensor `name` of `tensors`, if it is f32 of `shape`.
+fn checked<'t>(
+    tensors: &'t HashMap<String, Tensor>,
+    name: &str,
+    shape: &[usize],
+) -> Result<&'t Tensor, DiagnosisError> {
+    let t = tensors.get(name).ok_or_else(|| DiagnosisError::Weights(format!("no tensor {name:?}")))?;
+    if t.dims() != shape || t.dtype() != DType::F32 {
+        return Err(DiagnosisError::Weights(format!(
+            "tensor {name:?} is {:?} {:?}, the manifest's model needs {shape:?} f32",
+            t.dtype(),
+            t.dims(),
+        )));
+    }
+    Ok(t)
+}
+
 /// The network and its parameters.
 #[derive(Debug)]
 pub struct Gcn {
@@ -176,15 +193,7 @@ impl Gcn {
         let shapes = Gcn::shapes(dims).ok_or_else(|| DiagnosisError::Weights(format!("dims {dims:?} overflow")))?;
         let mut vars = Vec::with_capacity(shapes.len());
         for (name, shape) in shapes {
-            let t = tensors.get(&name).ok_or_else(|| DiagnosisError::Weights(format!("no tensor {name:?}")))?;
-            if t.dims() != shape.as_slice() || t.dtype() != DType::F32 {
-                return Err(DiagnosisError::Weights(format!(
-                    "tensor {name:?} is {:?} {:?}, the manifest's model needs {shape:?} f32",
-                    t.dtype(),
-                    t.dims(),
-                )));
-            }
-            vars.push(Var::from_tensor(t)?);
+            vars.push(Var::from_tensor(checked(tensors, &name, &shape)?)?);
         }
         let mut vars = vars.into_iter();
         let mut next = || vars.next().ok_or_else(|| DiagnosisError::Weights("parameter count".into()));
@@ -201,16 +210,7 @@ impl Gcn {
     /// Overwrites the parameters with `tensors` (by name), checking every shape.
     pub fn load(&mut self, tensors: &HashMap<String, Tensor>) -> Result<(), DiagnosisError> {
         for (name, var) in self.named() {
-            let t = tensors.get(&name).ok_or_else(|| DiagnosisError::Weights(format!("no tensor {name:?}")))?;
-            if t.dims() != var.dims() || t.dtype() != DType::F32 {
-                return Err(DiagnosisError::Weights(format!(
-                    "tensor {name:?} is {:?} {:?}, the manifest's model needs {:?} f32",
-                    t.dtype(),
-                    t.dims(),
-                    var.dims()
-                )));
-            }
-            var.set(t)?;
+            var.set(checked(tensors, &name, var.dims())?)?;
         }
         Ok(())
     }

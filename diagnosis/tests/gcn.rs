@@ -180,6 +180,18 @@ fn learns_the_node_with_an_extra_child_and_round_trips() {
     assert!(err.contains("\"other\""), "{err}");
     let err = loaded.check_plan("synthetic", &PlanKey::default()).unwrap_err().to_string();
     assert!(err.contains("another plan"), "{err}");
+    // A manifest claiming a huge network is refused by the weights' shapes, before anything of
+    // that size is allocated.
+    let path = dir.path().join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["dims"]["hidden"] = serde_json::json!(1u64 << 40);
+    std::fs::write(&path, m.to_string()).unwrap();
+    let err = Model::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("the manifest's model needs"), "{err}");
+    m["dims"]["hidden"] = serde_json::json!(usize::MAX);
+    std::fs::write(&path, m.to_string()).unwrap();
+    let err = Model::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("overflow"), "{err}");
     // A corrupt weights file is an error, not a panic.
     std::fs::write(dir.path().join("model.safetensors"), b"not safetensors").unwrap();
     let err = Model::load(dir.path()).unwrap_err().to_string();
