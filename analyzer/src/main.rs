@@ -226,6 +226,8 @@ enum FddbOp {
     Export { out: PathBuf },
     /// Merge an export into this FDDB.
     Import { file: PathBuf },
+    /// One FCT (full-trace call tree) as Graphviz DOT or SVG.
+    Fct(cli_export::FctArgs),
     /// One JSON line per tree of the target's valid runs, labelled (see the fddb crate's
     /// `dataset` docs); with --plan, colored against the plan (Alg. 2) with red nodes masked.
     Dataset {
@@ -484,6 +486,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 FddbOp::Export { out } => println!("{} lines -> {}", f.export(&out)?, out.display()),
                 FddbOp::Import { file } => println!("{} lines merged from {}", f.import(&file)?, file.display()),
+                FddbOp::Fct(a) => cli_export::fct(&f, &a)?,
                 FddbOp::Dataset { target, plan, role, out } => {
                     let plan = match plan {
                         Some(p) => Some(

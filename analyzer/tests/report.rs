@@ -45,6 +45,42 @@ fn campaign(dir: &Path) -> PathBuf {
     fddb
 }
 
+/// `fddb fct` draws one of the campaign's FCTs, found by a hash prefix: DOT with an edge per
+/// non-root node, SVG with a node per tree node and the asked function (the root's) marked.
+fn fct_drawn(fddb: &Path, dir: &Path) {
+    let analyzer = env!("CARGO_BIN_EXE_afetm-analyzer");
+    let export = dir.join("fddb.jsonl");
+    run_ok(Command::new(analyzer).arg("fddb").arg("--db").arg(fddb).arg("export").arg(&export));
+    let (hash, tree) = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["type"] == "fct")
+        .map(|l| (l["hash"].as_str().unwrap().to_string(), l))
+        .expect("the campaign stored FCTs");
+    assert!(tree["tree"].as_str().is_some_and(|t| !t.is_empty()));
+    let fct = |format: &str, highlight: &str| {
+        run_ok(Command::new(analyzer).arg("fddb").arg("--db").arg(fddb).args([
+            "fct",
+            "--target",
+            "redis",
+            "--hash",
+            &hash[..10],
+            "--format",
+            format,
+            "--highlight",
+            highlight,
+        ]))
+    };
+    let dot = fct("dot", "");
+    let root = dot.split("label=\"").nth(1).and_then(|l| l.split('"').next()).expect("a labelled node").to_string();
+    let svg = fct("svg", &root);
+    let nodes = svg.matches("<g class=\"node").count();
+    assert!(dot.starts_with("digraph") && nodes >= 2, "{dot}");
+    assert!(dot.matches(" -> ").count() < nodes, "fewer edges than nodes in a forest");
+    assert!(svg.contains("class=\"node suspect\""), "{root} is marked");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_gets_a_report_that_names_it() {
     if testbed::skip::needs_root("starting the testbed and injecting faults") {
@@ -55,6 +91,7 @@ async fn a_crash_gets_a_report_that_names_it() {
     };
     let dir = tempfile::tempdir().unwrap();
     let fddb = campaign(dir.path());
+    fct_drawn(&fddb, dir.path());
     let redis = binaries.redis.clone();
     let plan = dir.path().join("plan.json");
     let points = serde_json::json!([{"function": "*", "mode": "event"}]);

@@ -65,6 +65,9 @@ pub enum FddbError {
     /// A plan asks for something the stored data cannot give.
     #[error("{0}")]
     Plan(String),
+    /// A lookup that names nothing or more than one thing (an FCT hash prefix).
+    #[error("FDDB: {0}")]
+    Lookup(String),
 }
 
 /// The schema this code reads and writes (`PRAGMA user_version`).
@@ -654,6 +657,27 @@ impl Fddb {
         )?;
         let rows = st.query_map([target], |r| r.get::<_, Vec<u8>>(1))?;
         rows.map(|b| decode_tree(&b?)).collect()
+    }
+
+    /// The FCT of target `name` whose hash starts with `prefix` (at least 6 hex digits, as
+    /// `export` and `dataset` print them): `None` when none does; an error when several do.
+    pub fn fct(&self, name: &str, prefix: &str) -> Result<Option<pb::Tree>, FddbError> {
+        if prefix.len() < 6 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(FddbError::Lookup(format!("FCT hash prefix {prefix:?}: give at least 6 hex digits")));
+        }
+        let mut st = self.conn.prepare(
+            "SELECT f.hash, f.tree FROM fcts f JOIN targets t ON t.id = f.target_id
+             WHERE t.name = ?1 AND substr(f.hash, 1, length(?2)) = lower(?2) LIMIT 2",
+        )?;
+        let rows: Vec<(String, Vec<u8>)> =
+            st.query_map(params![name, prefix], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        match rows.as_slice() {
+            [] => Ok(None),
+            [(_, tree)] => decode_tree(tree).map(Some),
+            [(a, _), (b, _), ..] => {
+                Err(FddbError::Lookup(format!("FCT hash prefix {prefix:?} is ambiguous ({a}, {b}, ...)")))
+            }
+        }
     }
 
     /// The valid runs (status `ok`) of target `name` in `role`, in run order.

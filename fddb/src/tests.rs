@@ -203,3 +203,25 @@ fn another_schema_is_refused() {
     drop(c);
     assert!(matches!(Fddb::open(&p), Err(FddbError::Schema { found: 0, .. })));
 }
+
+#[test]
+fn an_fct_is_found_by_a_hash_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, _, _) = setup(dir.path());
+    let normal = run(Role::Train, RunStatus::Ok, Manifestation::Normal);
+    let trees = [tree(&["main", "call"], false, 1), tree(&["main", "leaf", "other"], false, 2)];
+    db.record_run(t, None, &normal, &trees, Done::No).unwrap();
+    for lt in &trees {
+        let hash = lt.forest.hash(&lt.table);
+        let found = db.fct("redis", &hash[..8].to_uppercase()).unwrap().expect("found by its prefix");
+        assert_eq!(found, lt.forest.to_proto(&lt.table));
+    }
+    let absent = (0..16u8)
+        .map(|d| format!("{d:x}").repeat(6))
+        .find(|p| trees.iter().all(|lt| !lt.forest.hash(&lt.table).starts_with(p.as_str())))
+        .unwrap();
+    assert_eq!(db.fct("redis", &absent).unwrap(), None);
+    assert!(db.fct("other-target", &trees[0].forest.hash(&trees[0].table)).unwrap().is_none());
+    assert!(matches!(db.fct("redis", "abc"), Err(FddbError::Lookup(_))), "too short");
+    assert!(matches!(db.fct("redis", "zzzzzz"), Err(FddbError::Lookup(_))), "not hex");
+}

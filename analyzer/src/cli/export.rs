@@ -1,5 +1,6 @@
 //! `afetm-analyzer export`: a stored window's AFCTs as Graphviz DOT, SVG or a Chrome trace
-//! (`afetm_calltree::export` says what each shows and what the trace approximates).
+//! (`afetm_calltree::export` says what each shows and what the trace approximates);
+//! `afetm-analyzer fddb fct`: one FCT of the FDDB as DOT or SVG.
 use std::{collections::HashSet, path::PathBuf};
 
 use afetm_calltree::{
@@ -79,12 +80,53 @@ pub async fn run(a: ExportArgs) -> Result<()> {
             export::chrome_trace(&tracks, &table, w.start_ns, w.end_ns)
         }
     };
-    if a.out == "-" {
+    write_out(&text, &a.out)
+}
+
+fn write_out(text: &str, out: &str) -> Result<()> {
+    if out == "-" {
         print!("{text}");
     } else {
-        let out = PathBuf::from(&a.out);
+        let out = PathBuf::from(out);
         std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// The flags of `fddb fct`.
+#[derive(clap::Args, Debug)]
+pub struct FctArgs {
+    /// The FDDB target (e.g. `redis`).
+    #[arg(long)]
+    pub target: String,
+    /// The FCT's hash or a prefix of it (6 hex digits at least), as `fddb export` and
+    /// `fddb dataset` print them.
+    #[arg(long)]
+    pub hash: String,
+    /// `dot` or `svg` (an FCT has no timestamps, so no Chrome trace).
+    #[arg(long, value_enum, default_value = "dot")]
+    pub format: Format,
+    /// Functions to mark.
+    #[arg(long, value_delimiter = ',')]
+    pub highlight: Vec<String>,
+    /// Output file; `-` for stdout.
+    #[arg(long, default_value = "-")]
+    pub out: String,
+}
+
+/// Writes one FCT of the FDDB (a full-trace tree of the campaign) in the asked format.
+pub fn fct(db: &afetm_fddb::Fddb, a: &FctArgs) -> Result<()> {
+    if matches!(a.format, Format::Chrome) {
+        bail!("an FCT has no timestamps: export it as dot or svg");
+    }
+    let tree = db.fct(&a.target, &a.hash)?.with_context(|| format!("no FCT of {} has hash {}", a.target, a.hash))?;
+    let mut table = FuncTable::default();
+    let forest = Forest::from_proto(&tree, &mut table).map_err(anyhow::Error::msg)?;
+    let highlight: HashSet<String> = a.highlight.iter().cloned().collect();
+    let text = match a.format {
+        Format::Svg => export::svg(&forest, &table, &highlight),
+        _ => export::dot(&forest, &table, &highlight),
+    };
+    write_out(&text, &a.out)
 }
