@@ -9,8 +9,9 @@
 //!
 //! Pages are built with `maud` (compile-time checked HTML, escaped by default) from the same
 //! calls the gRPC Query service answers, so the view shows exactly what the CLI shows.
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
+use afetm_auth::{Service, Tokens};
 use afetm_calltree::{
     export,
     tree::{Forest, FuncTable},
@@ -20,9 +21,11 @@ use axum::{
     Router,
     extract::{Path, State},
     http::{StatusCode, header},
+    middleware,
     response::{Html, IntoResponse, Response},
     routing::get,
 };
+use base64::Engine as _;
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use tonic::Request;
 
@@ -36,14 +39,47 @@ td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}.error{color:#b00
 .ok{color:#070}.afct-box{border:1px solid #ddd;max-height:60em;overflow:auto}\
 .legend span{display:inline-block;padding:0 .5em;border:1px solid #333;margin-right:.5em}";
 
-/// The view's routes over `analyzer`.
-pub fn router(analyzer: Analyzer) -> Router {
+/// The view's routes over `analyzer`; with `tokens` (the analyzer's `--tokens`), every page
+/// needs a `read` or `control` token (see [`gate`]).
+pub fn router(analyzer: Analyzer, tokens: Option<Arc<Tokens>>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/window/{id}", get(window))
         .route("/window/{id}/afct.dot", get(afct_dot))
         .route("/window/{id}/trace.json", get(trace_json))
+        .layer(middleware::from_fn_with_state(tokens, gate))
         .with_state(analyzer)
+}
+
+/// The token a request carries: `Authorization: Bearer TOKEN`, or HTTP Basic with the token as
+/// the password (what a browser sends after asking; the user name is ignored).
+fn token_of(req: &axum::extract::Request) -> Option<String> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    if let Some(t) = value.strip_prefix("Bearer ") {
+        return Some(t.trim().to_string());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(value.strip_prefix("Basic ")?.trim()).ok()?;
+    let (_user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(password.to_string())
+}
+
+/// Admits a request when no tokens are configured, or when it carries a token whose role may
+/// call Query (`read`, `control`): the view shows what Query answers, nothing more.
+async fn gate(
+    State(tokens): State<Option<Arc<Tokens>>>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let Some(tokens) = tokens else { return next.run(req).await };
+    match token_of(&req).and_then(|t| tokens.role(&t)) {
+        Some(role) if role.covers(Service::Query) => next.run(req).await,
+        Some(role) => failed(StatusCode::FORBIDDEN, "not allowed", format!("a {role:?} token may not read the view")),
+        None => {
+            let mut r = failed(StatusCode::UNAUTHORIZED, "token needed", "this analyzer needs a read token");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"afetm\""));
+            r
+        }
+    }
 }
 
 fn page(title: &str, body: Markup) -> Html<String> {
@@ -246,10 +282,14 @@ async fn trace_json(State(a): State<Analyzer>, Path(id): Path<u64>) -> Response 
 }
 
 /// Binds `addr` and serves the view on the current runtime; returns the bound address.
-pub async fn serve(addr: &str, analyzer: Analyzer) -> std::io::Result<std::net::SocketAddr> {
+pub async fn serve(
+    addr: &str,
+    analyzer: Analyzer,
+    tokens: Option<Arc<Tokens>>,
+) -> std::io::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = router(analyzer);
+    let app = router(analyzer, tokens);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "web view stopped");

@@ -18,6 +18,9 @@ use tokio_stream::wrappers::ReceiverStream;
 const PORT: u16 = 28995;
 const READ: &str = "read-token-0123456789";
 const CONTROL: &str = "control-token-0123456789";
+const AGENT: &str = "agent-token-0123456789";
+/// The web view of the TLS test's analyzer.
+const WEB: &str = "127.0.0.1:28994";
 
 struct Pki {
     ca: PathBuf,
@@ -89,7 +92,7 @@ async fn tls_tokens_and_client_certificates_gate_each_service() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pki = pki(d);
-    let tokens = write(d, "tokens", &format!("# roles\nread {READ}\ncontrol {CONTROL}\n"));
+    let tokens = write(d, "tokens", &format!("# roles\nread {READ}\ncontrol {CONTROL}\nagent {AGENT}\n"));
     let child = Command::new(bin("afetm-analyzer"))
         .args(["serve", "--listen", &format!("127.0.0.1:{PORT}"), "--db"])
         .arg(d.join("db.sqlite"))
@@ -101,6 +104,7 @@ async fn tls_tokens_and_client_certificates_gate_each_service() {
         .arg(&pki.ca)
         .arg("--tokens")
         .arg(&tokens)
+        .args(["--http-listen", WEB])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -145,6 +149,31 @@ async fn tls_tokens_and_client_certificates_gate_each_service() {
     // A control token also admits an agent.
     let token = ClientAuth { ca: Some(pki.ca.clone()), token: Some(CONTROL.into()), ..Default::default() };
     assert!(hello(&token).await.is_ok());
+    web_view_needs_a_read_token();
+}
+
+/// The web view of an analyzer with `--tokens`: a browser is asked for the token (401 with a
+/// Basic challenge); a read token as the Basic password or a control token as a bearer gets
+/// the page; an agent token is forbidden.
+fn web_view_needs_a_read_token() {
+    use base64::Engine as _;
+    let get = |auth: Option<String>| {
+        let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| ("Authorization", a)).into_iter().collect();
+        testbed::scrape::get_with(WEB, "/", &headers).unwrap()
+    };
+    let basic =
+        |token: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("me:{token}")));
+    let (status, headers, _) = get(None);
+    assert!(status.contains(" 401"), "{status}");
+    assert!(headers.iter().any(|h| h.to_lowercase() == "www-authenticate: basic realm=\"afetm\""), "{headers:?}");
+    let (status, _, body) = get(Some(basic(READ)));
+    assert!(status.contains(" 200") && body.contains("Agents"), "{status}");
+    let (status, _, _) = get(Some(format!("Bearer {CONTROL}")));
+    assert!(status.contains(" 200"), "{status}");
+    let (status, _, _) = get(Some(basic(AGENT)));
+    assert!(status.contains(" 403"), "{status}");
+    let (status, _, _) = get(Some(basic("wrong-token-0123456789")));
+    assert!(status.contains(" 401"), "{status}");
 }
 
 #[test]

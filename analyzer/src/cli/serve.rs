@@ -77,7 +77,8 @@ pub struct ServeArgs {
     pub tls_client_ca: Option<PathBuf>,
     /// Bearer tokens with roles, one `ROLE TOKEN` per line (roles: agent = Ingest, read =
     /// Query, control = everything). Without it (and without a client CA) every call is
-    /// allowed.
+    /// allowed. The web view then needs a read or control token too (HTTP Basic password or
+    /// `Authorization: Bearer`).
     #[arg(long, value_name = "FILE")]
     pub tokens: Option<PathBuf>,
     /// Serve the web view (agents, windows, diagnoses with their AFCT drawn, reports) on this
@@ -149,7 +150,7 @@ pub async fn run(args: ServeArgs, insecure: bool) -> Result<()> {
     }
     if let Some(addr) = &http_listen {
         afetm_auth::plaintext_listen_ok(addr, insecure)?;
-        afetm_analyzer::web::serve(addr, analyzer.clone())
+        afetm_analyzer::web::serve(addr, analyzer.clone(), security.policy.tokens.clone())
             .await
             .with_context(|| format!("web view: cannot listen on {addr}"))?;
     }
