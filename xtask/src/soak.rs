@@ -37,9 +37,9 @@ use crate::{Guard, bench::start_agent_with, cargo, root, run, target_dir};
 pub const RSS_SLACK_KIB: u64 = 8 * 1024;
 /// What `--queue-events` documents an event to take in the agent's queue, bytes.
 pub const EVENT_BYTES: u64 = 100;
-const ANALYZER: &str = "127.0.0.1:20077";
-const ANALYZER_METRICS: &str = "127.0.0.1:20078";
-const AGENT_METRICS: &str = "127.0.0.1:20079";
+const ANALYZER: &str = "127.0.0.1:20092";
+const ANALYZER_METRICS: &str = "127.0.0.1:20093";
+const AGENT_METRICS: &str = "127.0.0.1:20094";
 /// Traced calls per request of `steady`.
 const CALLS_PER_REQUEST: u64 = 3;
 
