@@ -29,7 +29,6 @@ use aya::{
     maps::{Array, MapData, PerCpuArray},
     programs::{UProbe, uprobe::UProbeScope},
 };
-use iced_x86::{Decoder, DecoderOptions};
 
 use crate::symbols::Module;
 
@@ -238,12 +237,7 @@ impl Injector {
             .ok_or_else(|| InjectError::UnknownFunction(function.to_string(), module_path.display().to_string()))?;
         let offset = module.vaddr_to_offset(func.start).ok_or_else(|| InjectError::NoOffset(function.to_string()))?;
         // Lengths of the function's first two instructions (IP+N defaults).
-        let lens: Vec<u32> = Decoder::with_ip(64, module.code(&func), func.start, DecoderOptions::NONE)
-            .into_iter()
-            .take(2)
-            .take_while(|i| !i.is_invalid())
-            .map(|i| i.len() as u32)
-            .collect();
+        let lens = afetm_elf::probe_site::instruction_lengths(func.start, module.code(&func), 2);
         let mut ebpf = object()?;
         let direct = load(&mut ebpf, program(fault));
         let (fault, spec, name, mechanism, session) = match (direct, fault) {

@@ -72,6 +72,12 @@ struct Cli {
     /// A run still going after this long is ended (target killed, recorded as a hang).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     fault_timeout: Duration,
+    /// Share of the scope's functions held out of training: all their faults get evaluation
+    /// runs only (scored as "unseen function"); rounded down, at least one function is trained.
+    /// Every parameterised training fault also gets one unseen spec (another bit, IP+N over two
+    /// instructions) with evaluation runs only.
+    #[arg(long, default_value_t = 0.2)]
+    held_out: f64,
 }
 
 fn quantile(mut v: Vec<u64>, q: f64) -> u64 {
@@ -126,6 +132,7 @@ fn run(cli: Cli) -> Result<()> {
             plan_only: cli.plan_only,
             slow_factor: 2.0,
             fault_timeout: cli.fault_timeout,
+            held_out_share: cli.held_out,
         };
         let out = runner::run(&cfg, std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_context(|| format!("campaign on {}", t.name()))?;

@@ -16,7 +16,7 @@ use std::{collections::HashMap, fmt, str::FromStr};
 
 use afetm_elf::dwarf::{Signature, ValueClass};
 use afetm_fault::Fault;
-use afetm_fddb::Manifestation;
+use afetm_fddb::{HeldOut, Manifestation};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 /// Which activated functions a campaign covers.
@@ -150,6 +150,53 @@ pub fn plan(activated: &[(String, f64)], signatures: &HashMap<String, Signature>
     out
 }
 
+/// The plan cut into what training may see and what only the evaluation injects (issue 23,
+/// "Unseen specs"): training faults are scored again on their own spec ("same spec"); every
+/// parameterised training fault gets one sibling that no training run uses ("unseen spec":
+/// another bit of the same argument, another bit of the return value, IP+N skipping two
+/// instructions instead of one); and every fault of the held-out functions is evaluation-only
+/// ("unseen function"). Crash and deadlock have no parameter, so they have no unseen spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Split {
+    /// Faults with training runs (and same-spec evaluation runs).
+    pub train: Vec<PlannedFault>,
+    /// Faults with evaluation runs only, and why.
+    pub held_out: Vec<(PlannedFault, HeldOut)>,
+}
+
+/// Cuts `plan` (see [`Split`]): `functions` of its functions (at most all but one) are held
+/// out, drawn with `seed`; `skip_two` gives, per function, the bytes of its first two
+/// instructions (its held-out IP+N; a function missing there gets none).
+pub fn split(plan: &Plan, functions: usize, skip_two: &HashMap<String, u32>, seed: u64) -> Split {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x4845_4c44_4f55_5421);
+    let mut pool = plan.functions.clone();
+    let k = functions.min(pool.len().saturating_sub(1));
+    for i in 0..k {
+        let j = rng.random_range(i..pool.len());
+        pool.swap(i, j);
+    }
+    pool.truncate(k);
+    let mut out = Split::default();
+    for f in &plan.faults {
+        if pool.contains(&f.function) {
+            out.held_out.push((f.clone(), HeldOut::Function));
+            continue;
+        }
+        out.train.push(f.clone());
+        let other_bit = |rng: &mut StdRng, bit: u32| (bit + rng.random_range(1..32u32)) % 32;
+        let sibling = match f.fault {
+            Fault::Input { arg, bit } => Some(Fault::Input { arg, bit: other_bit(&mut rng, bit) }),
+            Fault::Output { bit } => Some(Fault::Output { bit: other_bit(&mut rng, bit) }),
+            Fault::IpPlus(None) => skip_two.get(&f.function).map(|n| Fault::IpPlus(Some(*n))),
+            Fault::IpPlus(Some(_)) | Fault::Crash | Fault::Deadlock => None,
+        };
+        if let Some(fault) = sibling {
+            out.held_out.push((PlannedFault { function: f.function.clone(), fault }, HeldOut::Spec));
+        }
+    }
+    out
+}
+
 /// Mean latency (us) of a run whose requests all failed above which it counts as a hang: the
 /// campaign's requests time out after 500 ms.
 pub const HANG_LATENCY_US: f64 = 400_000.0;
@@ -240,6 +287,55 @@ mod tests {
         assert_eq!(args, ["0", "1", "2", "3", "4", "5", "6", "7"], "six registers, then stack slots 0 and 1");
         let named = "functions:a,c,x".parse::<Scope>().unwrap();
         assert_eq!(plan(&activated, &sigs, &named, 7).functions, vec!["a"], "c was never called, x does not exist");
+    }
+
+    #[test]
+    fn held_out_specs_and_functions_are_never_trained() {
+        use ValueClass::*;
+        let activated: Vec<(String, f64)> = ["a", "b", "c", "d", "e"].iter().map(|f| (f.to_string(), 1.0)).collect();
+        let sigs: HashMap<String, Signature> =
+            activated.iter().map(|(f, _)| (f.clone(), sig(vec![Integer, Integer], Some(Integer)))).collect();
+        let p = plan(&activated, &sigs, &Scope::All, 7);
+        let skip_two: HashMap<String, u32> = activated.iter().map(|(f, _)| (f.clone(), 5)).collect();
+        let s = split(&p, 2, &skip_two, 7);
+        assert_eq!(s, split(&p, 2, &skip_two, 7), "same seed, same split");
+        let unseen_fns: std::collections::BTreeSet<&str> =
+            s.held_out.iter().filter(|(_, h)| *h == HeldOut::Function).map(|(f, _)| f.function.as_str()).collect();
+        assert_eq!(unseen_fns.len(), 2);
+        assert!(s.train.iter().all(|f| !unseen_fns.contains(f.function.as_str())), "no training run of them");
+        assert_eq!(s.held_out.iter().filter(|(_, h)| *h == HeldOut::Function).count(), 2 * 6, "all their faults");
+        let trained: std::collections::HashSet<(String, Fault)> =
+            s.train.iter().map(|f| (f.function.clone(), f.fault)).collect();
+        let specs: Vec<&PlannedFault> =
+            s.held_out.iter().filter(|(_, h)| *h == HeldOut::Spec).map(|(f, _)| f).collect();
+        // Per trained function: two inputs, one output and IP+N get a sibling; crash and
+        // deadlock do not.
+        assert_eq!(specs.len(), 3 * 4);
+        for f in &specs {
+            assert!(!trained.contains(&(f.function.clone(), f.fault)), "{} {} is unseen", f.function, f.fault);
+            let same_kind = |t: &&PlannedFault| t.function == f.function && t.fault.kind() == f.fault.kind();
+            assert!(s.train.iter().any(|t| same_kind(&t)), "{} {}: a known (function, kind)", f.function, f.fault);
+            if let Fault::Input { arg, .. } = f.fault {
+                assert!(s.train.iter().any(|t| t.function == f.function && matches!(t.fault, Fault::Input { arg: a, .. } if a == arg)));
+            }
+        }
+        assert!(specs.iter().any(|f| f.fault == Fault::IpPlus(Some(5))));
+        assert_eq!(
+            split(&p, 9, &skip_two, 7)
+                .train
+                .iter()
+                .map(|f| &f.function)
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            1,
+            "one function is always trained"
+        );
+        assert!(
+            split(&p, 0, &HashMap::new(), 7)
+                .held_out
+                .iter()
+                .all(|(f, h)| *h == HeldOut::Spec && f.fault.kind() != afetm_fault::FaultKind::IpPlusN)
+        );
     }
 
     #[test]

@@ -46,7 +46,7 @@ use testbed::Tier;
 
 use crate::{
     label::{self, Window},
-    plan::{Observed, Scope, classify, plan},
+    plan::{Observed, Scope, classify, plan, split},
     procs::{Proc, Watchdog, spawn, state, stop_gently, wait_file},
 };
 
@@ -159,6 +159,9 @@ pub struct Config {
     /// A run still going after this long is ended: the target's processes are killed and the
     /// run is recorded as a hang.
     pub fault_timeout: Duration,
+    /// Share of the scope's functions held out of training (their faults get evaluation runs
+    /// only: the "unseen function" row); rounded down, and at least one function is trained.
+    pub held_out_share: f64,
 }
 
 /// What one invocation did.
@@ -444,6 +447,7 @@ impl Session {
                 pid: f.window.pid,
                 tid: f.window.tid,
                 start_ns: f.window.start_ns,
+                end_ns: f.window.end_ns,
                 forest: f.forest,
                 table: f.table,
             })
@@ -628,6 +632,17 @@ fn ensure_plan(s: &Session, db: &mut Fddb, target: i64, m: &Module) -> Result<()
         tracing::warn!(module = %s.module.display(), "no DWARF: only crash, deadlock and IP+N faults (use source builds for interface faults)");
     }
     let p = plan(&activated, &sigs, &s.cfg.scope, s.cfg.seed);
+    let skip_two: HashMap<String, u32> = p
+        .functions
+        .iter()
+        .filter_map(|f| {
+            let func = m.find(f).into_iter().next()?;
+            let lens = afetm_elf::probe_site::instruction_lengths(func.start, m.code(func), 2);
+            (lens.len() == 2).then(|| (f.clone(), lens.iter().sum()))
+        })
+        .collect();
+    let held = (p.functions.len() as f64 * s.cfg.held_out_share.clamp(0.0, 1.0)).floor() as usize;
+    let cut = split(&p, held, &skip_two, s.cfg.seed);
     let weight: HashMap<&str, f64> = activated.iter().map(|(n, w)| (n.as_str(), *w)).collect();
     let mut ids = HashMap::new();
     for f in &p.functions {
@@ -640,14 +655,19 @@ fn ensure_plan(s: &Session, db: &mut Fddb, target: i64, m: &Module) -> Result<()
         };
         ids.insert(f.clone(), db.function(target, &row)?);
     }
-    for f in &p.faults {
+    for f in &cut.train {
         db.fault(ids[&f.function], f.fault)?;
+    }
+    for (f, why) in &cut.held_out {
+        db.held_out_fault(ids[&f.function], f.fault, *why)?;
     }
     tracing::info!(
         target = s.cfg.target.name(),
         activated = activated.len(),
         functions = p.functions.len(),
         faults = p.faults.len(),
+        held_out_functions = held,
+        held_out_faults = cut.held_out.len(),
         without_signature = p.without_signature,
         "campaign planned"
     );
@@ -945,6 +965,7 @@ mod tests {
             plan_only: false,
             slow_factor: 2.0,
             fault_timeout: Duration::from_secs(60),
+            held_out_share: 0.2,
         }
     }
 

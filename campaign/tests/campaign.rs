@@ -95,9 +95,23 @@ fn small_redis_campaign_full_traces_honest_labels_resumable() {
         let spec = f["fault"].as_str().unwrap().to_string();
         assert_eq!(f["done"], true, "{spec}");
         let train = after.get(&(spec.clone(), "train".into())).copied().unwrap_or(0);
-        assert!((1..=2).contains(&train), "{spec}: {train} training runs");
+        if f["held_out"].is_null() {
+            assert!((1..=2).contains(&train), "{spec}: {train} training runs");
+        } else {
+            assert_eq!(train, 0, "{spec} is held out of training ({})", f["held_out"]);
+        }
         assert_eq!(after.get(&(spec.clone(), "eval".into())).copied(), Some(1), "{spec}");
     }
+    // Unseen specs: every parameterised training fault has a held-out sibling of its kind
+    // (one function in scope: none is held out whole).
+    let held: Vec<&str> =
+        faults.iter().filter(|f| f["held_out"] == "spec").map(|f| f["fault"].as_str().unwrap()).collect();
+    let trained: Vec<&str> =
+        faults.iter().filter(|f| f["held_out"].is_null()).map(|f| f["fault"].as_str().unwrap()).collect();
+    let param = trained.iter().filter(|s| !["crash", "deadlock"].contains(s)).count();
+    assert_eq!(held.len(), param, "held out {held:?}, trained {trained:?}");
+    assert!(held.iter().all(|h| !trained.contains(h)));
+    assert!(faults.iter().all(|f| f["held_out"] != "function"));
     for (k, n) in &before {
         let done_before = before.contains_key(&(k.0.clone(), "eval".into()));
         if done_before {

@@ -62,6 +62,18 @@ pub fn place(entry: u64, code: &[u8]) -> ProbeSite {
     ProbeSite { vaddr: site.ip(), instruction: format_insn(&site), emulated: true }
 }
 
+/// Lengths in bytes of the first `n` instructions at `entry` (fewer where the code ends or an
+/// instruction does not decode): what IP+N skips (one instruction by default; the campaign's
+/// held-out IP+N skips two).
+pub fn instruction_lengths(entry: u64, code: &[u8], n: usize) -> Vec<u32> {
+    Decoder::with_ip(64, code, entry, DecoderOptions::NONE)
+        .into_iter()
+        .take(n)
+        .take_while(|i| !i.is_invalid())
+        .map(|i| i.len() as u32)
+        .collect()
+}
+
 /// Instructions the x86 uprobe code emulates instead of single-stepping (arch/x86/kernel/uprobes.c:
 /// `push_setup_xol_ops` and `branch_setup_xol_ops`).
 pub fn is_emulated(insn: &Instruction) -> bool {

@@ -154,6 +154,8 @@ pub struct TreeRow<'a> {
     pub tid: u32,
     /// See `pid`.
     pub start_ns: u64,
+    /// End of the window (None for trees recorded before FDDB schema 3).
+    pub end_ns: Option<u64>,
     /// The tree: the full FCT, or with a plan, its colored and masked form.
     pub forest: &'a Forest,
     /// Names of the tree's functions.
@@ -177,7 +179,7 @@ impl Fddb {
         };
         let mut st = self.conn.prepare(
             "SELECT r.id, r.role, r.manifestation, fu.name, fa.kind, fa.spec, rt.fct_id, rt.pid, rt.tid, rt.start_ns,
-               rt.faulty, rt.normal_like
+               rt.faulty, rt.normal_like, rt.end_ns
              FROM run_trees rt JOIN runs r ON r.id = rt.run_id LEFT JOIN faults fa ON fa.id = r.fault_id
              LEFT JOIN functions fu ON fu.id = fa.function_id
              WHERE r.target_id = ?1 AND r.status = 'ok' AND (?2 IS NULL OR r.role = ?2)
@@ -218,6 +220,7 @@ impl Fddb {
                 pid: r.get(7)?,
                 tid: r.get(8)?,
                 start_ns: r.get::<_, i64>(9)? as u64,
+                end_ns: r.get::<_, Option<i64>>(12)?.map(|e| e as u64),
                 forest,
                 table,
             };

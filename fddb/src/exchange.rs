@@ -18,6 +18,8 @@ struct RunTree {
     pid: u32,
     tid: u32,
     start_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    end_ns: Option<u64>,
     faulty: bool,
     normal_like: bool,
 }
@@ -42,6 +44,8 @@ enum Line {
         function: String,
         fault: Fault,
         done: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held_out: Option<crate::HeldOut>,
     },
     Fct {
         target: String,
@@ -108,13 +112,16 @@ impl Fddb {
             out.push(json(&r?));
         }
         let mut st = self.conn.prepare(
-            "SELECT t.name, fu.name, fa.spec, fa.done FROM faults fa JOIN functions fu ON fu.id = fa.function_id
+            "SELECT t.name, fu.name, fa.spec, fa.done, fa.held_out FROM faults fa JOIN functions fu ON fu.id = fa.function_id
              JOIN targets t ON t.id = fu.target_id ORDER BY t.name, fu.name, fa.spec",
         )?;
-        let faults: Vec<(String, String, String, bool)> =
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<_, _>>()?;
-        for (target, function, spec, done) in faults {
-            out.push(json(&Line::Fault { target, function, fault: crate::parse_fault(&spec)?, done }));
+        type FaultRow = (String, String, String, bool, Option<String>);
+        let faults: Vec<FaultRow> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .collect::<Result<_, _>>()?;
+        for (target, function, spec, done, held) in faults {
+            let (fault, held_out) = (crate::parse_fault(&spec)?, crate::held_out_of(held)?);
+            out.push(json(&Line::Fault { target, function, fault, done, held_out }));
         }
         let mut st = self.conn.prepare(
             "SELECT t.name, f.hash, f.tree FROM fcts f JOIN targets t ON t.id = f.target_id ORDER BY t.name, f.hash",
@@ -179,7 +186,7 @@ impl Fddb {
             })
             .collect::<Result<_, FddbError>>()?;
         let mut tree_st = self.conn.prepare(
-            "SELECT f.hash, rt.pid, rt.tid, rt.start_ns, rt.faulty, rt.normal_like FROM run_trees rt
+            "SELECT f.hash, rt.pid, rt.tid, rt.start_ns, rt.faulty, rt.normal_like, rt.end_ns FROM run_trees rt
              JOIN fcts f ON f.id = rt.fct_id WHERE rt.run_id = ?1 ORDER BY rt.pid, rt.tid, rt.start_ns",
         )?;
         let mut log_st =
@@ -197,6 +204,7 @@ impl Fddb {
                         start_ns: r.get::<_, i64>(3)? as u64,
                         faulty: r.get(4)?,
                         normal_like: r.get(5)?,
+                        end_ns: r.get::<_, Option<i64>>(6)?.map(|e| e as u64),
                     })
                 })? {
                     trees.push(r?);
@@ -299,7 +307,7 @@ fn import_line(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
                 params![target_id(tx, target)?, f.name, f.params, f.returns_value, f.calls_per_sec],
             )?;
         }
-        Line::Fault { target, function, fault, done } => {
+        Line::Fault { target, function, fault, done, held_out } => {
             let fid: i64 = tx.query_row(
                 "SELECT id FROM functions WHERE target_id = ?1 AND name = ?2",
                 params![target_id(tx, target)?, function],
@@ -307,8 +315,8 @@ fn import_line(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
             )?;
             let spec = fault.to_string();
             tx.execute(
-                "INSERT OR IGNORE INTO faults(function_id, kind, spec) VALUES (?1, ?2, ?3)",
-                params![fid, fault.kind().as_str(), spec],
+                "INSERT OR IGNORE INTO faults(function_id, kind, spec, held_out) VALUES (?1, ?2, ?3, ?4)",
+                params![fid, fault.kind().as_str(), spec, held_out.map(|h| h.as_str())],
             )?;
             if *done {
                 tx.execute("UPDATE faults SET done = 1 WHERE function_id = ?1 AND spec = ?2", params![fid, spec])?;
@@ -396,8 +404,18 @@ fn import_run(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
             .optional()?
             .ok_or_else(|| format!("FCT {} not defined before this run", rt.hash))?;
         tx.execute(
-            "INSERT INTO run_trees(run_id, fct_id, pid, tid, start_ns, faulty, normal_like) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![run, fct, rt.pid, rt.tid, rt.start_ns as i64, rt.faulty, rt.normal_like],
+            "INSERT INTO run_trees(run_id, fct_id, pid, tid, start_ns, faulty, normal_like, end_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                run,
+                fct,
+                rt.pid,
+                rt.tid,
+                rt.start_ns as i64,
+                rt.faulty,
+                rt.normal_like,
+                rt.end_ns.map(|e| e as i64)
+            ],
         )?;
     }
     Ok(())

@@ -70,8 +70,17 @@ pub enum FddbError {
     Lookup(String),
 }
 
-/// The schema this code reads and writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+/// The schema this code reads and writes (`PRAGMA user_version`). Version 2 databases are
+/// upgraded in place ([`MIGRATE_2_3`]).
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// Version 2 -> 3: faults held out of training (`held_out`) and window ends (`end_ns`; NULL
+/// for trees recorded before, read as "ended after the injection": the campaign cut every
+/// run's windows at the run's start and closed them at its end).
+const MIGRATE_2_3: &str = "
+ALTER TABLE faults ADD COLUMN held_out TEXT;
+ALTER TABLE run_trees ADD COLUMN end_ns INTEGER;
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS targets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, module TEXT NOT NULL,
@@ -82,7 +91,7 @@ CREATE TABLE IF NOT EXISTS functions (id INTEGER PRIMARY KEY, target_id INTEGER 
   name TEXT NOT NULL, params INTEGER, returns_value INTEGER, calls_per_sec REAL NOT NULL DEFAULT 0,
   UNIQUE(target_id, name));
 CREATE TABLE IF NOT EXISTS faults (id INTEGER PRIMARY KEY, function_id INTEGER NOT NULL REFERENCES functions(id),
-  kind TEXT NOT NULL, spec TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, UNIQUE(function_id, spec));
+  kind TEXT NOT NULL, spec TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, held_out TEXT, UNIQUE(function_id, spec));
 CREATE TABLE IF NOT EXISTS fcts (id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL REFERENCES targets(id),
   hash TEXT NOT NULL, nodes INTEGER NOT NULL, truncated INTEGER NOT NULL DEFAULT 0, tree BLOB NOT NULL,
   UNIQUE(target_id, hash));
@@ -94,7 +103,7 @@ CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, target_id INTEGER NOT N
   wall_ms INTEGER NOT NULL, new_fcts INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS run_trees (run_id INTEGER NOT NULL REFERENCES runs(id),
   fct_id INTEGER NOT NULL REFERENCES fcts(id), pid INTEGER NOT NULL, tid INTEGER NOT NULL, start_ns INTEGER NOT NULL,
-  faulty INTEGER NOT NULL, normal_like INTEGER NOT NULL, PRIMARY KEY (run_id, pid, tid, start_ns));
+  faulty INTEGER NOT NULL, normal_like INTEGER NOT NULL, end_ns INTEGER, PRIMARY KEY (run_id, pid, tid, start_ns));
 CREATE TABLE IF NOT EXISTS applications (run_id INTEGER NOT NULL REFERENCES runs(id), pid INTEGER NOT NULL,
   tid INTEGER NOT NULL, first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS logs (run_id INTEGER NOT NULL REFERENCES runs(id), source TEXT NOT NULL, excerpt TEXT NOT NULL);
@@ -165,6 +174,43 @@ impl FromStr for Role {
             _ => Err(format!("role {s:?}: expected train or eval")),
         }
     }
+}
+
+/// Why a fault has no training runs: the evaluation's unseen specs (issue 23, "Unseen specs").
+/// A fault without one is a training fault, scored on its own spec again ("same spec").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeldOut {
+    /// Another argument, bit or N of a (function, kind) that training did see.
+    Spec,
+    /// A function no training run injected into.
+    Function,
+}
+
+impl HeldOut {
+    /// The name stored in the FDDB.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HeldOut::Spec => "spec",
+            HeldOut::Function => "function",
+        }
+    }
+}
+
+impl FromStr for HeldOut {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<HeldOut, String> {
+        match s {
+            "spec" => Ok(HeldOut::Spec),
+            "function" => Ok(HeldOut::Function),
+            _ => Err(format!("held_out {s:?}: expected spec or function")),
+        }
+    }
+}
+
+fn held_out_of(stored: Option<String>) -> Result<Option<HeldOut>, FddbError> {
+    stored.map(|s| s.parse().map_err(FddbError::Stored)).transpose()
 }
 
 /// Whether a run's trees can be trusted as labels.
@@ -309,6 +355,25 @@ pub struct RunInfo {
     pub errors: u64,
     /// Requests sent.
     pub requests: u64,
+    /// Whether the run's fault was held out of training, and why (None: a training fault, or
+    /// a normal run).
+    pub held_out: Option<HeldOut>,
+}
+
+/// Runs of one target and role by status, fault runs and normal runs apart: what a score's
+/// denominators (valid runs only) leave out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunCounts {
+    /// Valid fault runs.
+    pub fault_ok: u64,
+    /// Fault runs whose fault was never applied.
+    pub fault_not_activated: u64,
+    /// Fault runs that lost events.
+    pub fault_dropped: u64,
+    /// Valid normal runs.
+    pub normal_ok: u64,
+    /// Normal runs that lost events.
+    pub normal_dropped: u64,
 }
 
 /// One tree of a run with its label.
@@ -324,6 +389,9 @@ pub struct LabelledTree {
     pub tid: u32,
     /// Start of its window (agent clock, ns).
     pub start_ns: u64,
+    /// End of its window (agent clock, ns): a window that ended before the injection's first
+    /// application is the run's lead, where an alarm is a false alarm.
+    pub end_ns: u64,
     /// Whether the fault reached this thread and window.
     pub faulty: bool,
 }
@@ -409,7 +477,9 @@ impl Fddb {
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let tables: i64 =
             conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
-        if version != SCHEMA_VERSION && (version != 0 || tables > 0) {
+        if version == 2 && tables > 0 {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_2_3} PRAGMA user_version = 3; COMMIT;"))?;
+        } else if version != SCHEMA_VERSION && (version != 0 || tables > 0) {
             return Err(FddbError::Schema { path: path.display().to_string(), found: version });
         }
         if version == 0 {
@@ -483,6 +553,22 @@ impl Fddb {
         self.conn.execute(
             "INSERT OR IGNORE INTO faults(function_id, kind, spec) VALUES (?1, ?2, ?3)",
             params![function, fault.kind().as_str(), spec],
+        )?;
+        Ok(self.conn.query_row(
+            "SELECT id FROM faults WHERE function_id = ?1 AND spec = ?2",
+            params![function, spec],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Adds a fault held out of training (see [`HeldOut`]): it is done from the start, so it
+    /// only gets evaluation runs. A spec already planned for training stays a training fault
+    /// (the two never share a row). Returns its id.
+    pub fn held_out_fault(&mut self, function: i64, fault: Fault, why: HeldOut) -> Result<i64, FddbError> {
+        let spec = fault.to_string();
+        self.conn.execute(
+            "INSERT OR IGNORE INTO faults(function_id, kind, spec, done, held_out) VALUES (?1, ?2, ?3, 1, ?4)",
+            params![function, fault.kind().as_str(), spec, why.as_str()],
         )?;
         Ok(self.conn.query_row(
             "SELECT id FROM faults WHERE function_id = ?1 AND spec = ?2",
@@ -584,9 +670,9 @@ impl Fddb {
                 new.insert(fct);
             }
             tx.execute(
-                "INSERT OR REPLACE INTO run_trees(run_id, fct_id, pid, tid, start_ns, faulty, normal_like)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![run_id, fct, t.pid, t.tid, t.start_ns as i64, faulty, like],
+                "INSERT OR REPLACE INTO run_trees(run_id, fct_id, pid, tid, start_ns, faulty, normal_like, end_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![run_id, fct, t.pid, t.tid, t.start_ns as i64, faulty, like, t.end_ns as i64],
             )?;
         }
         tx.execute("UPDATE runs SET new_fcts = ?1 WHERE id = ?2", params![new.len() as i64, run_id])?;
@@ -624,6 +710,24 @@ impl Fddb {
              GROUP BY fa.id ORDER BY SUM(r.manifestation = ?2) DESC, fa.id LIMIT 1",
         )?;
         Ok(st.query_row(params![name, manifestation.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
+    }
+
+    /// Every fault planned for target `name` as (function, fault, why it was held out of
+    /// training), in plan order.
+    pub fn faults_of(&self, name: &str) -> Result<Vec<(String, Fault, Option<HeldOut>)>, FddbError> {
+        let mut st = self.conn.prepare(
+            "SELECT fu.name, fa.spec, fa.held_out FROM faults fa JOIN functions fu ON fu.id = fa.function_id
+             JOIN targets t ON t.id = fu.target_id WHERE t.name = ?1 ORDER BY fa.id",
+        )?;
+        let rows = st.query_map([name], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (function, spec, held) = row?;
+            out.push((function, parse_fault(&spec)?, held_out_of(held)?));
+        }
+        Ok(out)
     }
 
     /// Normal runs recorded for a target in `role`: (all, valid).
@@ -683,7 +787,7 @@ impl Fddb {
     /// The valid runs (status `ok`) of target `name` in `role`, in run order.
     pub fn valid_runs(&self, name: &str, role: Role) -> Result<Vec<RunInfo>, FddbError> {
         let mut st = self.conn.prepare(
-            "SELECT r.id, fu.name, fa.kind, fa.spec, r.manifestation, r.errors, r.requests
+            "SELECT r.id, fu.name, fa.kind, fa.spec, r.manifestation, r.errors, r.requests, fa.held_out
              FROM runs r JOIN targets t ON t.id = r.target_id LEFT JOIN faults fa ON fa.id = r.fault_id
              LEFT JOIN functions fu ON fu.id = fa.function_id
              WHERE t.name = ?1 AND r.role = ?2 AND r.status = 'ok' ORDER BY r.id",
@@ -699,6 +803,56 @@ impl Fddb {
                 manifestation: r.get(4)?,
                 errors: r.get::<_, i64>(5)? as u64,
                 requests: r.get::<_, i64>(6)? as u64,
+                held_out: None,
+            })
+            .map(|info| (info, r.get::<_, Option<String>>(7)))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut info, held) = row?;
+            info.held_out = held_out_of(held?)?;
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    /// Runs of target `name` in `role` by status (see [`RunCounts`]).
+    pub fn run_counts(&self, name: &str, role: Role) -> Result<RunCounts, FddbError> {
+        let mut st = self.conn.prepare(
+            "SELECT r.fault_id IS NULL, r.status, COUNT(*) FROM runs r JOIN targets t ON t.id = r.target_id
+             WHERE t.name = ?1 AND r.role = ?2 GROUP BY 1, 2",
+        )?;
+        let rows = st.query_map(params![name, role.as_str()], |r| {
+            Ok((r.get::<_, bool>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
+        let mut c = RunCounts::default();
+        for row in rows {
+            let (normal, status, n) = row?;
+            let slot = match (normal, status.as_str()) {
+                (false, "ok") => &mut c.fault_ok,
+                (false, "not_activated") => &mut c.fault_not_activated,
+                (false, "dropped") => &mut c.fault_dropped,
+                (true, "ok") => &mut c.normal_ok,
+                (true, "dropped") => &mut c.normal_dropped,
+                (_, other) => return Err(FddbError::Stored(format!("run status {other:?}"))),
+            };
+            *slot += n;
+        }
+        Ok(c)
+    }
+
+    /// Where and when a run's fault was applied, earliest first.
+    pub fn run_applications(&self, run: i64) -> Result<Vec<Applied>, FddbError> {
+        let mut st = self.conn.prepare(
+            "SELECT pid, tid, first_ns, last_ns, count FROM applications WHERE run_id = ?1 ORDER BY first_ns, tid",
+        )?;
+        let rows = st.query_map([run], |r| {
+            Ok(Applied {
+                pid: r.get(0)?,
+                tid: r.get(1)?,
+                first_ns: r.get::<_, i64>(2)? as u64,
+                last_ns: r.get::<_, i64>(3)? as u64,
+                count: r.get::<_, i64>(4)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

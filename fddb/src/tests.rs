@@ -11,7 +11,7 @@ fn tree(names: &[&str], faulty: bool, tid: u32) -> LabelledTree {
         let id = table.intern("m", n);
         parent = Some(forest.push(id, Color::White, parent, 1));
     }
-    LabelledTree { forest, table, pid: 1, tid, start_ns: 0, faulty }
+    LabelledTree { forest, table, pid: 1, tid, start_ns: 0, end_ns: 1_000_000_000, faulty }
 }
 
 fn run(role: Role, status: RunStatus, m: Manifestation) -> Run {
@@ -224,4 +224,74 @@ fn an_fct_is_found_by_a_hash_prefix() {
     assert!(db.fct("other-target", &trees[0].forest.hash(&trees[0].table)).unwrap().is_none());
     assert!(matches!(db.fct("redis", "abc"), Err(FddbError::Lookup(_))), "too short");
     assert!(matches!(db.fct("redis", "zzzzzz"), Err(FddbError::Lookup(_))), "not hex");
+}
+
+/// The version 2 schema as stop 21 wrote it (before held-out faults and window ends).
+const SCHEMA_2_RUN_TREES: &str = "
+CREATE TABLE targets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, module TEXT NOT NULL, settings TEXT);
+CREATE TABLE functions (id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL, name TEXT NOT NULL, params INTEGER,
+  returns_value INTEGER, calls_per_sec REAL NOT NULL DEFAULT 0, UNIQUE(target_id, name));
+CREATE TABLE faults (id INTEGER PRIMARY KEY, function_id INTEGER NOT NULL, kind TEXT NOT NULL, spec TEXT NOT NULL,
+  done INTEGER NOT NULL DEFAULT 0, UNIQUE(function_id, spec));
+CREATE TABLE run_trees (run_id INTEGER NOT NULL, fct_id INTEGER NOT NULL, pid INTEGER NOT NULL, tid INTEGER NOT NULL,
+  start_ns INTEGER NOT NULL, faulty INTEGER NOT NULL, normal_like INTEGER NOT NULL, PRIMARY KEY (run_id, pid, tid, start_ns));
+INSERT INTO targets(name, module) VALUES ('redis', 'm');
+INSERT INTO functions(target_id, name) VALUES (1, 'call');
+INSERT INTO faults(function_id, kind, spec) VALUES (1, 'crash', 'crash');
+PRAGMA user_version = 2;
+";
+
+#[test]
+fn a_version_2_fddb_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("v2.sqlite");
+    Connection::open(&p).unwrap().execute_batch(SCHEMA_2_RUN_TREES).unwrap();
+    let db = Fddb::open(&p).unwrap();
+    let v: i64 = db.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    let held: Option<String> = db.conn.query_row("SELECT held_out FROM faults", [], |r| r.get(0)).unwrap();
+    assert_eq!(held, None, "an old fault is a training fault");
+    db.conn.query_row("SELECT COUNT(end_ns) FROM run_trees", [], |r| r.get::<_, i64>(0)).unwrap();
+    drop(db);
+    Fddb::open(&p).expect("an upgraded FDDB opens again");
+}
+
+#[test]
+fn held_out_faults_get_no_training_and_survive_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, a, _) = setup(dir.path());
+    let f: i64 = db.conn.query_row("SELECT id FROM functions WHERE name = 'call'", [], |r| r.get(0)).unwrap();
+    let spec = db.held_out_fault(f, Fault::Input { arg: 0, bit: 9 }, HeldOut::Spec).unwrap();
+    // A spec that is already a training fault stays one.
+    let crash = db.held_out_fault(f, Fault::Crash, HeldOut::Function).unwrap();
+    assert_eq!(crash, a);
+    let pending = db.pending(t, 1).unwrap();
+    let p = pending.iter().find(|p| p.id == spec).unwrap();
+    assert!(p.done, "held out: done before any training run");
+    let eval = run(Role::Eval, RunStatus::Ok, Manifestation::Errors);
+    let mut lead = tree(&["main", "call"], false, 2);
+    lead.end_ns = 4; // before the first application (5)
+    db.record_run(t, Some(spec), &eval, &[lead, tree(&["main"], true, 1)], Done::No).unwrap();
+    db.record_run(t, Some(a), &run(Role::Eval, RunStatus::NotActivated, Manifestation::Nothing), &[], Done::No)
+        .unwrap();
+    db.record_run(t, None, &run(Role::Eval, RunStatus::Dropped, Manifestation::Normal), &[], Done::No).unwrap();
+    let runs = db.valid_runs("redis", Role::Eval).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].held_out, Some(HeldOut::Spec));
+    assert_eq!(db.run_applications(runs[0].id).unwrap()[0].first_ns, 5);
+    let c = db.run_counts("redis", Role::Eval).unwrap();
+    assert_eq!(c, RunCounts { fault_ok: 1, fault_not_activated: 1, fault_dropped: 0, normal_ok: 0, normal_dropped: 1 });
+    let mut ends = Vec::new();
+    db.for_each_tree("redis", &DatasetOptions::default(), |r| {
+        ends.push(r.end_ns);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(ends, vec![Some(1_000_000_000), Some(4)], "by thread: 1, then the lead's 2");
+    let out = dir.path().join("export.jsonl");
+    db.export(&out).unwrap();
+    let mut other = Fddb::open(&dir.path().join("g.sqlite")).unwrap();
+    other.import(&out).unwrap();
+    assert_eq!(other.export_lines().unwrap(), db.export_lines().unwrap());
+    assert_eq!(other.valid_runs("redis", Role::Eval).unwrap()[0].held_out, Some(HeldOut::Spec));
 }
