@@ -37,7 +37,7 @@ pub struct Scored {
 
 /// See the module docs.
 pub struct LogModel {
-    /// Drain's templates (learning online).
+    /// Drain's templates, mined from the training windows and frozen after.
     pub templates: Templates,
     /// The embedder.
     pub embedder: Embedder,
@@ -68,9 +68,10 @@ impl LogModel {
         Ok(LogModel { templates, embedder, net })
     }
 
-    /// A window's sequence of events.
+    /// A window's sequence of events, against the templates frozen at training (a line no
+    /// template matches is an unknown event; nothing is learned while scoring).
     pub fn sequence(&self, logs: &[(String, String)]) -> Sequence {
-        Sequence::build(&lines_of(logs), &self.templates)
+        Sequence::frozen(&lines_of(logs), &self.templates)
     }
 
     /// Chimera's verdict on a window's logs; `None` when it has none.

@@ -42,31 +42,59 @@ pub struct Sequence {
     pub dropped: usize,
 }
 
-impl Sequence {
-    /// Folds `lines` (in time order) into events, learning their templates (Drain is online).
-    pub fn build(lines: &[LogLine], templates: &Templates) -> Sequence {
-        let mut events: Vec<Event> = Vec::new();
-        for l in lines {
-            let template = templates.learn(&l.message);
-            match events.last_mut() {
-                Some(e) if e.template == template && e.source == l.source => {
-                    e.count += 1;
-                    e.level = e.level.max(l.level);
-                }
-                _ => events.push(Event {
-                    template,
-                    text: String::new(),
-                    example: l.raw.clone(),
-                    source: l.source,
-                    level: l.level,
-                    count: 1,
-                    unix_ms: l.unix_ms,
-                }),
+/// The event of a line no frozen template matches ([`Sequence::frozen`]).
+pub const UNKNOWN_TEMPLATE: TemplateId = TemplateId::MAX;
+/// Its text, as the embedder sees it.
+pub const UNKNOWN_TEXT: &str = "<unknown-template>";
+
+/// Consecutive lines of one template and source as one event (texts filled in later).
+fn fold(lines: &[LogLine], mut template_of: impl FnMut(&str) -> TemplateId) -> Vec<Event> {
+    let mut events: Vec<Event> = Vec::new();
+    for l in lines {
+        let template = template_of(&l.message);
+        match events.last_mut() {
+            Some(e) if e.template == template && e.source == l.source => {
+                e.count += 1;
+                e.level = e.level.max(l.level);
             }
+            _ => events.push(Event {
+                template,
+                text: String::new(),
+                example: l.raw.clone(),
+                source: l.source,
+                level: l.level,
+                count: 1,
+                unix_ms: l.unix_ms,
+            }),
         }
+    }
+    events
+}
+
+impl Sequence {
+    /// Folds `lines` (in time order) into events, learning their templates (Drain is online):
+    /// what training reads.
+    pub fn build(lines: &[LogLine], templates: &Templates) -> Sequence {
+        let events = fold(lines, |m| templates.learn(m));
         // Texts last: a template may have been generalized by a later line.
+        Sequence::keep(events, |id| templates.text(id).unwrap_or_default())
+    }
+
+    /// Folds `lines` against templates frozen after training: a message no template matches
+    /// becomes the event [`UNKNOWN_TEMPLATE`] (text [`UNKNOWN_TEXT`]), and no template learns
+    /// or generalizes. What scoring and serving read, so that a model is judged on the
+    /// templates it was trained with.
+    pub fn frozen(lines: &[LogLine], templates: &Templates) -> Sequence {
+        let events = fold(lines, |m| templates.lookup(m).unwrap_or(UNKNOWN_TEMPLATE));
+        Sequence::keep(events, |id| match id {
+            UNKNOWN_TEMPLATE => UNKNOWN_TEXT.to_string(),
+            id => templates.text(id).unwrap_or_default(),
+        })
+    }
+
+    fn keep(mut events: Vec<Event>, text: impl Fn(TemplateId) -> String) -> Sequence {
         for e in &mut events {
-            e.text = templates.text(e.template).unwrap_or_default();
+            e.text = text(e.template);
         }
         let dropped = events.len().saturating_sub(MAX_EVENTS);
         Sequence { events: events.split_off(dropped), dropped }
@@ -115,5 +143,23 @@ mod tests {
         let e = Embedder::default();
         let f = s.features(&e);
         assert_eq!(f[0].len(), Sequence::width(&e));
+    }
+
+    #[test]
+    fn frozen_templates_learn_nothing_and_map_new_lines_to_unknown() {
+        let php = |msg: &str| vec![("php-error.log".to_string(), format!("[29-Nov-2026 01:25:00 UTC] {msg}\n"))];
+        let t = Templates::new();
+        Sequence::build(&lines_of(&php("shop: Connection refused by redis")), &t);
+        let before = t.len();
+        let s = Sequence::frozen(&lines_of(&php("shop: Connection refused by redis")), &t);
+        assert_eq!(s.events[0].text, "shop: Connection refused by redis");
+        // Learning this line would generalize the template (`Connection <*> by redis`).
+        let s = Sequence::frozen(&lines_of(&php("shop: Connection reset by redis")), &t);
+        assert_eq!((s.events[0].template, s.events[0].text.as_str()), (UNKNOWN_TEMPLATE, UNKNOWN_TEXT));
+        let s = Sequence::frozen(&lines_of(&php("kernel: something else entirely happened")), &t);
+        assert_eq!(s.events[0].template, UNKNOWN_TEMPLATE);
+        assert_eq!(t.len(), before, "no template was added");
+        let s = Sequence::frozen(&lines_of(&php("shop: Connection refused by redis")), &t);
+        assert_eq!(s.events[0].text, "shop: Connection refused by redis", "and none generalized");
     }
 }

@@ -3,8 +3,9 @@
 //! anomalous for a fault run and normal otherwise, as the issue defines the labels. It names
 //! lines, not functions: its FLR is zero by construction, its HR@k is the figure to read.
 //!
-//! Templates are mined by Drain online, on the evaluation runs too (unsupervised, no label);
-//! the embedder's IDF is fitted on the training runs only.
+//! Templates are mined by Drain on the training runs and frozen: an evaluation line no
+//! template matches is an unknown event (`afetm_logs::sequence::Sequence::frozen`). The
+//! embedder's IDF is fitted on the training runs only.
 
 use afetm_diagnosis::Class;
 use afetm_logdiag::{
