@@ -12,7 +12,7 @@ use std::{collections::HashMap, path::Path, str::FromStr};
 use afetm_analyzer::store::Store;
 use afetm_diagnosis::Class;
 use afetm_fault::{Applied, Fault, FaultKind};
-use afetm_fddb::{Fddb, Role, dataset::DatasetOptions};
+use afetm_fddb::{Fddb, HeldOut, Role, dataset::DatasetOptions};
 use afetm_proto::{self as pb, plan::PlanFile};
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +42,11 @@ pub struct Window {
     pub tid: u32,
     /// Window start, agent clock (ns).
     pub start_ns: u64,
+    /// Window end, agent clock (ns), where known (FDDB trees before schema 3 have none; they
+    /// count as ending after the injection).
+    pub end_ns: Option<u64>,
+    /// The full FCT equals a tree of a valid normal run (campaign runs only).
+    pub normal_like: bool,
     /// The fault reached this thread in this window (the FDDB's label; live: an application
     /// of the injector in it, every thread for crash and deadlock).
     pub faulty: bool,
@@ -77,6 +82,39 @@ pub struct Case {
     /// no normal training run logged (`methods::logs::LogIdealized::root_line`). The run's
     /// logs carry no line labels; this is the line an engineer would read first.
     pub root_line: Option<String>,
+    /// The injection's first application, agent clock (ns): a window that ended at or before
+    /// it is the run's lead, where an alarm is a false alarm, not a detection.
+    pub first_applied_ns: Option<u64>,
+    /// Why the run's fault had no training runs (None: its spec was trained on, or normal).
+    pub held_out: Option<HeldOut>,
+    /// Whether the fault showed: the shop answered with errors, slowed, the process crashed or
+    /// hung, or a full-trace FCT the fault reached equals no normal tree (None: not known, as
+    /// for live runs).
+    pub manifested: Option<bool>,
+    /// The function top-k is scored against when it is not the injected one: for a function
+    /// no training run injected into, the nearest trained function in the normal FCT
+    /// ([`crate::metrics::nearest_known`]).
+    pub located_as: Option<String>,
+}
+
+impl Case {
+    /// A case with its truth and nothing else.
+    pub fn new(run: i64, truth: Class) -> Case {
+        Case {
+            run,
+            truth,
+            fault: String::new(),
+            manifestation: String::new(),
+            windows: Vec::new(),
+            logs: Vec::new(),
+            injected_unix_ms: None,
+            root_line: None,
+            first_applied_ns: None,
+            held_out: None,
+            manifested: None,
+            located_as: None,
+        }
+    }
 }
 
 fn class_of(fault: &Option<(String, String, String)>) -> Result<Class, EvalError> {
@@ -95,15 +133,16 @@ pub fn from_fddb(fddb: &Fddb, target: &str, plan: Option<&PlanFile>, role: Role)
     let mut by_run: HashMap<i64, usize> = HashMap::new();
     for r in fddb.valid_runs(target, role)? {
         by_run.insert(r.id, cases.len());
+        let first = fddb.run_applications(r.id)?.iter().map(|a| a.first_ns).min();
+        let showed = !matches!(r.manifestation.as_str(), "nothing" | "normal");
         cases.push(Case {
-            run: r.id,
-            truth: class_of(&r.fault)?,
             fault: r.fault.as_ref().map(|f| f.2.clone()).unwrap_or_default(),
             manifestation: r.manifestation,
-            windows: Vec::new(),
             logs: fddb.run_logs(r.id)?,
-            injected_unix_ms: None,
-            root_line: None,
+            first_applied_ns: first,
+            held_out: r.held_out,
+            manifested: r.fault.is_some().then_some(showed),
+            ..Case::new(r.id, class_of(&r.fault)?)
         });
     }
     let mut at: HashMap<(i64, u32, u32, u64), (usize, usize)> = HashMap::new();
@@ -114,12 +153,22 @@ pub fn from_fddb(fddb: &Fddb, target: &str, plan: Option<&PlanFile>, role: Role)
             pid: row.pid,
             tid: row.tid,
             start_ns: row.start_ns,
+            end_ns: row.end_ns,
+            normal_like: row.normal_like,
             faulty: row.faulty,
             full: Some(row.forest.to_proto(row.table)),
             ..Window::default()
         };
         at.insert((row.run, row.pid, row.tid, row.start_ns), (c, cases[c].windows.len()));
-        cases[c].windows.push(w);
+        let case = &mut cases[c];
+        // A fault that left a full-trace FCT no normal run has is a fault that showed.
+        if row.faulty
+            && !row.normal_like
+            && let Some(m) = case.manifested.as_mut()
+        {
+            *m = true;
+        }
+        case.windows.push(w);
         Ok(())
     })?;
     if let Some(plan) = plan {
@@ -214,6 +263,8 @@ fn live_case(store: &Store, index: i64, run: &LiveRun, window_ms: u64) -> Result
                 pid: w.pid,
                 tid: *tid,
                 start_ns: w.start_ns,
+                end_ns: Some(end),
+                normal_like: false,
                 faulty,
                 full: None,
                 afct: store.afct(w.id, *tid)?.filter(|t| !t.nodes.is_empty()),
@@ -223,14 +274,13 @@ fn live_case(store: &Store, index: i64, run: &LiveRun, window_ms: u64) -> Result
         }
     }
     Ok(Case {
-        run: index,
-        truth,
         fault: run.fault.clone().unwrap_or_default(),
         manifestation: "live".into(),
         windows,
         logs: run.logs.clone(),
         injected_unix_ms: first.map(|f| run.unix_ms(f)),
-        root_line: None,
+        first_applied_ns: first,
+        ..Case::new(index, truth)
     })
 }
 

@@ -2,10 +2,12 @@
 //! (`report`). `cargo xtask eval` runs the campaign, the live injections and the response-time
 //! measurements, and calls these two.
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     time::Instant,
 };
 
+use afetm_diagnosis::Class;
 use afetm_diagnosis::Model;
 use afetm_eval::{
     case::{self, Case},
@@ -14,10 +16,10 @@ use afetm_eval::{
         afetm::Afetm, afetm::Online, bag::Bag, chimera::ChimeraMethod, edc::FctEdc, fusion::Fused, gdc::AfctGdc,
         logs::LogIdealized, logsage::LogSage,
     },
-    metrics::{Reference, Scores, aggregate, outcome},
+    metrics::{Reference, RunOutcome, Scores, aggregate, chance, nearest_known, outcome},
     report::{self, Row, Rtgr, Setup},
 };
-use afetm_fddb::{Fddb, Role};
+use afetm_fddb::{Fddb, HeldOut, Role};
 use afetm_proto::plan::PlanFile;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -217,8 +219,16 @@ fn bar(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
-/// Scores one method on `cases`: its row and the peak memory it added.
-fn score_method(f: &Fitted, cases: &[Case], reference: &Reference, label: &str) -> Result<(Scores, u64)> {
+/// One method's outcome on every case (in case order), its verdicts' compute times and the
+/// peak memory it added.
+struct Scored {
+    outcomes: Vec<RunOutcome>,
+    compute: Vec<u64>,
+    peak_kib: u64,
+}
+
+/// Scores one method on `cases`.
+fn score_method(f: &Fitted, cases: &[Case], reference: &Reference, label: &str) -> Result<Scored> {
     let base = reset_peak();
     let pb = bar(cases.len(), &format!("{label}: {}", f.method.name()));
     let (mut outcomes, mut compute) = (Vec::new(), Vec::new());
@@ -229,8 +239,32 @@ fn score_method(f: &Fitted, cases: &[Case], reference: &Reference, label: &str) 
         pb.inc(1);
     }
     pb.finish();
-    let peak = status_kib("VmHWM").saturating_sub(base);
-    Ok((aggregate(&outcomes, compute), peak))
+    let peak_kib = status_kib("VmHWM").saturating_sub(base);
+    Ok(Scored { outcomes, compute, peak_kib })
+}
+
+/// The eval-role runs' parts (issue 23, "Unseen specs"): each part's fault runs by why their
+/// fault had no training runs, every normal run in each.
+const PARTS: [(&str, Option<HeldOut>); 3] = [
+    ("fddb: same spec", None),
+    ("fddb: unseen spec", Some(HeldOut::Spec)),
+    ("fddb: unseen function", Some(HeldOut::Function)),
+];
+
+/// Unseen functions are scored against the nearest trained function (see `metrics::nearest_known`).
+fn mark_nearest_known(train: &[Case], eval: &mut [Case], reference: &Reference) {
+    let known: BTreeSet<String> = train
+        .iter()
+        .filter_map(|c| match &c.truth {
+            Class::Fault { function, .. } => Some(function.clone()),
+            Class::Normal => None,
+        })
+        .collect();
+    for c in eval.iter_mut().filter(|c| c.held_out == Some(HeldOut::Function)) {
+        if let Class::Fault { function, .. } = &c.truth {
+            c.located_as = nearest_known(reference, function, &known).map(str::to_string);
+        }
+    }
 }
 
 fn score(a: &ScoreArgs) -> Result<()> {
@@ -256,14 +290,31 @@ fn score(a: &ScoreArgs) -> Result<()> {
             .flat_map(|c| &c.windows)
             .filter_map(|w| w.full.as_ref()),
     );
+    mark_nearest_known(&train, &mut eval, &reference);
+    let excluded = fddb.run_counts(&a.target, Role::Eval)?;
     let mut fitted = fit_all(a, &train)?;
     if a.plan_methods_only {
         fitted.retain(|f| f.method.input() == Input::Afct);
     }
     let mut rows = Vec::new();
     for f in &fitted {
-        let (scores, peak) = score_method(f, &eval, &reference, "eval-role runs")?;
-        rows.push(row(a, "fddb", f, scores, Some(f.fit_peak_kib.max(peak))));
+        let scored = score_method(f, &eval, &reference, "eval-role runs")?;
+        let mo = Some(f.fit_peak_kib.max(scored.peak_kib));
+        let mut all = row(a, "fddb", f, aggregate(&scored.outcomes, scored.compute.clone()), mo);
+        all.excluded = Some(excluded);
+        all.chance = chance(&train, &eval);
+        rows.push(all);
+        for (label, held) in PARTS {
+            let part = |c: &&Case| c.truth == Class::Normal || c.held_out == held;
+            if !eval.iter().filter(part).any(|c| c.truth != Class::Normal) {
+                continue;
+            }
+            let (cases, outcomes): (Vec<Case>, Vec<RunOutcome>) =
+                eval.iter().zip(&scored.outcomes).filter(|(c, _)| part(c)).map(|(c, o)| (c.clone(), o.clone())).unzip();
+            let mut r = row(a, label, f, aggregate(&outcomes, Vec::new()), mo);
+            r.chance = chance(&train, &cases);
+            rows.push(r);
+        }
     }
     if let (Some(db), Some(runs)) = (&a.live_db, &a.live_runs) {
         let window_ms = Model::load(&a.model)?.manifest.window_ms;
@@ -272,10 +323,15 @@ fn score(a: &ScoreArgs) -> Result<()> {
         eprintln!("{} live runs", live.len());
         let online = Fitted { method: Box::new(Online), notes: "the daemon's stored verdicts".into(), fit_peak_kib: 0 };
         for f in fitted.iter().filter(|f| f.method.input() != Input::FullFct).chain([&online]) {
-            let (scores, peak) = score_method(f, &live, &reference, "live runs")?;
-            let mo =
-                if f.method.name() == "AFETM (daemon)" { a.daemon_peak_kib } else { Some(f.fit_peak_kib.max(peak)) };
-            rows.push(row(a, "live", f, scores, mo));
+            let scored = score_method(f, &live, &reference, "live runs")?;
+            let mo = if f.method.name() == "AFETM (daemon)" {
+                a.daemon_peak_kib
+            } else {
+                Some(f.fit_peak_kib.max(scored.peak_kib))
+            };
+            let mut r = row(a, "live", f, aggregate(&scored.outcomes, scored.compute), mo);
+            r.chance = chance(&train, &live);
+            rows.push(r);
         }
     }
     std::fs::write(&a.out, serde_json::to_string_pretty(&rows)?).with_context(|| format!("{}", a.out.display()))?;
@@ -303,6 +359,8 @@ fn row(a: &ScoreArgs, condition: &str, f: &Fitted, scores: Scores, mo_kib: Optio
         scores,
         mo_kib,
         notes: f.notes.clone(),
+        excluded: None,
+        chance: None,
     }
 }
 

@@ -1,13 +1,19 @@
 //! The paper's metrics (sec. IV.B) over held-out runs, per method:
-//! - per run: detected if any verdict says error (EDR, eq. 11); located if the top-1 of its
-//!   least normal alarming verdict names the injected function (FLR, eq. 12; also top-3, and by
-//!   (function, kind)); a normal run with any alarm is a false alarm;
+//! - per run: detected if a verdict on a window that ended after the injection's first
+//!   application says error (EDR, eq. 11); an alarm in a window that ended at or before it is
+//!   a false alarm, counted apart ([`Counts::pre_injection_alarms`]) and never a detection;
+//!   located if the top-1 of its least normal alarming verdict after the injection names the
+//!   injected function (FLR, eq. 12; also top-3, and by (function, kind)), or for a function
+//!   no training run injected into, the nearest trained one ([`nearest_known`]); a normal run
+//!   with any alarm is a false alarm;
+//! - every rate with its count and a Wilson 95% interval ([`wilson`]), and beside top-1 what
+//!   a uniform guess and the most frequent training class would get ([`Chance`]);
 //! - FLD: distance in preorder position, in the normal FCT ([`Reference`]), between the located
 //!   and the injected function;
 //! - FDD: from the injection's first application to the first alarming verdict's report;
 //! - per window: faulty windows alarmed and located, normal windows alarmed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use afetm_diagnosis::Class;
 use afetm_proto as pb;
@@ -89,8 +95,15 @@ pub struct RunOutcome {
     pub run: i64,
     /// What was injected.
     pub truth: Class,
-    /// Some verdict alarmed.
+    /// A fault run: a verdict on a window that ended after the first application alarmed. A
+    /// normal run: some verdict alarmed (a false alarm).
     pub detected: bool,
+    /// A fault run alarmed in a window that ended at or before the first application.
+    #[serde(default)]
+    pub alarmed_before: bool,
+    /// Whether the fault showed (see [`Case::manifested`]).
+    #[serde(default)]
+    pub manifested: Option<bool>,
     /// Located: the top-1 names the injected function.
     pub top1_function: bool,
     /// The injected function is among the top-3.
@@ -130,15 +143,29 @@ fn names(v: &Verdict, function: &str, kind: Option<afetm_fault::FaultKind>, k: u
     (f, c)
 }
 
+/// Whether `v` speaks of a window that ended after the injection's first application. Verdicts
+/// on a whole run, windows of unknown end and runs without a known application count as after.
+fn after_injection(case: &Case, v: &Verdict) -> bool {
+    let Some(first) = case.first_applied_ns else { return true };
+    match v.window.and_then(|i| case.windows.get(i)).and_then(|w| w.end_ns) {
+        Some(end) => end > first,
+        None => true,
+    }
+}
+
 /// Scores one run's verdicts (see the module docs).
 pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunOutcome {
-    let detected = verdicts.iter().any(|v| v.error);
-    let worst = verdicts.iter().filter(|v| v.error).min_by(|a, b| a.normality.total_cmp(&b.normality));
-    let (function, kind) = match &case.truth {
+    let (injected, kind) = match &case.truth {
         Class::Fault { function, kind } => (function.as_str(), Some(*kind)),
         Class::Normal => ("", None),
     };
     let fault = kind.is_some();
+    // A normal run has no injection: every alarm is a false alarm.
+    let after: Vec<&Verdict> = verdicts.iter().filter(|v| !fault || after_injection(case, v)).collect();
+    let alarmed_before = fault && verdicts.iter().any(|v| v.error && !after_injection(case, v));
+    let detected = after.iter().any(|v| v.error);
+    let worst = after.iter().copied().filter(|v| v.error).min_by(|a, b| a.normality.total_cmp(&b.normality));
+    let function = case.located_as.as_deref().unwrap_or(injected);
     let (mut t1f, mut t1c, mut t3f, mut t3c) = (false, false, false, false);
     if let (Some(w), true) = (worst, fault) {
         if w.assumed_located {
@@ -150,7 +177,7 @@ pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunO
     }
     let located = worst.and_then(|w| w.top.first()).map(|s| s.function.clone());
     let fld = match (&located, fault) {
-        (Some(l), true) => reference.distance(l, function),
+        (Some(l), true) => reference.distance(l, injected),
         _ => None,
     };
     let fdd_ms = case.injected_unix_ms.and_then(|inj| {
@@ -165,7 +192,7 @@ pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunO
     let mut windows = WindowCounts::default();
     for v in verdicts {
         let faulty = v.window.and_then(|i| case.windows.get(i)).is_some_and(|w| w.faulty) && fault;
-        if faulty {
+        if faulty && after_injection(case, v) {
             windows.faulty += 1;
             windows.faulty_alarmed += v.error as u64;
             windows.faulty_located += (v.error && names(v, function, kind, 1).0) as u64;
@@ -178,6 +205,8 @@ pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunO
         run: case.run,
         truth: case.truth.clone(),
         detected,
+        alarmed_before,
+        manifested: if fault { case.manifested } else { None },
         top1_function: t1f,
         top3_function: t3f,
         top1_class: t1c,
@@ -201,9 +230,39 @@ pub struct KindRow {
     pub located: u64,
 }
 
+/// The numerators behind [`Scores`]' rates, so that every rate can be printed as k of n with
+/// its interval.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Fault runs detected after the injection.
+    pub detected: u64,
+    /// Fault runs whose top-1 names the function.
+    pub top1_function: u64,
+    /// ... among the top-3.
+    pub top3_function: u64,
+    /// Fault runs whose top-1 names function and kind.
+    pub top1_class: u64,
+    /// ... among the top-3.
+    pub top3_class: u64,
+    /// Normal runs with an alarm.
+    pub false_alarms: u64,
+    /// Fault runs with an alarm in a window that ended before the first application.
+    pub pre_injection_alarms: u64,
+    /// Fault runs whose fault is known to have shown.
+    pub manifested: u64,
+    /// ... detected.
+    pub manifested_detected: u64,
+}
+
 /// A method's figures over a set of runs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
+    /// The counts behind the rates.
+    #[serde(default)]
+    pub counts: Counts,
+    /// EDR over the fault runs whose fault is known to have shown (`counts.manifested`).
+    #[serde(default)]
+    pub edr_manifested: f64,
     /// Fault injections scored.
     pub fault_runs: u64,
     /// Normal runs scored.
@@ -270,6 +329,11 @@ pub fn aggregate(outcomes: &[RunOutcome], compute_us: Vec<u64>) -> Scores {
                 t3f += o.top3_function as u64;
                 t1c += o.top1_class as u64;
                 t3c += o.top3_class as u64;
+                s.counts.pre_injection_alarms += o.alarmed_before as u64;
+                if o.manifested == Some(true) {
+                    s.counts.manifested += 1;
+                    s.counts.manifested_detected += o.detected as u64;
+                }
                 let row = s.per_kind.entry(kind.to_string()).or_default();
                 row.runs += 1;
                 row.detected += o.detected as u64;
@@ -288,7 +352,17 @@ pub fn aggregate(outcomes: &[RunOutcome], compute_us: Vec<u64>) -> Scores {
             }
         }
     }
+    s.counts = Counts {
+        detected: det,
+        top1_function: t1f,
+        top3_function: t3f,
+        top1_class: t1c,
+        top3_class: t3c,
+        false_alarms: alarms,
+        ..s.counts
+    };
     s.edr = rate(det, s.fault_runs);
+    s.edr_manifested = rate(s.counts.manifested_detected, s.counts.manifested);
     s.flr_top1_function = rate(t1f, s.fault_runs);
     s.flr_top3_function = rate(t3f, s.fault_runs);
     s.flr_top1_class = rate(t1c, s.fault_runs);
@@ -314,4 +388,80 @@ pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
 /// Mean of `values`, `None` if empty.
 pub fn mean(values: &[f64]) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// The Wilson score interval at 95% for `k` successes in `n` trials, as (low, high); `None`
+/// for `n = 0`. Unlike `k/n +- 1.96 se` it stays inside [0, 1] and is not empty at `k = 0`:
+/// 0 of 30 gives (0, 0.114).
+pub fn wilson(k: u64, n: u64) -> Option<(f64, f64)> {
+    if n == 0 {
+        return None;
+    }
+    const Z: f64 = 1.959_963_984_540_054;
+    let (k, n) = (k.min(n) as f64, n as f64);
+    let p = k / n;
+    let z2 = Z * Z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
+    // At k = 0 (k = n) the bound is 0 (1) exactly; rounding would leave a speck.
+    let lo = if k == 0.0 { 0.0 } else { (centre - half).max(0.0) };
+    let hi = if k == n { 1.0 } else { (centre + half).min(1.0) };
+    Some((lo, hi))
+}
+
+/// `k/n` as a percentage with the count and its Wilson interval: `26% (9/34, 15-43%)`.
+pub fn rate_text(k: u64, n: u64) -> String {
+    match wilson(k, n) {
+        None => "- (0/0)".into(),
+        Some((lo, hi)) => {
+            format!("{:.0}% ({k}/{n}, {:.0}-{:.0}%)", 100.0 * k as f64 / n as f64, 100.0 * lo, 100.0 * hi)
+        }
+    }
+}
+
+/// The trained function nearest to `function` in the normal FCT's preorder (ties: the first
+/// by name): what a method that can only name trained classes is scored against for a
+/// function no training run injected into. `None` when `function` is not in the normal FCT.
+pub fn nearest_known<'a>(reference: &Reference, function: &str, known: &'a BTreeSet<String>) -> Option<&'a str> {
+    known.iter().filter_map(|k| Some((reference.distance(function, k)?, k.as_str()))).min().map(|(_, k)| k)
+}
+
+/// What guessing would get on top-1 function, beside a method's FLR.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Chance {
+    /// Functions a method trained on these runs can name.
+    pub functions: usize,
+    /// A uniform guess among them: 1 / functions.
+    pub uniform: f64,
+    /// The function most training fault runs injected into.
+    pub majority_function: String,
+    /// Always naming it: the share of the scored fault runs whose function it is.
+    pub majority: f64,
+}
+
+/// [`Chance`] for `scored` (their located-as function, else the injected one) against the
+/// training fault runs `train`; `None` without either.
+pub fn chance(train: &[Case], scored: &[Case]) -> Option<Chance> {
+    let fn_of = |c: &Case| match &c.truth {
+        Class::Fault { function, .. } => Some(c.located_as.clone().unwrap_or_else(|| function.clone())),
+        Class::Normal => None,
+    };
+    let mut runs: BTreeMap<String, usize> = BTreeMap::new();
+    for f in train.iter().filter_map(|c| match &c.truth {
+        Class::Fault { function, .. } => Some(function.clone()),
+        Class::Normal => None,
+    }) {
+        *runs.entry(f).or_default() += 1;
+    }
+    let (majority_function, _) = runs.iter().max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))?;
+    let scored: Vec<String> = scored.iter().filter_map(fn_of).collect();
+    if scored.is_empty() {
+        return None;
+    }
+    Some(Chance {
+        functions: runs.len(),
+        uniform: 1.0 / runs.len() as f64,
+        majority_function: majority_function.clone(),
+        majority: scored.iter().filter(|f| *f == majority_function).count() as f64 / scored.len() as f64,
+    })
 }

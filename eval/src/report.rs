@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     EvalError,
     method::Input,
-    metrics::{Scores, mean, quantile},
+    metrics::{Chance, Scores, mean, quantile, rate_text},
 };
 
 /// One method's figures on one target, budget and condition.
@@ -22,8 +22,10 @@ pub struct Row {
     /// The plan's budget P (`10%`); full-trace and log methods carry the budget of the run
     /// they were scored in.
     pub budget: String,
-    /// `fddb` (the campaign's eval-role runs: full FCTs and the AFCTs the plan gives) or `live`
-    /// (fresh injections into the running shop, AFCTs built by the daemon).
+    /// `fddb` (the campaign's eval-role runs: full FCTs and the AFCTs the plan gives), one of
+    /// its three parts (`fddb: same spec`, `fddb: unseen spec`, `fddb: unseen function`, each
+    /// with every normal eval-role run), or `live` (fresh injections into the running shop,
+    /// AFCTs built by the daemon).
     pub condition: String,
     /// The method's name.
     pub method: String,
@@ -36,6 +38,13 @@ pub struct Row {
     pub mo_kib: Option<u64>,
     /// Facts about the method's fit (threshold, sigma, ...).
     pub notes: String,
+    /// The condition's runs left out of the denominators (FDDB conditions: eval-role runs
+    /// stored as not activated or dropped).
+    #[serde(default)]
+    pub excluded: Option<afetm_fddb::RunCounts>,
+    /// What guessing gets on top-1 function over the same runs.
+    #[serde(default)]
+    pub chance: Option<Chance>,
 }
 
 /// Response times of one condition, repeated.
@@ -110,35 +119,41 @@ pub fn write(dir: &Path, setup: &Setup, rows: &[Row], rtgr: &[Rtgr], discussion:
     let _ = writeln!(md, "\n## Fig. 5: error detection and fault location (eval-role and live runs only)\n");
     let _ = writeln!(
         md,
-        "Per run: detected if any window alarms; located if the top-1 of its least normal alarming window names the injected function. FAR: normal held-out runs with any alarm. Paper values in brackets where its text gives them.\n"
+        "Per run: detected if a window that ended after the injection's first application alarms (an alarm in a window that ended before it is a false alarm, column 'alarmed before'); located if the top-1 of its least normal alarming window after the injection names the injected function (for an unseen function: the nearest trained function in the normal FCT). FAR: normal held-out runs with any alarm. Every rate: k/n and its Wilson 95% interval. 'same spec': the faults training injected, injected again; 'unseen spec': other bits, arguments and N of trained (function, kind) pairs; 'unseen function': functions no training run injected into. Chance: top-1 of a uniform guess among the trained functions, and of always naming the most trained one. Paper values in brackets where its text gives them.\n"
     );
     let _ = writeln!(
         md,
-        "| target | P | condition | method | fault runs | EDR [paper] | FLR top-1 fn [paper] | FLR top-3 fn | FLR top-1 (fn, kind) | FLR top-3 (fn, kind) | normal runs | FAR |"
+        "| target | P | condition | method | EDR [paper] | EDR, manifested | alarmed before | FLR top-1 fn [paper] | chance (uniform / majority) | FLR top-3 fn | FLR top-1 (fn, kind) | FLR top-3 (fn, kind) | FAR |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let (pe, pf, _) = paper_fig5_6(&r.target, paper_name(&r.method));
-        let s = &r.scores;
+        let (s, c) = (&r.scores, &r.scores.counts);
+        let n = s.fault_runs;
+        let chance = r.chance.as_ref().map_or_else(
+            || "-".into(),
+            |c| format!("{} / {} ({} of {} fns)", pct(c.uniform), pct(c.majority), c.majority_function, c.functions),
+        );
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} [{}] | {} [{}] | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} [{}] | {} | {} | {} [{}] | {chance} | {} | {} | {} | {} |",
             r.target,
             r.budget,
             r.condition,
             r.method,
-            s.fault_runs,
-            pct(s.edr),
+            rate_text(c.detected, n),
             opt(pe, 0),
-            pct(s.flr_top1_function),
+            rate_text(c.manifested_detected, c.manifested),
+            rate_text(c.pre_injection_alarms, n),
+            rate_text(c.top1_function, n),
             opt(pf, 0),
-            pct(s.flr_top3_function),
-            pct(s.flr_top1_class),
-            pct(s.flr_top3_class),
-            s.normal_runs,
-            pct(s.false_alarm_rate)
+            rate_text(c.top3_function, n),
+            rate_text(c.top1_class, n),
+            rate_text(c.top3_class, n),
+            rate_text(c.false_alarms, s.normal_runs)
         );
     }
+    excluded_table(&mut md, rows);
     let _ = writeln!(md, "\n![Fig. 5](fig5.svg)\n");
     log_table(&mut md, rows);
     per_kind_table(&mut md, rows);
@@ -150,6 +165,39 @@ pub fn write(dir: &Path, setup: &Setup, rows: &[Row], rtgr: &[Rtgr], discussion:
     std::fs::write(dir.join("report.md"), md).map_err(|e| EvalError::Input(format!("{}: {e}", dir.display())))?;
     plots(dir, rows)?;
     Ok(())
+}
+
+/// The runs each condition's denominators leave out, once per (target, P, condition).
+fn excluded_table(md: &mut String, rows: &[Row]) {
+    let _ = writeln!(md, "\n### Runs left out of the denominators\n");
+    let _ = writeln!(
+        md,
+        "Scores count valid runs only. Not activated: the injector never applied the fault (the function was not called in the victims); dropped: events were lost, so the run's trees are no labels.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| target | P | condition | fault runs scored | not activated | dropped | normal runs scored | normal dropped |\n|---|---|---|---|---|---|---|---|"
+    );
+    let mut seen = Vec::new();
+    for r in rows {
+        let Some(x) = &r.excluded else { continue };
+        if seen.contains(&(&r.target, &r.budget, &r.condition)) {
+            continue;
+        }
+        seen.push((&r.target, &r.budget, &r.condition));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.target,
+            r.budget,
+            r.condition,
+            r.scores.fault_runs,
+            x.fault_not_activated,
+            x.fault_dropped,
+            r.scores.normal_runs,
+            x.normal_dropped
+        );
+    }
 }
 
 /// Detection F1 of every method, and the root-cause lines of those that name lines (HR@k:

@@ -9,7 +9,7 @@ use afetm_eval::{
         gdc::{AfctGdc, influence},
         logs::{LogIdealized, is_error_line, template},
     },
-    metrics::{Reference, aggregate, outcome, quantile},
+    metrics::{Reference, aggregate, chance, nearest_known, outcome, quantile, rate_text, wilson},
 };
 use afetm_fault::FaultKind;
 use afetm_proto as pb;
@@ -39,17 +39,11 @@ fn fault(function: &str, kind: FaultKind) -> Class {
 
 fn case(run: i64, truth: Class, windows: Vec<(bool, pb::Tree)>) -> Case {
     Case {
-        run,
-        truth,
-        fault: String::new(),
-        manifestation: String::new(),
         windows: windows
             .into_iter()
             .map(|(faulty, t)| Window { faulty, full: Some(t.clone()), afct: Some(t), ..Window::default() })
             .collect(),
-        logs: Vec::new(),
-        injected_unix_ms: None,
-        root_line: None,
+        ..Case::new(run, truth)
     }
 }
 
@@ -241,4 +235,99 @@ fn bag_of_functions_separates_distinct_bags() {
     assert_eq!(v.top[0].function, "f");
     let v = bag.window(&Window { afct: Some(normal), ..Window::default() }).unwrap().unwrap();
     assert!(!v.error, "P(normal) {}", v.normality);
+}
+
+#[test]
+fn an_alarm_before_the_injection_is_a_false_alarm_not_a_detection() {
+    let normal = tree(&[("main", -1), ("a", 0), ("f", 1), ("b", 0)]);
+    // Window 0 ended at 100, before the first application at 150; window 1 ends at 200.
+    let mut c = case(1, fault("f", FaultKind::Input), vec![(false, normal.clone()), (true, normal.clone())]);
+    c.first_applied_ns = Some(150);
+    c.windows[0].end_ns = Some(100);
+    c.windows[1].end_ns = Some(200);
+    let reference = Reference::from_trees([&normal]);
+    // Only the lead window alarms, naming the right function: not detected.
+    let early =
+        outcome(&c, &[verdict(0, true, 0.0, &[("f", FaultKind::Input)]), verdict(1, false, 0.9, &[])], &reference);
+    assert!(!early.detected && early.alarmed_before);
+    assert!(!early.top1_function, "a lead window's suspects are not a location");
+    assert_eq!((early.windows.normal, early.windows.normal_alarmed), (1, 1), "the lead window is a normal window");
+    assert_eq!(early.windows.faulty, 1);
+    // The lead alarms less normal than the faulty window: located reads the faulty one.
+    let both = outcome(
+        &c,
+        &[verdict(0, true, 0.0, &[("a", FaultKind::Input)]), verdict(1, true, 0.3, &[("f", FaultKind::Input)])],
+        &reference,
+    );
+    assert!(both.detected && both.alarmed_before && both.top1_function && both.top1_class);
+    // A window ending exactly at the first application ended before it.
+    c.windows[0].end_ns = Some(150);
+    assert!(!outcome(&c, &[verdict(0, true, 0.0, &[])], &reference).detected);
+    let s = aggregate(&[early, both], vec![]);
+    assert_eq!((s.counts.detected, s.counts.pre_injection_alarms, s.fault_runs), (1, 2, 2));
+    // A normal run: every alarm is a false alarm, whatever the window's end.
+    let mut n = case(2, Class::Normal, vec![(false, normal)]);
+    n.windows[0].end_ns = Some(100);
+    n.first_applied_ns = None;
+    let o = outcome(&n, &[verdict(0, true, 0.1, &[])], &reference);
+    assert!(o.detected && !o.alarmed_before);
+    assert_eq!(aggregate(&[o], vec![]).counts.false_alarms, 1);
+}
+
+#[test]
+fn wilson_intervals_and_rates_with_counts() {
+    let (lo, hi) = wilson(0, 30).unwrap();
+    assert_eq!(lo, 0.0);
+    assert!((hi - 0.1135).abs() < 1e-3, "0 of 30: upper bound {hi}");
+    let (lo, hi) = wilson(0, 6).unwrap();
+    assert!((hi - 0.390).abs() < 2e-3 && lo == 0.0, "0 of 6 bounds the rate only below ~39%: {hi}");
+    let (lo, hi) = wilson(9, 34).unwrap();
+    assert!((lo - 0.146).abs() < 2e-3 && (hi - 0.431).abs() < 2e-3, "{lo} {hi}");
+    let (lo, hi) = wilson(20, 20).unwrap();
+    assert!((lo - 0.839).abs() < 2e-3 && hi == 1.0);
+    assert_eq!(wilson(0, 0), None);
+    assert_eq!(rate_text(9, 34), "26% (9/34, 15-43%)");
+    assert_eq!(rate_text(0, 0), "- (0/0)");
+}
+
+#[test]
+fn unseen_functions_are_scored_against_the_nearest_trained_one_and_chance_is_printed() {
+    // main(a(f, g), b): preorder main 0, a 1, f 2, g 3, b 4.
+    let normal = tree(&[("main", -1), ("a", 0), ("f", 1), ("g", 1), ("b", 0)]);
+    let reference = Reference::from_trees([&normal]);
+    let known: std::collections::BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+    assert_eq!(nearest_known(&reference, "g", &known), Some("b"), "b is 1 position away, a 2");
+    assert_eq!(nearest_known(&reference, "zzz", &known), None);
+    let mut c = case(1, fault("g", FaultKind::Crash), vec![(true, normal.clone())]);
+    c.held_out = Some(afetm_fddb::HeldOut::Function);
+    c.located_as = nearest_known(&reference, "g", &known).map(str::to_string);
+    let o = outcome(&c, &[verdict(0, true, 0.0, &[(c.located_as.as_deref().unwrap(), FaultKind::Crash)])], &reference);
+    assert!(o.top1_function && o.top1_class, "named the nearest trained function");
+    assert_eq!(o.fld, reference.distance(c.located_as.as_deref().unwrap(), "g"), "FLD to the injected function");
+    let train = vec![
+        case(10, fault("a", FaultKind::Crash), vec![]),
+        case(11, fault("a", FaultKind::Input), vec![]),
+        case(12, fault("b", FaultKind::Crash), vec![]),
+        case(13, Class::Normal, vec![]),
+    ];
+    // Scored: g (as b, its nearest trained function) and a.
+    let scored = vec![c, case(2, fault("a", FaultKind::Crash), vec![]), case(3, Class::Normal, vec![])];
+    let ch = chance(&train, &scored).unwrap();
+    assert_eq!((ch.functions, ch.majority_function.as_str()), (2, "a"));
+    assert!((ch.uniform - 0.5).abs() < 1e-9 && (ch.majority - 0.5).abs() < 1e-9, "{ch:?}");
+    assert_eq!(chance(&train, &[case(4, Class::Normal, vec![])]), None);
+}
+
+#[test]
+fn manifested_runs_have_their_own_edr() {
+    let t = tree(&[("main", -1), ("f", 0)]);
+    let mut showed = case(1, fault("f", FaultKind::Input), vec![(true, t.clone())]);
+    showed.manifested = Some(true);
+    let mut quiet = case(2, fault("f", FaultKind::Input), vec![(true, t.clone())]);
+    quiet.manifested = Some(false);
+    let a = outcome(&showed, &[verdict(0, true, 0.1, &[])], &Reference::default());
+    let b = outcome(&quiet, &[verdict(0, false, 0.9, &[])], &Reference::default());
+    let s = aggregate(&[a, b], vec![]);
+    assert_eq!((s.counts.manifested, s.counts.manifested_detected), (1, 1));
+    assert!((s.edr - 0.5).abs() < 1e-9 && (s.edr_manifested - 1.0).abs() < 1e-9);
 }
