@@ -34,18 +34,19 @@ use crate::{
 /// so that the faults' trees differ in what they touch.
 pub const SCOPE: &str =
     "functions:getGenericCommand,setGenericCommand,delGenericCommand,createClient,addReplyBulk,lookupKeyWrite";
-/// Which fault the demo injects: the campaign's fault whose training runs most often made the
-/// shop answer with errors while redis kept running (manifestation `errors`; plan order breaks
-/// ties and decides when none did). Most
-/// faults here crash redis at once; a crashed or stopped thread's tree is a normal tree cut
-/// short, the same whichever function stopped it, so no call-tree method can name that
-/// function (the evaluation counts those faults all the same). The choice reads training runs
-/// only.
+/// Which fault the demo injects: one drawn with a printed seed (`cargo xtask demo --seed N`
+/// draws it again) from what training never saw: the campaign's held-out specs of the trained
+/// functions (another bit of an argument or of the return value, IP+N over two instructions)
+/// plus the crash and the deadlock of every trained function (faults without a parameter, so
+/// their spec is the trained one; a crashed or stopped thread is the hard case for a call tree).
+/// Nothing here reads an evaluation run or prefers a fault the model does well on.
 #[derive(Debug)]
 struct Chosen {
     function: String,
     fault: String,
     kind: String,
+    /// How many faults it was drawn from.
+    candidates: usize,
 }
 
 const LISTEN: &str = "127.0.0.1:20074";
@@ -61,7 +62,7 @@ fn analyzer_cmd(bin: &Path) -> Command {
     Command::new(bin.join("afetm-analyzer"))
 }
 
-pub fn run_demo() -> Result<()> {
+pub fn run_demo(seed: Option<u64>) -> Result<()> {
     let t0 = Instant::now();
     run(&mut cargo(&["build", "--release", "--bins", "-p", "agent", "-p", "analyzer", "-p", "campaign"]))?;
     crate::testbed::build_servers()?;
@@ -72,14 +73,22 @@ pub fn run_demo() -> Result<()> {
 
     step(1, t0, &format!("Fault injection campaign on redis, scope {SCOPE} (resumes if run before)"));
     run(Command::new(bin.join("afetm-campaign"))
-        .args(["redis", "--scope", SCOPE, "--cap", "3", "--eval-runs", "0", "--normal-runs", "8", "--db"])
+        .args(["redis", "--scope", SCOPE, "--cap", "3", "--eval-runs", "0", "--normal-runs", "8", "--held-out", "0"])
+        .arg("--db")
         .arg(&fddb)
         .arg("--work-dir")
         .arg(dir.join("campaign"))
         .arg("--bin-dir")
         .arg(&bin))?;
     let rate = campaign_rate(&fddb)?;
-    let chosen = choose_fault(&fddb)?;
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    });
+    let chosen = choose_fault(&fddb, seed)?;
+    println!(
+        "the fault to inject, drawn with seed {seed} from {} held-out candidates (`cargo xtask demo --seed {seed}` draws it again): {} on {}",
+        chosen.candidates, chosen.fault, chosen.function
+    );
 
     step(2, t0, "The shop up; weights and normal FCTs of redis");
     let at = crate::testbed::Where { run_dir: Some(dir.join("shop")), base_port: BASE_PORT, apaches: 4, netns: false };
@@ -191,12 +200,23 @@ fn campaign_rate(fddb: &Path) -> Result<f64> {
 }
 
 /// See [`Chosen`].
-fn choose_fault(fddb: &Path) -> Result<Chosen> {
-    let (function, fault) = afetm_fddb::Fddb::open(fddb)?
-        .fault_most_manifesting("redis", afetm_fddb::Manifestation::Errors)?
-        .context("the campaign stored no valid training run of any fault")?;
-    let kind = fault.parse::<afetm_fault::Fault>().map(|f| f.kind().to_string()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(Chosen { function, fault, kind })
+fn choose_fault(fddb: &Path, seed: u64) -> Result<Chosen> {
+    use rand::{RngExt, SeedableRng};
+    let candidates: Vec<(String, afetm_fault::Fault)> = afetm_fddb::Fddb::open(fddb)?
+        .faults_of("redis")?
+        .into_iter()
+        .filter(|(_, f, held)| match held {
+            Some(h) => *h == afetm_fddb::HeldOut::Spec,
+            None => f.ends_process(),
+        })
+        .map(|(function, f, _)| (function, f))
+        .collect();
+    if candidates.is_empty() {
+        bail!("the campaign planned no held-out spec and no crash or deadlock of redis");
+    }
+    let i = rand::rngs::StdRng::seed_from_u64(seed).random_range(0..candidates.len());
+    let (function, fault) = candidates[i].clone();
+    Ok(Chosen { function, fault: fault.to_string(), kind: fault.kind().to_string(), candidates: candidates.len() })
 }
 
 fn redis_pid(cfg: &testbed::Config) -> Result<u32> {
@@ -283,8 +303,16 @@ fn report(bin: &Path, server: &str, injected_at: u64, chosen: &Chosen) -> Result
     let function_right = top1.is_some_and(|(_, f)| f == chosen.function);
     let kind_right = top1.is_some_and(|(k, _)| k == chosen.kind);
     let in_top3 = worst.top.iter().take(3).any(|s| s.function == chosen.function);
+    let first_alarm = after.iter().filter(|d| d.error).map(|d| d.end_ns).min();
+    let when = match first_alarm {
+        Some(end) => format!(
+            "the first alarm came in a window after the injection (it ended {:.1} s after it)",
+            (end - injected_at) as f64 / 1e9
+        ),
+        None => "no window after the injection alarmed: the fault was NOT detected".into(),
+    };
     Ok(format!(
-        "injected {}@{}; verdict {} (P(normal) {:.3}); top-1 {}: function {}, fault kind {}; the injected function is {} the top-3; windows before the injection: {} ({} false alarms)",
+        "injected {}@{}; {when}; least normal window after it: verdict {} (P(normal) {:.3}); top-1 {}: function {}, fault kind {}; the injected function is {} the top-3; windows before the injection: {} ({} false alarms)",
         chosen.fault,
         chosen.function,
         if worst.error { "ERROR" } else { "no alarm" },

@@ -52,6 +52,9 @@ enum Cmd {
     Demo {
         #[arg(value_parser = ["calltree"])]
         which: Option<String>,
+        /// Seed of the fault drawn from the held-out specs (default: the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// The NHSR-OSW shop: up, down, status, load.
     Testbed {
@@ -314,9 +317,9 @@ fn main() {
             let seconds = fuzz::TEST_SECONDS;
             fuzz::run_fuzz(&fuzz::FuzzArgs { seconds, targets: Vec::new(), grow_corpus: false })
         }),
-        Cmd::Demo { which } => setup().and_then(|_| match which {
+        Cmd::Demo { which, seed } => setup().and_then(|_| match which {
             Some(_) => demo::run(),
-            None => demo_diagnosis::run_demo(),
+            None => demo_diagnosis::run_demo(seed),
         }),
         Cmd::Testbed { cmd } => testbed::run(cmd),
         Cmd::Campaign { args } => check().and_then(|_| campaign::campaign(args)),
