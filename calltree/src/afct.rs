@@ -6,7 +6,7 @@
 //! lines 3-8: callers that never appear as a traced function, and functions with no caller);
 //! each node's children are the functions its function was seen calling, except those already
 //! on the path from the root (`not_pred`, which stops recursion). We collect the edges once in a
-//! graph (hash maps, O(events)) and unroll it from the roots (O(output nodes)).
+//! graph ([`CallGraph`], O(events)) and unroll it from the roots (O(output nodes)).
 //!
 //! Because the tree unrolls function-level edges, a function gets the same children wherever it
 //! appears; that is the "approximate" in AFCT and holds for the full FCT built the same way.
@@ -14,11 +14,12 @@
 //! Nodes are white when the function was traced in the window (it appears as a called function)
 //! and blue when it is known only as a caller or a call-stack frame.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
-use petgraph::{Direction, graphmap::DiGraphMap};
-
-use crate::tree::{Color, Forest, FuncId};
+use crate::{
+    graph::CallGraph,
+    tree::{Forest, FuncId},
+};
 
 /// Default cap on AFCT nodes: unrolling a call graph can grow fast where many paths share
 /// functions, so the tree stops there and says so (`Forest::truncated`).
@@ -71,94 +72,16 @@ impl TraceData {
         self.edges.iter().filter(|(_, n)| **n > 0).map(|((_, f), _)| *f).collect()
     }
 
-    /// Builds the AFCT (Alg. 3). `node_cap` bounds the output; see [`DEFAULT_NODE_CAP`].
+    /// Builds the AFCT (Alg. 3): the window's [`CallGraph`] unrolled. `node_cap` bounds the
+    /// output; see [`DEFAULT_NODE_CAP`].
     pub fn build(&self, node_cap: usize) -> Forest {
-        let mut graph: DiGraphMap<FuncId, u64> = DiGraphMap::new();
-        for (&(caller, function), &calls) in &self.edges {
-            graph.add_node(function);
-            if let Some(c) = caller {
-                graph.add_edge(c, function, calls);
-            }
-        }
-        let traced = self.traced();
-        let mut nodes: Vec<FuncId> = graph.nodes().collect();
-        nodes.sort();
-        let has_caller = |f: FuncId| graph.neighbors_directed(f, Direction::Incoming).any(|c| c != f);
-        let mut roots: BTreeSet<FuncId> = nodes.iter().copied().filter(|f| !has_caller(*f)).collect();
+        self.graph().unroll(node_cap)
+    }
 
-        let mut forest = Forest::default();
-        let mut reached: HashSet<FuncId> = HashSet::new();
-        let color = |f: FuncId| {
-            if traced.contains(&f) { Color::White } else { Color::Blue }
-        };
-        let mut next_unreached = 0usize;
-        loop {
-            for &root in &roots {
-                if !unroll(&graph, root, &mut forest, &mut reached, node_cap, &color) {
-                    forest.truncated = true;
-                    return forest;
-                }
-            }
-            // Cycles nothing outside calls into (rare: a callee's caller was lost) still belong
-            // in the forest: start from the smallest function not reached yet.
-            roots.clear();
-            while next_unreached < nodes.len() && reached.contains(&nodes[next_unreached]) {
-                next_unreached += 1;
-            }
-            match nodes.get(next_unreached) {
-                Some(f) => {
-                    roots.insert(*f);
-                }
-                None => break,
-            }
-        }
-        forest
+    /// The window's call graph (one node per function), which [`TraceData::build`] unrolls.
+    pub fn graph(&self) -> CallGraph {
+        CallGraph::from_trace(self)
     }
-}
-
-/// Depth-first unrolling of `graph` from `root`, never repeating a function already on the path
-/// (Alg. 3's `not_pred`). Returns false when the node cap stopped it.
-fn unroll(
-    graph: &DiGraphMap<FuncId, u64>,
-    root: FuncId,
-    forest: &mut Forest,
-    reached: &mut HashSet<FuncId>,
-    node_cap: usize,
-    color: &impl Fn(FuncId) -> Color,
-) -> bool {
-    enum Step {
-        Enter { func: FuncId, parent: Option<u32>, calls: u64 },
-        Exit(FuncId),
-    }
-    let mut on_path: HashSet<FuncId> = HashSet::new();
-    let mut stack = vec![Step::Enter { func: root, parent: None, calls: 0 }];
-    while let Some(step) = stack.pop() {
-        match step {
-            Step::Exit(f) => {
-                on_path.remove(&f);
-            }
-            Step::Enter { func, parent, calls } => {
-                if forest.len() >= node_cap {
-                    return false;
-                }
-                reached.insert(func);
-                let id = forest.push(func, color(func), parent, calls);
-                on_path.insert(func);
-                stack.push(Step::Exit(func));
-                let mut kids: Vec<(FuncId, u64)> = graph
-                    .edges_directed(func, Direction::Outgoing)
-                    .map(|(_, to, calls)| (to, *calls))
-                    .filter(|(to, _)| !on_path.contains(to))
-                    .collect();
-                // Reverse order on the stack gives ascending order in the preorder output.
-                kids.sort_by_key(|k| std::cmp::Reverse(k.0));
-                for (to, calls) in kids {
-                    stack.push(Step::Enter { func: to, parent: Some(id), calls });
-                }
-            }
-        }
-    }
-    true
 }
 
 /// The AFCT (Alg. 3) the analyzer builds from the events an agent running a plan sends while

@@ -6,6 +6,8 @@
 //!   form the analyzer serves.
 //! - [`afct`]: Algorithm 3, an approximate FCT from the traced (function, caller, call stack)
 //!   events of one thread and window.
+//! - [`graph`]: the window's call graph Alg. 3 unrolls, one node per function; unrolled it is
+//!   the AFCT, and read back from an AFCT it is the same graph.
 //! - [`coloring`]: Algorithm 2, FCTs colored against a trace point set, red nodes masked, and
 //!   the equivalence check between masked FCTs and AFCTs.
 //!
@@ -15,4 +17,5 @@
 pub mod afct;
 pub mod coloring;
 pub mod export;
+pub mod graph;
 pub mod tree;
