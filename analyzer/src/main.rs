@@ -79,6 +79,10 @@ enum Cmd {
         /// Epochs without improvement before stopping.
         #[arg(long, default_value_t = TrainConfig::default().patience)]
         patience: usize,
+        /// Leave out the deviation-from-normal features (the ablation): nodes are not
+        /// compared with the training normal runs' profile.
+        #[arg(long)]
+        no_deviation: bool,
     },
     /// Diagnose stored AFCTs with a loaded model (Query.Diagnose): every thread of a window,
     /// or one; prints the verdict and the AFCT with the suspects marked.
@@ -312,8 +316,8 @@ async fn run(cli: Cli) -> Result<()> {
     let token = afetm_auth::ClientAuth::token_from(cli.token_file.as_deref())?;
     cli_client::init(afetm_auth::ClientAuth { ca: cli.tls_ca.clone(), identity: None, token, insecure: cli.insecure });
     match cli.cmd {
-        Cmd::Train { fddb, target, plan, out, seed, epochs, patience } => {
-            let cfg = TrainConfig { seed, epochs, patience, ..Default::default() };
+        Cmd::Train { fddb, target, plan, out, seed, epochs, patience, no_deviation } => {
+            let cfg = TrainConfig { seed, epochs, patience, deviation: !no_deviation, ..Default::default() };
             tokio::task::spawn_blocking(move || cli_diagnosis::train(&fddb, &target, &plan, &out, &cfg)).await?
         }
         Cmd::Diagnose { server, window, tid, model, top_k } => {

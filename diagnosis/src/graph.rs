@@ -17,7 +17,9 @@
 //! the model; [`UNKNOWN`] for functions the model never saw), white / blue one-hot, the node's
 //! share of the tree's calls (traced nodes only: blue nodes of an AFCT carry no count) and its
 //! square root, and its depth below the trimmed roots
-//! (divided by [`DEPTH_SCALE`], capped at 1). `calls` on a node counts its (caller, callee)
+//! (divided by [`DEPTH_SCALE`], capped at 1); then its [`DEVIATION`] features against the
+//! model's normal profile (new edge, new function, always-called children missing, call share
+//! out of the normal range: [`crate::profile`]). `calls` on a node counts its (caller, callee)
 //! edge in that thread, not its calling context (afetm folds recursion), so the share is one of
 //! that edge's calls.
 
@@ -27,12 +29,18 @@ use afetm_proto::v1 as pb;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::DiagnosisError;
+use crate::{
+    DiagnosisError,
+    profile::{DEVIATION, NormalProfile, TreeView},
+};
 
 /// Vocabulary row of every function the model does not know.
 pub const UNKNOWN: u32 = 0;
-/// Number of dense features per node (white, blue, share, sqrt(share), depth).
-pub const DENSE: usize = 5;
+/// Dense features per node from the tree alone (white, blue, share, sqrt(share), depth).
+pub const TREE_DENSE: usize = 5;
+/// Number of dense features per node: the tree's, then the deviation from the normal profile
+/// ([`crate::profile`]).
+pub const DENSE: usize = TREE_DENSE + DEVIATION;
 /// Depth at which the depth feature saturates.
 pub const DEPTH_SCALE: f32 = 32.0;
 
@@ -100,10 +108,11 @@ pub struct Graph {
 }
 
 impl Graph {
-    /// Normalizes `tree` (trunk trimming, see the module docs) and takes its features. Red
-    /// nodes are masked here as well, so a colored FCT can be passed as it is. Errors on a
-    /// malformed tree (a parent that is not an earlier node) and on an empty one.
-    pub fn from_tree(tree: &pb::Tree, vocab: &Vocab) -> Result<Graph, DiagnosisError> {
+    /// Normalizes `tree` (trunk trimming, see the module docs) and takes its features, the
+    /// deviation from `normal` among them. Red nodes are masked here as well, so a colored FCT
+    /// can be passed as it is. Errors on a malformed tree (a parent that is not an earlier
+    /// node) and on an empty one.
+    pub fn from_tree(tree: &pb::Tree, vocab: &Vocab, normal: &NormalProfile) -> Result<Graph, DiagnosisError> {
         let n = tree.nodes.len();
         let mut parent: Vec<Option<usize>> = Vec::with_capacity(n);
         for (i, node) in tree.nodes.iter().enumerate() {
@@ -119,6 +128,7 @@ impl Graph {
             }
         }
         let keep = kept(tree, &parent);
+        let deviation = normal.features(&TreeView::of(tree));
         let mut new_index = vec![u32::MAX; n];
         let mut g = Graph { rows: Vec::new(), dense: Vec::new(), edges: Vec::new(), source: Vec::new() };
         let mut depth = vec![0u32; n];
@@ -145,6 +155,7 @@ impl Graph {
                 share.sqrt(),
                 (depth[i] as f32 / DEPTH_SCALE).min(1.0),
             ]);
+            g.dense.extend(deviation[i]);
         }
         if g.rows.is_empty() {
             return Err(DiagnosisError::BadTree("the tree has no traced or recovered node".into()));
@@ -299,8 +310,9 @@ mod tests {
             nodes: vec![node("loop", Blue, -1, 0), node("a", White, 0, 3), node("b", White, 0, 1)],
             truncated: false,
         };
-        let g1 = Graph::from_tree(&afct, &vocab).unwrap();
-        let g2 = Graph::from_tree(&fct, &vocab).unwrap();
+        let none = NormalProfile::default();
+        let g1 = Graph::from_tree(&afct, &vocab, &none).unwrap();
+        let g2 = Graph::from_tree(&fct, &vocab, &none).unwrap();
         assert_eq!(g1.rows, g2.rows);
         assert_eq!(g1.dense, g2.dense);
         assert_eq!(g1.edges, g2.edges);
@@ -313,14 +325,15 @@ mod tests {
     fn red_nodes_are_masked_and_bad_parents_refused() {
         use pb::Color::{Red, White};
         let vocab = Vocab::default();
+        let none = NormalProfile::default();
         let t = pb::Tree {
             nodes: vec![node("a", White, -1, 1), node("r", Red, 0, 1), node("x", White, 1, 1)],
             truncated: false,
         };
-        assert_eq!(Graph::from_tree(&t, &vocab).unwrap().len(), 1);
+        assert_eq!(Graph::from_tree(&t, &vocab, &none).unwrap().len(), 1);
         let bad = pb::Tree { nodes: vec![node("a", White, 0, 1)], truncated: false };
-        let err = Graph::from_tree(&bad, &vocab).unwrap_err().to_string();
+        let err = Graph::from_tree(&bad, &vocab, &none).unwrap_err().to_string();
         assert!(err.contains("parent 0"), "{err}");
-        assert!(Graph::from_tree(&pb::Tree::default(), &vocab).is_err());
+        assert!(Graph::from_tree(&pb::Tree::default(), &vocab, &none).is_err());
     }
 }

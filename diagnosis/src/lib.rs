@@ -6,6 +6,7 @@
 //!   of many graphs.
 //! * [`gcn`]: the network (three graph convolutions, mean+max readout, softmax head).
 //! * [`train`]: training on labelled trees, split by run.
+//! * [`profile`]: the normal profile (training-split normal runs) every node is compared with.
 //! * [`model`]: the model on disk (safetensors + JSON manifest) and the diagnosis of a tree.
 //!
 //! **One sample is one thread's tree of one window.** The FDDB labels trees per thread (the
@@ -21,6 +22,7 @@
 pub mod gcn;
 pub mod graph;
 pub mod model;
+pub mod profile;
 pub mod train;
 
 use std::path::PathBuf;

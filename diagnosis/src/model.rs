@@ -20,10 +20,12 @@ use crate::{
     DiagnosisError,
     gcn::{Dims, Gcn},
     graph::{Batch, Graph, Vocab},
+    profile::NormalProfile,
 };
 
-/// Manifest format written by this version.
-pub const FORMAT: u32 = 1;
+/// Manifest format written by this version (2: the normal profile and its deviation features
+/// per node; a format 1 model's network takes fewer features and is refused).
+pub const FORMAT: u32 = 2;
 /// File names inside a model directory.
 pub const MANIFEST: &str = "manifest.json";
 /// See [`MANIFEST`].
@@ -179,6 +181,10 @@ pub struct Manifest {
     pub data_hash: String,
     /// How training went.
     pub training: TrainingSummary,
+    /// What normal windows look like under the plan (training-split normal runs); empty when
+    /// trained without deviation features (the ablation).
+    #[serde(default)]
+    pub profile: NormalProfile,
 }
 
 /// One suspect: a fault class and its probability.
@@ -253,6 +259,7 @@ impl Model {
             )));
         }
         manifest.vocab.reindex();
+        manifest.profile.index();
         let dims = manifest.dims;
         if dims.vocab != manifest.vocab.rows()
             || dims.classes != manifest.classes.len()
@@ -293,7 +300,7 @@ impl Model {
 
     /// The input graph of `tree` for this model.
     pub fn graph(&self, tree: &pb::Tree) -> Result<Graph, DiagnosisError> {
-        Graph::from_tree(tree, &self.manifest.vocab)
+        Graph::from_tree(tree, &self.manifest.vocab, &self.manifest.profile)
     }
 
     /// Class probabilities `[G, classes]` for many graphs at once.

@@ -21,7 +21,7 @@
 //!   faulty, e.g. a last window cut short by the end of the load, put t at 1e-16: no alarm,
 //!   ever.)
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use afetm_proto::v1 as pb;
 use candle_core::{Device, Tensor};
@@ -34,6 +34,7 @@ use crate::{
     gcn::{Dims, Gcn},
     graph::{Batch, Graph, UNKNOWN, Vocab},
     model::{Class, FORMAT, Manifest, Model, PlanKey, TrainingSummary},
+    profile::NormalProfile,
 };
 
 /// One labelled tree.
@@ -91,6 +92,9 @@ pub struct TrainConfig {
     pub max_nodes: usize,
     /// Highest share of normal validation trees allowed to alarm.
     pub alarm_rate: f64,
+    /// Compare every node with the normal profile ([`crate::profile`]); off: the deviation
+    /// features are all zero (the ablation row).
+    pub deviation: bool,
 }
 
 impl Default for TrainConfig {
@@ -109,6 +113,7 @@ impl Default for TrainConfig {
             unknown_dropout: 0.05,
             max_nodes: 20_000,
             alarm_rate: 0.01,
+            deviation: true,
         }
     }
 }
@@ -160,11 +165,24 @@ pub fn train(
         val_run_ids: val_runs.iter().copied().collect(),
         ..Default::default()
     };
-    let prepare = |set: &[&Sample], summary: &mut TrainingSummary| -> Result<Vec<Prepared>, DiagnosisError> {
+    let profile = if cfg.deviation {
+        NormalProfile::build(train_s.iter().filter(|s| s.run_class == Class::Normal).map(|s| (s.run, &s.tree)))
+    } else {
+        NormalProfile::default()
+    };
+    // A training normal run's trees are compared with the other normal runs only (see
+    // `crate::profile`); every other tree with the whole profile, as serving does.
+    let mut own: HashMap<i64, NormalProfile> = HashMap::new();
+    let mut prepare = |set: &[&Sample], summary: &mut TrainingSummary| -> Result<Vec<Prepared>, DiagnosisError> {
         let mut out = Vec::new();
         for s in set {
             let Some(&class) = index.get(&s.class) else { continue };
-            let graph = Graph::from_tree(&s.tree, &vocab)?;
+            let against = if s.run_class == Class::Normal && !val_runs.contains(&s.run) && !profile.is_empty() {
+                own.entry(s.run).or_insert_with(|| profile.without(s.run))
+            } else {
+                &profile
+            };
+            let graph = Graph::from_tree(&s.tree, &vocab, against)?;
             if graph.len() > cfg.max_nodes {
                 summary.too_large += 1;
                 continue;
@@ -188,7 +206,7 @@ pub fn train(
     if let Some(best) = &best {
         net.load(best)?;
     }
-    let meta = Meta { target, classes, vocab, summary, best_epoch, epochs, started };
+    let meta = Meta { target, classes, vocab, profile, summary, best_epoch, epochs, started };
     finish(net, meta, samples, &val_p, &train_p, cfg)
 }
 
@@ -357,6 +375,7 @@ struct Meta {
     target: Target,
     classes: Vec<Class>,
     vocab: Vocab,
+    profile: NormalProfile,
     summary: TrainingSummary,
     best_epoch: usize,
     epochs: usize,
@@ -372,7 +391,7 @@ fn finish(
     train: &[Prepared],
     cfg: &TrainConfig,
 ) -> Result<Model, DiagnosisError> {
-    let Meta { target, classes, vocab, mut summary, best_epoch, epochs, started } = meta;
+    let Meta { target, classes, vocab, profile, mut summary, best_epoch, epochs, started } = meta;
     let manifest = Manifest {
         format: FORMAT,
         target: target.name,
@@ -385,6 +404,7 @@ fn finish(
         threshold: 0.5,
         data_hash: data_hash(samples),
         training: TrainingSummary::default(),
+        profile,
     };
     let mut model = Model::new(manifest, net);
     // Threshold on the trees of validation normal runs (fault-free windows); with fewer than

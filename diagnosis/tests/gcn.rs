@@ -40,7 +40,7 @@ fn layer_gradients_match_finite_differences() {
         ],
         truncated: false,
     };
-    let g = Graph::from_tree(&tree, &vocab).unwrap();
+    let g = Graph::from_tree(&tree, &vocab, &afetm_diagnosis::profile::NormalProfile::default()).unwrap();
     let b = Batch::new(&[&g], None, &dev).unwrap();
     let norm = b.norm.to_dtype(DType::F64).unwrap();
     let mut rng = StdRng::seed_from_u64(1);

@@ -111,6 +111,7 @@ fn manifests() {
         threshold: 0.5,
         data_hash: "seed".into(),
         training: TrainingSummary::default(),
+        profile: Default::default(),
     };
     let net = Gcn::new(dims, 7, &candle_core::Device::Cpu).expect("a small network");
     let dir = std::env::temp_dir().join("afetm-fuzz-model");
