@@ -191,9 +191,6 @@ impl Fddb {
         )?;
         let mut log_st =
             self.conn.prepare("SELECT source, excerpt FROM logs WHERE run_id = ?1 ORDER BY source, excerpt")?;
-        let mut app_st = self.conn.prepare(
-            "SELECT pid, tid, first_ns, last_ns, count FROM applications WHERE run_id = ?1 ORDER BY first_ns, tid",
-        )?;
         for (id, mut line) in runs {
             if let Line::Run { trees, logs, applications, .. } = &mut line {
                 for r in tree_st.query_map([id], |r| {
@@ -212,17 +209,7 @@ impl Fddb {
                 for r in log_st.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
                     logs.push(r?);
                 }
-                for r in app_st.query_map([id], |r| {
-                    Ok(Applied {
-                        pid: r.get(0)?,
-                        tid: r.get(1)?,
-                        first_ns: r.get::<_, i64>(2)? as u64,
-                        last_ns: r.get::<_, i64>(3)? as u64,
-                        count: r.get::<_, i64>(4)? as u64,
-                    })
-                })? {
-                    applications.push(r?);
-                }
+                applications.extend(self.run_applications(id)?);
             }
             out.push(json(&line));
         }
