@@ -130,15 +130,20 @@ fn cut_at_once(url: &str, agents: &[&str], pid: u32) -> u64 {
     at
 }
 
-/// Stops redis (its exit closes the windows), waits until every agent's windows of `pid` are
-/// closed, and requires that no agent lost an event.
-fn stop_redis_and_close(cfg: &Config, url: &str, agents: &[&str], pid: u32) {
-    testbed::stop_tier(cfg, Tier::Redis).unwrap();
+/// Waits until every window of `pid` of every agent in `agents` is closed (at most 10 s).
+fn wait_closed(url: &str, agents: &[&str], pid: u32) {
     let t = std::time::Instant::now();
     while agents.iter().any(|a| rt().block_on(windows(url, a, false)).iter().any(|w| w.pid == pid && !w.closed)) {
         assert!(t.elapsed() < Duration::from_secs(10), "windows of pid {pid} never closed");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Stops redis (its exit closes the windows), waits until every agent's windows of `pid` are
+/// closed, and requires that no agent lost an event.
+fn stop_redis_and_close(cfg: &Config, url: &str, agents: &[&str], pid: u32) {
+    testbed::stop_tier(cfg, Tier::Redis).unwrap();
+    wait_closed(url, agents, pid);
     for agent in agents {
         let info = rt().block_on(agent_info(url, agent)).expect("agent known");
         assert_eq!((info.kernel_drops, info.queue_drops), (0, 0), "{agent} lost events");
@@ -181,7 +186,11 @@ fn afcts_of_a_selected_plan_equal_masked_full_fcts_on_redis() {
     let full =
         AgentProc::start(&write_plan(dir.path(), "full", &redis, &[("*", "event")]), &an.url, "full", dir.path());
     load(&cfg, 3);
-    testbed::stop_tier(&cfg, Tier::Redis).unwrap(); // its exit closes the normal windows
+    // Its exit closes the normal windows; select reads them, so wait until they are closed
+    // (the agent reports the exit on its next poll, the analyzer then builds the AFCTs).
+    let normal_pid = redis_pid(&cfg);
+    testbed::stop_tier(&cfg, Tier::Redis).unwrap();
+    wait_closed(&an.url, &["full"], normal_pid);
     testbed::start_tier(&cfg, Tier::Redis, None).unwrap();
     let plan = dir.path().join("plan.json");
     let (dbp, pp, rp) = (db.to_str().unwrap(), plan.to_str().unwrap(), redis.to_str().unwrap());
