@@ -118,8 +118,15 @@ fn trees(url: &str, agent: &str, pid: u32, at: u64) -> (FuncTable, BTreeMap<u32,
 }
 
 /// Starts every agent's windows of `pid` anew at one instant (`Control.Cut`), so their trees
-/// cover the same calls.
+/// cover the same calls, once every agent has connected.
 fn cut_at_once(url: &str, agents: &[&str], pid: u32) -> u64 {
+    // An agent is ready once its probes are attached; it may connect to the analyzer a moment
+    // later (a loaded machine): wait until every one has.
+    let t = std::time::Instant::now();
+    while agents.iter().any(|a| rt().block_on(agent_info(url, a)).is_none()) {
+        assert!(t.elapsed() < Duration::from_secs(20), "an agent of {agents:?} never connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let at = afetm_agent::reader::monotonic_ns();
     rt().block_on(async {
         let mut c = control(url).await;
