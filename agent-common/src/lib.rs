@@ -170,6 +170,58 @@ pub mod kind {
     /// A call followed by `stack_len / 8` return addresses (u64, innermost caller first) that
     /// the kernel unwound with the rules learnt in the `UNWIND` map (see [`UnwindStep`](crate::UnwindStep)).
     pub const CALL_CHAIN: u32 = 3;
+    /// A [`FateRecord`](crate::FateRecord): a traced thread exited or stopped.
+    pub const FATE: u32 = 4;
+}
+
+/// Processes whose threads' fates the kernel reports (the `TRACED` map, filled by the agent
+/// with each process it sees calls from).
+pub const MAX_TRACED_PROCS: u32 = 4096;
+
+/// What happened to a thread, in a [`FateRecord`].
+pub mod fate {
+    /// The thread left `do_exit`: `code` is the kernel's exit code (a wait status: the exit
+    /// status in bits 8..16, or the killing signal in bits 0..7, 0x80 when it dumped core).
+    pub const EXIT: u32 = 1;
+    /// The thread took a stop signal with its default action: `code` is the signal.
+    pub const STOP: u32 = 2;
+}
+
+/// How a traced thread ended or stopped, seen by the kernel (`do_exit`, a stop signal's
+/// delivery): the crash and hang half of what a fault does, which the thread's calls alone
+/// only show as a tree cut short.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FateRecord {
+    /// Always [`kind::FATE`] (records are told apart by their first word).
+    pub kind: u32,
+    /// One of [`fate`].
+    pub fate: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// CLOCK_MONOTONIC nanoseconds, the clock of the call events.
+    pub ts_ns: u64,
+    pub code: i64,
+}
+
+/// Size in bytes of [`FateRecord`].
+pub const FATE_LEN: usize = core::mem::size_of::<FateRecord>();
+
+impl FateRecord {
+    /// Reads a fate record; `None` when the record is short or of another kind.
+    pub fn read(bytes: &[u8]) -> Option<FateRecord> {
+        if bytes.len() < FATE_LEN {
+            return None;
+        }
+        // SAFETY: length checked above; FateRecord is plain old data, read unaligned.
+        let r = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<FateRecord>()) };
+        (r.kind == kind::FATE).then_some(r)
+    }
+}
+
+/// The kind of a ring buffer record (its first word), `None` when it is shorter than a word.
+pub fn record_kind(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?))
 }
 
 /// Most return addresses the kernel unwinds for one [`kind::CALL_CHAIN`] event; a longer
@@ -314,6 +366,18 @@ mod tests {
         let bytes: [u8; HEADER_LEN] = unsafe { core::mem::transmute(h) };
         assert_eq!(EventHeader::read(&bytes), Some(h));
         assert_eq!(EventHeader::read(&bytes[..10]), None);
+    }
+
+    #[test]
+    fn fate_layout_is_stable() {
+        assert_eq!(FATE_LEN, 32);
+        let f = FateRecord { kind: kind::FATE, fate: fate::EXIT, pid: 3, tid: 4, ts_ns: 5, code: 11 };
+        let bytes: [u8; FATE_LEN] = unsafe { core::mem::transmute(f) };
+        assert_eq!(record_kind(&bytes), Some(kind::FATE));
+        assert_eq!(FateRecord::read(&bytes), Some(f));
+        assert_eq!(FateRecord::read(&bytes[..8]), None);
+        let call: [u8; HEADER_LEN] = unsafe { core::mem::transmute(EventHeader { kind: kind::CALL, ..Default::default() }) };
+        assert_eq!(FateRecord::read(&call), None, "a call record is not a fate");
     }
 
     #[test]

@@ -13,20 +13,21 @@
 #![no_main]
 
 use agent_common::{
-    EventHeader, HEADER_LEN, InjectSpec, MAX_CHAIN, MAX_FUNCS, MAX_MARKS, MAX_STACK_WINDOW, MAX_UNWIND_RULES, Mark,
-    Mode, RING_BYTES, STACK_ATTEMPTS, Slot, StackEvent, UnwindStep, fault, inject_stat, kind, stat, unwind_key,
+    EventHeader, FateRecord, HEADER_LEN, InjectSpec, MAX_CHAIN, MAX_FUNCS, MAX_MARKS, MAX_STACK_WINDOW,
+    MAX_TRACED_PROCS, MAX_UNWIND_RULES, Mark, Mode, RING_BYTES, STACK_ATTEMPTS, Slot, StackEvent, UnwindStep, fate,
+    fault, inject_stat, kind, stat, unwind_key,
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
-        bpf_probe_write_user,
-        generated::{bpf_get_attach_cookie, bpf_loop, bpf_send_signal, bpf_send_signal_thread},
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_buf, bpf_probe_write_user,
+        generated::{bpf_get_attach_cookie, bpf_get_current_task, bpf_loop, bpf_send_signal, bpf_send_signal_thread},
     },
-    macros::{map, uprobe, uretprobe},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, RetProbeContext},
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 
 /// Bytes of user stack to copy for call-stack events; set by the loader, at most
@@ -99,6 +100,72 @@ pub fn afetm_probe(ctx: ProbeContext) -> u32 {
         }
         Mode::Event => emit_call(&ctx, fn_id),
         Mode::CallStack => emit_stack(&ctx, fn_id),
+    }
+    0
+}
+
+/// Processes (thread group ids) the agent has seen calls from: the only ones whose threads'
+/// fates are reported.
+#[map]
+static TRACED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TRACED_PROCS, 0);
+
+/// Reports the fate of a thread of a traced process (see `agent_common::FateRecord`).
+#[inline(always)]
+fn emit_fate(fate: u32, code: i64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    if unsafe { TRACED.get(&pid) }.is_none() {
+        return;
+    }
+    let record = FateRecord { kind: kind::FATE, fate, pid, tid: pid_tgid as u32, ts_ns: unsafe { bpf_ktime_get_ns() }, code };
+    if EVENTS.output(&record, BPF_RB_NO_WAKEUP as u64).is_err() {
+        bump(stat::DROPPED);
+    }
+}
+
+/// Byte offset of `exit_code` in the kernel's `struct task_struct`, read from the kernel's BTF
+/// by the loader (0: unknown, exits not reported).
+#[unsafe(no_mangle)]
+static EXIT_CODE_OFFSET: u32 = 0;
+
+/// `sched/sched_process_exit`: every thread of a traced process that ends, with the kernel's
+/// exit code (`do_exit` sets it just before: the exit status or the killing signal, as `wait`
+/// reports it). Runs in the exiting thread.
+#[tracepoint]
+pub fn afetm_exit(_ctx: TracePointContext) -> u32 {
+    let offset = unsafe { core::ptr::read_volatile(&EXIT_CODE_OFFSET) } as usize;
+    if offset == 0 || offset > 1 << 16 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Ok(code) = (unsafe { bpf_probe_read_kernel(task.wrapping_add(offset).cast::<i32>()) }) else {
+        return 0;
+    };
+    emit_fate(fate::EXIT, code as i64);
+    0
+}
+
+/// Offsets in the `signal/signal_deliver` tracepoint's record
+/// (`/sys/kernel/tracing/events/signal/signal_deliver/format`).
+const SIGNAL_DELIVER_SIG: usize = 8;
+const SIGNAL_DELIVER_HANDLER: usize = 24;
+
+/// `signal/signal_deliver`: a thread of a traced process takes SIGSTOP, SIGTSTP, SIGTTIN or
+/// SIGTTOU with its default action, i.e. its process stops (as a deadlock injection does).
+#[tracepoint]
+pub fn afetm_signal(ctx: TracePointContext) -> u32 {
+    let Ok(sig) = (unsafe { ctx.read_at::<i32>(SIGNAL_DELIVER_SIG) }) else {
+        return 0;
+    };
+    if !(19..=22).contains(&sig) {
+        return 0;
+    }
+    let Ok(handler) = (unsafe { ctx.read_at::<u64>(SIGNAL_DELIVER_HANDLER) }) else {
+        return 0;
+    };
+    // SIGSTOP cannot be caught; the others stop only with the default action (SIG_DFL, 0).
+    if sig == 19 || handler == 0 {
+        emit_fate(fate::STOP, sig as i64);
     }
     0
 }

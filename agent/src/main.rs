@@ -409,7 +409,7 @@ fn run(cli: Cli) -> Result<()> {
         stop.store(true, Ordering::Relaxed);
         let stats = tokio::task::spawn_blocking(move || reader_thread.join()).await;
         match stats {
-            Ok(Ok(s)) => tracing::info!(events = s.events, log_lines = s.log_lines, stack_events = s.stack_events, kernel_unwound = s.kernel_unwound, unwind_steps_learnt = s.unwind_steps_learnt, demotions = s.demotions, restorations = s.restorations, drain_ms = s.drain_ms, unwind_ms = s.unwind_ms, cut_ms = s.cut_ms, reader_cpu_ms = s.thread_cpu_ms, process_cpu_ms = process_cpu_ms(), batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
+            Ok(Ok(s)) => tracing::info!(events = s.events, fates = s.fates, log_lines = s.log_lines, stack_events = s.stack_events, kernel_unwound = s.kernel_unwound, unwind_steps_learnt = s.unwind_steps_learnt, demotions = s.demotions, restorations = s.restorations, drain_ms = s.drain_ms, unwind_ms = s.unwind_ms, cut_ms = s.cut_ms, reader_cpu_ms = s.thread_cpu_ms, process_cpu_ms = process_cpu_ms(), batches = s.batches, kernel_drops = s.kernel_drops, unwinder_disagreed = s.unwinder_disagreed, malformed = s.malformed, "reader finished"),
             _ => tracing::error!("reader thread failed"),
         }
         let _ = governor.await;

@@ -18,7 +18,7 @@ use std::{
 };
 
 use afetm_proto as pb;
-use agent_common::{EventHeader, HEADER_LEN, Mode, UnwindStep, kind, stat};
+use agent_common::{EventHeader, FateRecord, HEADER_LEN, Mode, UnwindStep, fate, kind, record_kind, stat};
 
 use crate::{
     governor::{Action, Governor},
@@ -110,6 +110,8 @@ const MAX_BATCH_LOGS: usize = 10_000;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReaderStats {
     pub events: u64,
+    /// Thread fates (exits, stops) reported.
+    pub fates: u64,
     /// Log lines sent (`--log`).
     pub log_lines: u64,
     pub stack_events: u64,
@@ -161,6 +163,7 @@ pub struct Reader {
     events: Vec<pb::CallEvent>,
     counts: Vec<pb::CallCount>,
     exits: Vec<pb::ProcessExit>,
+    fates: Vec<pb::ThreadFate>,
     live: HashSet<u32>,
     counts_prev: HashMap<u32, u64>,
     /// Functions out of count mode whose counts were read after they left it.
@@ -205,6 +208,7 @@ impl Reader {
             events: Vec::new(),
             counts: Vec::new(),
             exits: Vec::new(),
+            fates: Vec::new(),
             live: HashSet::new(),
             counts_prev: HashMap::new(),
             drained: HashSet::new(),
@@ -257,6 +261,7 @@ impl Reader {
             let has_data = !self.events.is_empty()
                 || !self.counts.is_empty()
                 || !self.exits.is_empty()
+                || !self.fates.is_empty()
                 || self.logs.as_ref().is_some_and(|q| q.pending() > 0);
             if stopping || (due && has_data) || last_push.elapsed() >= self.cfg.heartbeat {
                 self.cut(stopping);
@@ -401,6 +406,10 @@ impl Reader {
     }
 
     fn handle(&mut self, bytes: &[u8]) {
+        if record_kind(bytes) == Some(kind::FATE) {
+            self.handle_fate(bytes);
+            return;
+        }
         let Some(h) = EventHeader::read(bytes) else {
             self.stats.malformed += 1;
             return;
@@ -462,9 +471,41 @@ impl Reader {
         if let Some((g, _)) = &mut self.governor {
             g.record(h.fn_id);
         }
-        self.live.insert(h.pid);
+        if self.live.insert(h.pid)
+            && let Some(traced) = &mut self.maps.traced
+            && let Err(e) = traced.insert(&h.pid, &1, 0)
+        {
+            tracing::warn!(pid = h.pid, error = %e, "the kernel will not report this process's thread fates");
+        }
         self.stats.events += 1;
         self.events.push(pb::CallEvent { pid: h.pid, tid: h.tid, ts_ns: h.ts_ns, function, caller, callstack });
+    }
+
+    /// A thread of a traced process exited or stopped (`agent_common::FateRecord`).
+    fn handle_fate(&mut self, bytes: &[u8]) {
+        let Some(r) = FateRecord::read(bytes) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let (kind, code) = match r.fate {
+            // The exit code is a wait status: a signal in the low 7 bits, else the status.
+            fate::EXIT if r.code & 0x7f != 0 => (pb::FateKind::Killed, (r.code & 0x7f) as i32),
+            fate::EXIT => (pb::FateKind::Exited, ((r.code >> 8) & 0xff) as i32),
+            fate::STOP => (pb::FateKind::Stopped, r.code as i32),
+            _ => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        self.stats.fates += 1;
+        self.fates.push(pb::ThreadFate {
+            pid: r.pid,
+            tid: r.tid,
+            ts_ns: r.ts_ns,
+            kind: kind as i32,
+            code,
+            last_calls: Vec::new(),
+        });
     }
 
     /// The frames of an unwound chain the analyzer gets: up to and including the first frame
@@ -540,6 +581,9 @@ impl Reader {
         let any = !gone.is_empty();
         for pid in gone {
             self.live.remove(&pid);
+            if let Some(traced) = &mut self.maps.traced {
+                let _ = traced.remove(&pid);
+            }
             self.procs.remove(&pid);
             self.biases.remove(&pid);
             self.forget(pid);
@@ -646,6 +690,7 @@ impl Reader {
             events: std::mem::take(&mut self.events),
             counts: std::mem::take(&mut self.counts),
             exits: std::mem::take(&mut self.exits),
+            fates: std::mem::take(&mut self.fates),
             kernel_drops: drops,
             queue_drops: 0,
             final_batch: last,

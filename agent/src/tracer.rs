@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        UProbe,
+        TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
@@ -205,6 +205,9 @@ pub struct ReaderMaps {
     pub unwind: aya::maps::HashMap<MapData, [u64; 2], [i32; 4]>,
     pub counts: PerCpuArray<MapData, u64>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// Processes whose threads' fates the kernel reports (`agent_common::FateRecord`); None
+    /// when the fate programs could not be attached.
+    pub traced: Option<aya::maps::HashMap<MapData, u32, u8>>,
 }
 
 pub struct Tracer {
@@ -227,6 +230,44 @@ pub struct Tracer {
 }
 
 const PROGRAM: &str = "afetm_probe";
+
+/// Where `exit_code` lies in the running kernel's `struct task_struct`, from its BTF
+/// (`/sys/kernel/btf/vmlinux`): the exit tracepoint reads it from the exiting task. Kernels
+/// without BTF report no exits (stops still are).
+fn exit_code_offset() -> Result<u32, String> {
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+    let btf = btf_rs::Btf::from_file(VMLINUX).map_err(|e| format!("reading {VMLINUX}: {e}"))?;
+    let types = btf.resolve_types_by_name("task_struct").map_err(|e| format!("{VMLINUX}: task_struct: {e}"))?;
+    for ty in types {
+        let btf_rs::Type::Struct(s) = ty else { continue };
+        for m in &s.members {
+            if btf.resolve_name(m).is_ok_and(|n| n == "exit_code") && m.bitfield_size().is_none_or(|b| b == 0) {
+                return Ok(m.bit_offset() / 8);
+            }
+        }
+    }
+    Err(format!("{VMLINUX}: no task_struct.exit_code"))
+}
+
+/// Attaches one tracepoint program of the object for the agent's life.
+fn attach_tracepoint(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), String> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load().map_err(|e| format!("loading {program}: {}", chain(&e)))?;
+    prog.attach(category, name).map_err(|e| format!("tracepoint {category}/{name}: {}", chain(&e)))?;
+    Ok(())
+}
+
+/// Attaches the programs that report how traced threads end or stop
+/// (`agent_common::FateRecord`): `sched/sched_process_exit` and `signal/signal_deliver`.
+/// Both do nothing for processes the agent does not trace.
+fn attach_fates(ebpf: &mut Ebpf) -> Result<(), String> {
+    attach_tracepoint(ebpf, "afetm_exit", "sched", "sched_process_exit")?;
+    attach_tracepoint(ebpf, "afetm_signal", "signal", "signal_deliver")
+}
 
 /// Kernel answers to an attach that mean "not this address" rather than "not at all":
 /// ENOTSUPP (524, an instruction uprobes cannot handle) and EINVAL.
@@ -268,8 +309,16 @@ impl Tracer {
             return Err(TraceError::StackWindow(stack_window));
         }
         let kernel_unwind = kernel_unwind as u32;
+        let exit_code_offset = match exit_code_offset() {
+            Ok(off) => off,
+            Err(e) => {
+                tracing::warn!(error = %e, "thread exits will not be reported");
+                0
+            }
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("STACK_WINDOW", &stack_window, true)
+            .override_global("EXIT_CODE_OFFSET", &exit_code_offset, true)
             .override_global("KERNEL_UNWIND", &kernel_unwind, true)
             .map_max_entries("EVENTS", ring_bytes)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/afetm.bpf.o")))
@@ -280,6 +329,16 @@ impl Tracer {
             .try_into()
             .map_err(|e: aya::programs::ProgramError| TraceError::Load(e.to_string()))?;
         prog.load().map_err(|e| TraceError::Load(e.to_string()))?;
+        let fates = match attach_fates(&mut ebpf) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "thread fates are off: exits and stops of traced threads will not be reported"
+                );
+                false
+            }
+        };
         let mut take = |name: &str| {
             ebpf.take_map(name).ok_or_else(|| TraceError::Load(format!("map {name} missing from the object")))
         };
@@ -289,6 +348,7 @@ impl Tracer {
             unwind: aya::maps::HashMap::try_from(take("UNWIND")?)?,
             counts: PerCpuArray::try_from(take("COUNTS")?)?,
             stats: PerCpuArray::try_from(take("STATS")?)?,
+            traced: fates.then(|| take("TRACED")).transpose()?.map(aya::maps::HashMap::try_from).transpose()?,
         };
         let table: FnTable = Arc::new(RwLock::new(vec![None; MAX_FUNCS as usize]));
         let tracer = Tracer {

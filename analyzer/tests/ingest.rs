@@ -76,6 +76,10 @@ async fn exchange(url: &str, instance: u64, batches: Vec<pb::Batch>) -> (Vec<u64
     (acks, None)
 }
 
+fn fate(tid: u32, kind: pb::FateKind, code: i32, ts_ns: u64) -> pb::ThreadFate {
+    pb::ThreadFate { pid: 42, tid, ts_ns, kind: kind as i32, code, last_calls: vec![] }
+}
+
 fn good(seq: u64) -> pb::Batch {
     pb::Batch {
         seq,
@@ -122,6 +126,9 @@ async fn malformed_batches_are_refused_counted_and_not_stored() {
         // "duplicate": refused instead.
         ("seq", good(u64::MAX)),
         ("clock", pb::Batch { agent_clock_ns: u64::MAX, ..good(1) }),
+        // Silence is the analyzer's judgement; an agent reports only what the kernel saw.
+        ("fate", pb::Batch { fates: vec![fate(42, pb::FateKind::Silent, 0, 1_300)], ..good(1) }),
+        ("fate", pb::Batch { fates: vec![pb::ThreadFate { tid: 0, ..fate(42, pb::FateKind::Killed, 9, 1_300) }], ..good(1) }),
     ];
     for (i, (reason, batch)) in cases.iter().enumerate() {
         let seq = batch.seq;
@@ -410,4 +417,65 @@ fn export_the_window(url: &str, window: u64, dir: &std::path::Path) {
     if let Ok(o) = std::process::Command::new("dot").arg("-Tsvg").arg(dir.join("w.dot")).output() {
         assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("<svg"), "dot -Tsvg failed");
     }
+}
+
+/// Thread fates on hand-made batches (windows of 1 s, no grace): a fate lands in its process's
+/// window at its time with the thread's last calls, also in a window the thread made no call
+/// in; a thread with calls in one window and none in the next, its process alive, is silent
+/// there; after its process exits nothing is silent.
+#[tokio::test]
+async fn fates_land_in_their_windows_with_the_last_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("f.sqlite")).await;
+    // Windows start at the process's first call (t0) and last 1 s.
+    let (s, t0) = (1_000_000_000u64, 1_000u64);
+    let worker = |function: u32, ts: u64| pb::CallEvent { tid: 43, ..ev(function, 1, ts) };
+    let batches = vec![
+        // Window 0: both threads call; the worker's last call is leaf.
+        pb::Batch {
+            agent_clock_ns: s / 2,
+            events: vec![ev(1, 2, t0), worker(1, t0 + 1_000), worker(3, t0 + 2_000), ev(3, 1, t0 + 3_000)],
+            ..good(1)
+        },
+        // Window 1: only main calls: the worker is silent. Window 2 opens with main's call.
+        pb::Batch { seq: 2, agent_clock_ns: t0 + s + s / 2, events: vec![ev(3, 1, t0 + s + 10)], ..Default::default() },
+        pb::Batch {
+            seq: 3,
+            agent_clock_ns: t0 + 2 * s + 100,
+            events: vec![ev(1, 2, t0 + 2 * s + 50)],
+            ..Default::default()
+        },
+        // Window 2: main is killed by SIGSEGV; the worker, with no call here, is stopped.
+        pb::Batch {
+            seq: 4,
+            agent_clock_ns: t0 + 2 * s + 500,
+            fates: vec![
+                fate(43, pb::FateKind::Stopped, 19, t0 + 2 * s + 200),
+                fate(42, pb::FateKind::Killed, 11, t0 + 2 * s + 300),
+            ],
+            exits: vec![pb::ProcessExit { pid: 42, ts_ns: t0 + 2 * s + 400 }],
+            ..Default::default()
+        },
+    ];
+    let (acks, err) = exchange(&server.url, 1, batches).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(acks, vec![1, 2, 3, 4]);
+    let w = windows(&server.url).await;
+    assert_eq!(w.len(), 3, "{w:#?}");
+    assert!(w.iter().all(|w| w.closed), "the exit closes every window: {w:#?}");
+    assert!(w[0].fates.is_empty(), "nothing happened to a thread in window 0: {:?}", w[0].fates);
+    let silent = &w[1].fates;
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!((silent[0].tid, silent[0].kind), (43, pb::FateKind::Silent as i32));
+    assert_eq!(silent[0].ts_ns, w[1].start_ns);
+    assert_eq!(silent[0].last_calls, vec!["prog:main", "prog:leaf"], "the worker's calls, oldest first");
+    let mut ended = w[2].fates.clone();
+    ended.sort_by_key(|f| f.tid);
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert_eq!((ended[0].tid, ended[0].kind, ended[0].code), (42, pb::FateKind::Killed as i32, 11));
+    // main's calls up to its death, over windows 0-2.
+    assert_eq!(ended[0].last_calls, vec!["prog:main", "prog:leaf", "prog:leaf", "prog:main"]);
+    assert_eq!((ended[1].tid, ended[1].kind, ended[1].code), (43, pb::FateKind::Stopped as i32, 19));
+    assert_eq!(ended[1].last_calls, vec!["prog:main", "prog:leaf"], "from the worker's last window with calls");
+    server.shutdown().await;
 }

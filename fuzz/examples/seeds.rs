@@ -35,7 +35,7 @@ fn stream(batches: &[pb::Batch]) -> Vec<u8> {
 }
 
 /// Three batches over two windows of 1 ms (the target's window): symbols, calls on two
-/// threads, counts, a log line, a process exit and the final batch.
+/// threads, counts, a log line, a thread's fate, a process exit and the final batch.
 fn batches() {
     let first = pb::Batch {
         seq: 1,
@@ -57,6 +57,14 @@ fn batches() {
         seq: 3,
         agent_clock_ns: 3_000_000,
         exits: vec![pb::ProcessExit { pid: 100, ts_ns: 2_900_000 }],
+        fates: vec![pb::ThreadFate {
+            pid: 100,
+            tid: 101,
+            ts_ns: 2_800_000,
+            kind: pb::FateKind::Killed as i32,
+            code: 11,
+            last_calls: vec![],
+        }],
         final_batch: true,
         ..Default::default()
     };

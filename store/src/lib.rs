@@ -23,6 +23,7 @@ use afetm_calltree::{
 };
 
 mod diagnoses;
+mod fates;
 mod logs;
 pub use diagnoses::WindowTrees;
 pub use logs::Feedback;
@@ -201,6 +202,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(logs::SCHEMA)?;
+        conn.execute_batch(fates::SCHEMA)?;
         logs::migrate(&conn)?;
         // Databases from before window cuts: add the columns (their windows keep working).
         let has_cut: i64 =
@@ -324,6 +326,7 @@ impl Store {
             return Err(invalid("batch_size", format!("{} events > {}", batch.events.len(), l.max_events_per_batch)));
         }
         logs::validate(batch, l.max_logs_per_batch)?;
+        fates::validate(batch)?;
         if batch.symbols.len() > l.max_symbols_per_batch {
             return Err(invalid(
                 "batch_size",
@@ -465,6 +468,7 @@ impl Store {
         let mut windows: HashMap<(u32, u64), (i64, bool)> = HashMap::new();
         let mut per_thread: HashMap<(i64, u32), TraceData> = HashMap::new();
         let mut window_events: HashMap<i64, u64> = HashMap::new();
+        let mut last_calls = fates::LastCalls::default();
         let len = self.window.len_ns.max(1);
         for e in &batch.events {
             let a = anchors[&e.pid];
@@ -490,6 +494,7 @@ impl Store {
             let caller = (e.caller != 0).then(|| resolve(e.caller));
             let stack: Vec<FuncId> = e.callstack.iter().map(|s| resolve(*s)).collect();
             per_thread.entry((wid, e.tid)).or_default().add_call(resolve(e.function), caller, &stack);
+            last_calls.add(wid, e.pid, e.tid, e.ts_ns, resolve(e.function));
             *window_events.entry(wid).or_insert(0) += 1;
             applied.events += 1;
         }
@@ -507,6 +512,13 @@ impl Store {
             let mut ev = tx.prepare_cached("UPDATE windows SET events = events + ?2 WHERE id = ?1")?;
             for (wid, n) in &window_events {
                 ev.execute(params![wid, *n as i64])?;
+            }
+        }
+        last_calls.store(&tx, agent)?;
+        for f in &batch.fates {
+            match fate_window(&tx, agent, f, len, &mut applied.windows_opened)? {
+                Some(wid) => fates::put(&tx, agent, f.pid, wid, f)?,
+                None => applied.late_events += 1,
             }
         }
         for c in &batch.counts {
@@ -667,6 +679,7 @@ impl Store {
                     events: r.get::<_, i64>(5)? as u64,
                     closed: r.get::<_, i64>(6)? != 0,
                     tids: Vec::new(),
+                    fates: Vec::new(),
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -674,6 +687,7 @@ impl Store {
         let mut tids = self.conn.prepare("SELECT DISTINCT tid FROM edges WHERE window_id = ?1 ORDER BY tid")?;
         for w in &mut out {
             w.tids = tids.query_map(params![w.id as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            w.fates = fates::of_window(&self.conn, &self.funcs, w.pid, w.id)?;
         }
         Ok(out)
     }
@@ -760,9 +774,42 @@ fn window_for(
     )?)
 }
 
-/// Builds and stores the AFCT of every thread of a window and marks it closed. Returns the
-/// number of AFCTs written.
+/// The open window a thread's fate belongs to: its process's window at the fate's time
+/// (opened if the process made no call in it, as when it stopped). None when the process never
+/// made a traced call, the fate is older than its last cut, or that window is closed already.
+fn fate_window(
+    tx: &Transaction,
+    agent: &AgentKey,
+    f: &pb::ThreadFate,
+    len: u64,
+    opened: &mut u64,
+) -> Result<Option<i64>, StoreError> {
+    let anchor = tx
+        .query_row(
+            "SELECT first_ts_ns, cut_ns, idx_base FROM processes WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
+            params![agent.agent_id, agent.instance as i64, f.pid],
+            |r| {
+                Ok(Anchor {
+                    origin: r.get::<_, i64>(0)? as u64,
+                    cut: r.get::<_, i64>(1)? as u64,
+                    base: r.get::<_, i64>(2)? as u64,
+                })
+            },
+        )
+        .optional()?;
+    let Some(a) = anchor.filter(|a| f.ts_ns >= a.cut && f.ts_ns >= a.origin) else {
+        return Ok(None);
+    };
+    let rel = (f.ts_ns - a.origin) / len;
+    let (start, end) = (a.origin + rel * len, a.origin + (rel + 1) * len);
+    let (wid, closed) = window_for(tx, agent, f.pid, a.base + rel, start, end, opened)?;
+    Ok((!closed).then_some(wid))
+}
+
+/// Builds and stores the AFCT of every thread of a window, marks its silent threads
+/// ([`fates::mark_silent`]) and marks it closed. Returns the number of AFCTs written.
 fn close_window(tx: &Transaction, funcs: &FuncTable, window_id: i64, node_cap: usize) -> Result<u64, StoreError> {
+    fates::mark_silent(tx, window_id)?;
     let mut per_thread: HashMap<u32, TraceData> = HashMap::new();
     {
         let mut stmt = tx.prepare_cached("SELECT tid, caller, callee, calls FROM edges WHERE window_id = ?1")?;
