@@ -185,6 +185,9 @@ pub mod fate {
     pub const EXIT: u32 = 1;
     /// The thread took a stop signal with its default action: `code` is the signal.
     pub const STOP: u32 = 2;
+    /// The thread took a fatal signal a fault raises (SIGSEGV, SIGABRT, ...) with its default
+    /// action: the process dies of a fault in this thread. `code` is the signal.
+    pub const FAULT_SIGNAL: u32 = 3;
 }
 
 /// How a traced thread ended or stopped, seen by the kernel (`do_exit`, a stop signal's
@@ -376,7 +379,8 @@ mod tests {
         assert_eq!(record_kind(&bytes), Some(kind::FATE));
         assert_eq!(FateRecord::read(&bytes), Some(f));
         assert_eq!(FateRecord::read(&bytes[..8]), None);
-        let call: [u8; HEADER_LEN] = unsafe { core::mem::transmute(EventHeader { kind: kind::CALL, ..Default::default() }) };
+        let call: [u8; HEADER_LEN] =
+            unsafe { core::mem::transmute(EventHeader { kind: kind::CALL, ..Default::default() }) };
         assert_eq!(FateRecord::read(&call), None, "a call record is not a fate");
     }
 

@@ -151,21 +151,24 @@ const SIGNAL_DELIVER_SIG: usize = 8;
 const SIGNAL_DELIVER_HANDLER: usize = 24;
 
 /// `signal/signal_deliver`: a thread of a traced process takes SIGSTOP, SIGTSTP, SIGTTIN or
-/// SIGTTOU with its default action, i.e. its process stops (as a deadlock injection does).
+/// SIGTTOU with its default action, i.e. its process stops (as a deadlock injection does); or
+/// it takes SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV or SIGSYS with the default
+/// action: the fault is in this thread (the process's other threads die of it too).
 #[tracepoint]
 pub fn afetm_signal(ctx: TracePointContext) -> u32 {
     let Ok(sig) = (unsafe { ctx.read_at::<i32>(SIGNAL_DELIVER_SIG) }) else {
         return 0;
     };
-    if !(19..=22).contains(&sig) {
+    let stop = (19..=22).contains(&sig);
+    if !stop && !matches!(sig, 4..=8 | 11 | 31) {
         return 0;
     }
     let Ok(handler) = (unsafe { ctx.read_at::<u64>(SIGNAL_DELIVER_HANDLER) }) else {
         return 0;
     };
-    // SIGSTOP cannot be caught; the others stop only with the default action (SIG_DFL, 0).
+    // SIGSTOP cannot be caught; the others act only with the default action (SIG_DFL, 0).
     if sig == 19 || handler == 0 {
-        emit_fate(fate::STOP, sig as i64);
+        emit_fate(if stop { fate::STOP } else { fate::FAULT_SIGNAL }, sig as i64);
     }
     0
 }

@@ -164,6 +164,9 @@ pub struct Reader {
     counts: Vec<pb::CallCount>,
     exits: Vec<pb::ProcessExit>,
     fates: Vec<pb::ThreadFate>,
+    /// Threads that took a fault's signal (`agent_common::fate::FAULT_SIGNAL`) and have not
+    /// exited yet.
+    faulted: HashSet<u32>,
     live: HashSet<u32>,
     counts_prev: HashMap<u32, u64>,
     /// Functions out of count mode whose counts were read after they left it.
@@ -209,6 +212,7 @@ impl Reader {
             counts: Vec::new(),
             exits: Vec::new(),
             fates: Vec::new(),
+            faulted: HashSet::new(),
             live: HashSet::new(),
             counts_prev: HashMap::new(),
             drained: HashSet::new(),
@@ -492,12 +496,18 @@ impl Reader {
             fate::EXIT if r.code & 0x7f != 0 => (pb::FateKind::Killed, (r.code & 0x7f) as i32),
             fate::EXIT => (pb::FateKind::Exited, ((r.code >> 8) & 0xff) as i32),
             fate::STOP => (pb::FateKind::Stopped, r.code as i32),
+            fate::FAULT_SIGNAL => {
+                // Not a fate yet: the thread's exit, which follows, says it took the signal.
+                self.faulted.insert(r.tid);
+                return;
+            }
             _ => {
                 self.stats.malformed += 1;
                 return;
             }
         };
         self.stats.fates += 1;
+        let took_signal = r.fate == fate::EXIT && self.faulted.remove(&r.tid);
         self.fates.push(pb::ThreadFate {
             pid: r.pid,
             tid: r.tid,
@@ -505,6 +515,7 @@ impl Reader {
             kind: kind as i32,
             code,
             last_calls: Vec::new(),
+            took_signal,
         });
     }
 

@@ -1,7 +1,10 @@
 //! Thread fates on real processes: the real agent traces the real `fates` program (two threads
 //! calling tick -> leaf), and how each thread ended or stopped reaches the real analyzer with
 //! its last traced calls: killed by SIGKILL, killed by its own SIGSEGV, stopped by SIGSTOP,
-//! exited with a status, and silent (no call in a window while its process lives). Root only.
+//! exited with a status, and silent (no call in a window while its process lives). The
+//! analyzer, with no model for the program, diagnoses the kills as crashes and the stop as a
+//! deadlock at the thread's last calls, and raises nothing for the exit and the silence.
+//! Root only.
 mod common;
 
 use std::{
@@ -47,15 +50,17 @@ fn spawn(prog: &Path, mode: &str) -> Child {
 
 /// Every fate stored for `pid` so far, in window order (open windows included).
 fn fates(url: &str, agent: &str, pid: u32) -> Vec<pb::ThreadFate> {
-    rt().block_on(windows(url, agent, false))
-        .into_iter()
-        .filter(|w| w.pid == pid)
-        .flat_map(|w| w.fates)
-        .collect()
+    rt().block_on(windows(url, agent, false)).into_iter().filter(|w| w.pid == pid).flat_map(|w| w.fates).collect()
 }
 
 /// Polls the analyzer until `done` holds for `pid`'s fates; panics with what it saw after 30 s.
-fn wait_fates(url: &str, agent: &str, pid: u32, what: &str, done: impl Fn(&[pb::ThreadFate]) -> bool) -> Vec<pb::ThreadFate> {
+fn wait_fates(
+    url: &str,
+    agent: &str,
+    pid: u32,
+    what: &str,
+    done: impl Fn(&[pb::ThreadFate]) -> bool,
+) -> Vec<pb::ThreadFate> {
     let t = Instant::now();
     loop {
         let got = fates(url, agent, pid);
@@ -73,6 +78,34 @@ fn wait_traced(url: &str, agent: &str, pid: u32) {
     while !rt().block_on(windows(url, agent, false)).iter().any(|w| w.pid == pid && w.events > 0) {
         assert!(t.elapsed() < Duration::from_secs(30), "no calls of {pid} reached the analyzer");
         sleep(Duration::from_millis(50));
+    }
+}
+
+/// The analyzer's diagnoses of `pid`'s windows.
+fn diagnoses(url: &str, pid: u32) -> Vec<pb::Diagnosis> {
+    rt().block_on(async {
+        let mut q = afetm_proto::query_client::QueryClient::connect(url.to_string()).await.expect("connect");
+        q.list_diagnoses(pb::ListDiagnosesRequest { agent_id: "fates".into(), ..Default::default() })
+            .await
+            .expect("list diagnoses")
+            .into_inner()
+            .diagnoses
+    })
+    .into_iter()
+    .filter(|d| d.pid == pid)
+    .collect()
+}
+
+/// Waits until an error diagnosis of `pid` names `kind`; returns it.
+fn wait_alarm(url: &str, pid: u32, kind: &str) -> pb::Diagnosis {
+    let t = Instant::now();
+    loop {
+        let all = diagnoses(url, pid);
+        if let Some(d) = all.iter().find(|d| d.error && d.top.first().is_some_and(|s| s.kind == kind)) {
+            return d.clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no {kind} alarm for {pid}: {all:#?}");
+        sleep(Duration::from_millis(100));
     }
 }
 
@@ -117,6 +150,9 @@ fn thread_fates_reach_the_analyzer() {
         assert_eq!(f.code, libc::SIGKILL, "{f:?}");
         assert!(ends_in_loop(f), "a killed thread's last calls are its loop's: {f:?}");
     }
+    let d = wait_alarm(url, pid, "crash");
+    assert!(["tick", "leaf"].contains(&d.top[0].function.as_str()), "{d:?}");
+    assert_eq!(d.model, "fate", "no model serves this agent: {d:?}");
 
     // Its own SIGSEGV: the worker's last call is boom, where it faulted; main dies with it.
     let mut child = spawn(&prog, "segv");
@@ -125,7 +161,13 @@ fn thread_fates_reach_the_analyzer() {
     let got = wait_fates(url, "fates", pid, "SIGSEGV", |f| of_kind(f, pb::FateKind::Killed).len() == 2);
     assert!(got.iter().all(|f| f.code == libc::SIGSEGV), "{got:#?}");
     let worker = got.iter().find(|f| f.tid != pid).expect("the worker's fate");
+    assert!(
+        worker.took_signal && got.iter().filter(|f| f.took_signal).count() == 1,
+        "only the worker faulted: {got:#?}"
+    );
     assert_eq!(worker.last_calls.last().map(String::as_str), Some("fates:boom"), "{worker:?}");
+    let d = wait_alarm(url, pid, "crash");
+    assert_eq!((d.tid, d.top[0].function.as_str()), (worker.tid, "boom"), "the faulting thread's last call: {d:?}");
 
     // SIGSTOP: the process stops (a deadlock injection's signal); seen before it is killed.
     let mut child = spawn(&prog, "run");
@@ -135,6 +177,9 @@ fn thread_fates_reach_the_analyzer() {
     let got = wait_fates(url, "fates", pid, "SIGSTOP", |f| !of_kind(f, pb::FateKind::Stopped).is_empty());
     let stopped = of_kind(&got, pb::FateKind::Stopped);
     assert!(stopped.iter().all(|f| f.code == libc::SIGSTOP && ends_in_loop(f)), "{stopped:?}");
+    // Its window closes on the agent's clock while it stays stopped.
+    let d = wait_alarm(url, pid, "deadlock");
+    assert!(["tick", "leaf"].contains(&d.top[0].function.as_str()), "{d:?}");
     signal(&child, libc::SIGKILL);
     child.wait().unwrap();
 
@@ -145,6 +190,7 @@ fn thread_fates_reach_the_analyzer() {
     let got = wait_fates(url, "fates", pid, "exit(3)", |f| of_kind(f, pb::FateKind::Exited).len() == 2);
     assert!(of_kind(&got, pb::FateKind::Exited).iter().all(|f| f.code == 3), "{got:#?}");
     assert!(of_kind(&got, pb::FateKind::Killed).is_empty(), "an exit is not a kill: {got:#?}");
+    let exited_pid = pid;
 
     // Silent: the worker blocks for good while main ticks on; the window after its last call
     // marks it silent, before the process exits (0) three seconds in.
@@ -157,6 +203,16 @@ fn thread_fates_reach_the_analyzer() {
     assert!(silent.iter().all(|f| f.tid != pid && ends_in_loop(f)), "only the worker went silent: {silent:?}");
     let exit_ts = of_kind(&got, pb::FateKind::Exited).iter().map(|f| f.ts_ns).min().unwrap_or(0);
     assert!(silent.iter().all(|f| f.ts_ns < exit_ts), "silent while the process lived: {got:#?}");
+    // Neither an exit nor silence is a fault. Their windows are closed (the exits closed them)
+    // and the diagnosis worker is done with them once a later alarm is listed.
+    let mut child = spawn(&prog, "segv");
+    let last = child.id();
+    child.wait().unwrap();
+    wait_alarm(url, last, "crash");
+    for quiet in [exited_pid, pid] {
+        let alarms: Vec<_> = diagnoses(url, quiet).into_iter().filter(|d| d.error).collect();
+        assert!(alarms.is_empty(), "an orderly end raised an alarm: {alarms:#?}");
+    }
 
     let log = agent.stop();
     assert!(!log.contains("thread fates are off"), "the fate programs attached: {log}");

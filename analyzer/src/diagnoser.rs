@@ -16,7 +16,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use afetm_diagnosis::{Diagnosis, Model, PlanKey, graph::Graph, train::TrainConfig};
+use afetm_diagnosis::{Diagnosis, Model, PlanKey, fate, graph::Graph, train::TrainConfig};
 use afetm_proto::{
     self as pb,
     plan::{Mode, PlanFile, Point, Target},
@@ -110,8 +110,11 @@ fn unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A [`Diagnosis`] on the wire.
-pub fn to_proto(d: &Diagnosis, model: &Model) -> pb::Diagnosis {
+/// The `model` of a diagnosis made from a window's fates alone (no model serves the agent).
+pub const FATE_ONLY: &str = "fate";
+
+/// A [`Diagnosis`] on the wire; `model` is the target name of the model that made it.
+pub fn to_proto(d: &Diagnosis, model: &str) -> pb::Diagnosis {
     pb::Diagnosis {
         p_normal: d.p_normal,
         error: d.error,
@@ -120,7 +123,7 @@ pub fn to_proto(d: &Diagnosis, model: &Model) -> pb::Diagnosis {
             .iter()
             .map(|s| pb::Suspect { function: s.function.clone(), kind: s.kind.to_string(), probability: s.probability })
             .collect(),
-        model: model.manifest.target.clone(),
+        model: model.to_string(),
         ..Default::default()
     }
 }
@@ -224,8 +227,24 @@ impl Diagnoser {
     }
 
     /// Diagnoses a closed window with `model`: every thread's AFCT in one batch, the verdict
-    /// of the thread with the lowest P(normal). None when no thread has a diagnosable tree.
+    /// of the thread with the lowest P(normal); a thread killed or stopped by a fault overrides
+    /// it (`afetm_diagnosis::fate`). None when no thread has a diagnosable tree or such a fate.
     pub fn diagnose_window(&self, model: &Model, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
+        let trees = self.diagnose_trees(model, w);
+        match self.diagnose_fates(w) {
+            Some((tid, d, _)) => Some((tid, d, trees.map_or(0, |t| t.2))),
+            None => trees,
+        }
+    }
+
+    /// The verdict of a window's fates alone (`afetm_diagnosis::fate`): for windows of agents
+    /// no model serves, and over the GCN's.
+    pub fn diagnose_fates(&self, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
+        fate::verdict(&thread_fates(&w.fates), self.top_k).map(|(tid, d)| (tid, d, 0))
+    }
+
+    /// The GCN's verdict on a window's trees: that of the thread with the lowest P(normal).
+    fn diagnose_trees(&self, model: &Model, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
         let mut graphs: Vec<(u32, Graph)> = Vec::new();
         for (tid, tree) in &w.trees {
             match model.graph(tree) {
@@ -248,10 +267,10 @@ impl Diagnoser {
         Some((graphs[worst].0, model.explain(&probs[worst], self.top_k), graphs.len() as u32))
     }
 
-    /// The stored form of a window's diagnosis.
+    /// The stored form of a window's diagnosis by `model` (None: by its fates alone).
     pub fn window_record(
         &self,
-        model: &Model,
+        model: Option<&Model>,
         w: &WindowTrees,
         (tid, d, threads): (u32, Diagnosis, u32),
         stale: bool,
@@ -268,7 +287,7 @@ impl Diagnoser {
             threads,
             diagnosed_unix_ms: unix_ms(),
             latency_us: closed_at.elapsed().as_micros() as u64,
-            ..to_proto(&d, model)
+            ..to_proto(&d, model.map_or(FATE_ONLY, |m| m.manifest.target.as_str()))
         }
     }
 
@@ -287,7 +306,7 @@ impl Diagnoser {
         };
         let k = if k == 0 { self.top_k } else { k as usize };
         let d = model.diagnose(tree, k)?;
-        Ok(pb::Diagnosis { diagnosed_unix_ms: unix_ms(), threads: 1, ..to_proto(&d, &model) })
+        Ok(pb::Diagnosis { diagnosed_unix_ms: unix_ms(), threads: 1, ..to_proto(&d, &model.manifest.target) })
     }
 
     /// The alarm threshold on P(normal) of the model for `target`.
@@ -302,6 +321,25 @@ impl Diagnoser {
     pub fn models(&self) -> usize {
         lock(&self.served).len()
     }
+}
+
+/// A window's fates as the diagnosis reads them: kinds typed, calls named without the module.
+pub(crate) fn thread_fates(fates: &[pb::ThreadFate]) -> Vec<fate::ThreadFate> {
+    fates
+        .iter()
+        .filter_map(|f| {
+            let fate = match pb::FateKind::try_from(f.kind).ok()? {
+                pb::FateKind::Exited => fate::Fate::Exited { status: f.code },
+                pb::FateKind::Killed => fate::Fate::Killed { signal: f.code },
+                pb::FateKind::Stopped => fate::Fate::Stopped { signal: f.code },
+                pb::FateKind::Silent => fate::Fate::Silent,
+                pb::FateKind::Unspecified => return None,
+            };
+            let last_calls =
+                f.last_calls.iter().map(|c| c.split_once(':').map_or(c.as_str(), |(_, n)| n).to_string()).collect();
+            Some(fate::ThreadFate { tid: f.tid, fate, last_calls, took_signal: f.took_signal })
+        })
+        .collect()
 }
 
 /// Where a model retrained for `plan` is written: beside the original, named by the plan.

@@ -121,12 +121,14 @@ impl Reporter {
         let req = pb::ListDiagnosesRequest { window_id, ..Default::default() };
         let d = store.list_diagnoses(&req)?.into_iter().next();
         let afct = d.as_ref().and_then(|d| w.trees.iter().find(|(t, _)| *t == d.tid)).map(|(_, t)| t.clone());
+        let fates = crate::diagnoser::thread_fates(&w.fates);
         let gcn = d.as_ref().map(|d| Gcn {
             tid: d.tid,
             p_normal: f64::from(d.p_normal),
             threshold: threshold(&d.model).unwrap_or(f64::NAN),
             error: d.error,
             top: d.top.iter().map(|s| (s.function.clone(), s.kind.clone(), f64::from(s.probability))).collect(),
+            by_fate: d.p_normal == 0.0 && fates.iter().any(|f| f.tid == d.tid && f.fate.fault_kind().is_some()),
         });
         let logs = by_file(&store.window_logs(window_id)?);
         let exited = store.ends_exited_process(window_id)?;
@@ -140,6 +142,7 @@ impl Reporter {
             afct,
             logs,
             exited,
+            fates: fates.iter().map(describe_fate).collect(),
             ..Evidence::default()
         };
         Ok((e, d.map(|d| d.model)))
@@ -160,6 +163,45 @@ impl Reporter {
             e.similar = similar::find(&fddb, t, &causes, &e.logs, similar_k)?;
         }
         Ok(build(&e, &self.fusion, &self.sop))
+    }
+}
+
+/// One line for a thread's fate in a report's symptoms.
+fn describe_fate(f: &afetm_diagnosis::fate::ThreadFate) -> String {
+    use afetm_diagnosis::fate::Fate;
+    let what = match f.fate {
+        Fate::Exited { status } => format!("exited with status {status}"),
+        Fate::Killed { signal } => format!("was killed by {}", signal_name(signal)),
+        Fate::Stopped { signal } => format!("was stopped by {}", signal_name(signal)),
+        Fate::Silent => "went silent (calls in the window before, none in this one, its process alive)".into(),
+    };
+    match f.last_calls.is_empty() {
+        true => format!("thread {} {what}", f.tid),
+        false => format!("thread {} {what}; its last traced calls: {}", f.tid, f.last_calls.join(" → ")),
+    }
+}
+
+/// `SIGSEGV (11)` and the like.
+fn signal_name(signal: i32) -> String {
+    const NAMES: [(i32, &str); 14] = [
+        (1, "SIGHUP"),
+        (2, "SIGINT"),
+        (3, "SIGQUIT"),
+        (4, "SIGILL"),
+        (5, "SIGTRAP"),
+        (6, "SIGABRT"),
+        (7, "SIGBUS"),
+        (8, "SIGFPE"),
+        (9, "SIGKILL"),
+        (11, "SIGSEGV"),
+        (15, "SIGTERM"),
+        (19, "SIGSTOP"),
+        (20, "SIGTSTP"),
+        (31, "SIGSYS"),
+    ];
+    match NAMES.iter().find(|(n, _)| *n == signal) {
+        Some((_, name)) => format!("{name} ({signal})"),
+        None => format!("signal {signal}"),
     }
 }
 

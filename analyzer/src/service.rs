@@ -189,8 +189,9 @@ impl Analyzer {
         self
     }
 
-    /// Diagnoses every window closed from now on with `diagnoser`'s models (a worker task on
-    /// the current runtime; windows queue in order, and ingest waits when 4,096 are queued).
+    /// Diagnoses every window closed from now on with `diagnoser`'s models, or by its threads'
+    /// fates where no model serves (a worker task on the current runtime; windows queue in
+    /// order, and ingest waits when 4,096 are queued).
     pub fn with_diagnoser(mut self, diagnoser: Diagnoser) -> Analyzer {
         let (tx, mut rx) = mpsc::channel::<Closed>(4096);
         self.diagnoser = Some(Arc::new(diagnoser));
@@ -223,15 +224,16 @@ impl Analyzer {
                 return;
             }
         };
-        let Some(plan) = lock(&self.plans).get(&w.agent_id).cloned() else {
-            tracing::debug!(window = id, agent = %w.agent_id, "agent reported no plan: window not diagnosed");
-            return;
-        };
-        let Some((model, stale)) = diag.model_for(&plan) else { return };
+        // A window of an agent no model serves is still diagnosed by its threads' fates.
+        let plan = lock(&self.plans).get(&w.agent_id).cloned();
+        let served = plan.as_ref().and_then(|p| diag.model_for(p));
         self.metrics.stale_models.set(diag.stale_models() as i64);
         let d = diag.clone();
-        let record = tokio::task::spawn_blocking(move || {
-            d.diagnose_window(&model, &w).map(|r| d.window_record(&model, &w, r, stale, closed_at))
+        let record = tokio::task::spawn_blocking(move || match served {
+            Some((model, stale)) => {
+                d.diagnose_window(&model, &w).map(|r| d.window_record(Some(&model), &w, r, stale, closed_at))
+            }
+            None => d.diagnose_fates(&w).map(|r| d.window_record(None, &w, r, false, closed_at)),
         })
         .await;
         let Ok(Some(mut record)) = record else { return };

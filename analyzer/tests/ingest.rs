@@ -77,7 +77,7 @@ async fn exchange(url: &str, instance: u64, batches: Vec<pb::Batch>) -> (Vec<u64
 }
 
 fn fate(tid: u32, kind: pb::FateKind, code: i32, ts_ns: u64) -> pb::ThreadFate {
-    pb::ThreadFate { pid: 42, tid, ts_ns, kind: kind as i32, code, last_calls: vec![] }
+    pb::ThreadFate { pid: 42, tid, ts_ns, kind: kind as i32, code, last_calls: vec![], took_signal: false }
 }
 
 fn good(seq: u64) -> pb::Batch {
@@ -128,7 +128,10 @@ async fn malformed_batches_are_refused_counted_and_not_stored() {
         ("clock", pb::Batch { agent_clock_ns: u64::MAX, ..good(1) }),
         // Silence is the analyzer's judgement; an agent reports only what the kernel saw.
         ("fate", pb::Batch { fates: vec![fate(42, pb::FateKind::Silent, 0, 1_300)], ..good(1) }),
-        ("fate", pb::Batch { fates: vec![pb::ThreadFate { tid: 0, ..fate(42, pb::FateKind::Killed, 9, 1_300) }], ..good(1) }),
+        (
+            "fate",
+            pb::Batch { fates: vec![pb::ThreadFate { tid: 0, ..fate(42, pb::FateKind::Killed, 9, 1_300) }], ..good(1) },
+        ),
     ];
     for (i, (reason, batch)) in cases.iter().enumerate() {
         let seq = batch.seq;

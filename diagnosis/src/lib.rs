@@ -8,6 +8,8 @@
 //! * [`train`]: training on labelled trees, split by run.
 //! * [`profile`]: the normal profile (training-split normal runs) every node is compared with.
 //! * [`model`]: the model on disk (safetensors + JSON manifest) and the diagnosis of a tree.
+//! * [`fate`]: the verdict of a thread killed or stopped by a fault (crash, deadlock), which its
+//!   tree alone cannot give.
 //!
 //! **One sample is one thread's tree of one window.** The FDDB labels trees per thread (the
 //! thread the fault reached is faulty, the others of the same run are normal), an AFCT is built
@@ -19,6 +21,7 @@
 //! thread (`RAYON_NUM_THREADS=1`, which `afetm-analyzer` sets unless the user did).
 #![deny(missing_docs)]
 
+pub mod fate;
 pub mod gcn;
 pub mod graph;
 pub mod model;

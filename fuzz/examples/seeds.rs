@@ -64,6 +64,7 @@ fn batches() {
             kind: pb::FateKind::Killed as i32,
             code: 11,
             last_calls: vec![],
+            took_signal: true,
         }],
         final_batch: true,
         ..Default::default()

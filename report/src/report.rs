@@ -29,6 +29,10 @@ pub struct Gcn {
     pub error: bool,
     /// (function, kind, probability), most likely first.
     pub top: Vec<(String, String, f64)>,
+    /// The verdict is the thread's fate (killed or stopped by a fault), not the network's:
+    /// the suspects are its last traced calls, ranked.
+    #[serde(default)]
+    pub by_fate: bool,
 }
 
 /// Everything known about a window.
@@ -58,6 +62,8 @@ pub struct Evidence {
     pub similar: Vec<SimilarCase>,
     /// The process exited at the end of this window (its last window; the agent saw the exit).
     pub exited: bool,
+    /// How threads of the window ended or stopped, one line each (thread, what, last calls).
+    pub fates: Vec<String>,
 }
 
 /// A root cause.
@@ -174,6 +180,7 @@ fn symptoms(e: &Evidence) -> Vec<String> {
     if e.exited {
         out.push(format!("the process (pid {}) exited: this is its last window", e.pid));
     }
+    out.extend(e.fates.iter().cloned());
     let frames = crash_frames(&e.logs);
     if !frames.is_empty() {
         let shown: Vec<&str> = frames.iter().take(4).map(String::as_str).collect();
@@ -282,7 +289,9 @@ fn gcn_causes(e: &Evidence) -> Vec<Cause> {
         .into_iter()
         .map(|(function, kind, p)| {
             let runs = backing(function, kind);
-            let evidence = if runs.is_empty() {
+            let evidence = if g.by_fate {
+                format!("the thread's fate (see the symptoms) at one of its last traced calls, most recent first (weight {p:.2})")
+            } else if runs.is_empty() {
                 format!("GCN probability {p:.2}")
             } else {
                 format!("GCN probability {p:.2}; like historical {}", runs.join(", "))
@@ -449,6 +458,7 @@ mod tests {
                 p_normal: 0.001,
                 threshold: 0.013,
                 error: true,
+                by_fate: false,
                 top: vec![("setGenericCommand".into(), "crash".into(), 0.91), ("call".into(), "crash".into(), 0.05)],
             }),
             afct: Some(pb::Tree {
@@ -462,6 +472,7 @@ mod tests {
             flagged: vec![("[29-Nov-2026 01:25:37 UTC] shop: Connection refused".into(), 0.97)],
             p_logs: Some(0.99),
             exited: false,
+            fates: Vec::new(),
             similar: vec![SimilarCase {
                 run: 17,
                 function: "setGenericCommand".into(),

@@ -22,6 +22,8 @@ pub struct WindowTrees {
     pub end_ns: u64,
     /// (thread, AFCT).
     pub trees: Vec<(u32, pb::Tree)>,
+    /// The threads that ended, stopped or went silent in the window, with their last calls.
+    pub fates: Vec<pb::ThreadFate>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -94,7 +96,8 @@ impl Store {
             let tree = pb::Tree::decode(blob.as_slice()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             trees.push((tid, tree));
         }
-        Ok(Some(WindowTrees { id: window_id, agent_id, pid, start_ns: start as u64, end_ns: end as u64, trees }))
+        let fates = super::fates::of_window(&self.conn, &self.funcs, pid, window_id as u64)?;
+        Ok(Some(WindowTrees { id: window_id, agent_id, pid, start_ns: start as u64, end_ns: end as u64, trees, fates }))
     }
 
     /// Stores (or replaces) the diagnosis of its window.

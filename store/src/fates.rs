@@ -23,7 +23,7 @@ pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS threads (window_id INTEGER NOT NULL, tid INTEGER NOT NULL,
   calls INTEGER NOT NULL DEFAULT 0, last_calls TEXT NOT NULL DEFAULT '',
   fate INTEGER NOT NULL DEFAULT 0, code INTEGER NOT NULL DEFAULT 0, fate_ts_ns INTEGER NOT NULL DEFAULT 0,
-  PRIMARY KEY(window_id, tid));
+  took_signal INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(window_id, tid));
 "#;
 
 /// Traced calls kept per (window, thread).
@@ -112,9 +112,11 @@ fn earlier_calls(tx: &Transaction, agent: &AgentKey, pid: u32, tid: u32) -> Resu
 pub fn put(tx: &Transaction, agent: &AgentKey, pid: u32, wid: i64, f: &pb::ThreadFate) -> Result<(), StoreError> {
     let earlier = earlier_calls(tx, agent, pid, f.tid)?;
     tx.execute(
-        "INSERT INTO threads(window_id, tid, last_calls, fate, code, fate_ts_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT DO UPDATE SET fate = excluded.fate, code = excluded.code, fate_ts_ns = excluded.fate_ts_ns",
-        params![wid, f.tid, earlier, f.kind, f.code, f.ts_ns as i64],
+        "INSERT INTO threads(window_id, tid, last_calls, fate, code, fate_ts_ns, took_signal)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT DO UPDATE SET fate = excluded.fate, code = excluded.code, fate_ts_ns = excluded.fate_ts_ns,
+           took_signal = excluded.took_signal",
+        params![wid, f.tid, earlier, f.kind, f.code, f.ts_ns as i64, f.took_signal],
     )?;
     Ok(())
 }
@@ -127,7 +129,15 @@ pub fn mark_silent(tx: &Transaction, window_id: i64) -> Result<u64, StoreError> 
         .query_row(
             "SELECT agent_id, instance, pid, idx, start_ns FROM windows WHERE id = ?1",
             params![window_id],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?)),
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            },
         )
         .optional()?
     else {
@@ -169,16 +179,29 @@ pub fn mark_silent(tx: &Transaction, window_id: i64) -> Result<u64, StoreError> 
 }
 
 /// The fates of a window's threads, with their last calls named as `module:function`.
-pub fn of_window(conn: &rusqlite::Connection, funcs: &FuncTable, pid: u32, window_id: u64) -> Result<Vec<pb::ThreadFate>, StoreError> {
+pub fn of_window(
+    conn: &rusqlite::Connection,
+    funcs: &FuncTable,
+    pid: u32,
+    window_id: u64,
+) -> Result<Vec<pb::ThreadFate>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT tid, fate, code, fate_ts_ns, last_calls FROM threads WHERE window_id = ?1 AND fate != 0 ORDER BY tid",
+        "SELECT tid, fate, code, fate_ts_ns, last_calls, took_signal FROM threads
+         WHERE window_id = ?1 AND fate != 0 ORDER BY tid",
     )?;
     let rows = stmt.query_map(params![window_id as i64], |r| {
-        Ok((r.get::<_, u32>(0)?, r.get::<_, i32>(1)?, r.get::<_, i32>(2)?, r.get::<_, i64>(3)?, r.get::<_, String>(4)?))
+        Ok((
+            r.get::<_, u32>(0)?,
+            r.get::<_, i32>(1)?,
+            r.get::<_, i32>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, bool>(5)?,
+        ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (tid, kind, code, ts, last) = row?;
+        let (tid, kind, code, ts, last, took_signal) = row?;
         let last_calls = parse(&last)
             .into_iter()
             .filter(|f| (f.0 as usize) < funcs.len())
@@ -187,7 +210,7 @@ pub fn of_window(conn: &rusqlite::Connection, funcs: &FuncTable, pid: u32, windo
                 format!("{}:{}", func.module, func.name)
             })
             .collect();
-        out.push(pb::ThreadFate { pid, tid, ts_ns: ts as u64, kind, code, last_calls });
+        out.push(pb::ThreadFate { pid, tid, ts_ns: ts as u64, kind, code, last_calls, took_signal });
     }
     Ok(out)
 }

@@ -137,11 +137,10 @@ pub async fn run(args: ServeArgs, insecure: bool) -> Result<()> {
     let reporter = Reporter::new(log_model.as_deref(), fusion.as_deref(), fddb.clone(), sop_dir.as_deref())
         .context("loading what reports draw on")?;
     let mut analyzer = Analyzer::new(store).with_reporter(reporter);
-    if !models.is_empty() {
-        let diagnoser =
-            Diagnoser::load(&models, fddb, top_k, window.as_millis() as u64).context("loading diagnosis models")?;
-        analyzer = analyzer.with_diagnoser(diagnoser);
-    }
+    // Without models the diagnoser still judges windows by their threads' fates.
+    let diagnoser =
+        Diagnoser::load(&models, fddb, top_k, window.as_millis() as u64).context("loading diagnosis models")?;
+    analyzer = analyzer.with_diagnoser(diagnoser);
     let analyzer = analyzer.with_probe_every(probe_every);
     if let Some(addr) = &metrics_listen {
         let a = analyzer.clone();

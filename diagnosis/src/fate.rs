@@ -1,0 +1,145 @@
+//! What a thread's fate says about a fault, beside what its call tree says.
+//!
+//! A crash or a hang leaves a thread's tree looking like a normal tree cut short: the GCN,
+//! which sees only calls, cannot tell a killed thread from one that was quiet (the held-out
+//! figures: 0 of 12 crashes and deadlocks detected on redis). The kernel can: the agent reports
+//! how each thread ended or stopped (`afetm-agent`'s fate records) with its last traced calls.
+//! A thread killed by a signal a fault raises is a crash, one stopped by a stop signal a
+//! deadlock, and the function behind it is where the thread was: its last traced calls, the
+//! most recent first (with the injected function traced, the first; otherwise a function the
+//! thread called just before it).
+//!
+//! An orderly end is not a fault: an exit with any status, a termination asked for (SIGTERM,
+//! SIGINT, SIGHUP), or a thread gone silent (an idle server's threads go quiet all the time).
+//! Silent threads are recorded for the model's features, not alarmed on here.
+
+use afetm_fault::FaultKind;
+
+use crate::{Diagnosis, Suspect};
+
+/// How a thread ended or stopped, as the analyzer knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Left on its own with this exit status.
+    Exited {
+        /// The status (0-255).
+        status: i32,
+    },
+    /// Ended by this signal.
+    Killed {
+        /// The signal number.
+        signal: i32,
+    },
+    /// Stopped by this signal.
+    Stopped {
+        /// The signal number.
+        signal: i32,
+    },
+    /// Made calls in the window before and none in this one while its process lived.
+    Silent,
+}
+
+/// Signals whose default action ends a process and that a fault, not an operator, sends:
+/// SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGKILL (the injector's crash, the OOM killer),
+/// SIGSEGV, SIGSYS.
+const FAULT_SIGNALS: [i32; 8] = [4, 5, 6, 7, 8, 9, 11, 31];
+
+impl Fate {
+    /// The fault kind this fate shows, if it shows one.
+    pub fn fault_kind(self) -> Option<FaultKind> {
+        match self {
+            Fate::Killed { signal } if FAULT_SIGNALS.contains(&signal) => Some(FaultKind::Crash),
+            Fate::Stopped { .. } => Some(FaultKind::Deadlock),
+            _ => None,
+        }
+    }
+}
+
+/// One thread's fate in a window and its last traced calls, oldest first (function names as
+/// the model's classes name them, without the module).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadFate {
+    /// The thread.
+    pub tid: u32,
+    /// What happened to it.
+    pub fate: Fate,
+    /// Its last traced calls, oldest first.
+    pub last_calls: Vec<String>,
+    /// Killed: the thread took the fault's signal itself (the others of its process died of
+    /// it).
+    pub took_signal: bool,
+}
+
+/// The verdict a window's fates give, when one shows a fault: P(normal) 0 for that thread, its
+/// fault kind, and its last calls as suspects, most recent first (each half as likely as the
+/// one before: a ranking, not a calibrated probability). When several threads show one, a
+/// thread that took the fault's signal itself comes first, then crashes, then hangs. `None`
+/// when no fate shows a fault.
+pub fn verdict(fates: &[ThreadFate], top_k: usize) -> Option<(u32, Diagnosis)> {
+    let (thread, kind) = fates
+        .iter()
+        .filter_map(|f| Some((f, f.fate.fault_kind()?)))
+        .min_by_key(|(f, k)| (!f.took_signal, *k != FaultKind::Crash))?;
+    let mut functions: Vec<&str> = Vec::new();
+    for call in thread.last_calls.iter().rev() {
+        if !functions.contains(&call.as_str()) {
+            functions.push(call);
+        }
+    }
+    functions.truncate(top_k.max(1));
+    let total: f32 = (0..functions.len()).map(|i| 0.5f32.powi(i as i32)).sum();
+    let top = functions
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Suspect { function: f.to_string(), kind, probability: 0.5f32.powi(i as i32) / total })
+        .collect();
+    Some((thread.tid, Diagnosis { p_normal: 0.0, error: true, top }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fate(tid: u32, fate: Fate, calls: &[&str]) -> ThreadFate {
+        ThreadFate { tid, fate, last_calls: calls.iter().map(|c| c.to_string()).collect(), took_signal: false }
+    }
+
+    #[test]
+    fn faults_are_crashes_and_hangs_orderly_ends_are_not() {
+        assert_eq!(Fate::Killed { signal: 11 }.fault_kind(), Some(FaultKind::Crash));
+        assert_eq!(Fate::Killed { signal: 9 }.fault_kind(), Some(FaultKind::Crash));
+        assert_eq!(Fate::Stopped { signal: 19 }.fault_kind(), Some(FaultKind::Deadlock));
+        for orderly in
+            [Fate::Killed { signal: 15 }, Fate::Killed { signal: 2 }, Fate::Exited { status: 1 }, Fate::Silent]
+        {
+            assert_eq!(orderly.fault_kind(), None, "{orderly:?}");
+        }
+        let quiet = [fate(1, Fate::Silent, &["a"]), fate(2, Fate::Exited { status: 0 }, &["b"])];
+        assert_eq!(verdict(&quiet, 3), None);
+    }
+
+    #[test]
+    fn the_last_calls_are_the_suspects_most_recent_first() {
+        let fates = [
+            fate(7, Fate::Stopped { signal: 19 }, &["x"]),
+            fate(8, Fate::Killed { signal: 11 }, &["main", "parse", "leaf", "parse", "get"]),
+        ];
+        let (tid, d) = verdict(&fates, 3).expect("a verdict");
+        assert_eq!(tid, 8, "a crash comes before a hang");
+        assert!(d.error && d.p_normal == 0.0);
+        let names: Vec<&str> = d.top.iter().map(|s| s.function.as_str()).collect();
+        assert_eq!(names, ["get", "parse", "leaf"], "distinct, most recent first, top_k of them");
+        assert!(d.top.iter().all(|s| s.kind == FaultKind::Crash));
+        assert!(d.top.windows(2).all(|w| w[0].probability > w[1].probability));
+        assert!((d.top.iter().map(|s| s.probability).sum::<f32>() - 1.0).abs() < 1e-6);
+        let (_, hang) = verdict(&fates[..1], 3).expect("a verdict");
+        assert_eq!(hang.top[0].kind, FaultKind::Deadlock);
+        // Of two threads killed by one SIGSEGV, the one that took it names the function.
+        let segv = [
+            fate(1, Fate::Killed { signal: 11 }, &["tick"]),
+            ThreadFate { took_signal: true, ..fate(2, Fate::Killed { signal: 11 }, &["tick", "boom"]) },
+        ];
+        let (tid, d) = verdict(&segv, 3).expect("a verdict");
+        assert_eq!((tid, d.top[0].function.as_str()), (2, "boom"));
+    }
+}
