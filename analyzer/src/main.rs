@@ -351,6 +351,7 @@ async fn run(cli: Cli) -> Result<()> {
                     );
                     print!("{}", afct.text);
                 }
+                print_fates(w);
             }
             Ok(())
         }
@@ -524,5 +525,19 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{s:#?}");
             Ok(())
         }
+    }
+}
+
+/// The fates of a window's threads, one line each, after its AFCTs.
+fn print_fates(w: &pb::WindowInfo) {
+    for f in &w.fates {
+        let kind = pb::FateKind::try_from(f.kind).map_or("unknown", |k| k.as_str_name());
+        let kind = kind.trim_start_matches("FATE_KIND_").to_lowercase();
+        let code = match kind.as_str() {
+            "exited" => format!(" status {}", f.code),
+            "killed" | "stopped" => format!(" by signal {}{}", f.code, if f.took_signal { " (its own)" } else { "" }),
+            _ => String::new(),
+        };
+        println!("-- tid {} {kind}{code}; last calls: {}", f.tid, f.last_calls.join(" -> "));
     }
 }

@@ -2,8 +2,10 @@
 //! source-built redis (one function, `setGenericCommand`, every fault type) fills an FDDB with
 //! call trees and the servers' logs; Chimera is trained on those logs (`train-logs`) and the
 //! GCN on the trees (`train`); the daemon serves both with the FDDB; an agent traces the
-//! shop's redis and tails its log files (`--log`); after a normal run, a crash is injected
-//! into `setGenericCommand` while the shop runs. Checked: the log lines reach the daemon and
+//! shop's redis and tails its log files (`--log`); after a normal run, a deadlock and then a
+//! crash are injected into `setGenericCommand` while the shop runs. Checked: the stop reaches
+//! the daemon, which diagnoses a deadlock at that function in a window after the injection
+//! (the kernel's stop signal, not the tree); the log lines reach the daemon and
 //! land in their windows; an engineer's feedback is stored (and joins the next `train-logs`)
 //! and refused for an unknown window or cause; `ask` lists the windows to judge next;
 //! the crashed process's last window gets a report that names the crash and the injected
@@ -148,6 +150,8 @@ async fn a_crash_gets_a_report_that_names_it() {
     assert_eq!(normal.errors, 0);
     let normal_end = testbed::monotonic_ns();
     let pid = testbed::servers(&cfg).unwrap().into_iter().find(|s| s.name.starts_with("redis")).unwrap().pid;
+    let hung = deadlock(&mut q, &cfg, &redis, pid).await;
+    assert_eq!(hung.top[0].function, FUNCTION, "every function is traced: the stopped call is the last: {hung:?}");
     let mut inject = Command::new(bin("afetm-inject"))
         .arg("--module")
         .arg(&redis)
@@ -270,4 +274,48 @@ async fn a_crash_gets_a_report_that_names_it() {
             .arg(dir.path().join("logs-model-2")),
     );
     assert!(retrained.contains("and 1 judged windows"), "{retrained}");
+}
+
+/// Injects a deadlock into `FUNCTION` of the running redis `pid` under load and waits for the
+/// daemon's deadlock diagnosis of a window after the injection (the kernel's stop signal reaches
+/// it through the agent); then ends the injector and lets redis go on (SIGCONT).
+async fn deadlock(
+    q: &mut afetm_proto::query_client::QueryClient<tonic::transport::Channel>,
+    cfg: &testbed::Config,
+    redis: &Path,
+    pid: u32,
+) -> pb::Diagnosis {
+    let hung_at = testbed::monotonic_ns();
+    let mut hang = Command::new(bin("afetm-inject"))
+        .arg("--module")
+        .arg(redis)
+        .args(["--function", FUNCTION, "--fault", "deadlock", "--pid", &pid.to_string(), "--foreign"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Clients block on the stopped redis; they go on once it is continued.
+    let busy = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || load(&cfg, 2))
+    };
+    let t = Instant::now();
+    let found = loop {
+        let req = pb::ListDiagnosesRequest { agent_id: "live".into(), errors_only: true, ..Default::default() };
+        let all = q.list_diagnoses(req).await.unwrap().into_inner().diagnoses;
+        let hung = all
+            .into_iter()
+            .find(|d| d.pid == pid && d.end_ns > hung_at && d.top.first().is_some_and(|s| s.kind == "deadlock"));
+        if let Some(d) = hung {
+            break Some(d);
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = hang.kill();
+    let _ = hang.wait();
+    let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+    let _ = busy.join();
+    found.expect("the deadlock was not diagnosed within 60 s")
 }
