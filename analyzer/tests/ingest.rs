@@ -480,5 +480,17 @@ async fn fates_land_in_their_windows_with_the_last_calls() {
     assert_eq!(ended[0].last_calls, vec!["prog:main", "prog:leaf", "prog:leaf", "prog:main"]);
     assert_eq!((ended[1].tid, ended[1].kind, ended[1].code), (43, pb::FateKind::Stopped as i32, 19));
     assert_eq!(ended[1].last_calls, vec!["prog:main", "prog:leaf"], "from the worker's last window with calls");
+
+    // An agent's stop cuts its last window short: nobody is silent in it.
+    let stop = vec![
+        pb::Batch { agent_clock_ns: s / 2, events: vec![ev(1, 2, t0), worker(1, t0 + 1_000)], ..good(1) },
+        pb::Batch { seq: 2, agent_clock_ns: t0 + s + s / 2, events: vec![ev(3, 1, t0 + s + 10)], ..Default::default() },
+        pb::Batch { seq: 3, agent_clock_ns: t0 + s + s / 2 + 1, final_batch: true, ..Default::default() },
+    ];
+    let (acks, err) = exchange(&server.url, 2, stop).await;
+    assert!(err.is_none() && acks == vec![1, 2, 3], "{acks:?} {err:?}");
+    let w: Vec<pb::WindowInfo> = windows(&server.url).await.into_iter().skip(3).collect();
+    assert_eq!(w.len(), 2, "{w:#?}");
+    assert!(w.iter().all(|w| w.closed && w.fates.is_empty()), "{w:#?}");
     server.shutdown().await;
 }

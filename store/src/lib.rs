@@ -305,7 +305,7 @@ impl Store {
         };
         let mut closed = 0;
         for w in stale {
-            close_window(&tx, &self.funcs, w, self.window.node_cap)?;
+            close_window(&tx, &self.funcs, w, self.window.node_cap, false)?;
             closed += 1;
         }
         tx.commit()?;
@@ -548,11 +548,15 @@ impl Store {
             to_close.extend(open_windows(&tx, agent, None, None)?);
         }
         let horizon = batch.agent_clock_ns.saturating_sub(self.window.grace_ns) as i64;
-        to_close.extend(open_windows(&tx, agent, None, Some(horizon))?);
+        // Only windows the agent clock passed are whole: silence is judged in those alone (a
+        // window cut short by the agent's stop holds no call of a thread that was about to).
+        let whole: std::collections::HashSet<i64> =
+            open_windows(&tx, agent, None, Some(horizon))?.into_iter().collect();
+        to_close.extend(whole.iter().copied());
         to_close.sort_unstable();
         to_close.dedup();
         for w in to_close {
-            applied.afcts += close_window(&tx, &self.funcs, w, self.window.node_cap)?;
+            applied.afcts += close_window(&tx, &self.funcs, w, self.window.node_cap, whole.contains(&w))?;
             applied.windows_closed += 1;
             applied.closed.push(w);
         }
@@ -627,7 +631,7 @@ impl Store {
         };
         let mut afcts = 0;
         for w in &ids {
-            afcts += close_window(&tx, &self.funcs, *w, self.window.node_cap)?;
+            afcts += close_window(&tx, &self.funcs, *w, self.window.node_cap, false)?;
         }
         tx.commit()?;
         Ok((ids, afcts))
@@ -806,10 +810,19 @@ fn fate_window(
     Ok((!closed).then_some(wid))
 }
 
-/// Builds and stores the AFCT of every thread of a window, marks its silent threads
-/// ([`fates::mark_silent`]) and marks it closed. Returns the number of AFCTs written.
-fn close_window(tx: &Transaction, funcs: &FuncTable, window_id: i64, node_cap: usize) -> Result<u64, StoreError> {
-    fates::mark_silent(tx, window_id)?;
+/// Builds and stores the AFCT of every thread of a window, marks its silent threads when it is
+/// whole (`judge_silence`: the agent clock passed its end; [`fates::mark_silent`]) and marks it
+/// closed. Returns the number of AFCTs written.
+fn close_window(
+    tx: &Transaction,
+    funcs: &FuncTable,
+    window_id: i64,
+    node_cap: usize,
+    judge_silence: bool,
+) -> Result<u64, StoreError> {
+    if judge_silence {
+        fates::mark_silent(tx, window_id)?;
+    }
     let mut per_thread: HashMap<u32, TraceData> = HashMap::new();
     {
         let mut stmt = tx.prepare_cached("SELECT tid, caller, callee, calls FROM edges WHERE window_id = ?1")?;
