@@ -230,10 +230,10 @@ impl Diagnoser {
     /// of the thread with the lowest P(normal); a thread killed or stopped by a fault overrides
     /// it (`afetm_diagnosis::fate`). None when no thread has a diagnosable tree or such a fate.
     pub fn diagnose_window(&self, model: &Model, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
-        let trees = self.diagnose_trees(model, w);
+        // A fate settles the window: the network need not run.
         match self.diagnose_fates(w) {
-            Some((tid, d, _)) => Some((tid, d, trees.map_or(0, |t| t.2))),
-            None => trees,
+            Some((tid, d, _)) => Some((tid, d, w.trees.len() as u32)),
+            None => self.diagnose_trees(model, w),
         }
     }
 

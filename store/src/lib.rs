@@ -450,17 +450,8 @@ impl Store {
                 "INSERT INTO processes(agent_id, instance, pid, first_ts_ns) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
                 params![agent.agent_id, agent.instance as i64, pid, ts as i64],
             )?;
-            let anchor = tx.query_row(
-                "SELECT first_ts_ns, cut_ns, idx_base FROM processes WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
-                params![agent.agent_id, agent.instance as i64, pid],
-                |r| {
-                    Ok(Anchor {
-                        origin: r.get::<_, i64>(0)? as u64,
-                        cut: r.get::<_, i64>(1)? as u64,
-                        base: r.get::<_, i64>(2)? as u64,
-                    })
-                },
-            )?;
+            let anchor = anchor_of(&tx, agent, pid)?
+                .ok_or_else(|| StoreError::Corrupt(format!("process {pid} vanished inside its batch")))?;
             anchors.insert(pid, anchor);
         }
 
@@ -743,6 +734,22 @@ struct Anchor {
     base: u64,
 }
 
+/// Where `pid`'s windows start (None: the process never made a traced call here).
+fn anchor_of(tx: &Transaction, agent: &AgentKey, pid: u32) -> Result<Option<Anchor>, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT first_ts_ns, cut_ns, idx_base FROM processes WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
+        )?
+        .query_row(params![agent.agent_id, agent.instance as i64, pid], |r| {
+            Ok(Anchor {
+                origin: r.get::<_, i64>(0)? as u64,
+                cut: r.get::<_, i64>(1)? as u64,
+                base: r.get::<_, i64>(2)? as u64,
+            })
+        })
+        .optional()?)
+}
+
 /// Open windows of an agent instance, optionally of one process and/or ending by `ended_by`.
 fn open_windows(
     tx: &Transaction,
@@ -788,20 +795,7 @@ fn fate_window(
     len: u64,
     opened: &mut u64,
 ) -> Result<Option<i64>, StoreError> {
-    let anchor = tx
-        .query_row(
-            "SELECT first_ts_ns, cut_ns, idx_base FROM processes WHERE agent_id = ?1 AND instance = ?2 AND pid = ?3",
-            params![agent.agent_id, agent.instance as i64, f.pid],
-            |r| {
-                Ok(Anchor {
-                    origin: r.get::<_, i64>(0)? as u64,
-                    cut: r.get::<_, i64>(1)? as u64,
-                    base: r.get::<_, i64>(2)? as u64,
-                })
-            },
-        )
-        .optional()?;
-    let Some(a) = anchor.filter(|a| f.ts_ns >= a.cut && f.ts_ns >= a.origin) else {
+    let Some(a) = anchor_of(tx, agent, f.pid)?.filter(|a| f.ts_ns >= a.cut && f.ts_ns >= a.origin) else {
         return Ok(None);
     };
     let rel = (f.ts_ns - a.origin) / len;
