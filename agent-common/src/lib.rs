@@ -188,6 +188,10 @@ pub mod fate {
     /// The thread took a fatal signal a fault raises (SIGSEGV, SIGABRT, ...) with its default
     /// action: the process dies of a fault in this thread. `code` is the signal.
     pub const FAULT_SIGNAL: u32 = 3;
+    /// The thread took a fault's signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) into a
+    /// handler of its own: the fault is in this thread, and the calls that follow are the
+    /// handler's (a crash reporter's), not the ones that faulted. `code` is the signal.
+    pub const FAULT_HANDLED: u32 = 4;
 }
 
 /// How a traced thread ended or stopped, seen by the kernel (`do_exit`, a stop signal's

@@ -153,7 +153,9 @@ const SIGNAL_DELIVER_HANDLER: usize = 24;
 /// `signal/signal_deliver`: a thread of a traced process takes SIGSTOP, SIGTSTP, SIGTTIN or
 /// SIGTTOU with its default action, i.e. its process stops (as a deadlock injection does); or
 /// it takes SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV or SIGSYS with the default
-/// action: the fault is in this thread (the process's other threads die of it too).
+/// action: the fault is in this thread (the process's other threads die of it too); or it
+/// takes SIGILL, SIGABRT, SIGBUS, SIGFPE or SIGSEGV into a handler of its own (a crash
+/// reporter, as redis's): the fault is in this thread, and its calls so far are where.
 #[tracepoint]
 pub fn afetm_signal(ctx: TracePointContext) -> u32 {
     let Ok(sig) = (unsafe { ctx.read_at::<i32>(SIGNAL_DELIVER_SIG) }) else {
@@ -169,6 +171,9 @@ pub fn afetm_signal(ctx: TracePointContext) -> u32 {
     // SIGSTOP cannot be caught; the others act only with the default action (SIG_DFL, 0).
     if sig == 19 || handler == 0 {
         emit_fate(if stop { fate::STOP } else { fate::FAULT_SIGNAL }, sig as i64);
+    } else if matches!(sig, 4 | 6 | 7 | 8 | 11) {
+        // Not SIGTRAP or SIGSYS: debuggers and sandboxes catch those without a fault.
+        emit_fate(fate::FAULT_HANDLED, sig as i64);
     }
     0
 }

@@ -5,6 +5,7 @@
 pub mod calibrate;
 pub mod governor;
 pub mod inject;
+pub mod lastcalls;
 pub mod logtail;
 pub mod metrics;
 pub mod procmaps;

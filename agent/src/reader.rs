@@ -22,6 +22,7 @@ use agent_common::{EventHeader, FateRecord, HEADER_LEN, Mode, UnwindStep, fate, 
 
 use crate::{
     governor::{Action, Governor},
+    lastcalls::{self, LastCalls},
     logtail::LogQueue,
     procmaps::{Mapping, ProcMaps},
     symbols::Module,
@@ -164,9 +165,11 @@ pub struct Reader {
     counts: Vec<pb::CallCount>,
     exits: Vec<pb::ProcessExit>,
     fates: Vec<pb::ThreadFate>,
-    /// Threads that took a fault's signal (`agent_common::fate::FAULT_SIGNAL`) and have not
-    /// exited yet.
-    faulted: HashSet<u32>,
+    /// Threads that took a fault's signal (`agent_common::fate::FAULT_SIGNAL`,
+    /// `FAULT_HANDLED`) and have not exited yet, with their last calls when they took it.
+    faulted: HashMap<u32, Vec<u32>>,
+    /// Each thread's last calls (symbol ids), for `faulted`.
+    last_calls: LastCalls,
     live: HashSet<u32>,
     counts_prev: HashMap<u32, u64>,
     /// Functions out of count mode whose counts were read after they left it.
@@ -212,7 +215,8 @@ impl Reader {
             counts: Vec::new(),
             exits: Vec::new(),
             fates: Vec::new(),
-            faulted: HashSet::new(),
+            faulted: HashMap::new(),
+            last_calls: LastCalls::default(),
             live: HashSet::new(),
             counts_prev: HashMap::new(),
             drained: HashSet::new(),
@@ -482,6 +486,7 @@ impl Reader {
             tracing::warn!(pid = h.pid, error = %e, "the kernel will not report this process's thread fates");
         }
         self.stats.events += 1;
+        self.last_calls.push(h.tid, function);
         self.events.push(pb::CallEvent { pid: h.pid, tid: h.tid, ts_ns: h.ts_ns, function, caller, callstack });
     }
 
@@ -496,9 +501,13 @@ impl Reader {
             fate::EXIT if r.code & 0x7f != 0 => (pb::FateKind::Killed, (r.code & 0x7f) as i32),
             fate::EXIT => (pb::FateKind::Exited, ((r.code >> 8) & 0xff) as i32),
             fate::STOP => (pb::FateKind::Stopped, r.code as i32),
-            fate::FAULT_SIGNAL => {
+            fate::FAULT_SIGNAL | fate::FAULT_HANDLED => {
                 // Not a fate yet: the thread's exit, which follows, says it took the signal.
-                self.faulted.insert(r.tid);
+                // Where it was is its calls now; a handler's calls come after, and a handler
+                // that re-raises the signal does not move it.
+                if !self.faulted.contains_key(&r.tid) && self.faulted.len() < lastcalls::MAX_THREADS {
+                    self.faulted.insert(r.tid, self.last_calls.of(r.tid));
+                }
                 return;
             }
             _ => {
@@ -507,7 +516,13 @@ impl Reader {
             }
         };
         self.stats.fates += 1;
-        let took_signal = r.fate == fate::EXIT && self.faulted.remove(&r.tid);
+        let fault_calls = match r.fate {
+            fate::EXIT => {
+                self.last_calls.forget(r.tid);
+                self.faulted.remove(&r.tid)
+            }
+            _ => None,
+        };
         self.fates.push(pb::ThreadFate {
             pid: r.pid,
             tid: r.tid,
@@ -515,7 +530,8 @@ impl Reader {
             kind: kind as i32,
             code,
             last_calls: Vec::new(),
-            took_signal,
+            took_signal: fault_calls.is_some(),
+            fault_calls: fault_calls.unwrap_or_default(),
         });
     }
 
@@ -687,6 +703,7 @@ impl Reader {
             referenced.extend(e.callstack.iter().copied());
         }
         referenced.extend(self.counts.iter().map(|c| c.function));
+        referenced.extend(self.fates.iter().flat_map(|f| f.fault_calls.iter().copied()));
         referenced.remove(&0);
         let acked = self.outbox.acked_symbols();
         let symbols = referenced.into_iter().filter(|s| !acked.contains(s)).filter_map(|s| self.syms.def(s)).collect();

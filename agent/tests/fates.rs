@@ -1,7 +1,8 @@
 //! Thread fates on real processes: the real agent traces the real `fates` program (two threads
 //! calling tick -> leaf), and how each thread ended or stopped reaches the real analyzer with
-//! its last traced calls: killed by SIGKILL, killed by its own SIGSEGV, stopped by SIGSTOP,
-//! exited with a status, and silent (no call in a window while its process lives). The
+//! its last traced calls: killed by SIGKILL, killed by its own SIGSEGV (with and without a
+//! crash handler that makes traced calls after the fault), stopped by SIGSTOP, exited with a
+//! status, and silent (no call in a window while its process lives). The
 //! analyzer, with no model for the program, diagnoses the kills as crashes and the stop as a
 //! deadlock at the thread's last calls, and raises nothing for the exit and the silence.
 //! Root only.
@@ -134,7 +135,7 @@ fn thread_fates_reach_the_analyzer() {
         dir.path(),
         "fates",
         &prog,
-        &[("tick", "event"), ("leaf", "event"), ("boom", "event"), ("worker", "event")],
+        &[("tick", "event"), ("leaf", "event"), ("boom", "event"), ("worker", "event"), ("report", "event")],
     );
     let agent = AgentProc::start(&plan, &an.url, "fates", dir.path());
     let url = an.url.as_str();
@@ -168,6 +169,23 @@ fn thread_fates_reach_the_analyzer() {
     assert_eq!(worker.last_calls.last().map(String::as_str), Some("fates:boom"), "{worker:?}");
     let d = wait_alarm(url, pid, "crash");
     assert_eq!((d.tid, d.top[0].function.as_str()), (worker.tid, "boom"), "the faulting thread's last call: {d:?}");
+
+    // The same SIGSEGV into a crash handler that calls report -> tick before re-raising: the
+    // fault's calls are those before the signal, not the handler's.
+    let mut child = spawn(&prog, "handler");
+    let pid = child.id();
+    child.wait().unwrap();
+    let got = wait_fates(url, "fates", pid, "handled SIGSEGV", |f| of_kind(f, pb::FateKind::Killed).len() == 2);
+    let worker = got.iter().find(|f| f.tid != pid).expect("the worker's fate");
+    assert!(worker.took_signal && worker.code == libc::SIGSEGV, "{got:#?}");
+    assert_eq!(worker.last_calls.last().map(String::as_str), Some("fates:boom"), "{worker:?}");
+    let d = wait_alarm(url, pid, "crash");
+    assert_eq!((d.tid, d.top[0].function.as_str()), (worker.tid, "boom"), "not the handler's calls: {d:?}");
+    let (table, trees) = rt().block_on(afcts(url, "fates"));
+    assert!(
+        trees.iter().any(|(w, tid, f)| w.pid == pid && *tid == worker.tid && has_path(f, &table, &["report", "tick"])),
+        "the handler's calls were traced after the fault (else this case shows nothing)"
+    );
 
     // SIGSTOP: the process stops (a deadlock injection's signal); seen before it is killed.
     let mut child = spawn(&prog, "run");
@@ -216,5 +234,5 @@ fn thread_fates_reach_the_analyzer() {
 
     let log = agent.stop();
     assert!(!log.contains("thread fates are off"), "the fate programs attached: {log}");
-    assert!(reader_counter(&log, "fates") >= 9, "{log}");
+    assert!(reader_counter(&log, "fates") >= 11, "{log}");
 }

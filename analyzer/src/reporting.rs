@@ -128,7 +128,7 @@ impl Reporter {
             threshold: threshold(&d.model).unwrap_or(f64::NAN),
             error: d.error,
             top: d.top.iter().map(|s| (s.function.clone(), s.kind.clone(), f64::from(s.probability))).collect(),
-            by_fate: d.p_normal == 0.0 && fates.iter().any(|f| f.tid == d.tid && f.fate.fault_kind().is_some()),
+            by_fate: d.p_normal == 0.0 && fates.iter().any(|f| f.tid == d.tid && f.fault_kind().is_some()),
         });
         let logs = by_file(&store.window_logs(window_id)?);
         let exited = store.ends_exited_process(window_id)?;

@@ -77,7 +77,7 @@ async fn exchange(url: &str, instance: u64, batches: Vec<pb::Batch>) -> (Vec<u64
 }
 
 fn fate(tid: u32, kind: pb::FateKind, code: i32, ts_ns: u64) -> pb::ThreadFate {
-    pb::ThreadFate { pid: 42, tid, ts_ns, kind: kind as i32, code, last_calls: vec![], took_signal: false }
+    pb::ThreadFate { pid: 42, tid, ts_ns, kind: kind as i32, code, ..Default::default() }
 }
 
 fn good(seq: u64) -> pb::Batch {

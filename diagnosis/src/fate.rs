@@ -65,9 +65,21 @@ pub struct ThreadFate {
     pub fate: Fate,
     /// Its last traced calls, oldest first.
     pub last_calls: Vec<String>,
-    /// Killed: the thread took the fault's signal itself (the others of its process died of
-    /// it).
+    /// The thread took a fault's signal itself (the others of its process died of it), with
+    /// the default action or into a crash handler of its own.
     pub took_signal: bool,
+}
+
+impl ThreadFate {
+    /// The fault kind this thread's end shows: its fate's, or a crash when it took a fault's
+    /// signal into its own handler and then exited with a failure status (a crash reporter
+    /// that ends with `_exit(1)` instead of re-raising).
+    pub fn fault_kind(&self) -> Option<FaultKind> {
+        match self.fate {
+            Fate::Exited { status } if self.took_signal && status != 0 => Some(FaultKind::Crash),
+            fate => fate.fault_kind(),
+        }
+    }
 }
 
 /// The verdict a window's fates give, when one shows a fault: P(normal) 0 for that thread, its
@@ -78,7 +90,7 @@ pub struct ThreadFate {
 pub fn verdict(fates: &[ThreadFate], top_k: usize) -> Option<(u32, Diagnosis)> {
     let (thread, kind) = fates
         .iter()
-        .filter_map(|f| Some((f, f.fate.fault_kind()?)))
+        .filter_map(|f| Some((f, f.fault_kind()?)))
         .min_by_key(|(f, k)| (!f.took_signal, *k != FaultKind::Crash))?;
     let mut functions: Vec<&str> = Vec::new();
     for call in thread.last_calls.iter().rev() {
@@ -116,6 +128,11 @@ mod tests {
         }
         let quiet = [fate(1, Fate::Silent, &["a"]), fate(2, Fate::Exited { status: 0 }, &["b"])];
         assert_eq!(verdict(&quiet, 3), None);
+        // A crash handler that ends with a failure status: a crash where the signal came.
+        let handled = ThreadFate { took_signal: true, ..fate(3, Fate::Exited { status: 1 }, &["boom"]) };
+        assert_eq!(handled.fault_kind(), Some(FaultKind::Crash));
+        let recovered = ThreadFate { took_signal: true, ..fate(3, Fate::Exited { status: 0 }, &["boom"]) };
+        assert_eq!(recovered.fault_kind(), None, "a handler that recovered and a clean exit");
     }
 
     #[test]

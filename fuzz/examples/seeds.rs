@@ -65,6 +65,7 @@ fn batches() {
             code: 11,
             last_calls: vec![],
             took_signal: true,
+            fault_calls: vec![2, 3],
         }],
         final_batch: true,
         ..Default::default()

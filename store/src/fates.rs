@@ -45,6 +45,12 @@ pub fn validate(batch: &pb::Batch) -> Result<(), StoreError> {
         if f.pid == 0 || f.tid == 0 || f.ts_ns == 0 || f.ts_ns > i64::MAX as u64 {
             return Err(invalid("fate", format!("fate {i}: pid, tid and ts must be set (ts <= i64::MAX)")));
         }
+        if f.fault_calls.len() > LAST_CALLS || (!f.fault_calls.is_empty() && !f.took_signal) {
+            return Err(invalid(
+                "fate",
+                format!("fate {i}: fault calls come only with took_signal, at most {LAST_CALLS}"),
+            ));
+        }
     }
     Ok(())
 }
@@ -108,15 +114,27 @@ fn earlier_calls(tx: &Transaction, agent: &AgentKey, pid: u32, tid: u32) -> Resu
 
 /// Stores a fate of `tid` in window `wid` (a later fate of the same thread replaces an earlier
 /// one: stopped, then killed). A thread without calls in that window takes its last calls from
-/// its latest earlier window.
-pub fn put(tx: &Transaction, agent: &AgentKey, pid: u32, wid: i64, f: &pb::ThreadFate) -> Result<(), StoreError> {
-    let earlier = earlier_calls(tx, agent, pid, f.tid)?;
+/// its latest earlier window; `at_fault`, the calls the agent saw before the thread took its
+/// fault's signal, replace them when given (a crash handler's calls came after).
+pub fn put(
+    tx: &Transaction,
+    agent: &AgentKey,
+    pid: u32,
+    wid: i64,
+    f: &pb::ThreadFate,
+    at_fault: &[FuncId],
+) -> Result<(), StoreError> {
+    let (calls, replace) = match at_fault.is_empty() {
+        true => (earlier_calls(tx, agent, pid, f.tid)?, false),
+        false => (format(at_fault), true),
+    };
     tx.execute(
         "INSERT INTO threads(window_id, tid, last_calls, fate, code, fate_ts_ns, took_signal)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT DO UPDATE SET fate = excluded.fate, code = excluded.code, fate_ts_ns = excluded.fate_ts_ns,
-           took_signal = excluded.took_signal",
-        params![wid, f.tid, earlier, f.kind, f.code, f.ts_ns as i64, f.took_signal],
+           took_signal = excluded.took_signal,
+           last_calls = CASE WHEN ?8 THEN excluded.last_calls ELSE last_calls END",
+        params![wid, f.tid, calls, f.kind, f.code, f.ts_ns as i64, f.took_signal, replace],
     )?;
     Ok(())
 }
@@ -210,7 +228,7 @@ pub fn of_window(
                 format!("{}:{}", func.module, func.name)
             })
             .collect();
-        out.push(pb::ThreadFate { pid, tid, ts_ns: ts as u64, kind, code, last_calls, took_signal });
+        out.push(pb::ThreadFate { pid, tid, ts_ns: ts as u64, kind, code, last_calls, took_signal, fault_calls: vec![] });
     }
     Ok(out)
 }

@@ -382,6 +382,11 @@ impl Store {
                 return Err(invalid("unknown_symbol", format!("count for undefined symbol {}", c.function)));
             }
         }
+        for (i, f) in batch.fates.iter().enumerate() {
+            if let Some(bad) = f.fault_calls.iter().find(|id| !known(**id)) {
+                return Err(invalid("unknown_symbol", format!("fate {i}: fault call symbol {bad} not defined")));
+            }
+        }
         Ok(())
     }
 
@@ -508,7 +513,10 @@ impl Store {
         last_calls.store(&tx, agent)?;
         for f in &batch.fates {
             match fate_window(&tx, agent, f, len, &mut applied.windows_opened)? {
-                Some(wid) => fates::put(&tx, agent, f.pid, wid, f)?,
+                Some(wid) => {
+                    let at_fault: Vec<FuncId> = f.fault_calls.iter().map(|s| resolve(*s)).collect();
+                    fates::put(&tx, agent, f.pid, wid, f, &at_fault)?
+                }
                 None => applied.late_events += 1,
             }
         }
