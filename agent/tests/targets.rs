@@ -57,8 +57,17 @@ fn shared_library_by_path() {
     let an = AnalyzerProc::start(&dir.path().join("db.sqlite"), free_port(), &[]);
     let plan = write_plan(dir.path(), "lib", &lib, &[("lib_entry", "event"), ("lib_leaf", "callstack")]);
     let agent = AgentProc::start(&plan, &an.url, "lib", dir.path());
-    let status = Command::new(&exe).arg("300").stdout(Stdio::null()).status().unwrap();
-    assert!(status.success());
+    // The program stays up until the analyzer has its first events, as a server would: a
+    // process gone before the reader reads its maps loses callers outside the library.
+    let mut child =
+        Command::new(&exe).args(["300", "linger"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while rt().block_on(windows(&an.url, "lib", false)).iter().all(|w| w.events == 0) {
+        assert!(start.elapsed() < Duration::from_secs(30), "no events: {}", agent.log());
+        sleep(Duration::from_millis(50));
+    }
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
     sleep(Duration::from_millis(300));
     agent.stop();
     let (table, trees) = rt().block_on(afcts(&an.url, "lib"));
