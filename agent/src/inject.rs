@@ -1,11 +1,17 @@
 //! Fault injection for the FDDB campaign (AFETM sec. III.C.1), without a kernel module: an eBPF
 //! uprobe on the target function's entry (or a uretprobe on its return) applies the fault to
 //! every call from attach on (permanent faults), in one process only.
+//! Crash and deadlock sit where the agent's tracer puts the function's probe
+//! ([`probe_site::place`](afetm_elf::probe_site::place): the entry, or the first emulated
+//! instruction of the prologue, e.g. after `endbr64`): a fault in a function happens once it
+//! was entered, so its tracer records the call. At the entry, before a probe moved past
+//! `endbr64`, the signal stops the thread first and the call is never recorded: the thread's
+//! last calls then end in the caller, which a diagnosis would name.
 //!
 //! | fault | where | mechanism |
 //! |---|---|---|
-//! | crash | entry | `bpf_send_signal(SIGKILL)` |
-//! | deadlock | entry | `bpf_send_signal(SIGSTOP)` (the whole process stops) |
+//! | crash | the tracer's probe site | `bpf_send_signal(SIGKILL)` |
+//! | deadlock | the tracer's probe site | `bpf_send_signal(SIGSTOP)` (the whole process stops) |
 //! | IP+N | entry | the uprobe program writes `regs->ip`, or ([`ptrace`] fallback) SIGTRAP + ptrace |
 //! | input corruption | entry | register parameters: `regs` write or ptrace fallback; stack parameters: `bpf_probe_write_user`, or ptrace `POKEDATA` at the entry rsp the probe recorded |
 //! | output corruption | return | uretprobe writes `regs->ax`, or SIGTRAP + ptrace |
@@ -137,11 +143,21 @@ fn program(fault: Fault) -> &'static str {
 /// How the eBPF programs apply `fault` where the kernel allows them to.
 fn direct_mechanism(fault: Fault) -> &'static str {
     match fault {
-        Fault::Crash | Fault::Deadlock => "eBPF bpf_send_signal at entry",
+        Fault::Crash | Fault::Deadlock => "eBPF bpf_send_signal at the tracer's probe site",
         Fault::IpPlus(_) => "eBPF uprobe context write (ip) at entry",
         Fault::Input { arg, .. } if arg < 6 => "eBPF uprobe context write (parameter register) at entry",
         Fault::Input { .. } => "eBPF bpf_probe_write_user (stack parameter) at entry",
         Fault::Output { .. } => "eBPF uretprobe context write (rax) at return",
+    }
+}
+
+/// Where `fault` is attached in `func`: crash and deadlock at the tracer's probe site (see
+/// the module doc), the other faults at the entry (IP+N and input corruption count
+/// instructions and read registers from there).
+fn stop_site(module: &Module, func: &crate::symbols::Function, fault: Fault) -> u64 {
+    match fault {
+        Fault::Crash | Fault::Deadlock => afetm_elf::probe_site::place(func.start, module.code(func)).vaddr,
+        _ => func.start,
     }
 }
 
@@ -235,7 +251,8 @@ impl Injector {
             .copied()
             .cloned()
             .ok_or_else(|| InjectError::UnknownFunction(function.to_string(), module_path.display().to_string()))?;
-        let offset = module.vaddr_to_offset(func.start).ok_or_else(|| InjectError::NoOffset(function.to_string()))?;
+        let offset = module.vaddr_to_offset(stop_site(&module, &func, fault))
+            .ok_or_else(|| InjectError::NoOffset(function.to_string()))?;
         // Lengths of the function's first two instructions (IP+N defaults).
         let lens = afetm_elf::probe_site::instruction_lengths(func.start, module.code(&func), 2);
         let mut ebpf = object()?;

@@ -69,9 +69,9 @@ impl FromStr for FaultKind {
 /// One fault: its type and parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Fault {
-    /// Process crash (SIGKILL at entry).
+    /// Process crash (SIGKILL once the function is entered).
     Crash,
-    /// Deadlock: the process stops (SIGSTOP at entry).
+    /// Deadlock: the process stops (SIGSTOP once the function is entered).
     Deadlock,
     /// IP+N at entry; `None` = the injector's default (skip one instruction).
     IpPlus(Option<u32>),

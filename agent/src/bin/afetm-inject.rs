@@ -77,7 +77,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(()) => "yes".to_string(),
             Err(e) => format!("no ({e})"),
         };
-        println!("crash, deadlock (bpf_send_signal at entry): {}", show(&c.signal));
+        println!("crash, deadlock (bpf_send_signal once the function is entered): {}", show(&c.signal));
         println!("input, stack parameters (bpf_probe_write_user at entry): {}", show(&c.stack));
         println!("ip+N, input, register parameters (uprobe context write): {}", show(&c.regs));
         println!("output (uretprobe context write): {}", show(&c.ret));
