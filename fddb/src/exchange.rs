@@ -9,7 +9,9 @@ use std::{io::Write, path::Path};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::{Applied, Fault, Fddb, FddbError, FunctionRow, Phases, RunRow, Settings, decode_tree, insert_run};
+use crate::{
+    Applied, Fault, Fddb, FddbError, FunctionRow, Phases, RunFate, RunRow, Settings, decode_tree, insert_fates, insert_run,
+};
 
 /// A tree of a run, by its FCT's hash.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -73,6 +75,9 @@ enum Line {
         trees: Vec<RunTree>,
         logs: Vec<(String, String)>,
         applications: Vec<Applied>,
+        /// Absent in exports of schema 3.
+        #[serde(default)]
+        fates: Vec<RunFate>,
     },
 }
 
@@ -174,6 +179,7 @@ impl Fddb {
                         trees: Vec::new(),
                         logs: Vec::new(),
                         applications: Vec::new(),
+                        fates: Vec::new(),
                     },
                 ))
             })?
@@ -192,7 +198,7 @@ impl Fddb {
         let mut log_st =
             self.conn.prepare("SELECT source, excerpt FROM logs WHERE run_id = ?1 ORDER BY source, excerpt")?;
         for (id, mut line) in runs {
-            if let Line::Run { trees, logs, applications, .. } = &mut line {
+            if let Line::Run { trees, logs, applications, fates, .. } = &mut line {
                 for r in tree_st.query_map([id], |r| {
                     Ok(RunTree {
                         hash: r.get(0)?,
@@ -210,6 +216,7 @@ impl Fddb {
                     logs.push(r?);
                 }
                 applications.extend(self.run_applications(id)?);
+                fates.extend(self.run_fates(id)?);
             }
             out.push(json(&line));
         }
@@ -343,6 +350,7 @@ fn import_run(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
         trees,
         logs,
         applications,
+        fates,
     } = l
     else {
         return Ok(());
@@ -385,6 +393,7 @@ fn import_run(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
         new_fcts: *new_fcts,
     };
     let run = insert_run(tx, &row, logs, applications)?;
+    insert_fates(tx, run, fates)?;
     for rt in trees {
         let fct: i64 = tx
             .query_row("SELECT id FROM fcts WHERE target_id = ?1 AND hash = ?2", params![t, rt.hash], |r| r.get(0))

@@ -70,9 +70,17 @@ pub enum FddbError {
     Lookup(String),
 }
 
-/// The schema this code reads and writes (`PRAGMA user_version`). Version 2 databases are
-/// upgraded in place ([`MIGRATE_2_3`]).
-pub const SCHEMA_VERSION: i64 = 3;
+/// The schema this code reads and writes (`PRAGMA user_version`). Version 2 and 3 databases
+/// are upgraded in place ([`MIGRATE_2_3`], [`MIGRATE_3_4`]).
+pub const SCHEMA_VERSION: i64 = 4;
+
+/// Version 3 -> 4: thread fates (runs recorded before have none).
+const MIGRATE_3_4: &str = "
+CREATE TABLE IF NOT EXISTS run_fates (run_id INTEGER NOT NULL REFERENCES runs(id), pid INTEGER NOT NULL,
+  tid INTEGER NOT NULL, window_start_ns INTEGER NOT NULL, ts_ns INTEGER NOT NULL, kind TEXT NOT NULL,
+  code INTEGER NOT NULL, took_signal INTEGER NOT NULL, last_calls TEXT NOT NULL,
+  PRIMARY KEY (run_id, pid, tid, window_start_ns));
+";
 
 /// Version 2 -> 3: faults held out of training (`held_out`) and window ends (`end_ns`; NULL
 /// for trees recorded before, read as "ended after the injection": the campaign cut every
@@ -107,6 +115,10 @@ CREATE TABLE IF NOT EXISTS run_trees (run_id INTEGER NOT NULL REFERENCES runs(id
 CREATE TABLE IF NOT EXISTS applications (run_id INTEGER NOT NULL REFERENCES runs(id), pid INTEGER NOT NULL,
   tid INTEGER NOT NULL, first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS logs (run_id INTEGER NOT NULL REFERENCES runs(id), source TEXT NOT NULL, excerpt TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS run_fates (run_id INTEGER NOT NULL REFERENCES runs(id), pid INTEGER NOT NULL,
+  tid INTEGER NOT NULL, window_start_ns INTEGER NOT NULL, ts_ns INTEGER NOT NULL, kind TEXT NOT NULL,
+  code INTEGER NOT NULL, took_signal INTEGER NOT NULL, last_calls TEXT NOT NULL,
+  PRIMARY KEY (run_id, pid, tid, window_start_ns));
 CREATE INDEX IF NOT EXISTS runs_fault ON runs(fault_id, role);
 CREATE INDEX IF NOT EXISTS run_trees_fct ON run_trees(fct_id);
 ";
@@ -340,6 +352,109 @@ pub struct Run {
     pub logs: Vec<(String, String)>,
     /// Where and when the fault was applied.
     pub applications: Vec<Applied>,
+    /// How the run's threads ended or stopped before the harness ended the run (the
+    /// analyzer's fates, with the full trace's last calls).
+    pub fates: Vec<RunFate>,
+}
+
+/// A thread's fate in a run: the analyzer's [`pb::ThreadFate`] (the full trace's last calls,
+/// "module:function", oldest first) and the window it fell in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFate {
+    /// Start of the window the fate fell in (agent clock, ns): the key of the thread's tree
+    /// there, if it made calls in it.
+    pub window_start_ns: u64,
+    /// Process.
+    pub pid: u32,
+    /// Thread.
+    pub tid: u32,
+    /// When (agent clock, ns).
+    pub ts_ns: u64,
+    /// How it ended or stopped.
+    pub kind: FateKind,
+    /// Exit status or signal.
+    pub code: i32,
+    /// The thread took a fault's signal itself.
+    pub took_signal: bool,
+    /// Its last traced calls, oldest first ("module:function").
+    pub last_calls: Vec<String>,
+}
+
+/// How a thread ended or stopped ([`pb::FateKind`] without its unspecified value); stored
+/// as its lower-case name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FateKind {
+    /// Left on its own; `code` is the exit status.
+    Exited,
+    /// Ended by the signal `code`.
+    Killed,
+    /// Stopped by the signal `code`.
+    Stopped,
+    /// Made calls in the window before and none in this one while its process lived.
+    Silent,
+}
+
+impl FateKind {
+    const ALL: [FateKind; 4] = [FateKind::Exited, FateKind::Killed, FateKind::Stopped, FateKind::Silent];
+
+    /// The name stored in the `kind` column.
+    pub fn name(self) -> &'static str {
+        match self {
+            FateKind::Exited => "exited",
+            FateKind::Killed => "killed",
+            FateKind::Stopped => "stopped",
+            FateKind::Silent => "silent",
+        }
+    }
+
+    fn parse(name: &str) -> Option<FateKind> {
+        FateKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl RunFate {
+    /// The fate of `f` in the window starting at `window_start_ns`; `None` for a fate of no
+    /// known kind.
+    pub fn new(window_start_ns: u64, f: &pb::ThreadFate) -> Option<RunFate> {
+        let kind = match pb::FateKind::try_from(f.kind).ok()? {
+            pb::FateKind::Exited => FateKind::Exited,
+            pb::FateKind::Killed => FateKind::Killed,
+            pb::FateKind::Stopped => FateKind::Stopped,
+            pb::FateKind::Silent => FateKind::Silent,
+            pb::FateKind::Unspecified => return None,
+        };
+        Some(RunFate {
+            window_start_ns,
+            pid: f.pid,
+            tid: f.tid,
+            ts_ns: f.ts_ns,
+            kind,
+            code: f.code,
+            took_signal: f.took_signal,
+            last_calls: f.last_calls.clone(),
+        })
+    }
+
+    /// As the analyzer serves it in a window's fates.
+    pub fn to_proto(&self) -> pb::ThreadFate {
+        let kind = match self.kind {
+            FateKind::Exited => pb::FateKind::Exited,
+            FateKind::Killed => pb::FateKind::Killed,
+            FateKind::Stopped => pb::FateKind::Stopped,
+            FateKind::Silent => pb::FateKind::Silent,
+        };
+        pb::ThreadFate {
+            pid: self.pid,
+            tid: self.tid,
+            ts_ns: self.ts_ns,
+            kind: kind as i32,
+            code: self.code,
+            last_calls: self.last_calls.clone(),
+            took_signal: self.took_signal,
+            fault_calls: Vec::new(),
+        }
+    }
 }
 
 /// A stored run as the evaluation reads it.
@@ -478,7 +593,9 @@ impl Fddb {
         let tables: i64 =
             conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
         if version == 2 && tables > 0 {
-            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_2_3} PRAGMA user_version = 3; COMMIT;"))?;
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_2_3} {MIGRATE_3_4} PRAGMA user_version = 4; COMMIT;"))?;
+        } else if version == 3 && tables > 0 {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_3_4} PRAGMA user_version = 4; COMMIT;"))?;
         } else if version != SCHEMA_VERSION && (version != 0 || tables > 0) {
             return Err(FddbError::Schema { path: path.display().to_string(), found: version });
         }
@@ -641,6 +758,7 @@ impl Fddb {
             new_fcts: 0,
         };
         let run_id = insert_run(&tx, &row, &run.logs, &run.applications)?;
+        insert_fates(&tx, run_id, &run.fates)?;
         let normal: HashSet<i64> = ids(
             &tx,
             "SELECT DISTINCT rt.fct_id FROM run_trees rt JOIN runs r ON r.id = rt.run_id
@@ -858,6 +976,40 @@ impl Fddb {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// How a run's threads ended or stopped, by process, thread and window.
+    pub fn run_fates(&self, run: i64) -> Result<Vec<RunFate>, FddbError> {
+        let mut st = self.conn.prepare(
+            "SELECT window_start_ns, pid, tid, ts_ns, kind, code, took_signal, last_calls FROM run_fates
+             WHERE run_id = ?1 ORDER BY pid, tid, window_start_ns",
+        )?;
+        let rows = st.query_map([run], |r| {
+            Ok((
+                RunFate {
+                    window_start_ns: r.get::<_, i64>(0)? as u64,
+                    pid: r.get(1)?,
+                    tid: r.get(2)?,
+                    ts_ns: r.get::<_, i64>(3)? as u64,
+                    kind: FateKind::Exited,
+                    code: r.get(5)?,
+                    took_signal: r.get(6)?,
+                    last_calls: Vec::new(),
+                },
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut f, kind, calls) = row?;
+            f.kind = FateKind::parse(&kind)
+                .ok_or_else(|| FddbError::Stored(format!("fate of run {run} thread {}: kind {kind:?}", f.tid)))?;
+            f.last_calls = serde_json::from_str(&calls)
+                .map_err(|e| FddbError::Stored(format!("last calls of run {run} thread {}: {e}", f.tid)))?;
+            out.push(f);
+        }
+        Ok(out)
+    }
+
     /// A run's log excerpts as (source, text), by source.
     pub fn run_logs(&self, run: i64) -> Result<Vec<(String, String)>, FddbError> {
         let mut st = self.conn.prepare("SELECT source, excerpt FROM logs WHERE run_id = ?1 ORDER BY source")?;
@@ -1049,6 +1201,20 @@ fn insert_run(
         )?;
     }
     Ok(run)
+}
+
+/// A run's fates; a second fate of one thread in one window replaces the first (the store
+/// keeps one per thread and window too).
+fn insert_fates(tx: &rusqlite::Transaction, run: i64, fates: &[RunFate]) -> Result<(), FddbError> {
+    for f in fates {
+        let calls = serde_json::to_string(&f.last_calls).map_err(|e| FddbError::Stored(e.to_string()))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO run_fates(run_id, pid, tid, window_start_ns, ts_ns, kind, code, took_signal, last_calls)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![run, f.pid, f.tid, f.window_start_ns as i64, f.ts_ns as i64, f.kind.name(), f.code, f.took_signal, calls],
+        )?;
+    }
+    Ok(())
 }
 
 /// Stores an FCT unless its structure is there already; its id either way.

@@ -29,7 +29,23 @@ fn run(role: Role, status: RunStatus, m: Manifestation) -> Run {
         wall_ms: 10,
         logs: vec![("redis.log".into(), "line".into())],
         applications: vec![Applied { pid: 1, tid: 1, first_ns: 5, last_ns: 9, count: 3 }],
+        fates: Vec::new(),
     }
+}
+
+/// Thread 1 killed by SIGSEGV in `call`, thread 2 silent, in the window starting at 0.
+fn crash_fates() -> Vec<RunFate> {
+    let fate = |tid, kind, code, calls: &[&str]| RunFate {
+        window_start_ns: 0,
+        pid: 1,
+        tid,
+        ts_ns: 7,
+        kind,
+        code,
+        took_signal: tid == 1,
+        last_calls: calls.iter().map(|c| format!("m:{c}")).collect(),
+    };
+    vec![fate(1, FateKind::Killed, 11, &["main", "call"]), fate(2, FateKind::Silent, 0, &["leaf"])]
 }
 
 fn setup(dir: &Path) -> (Fddb, i64, i64, i64) {
@@ -122,9 +138,13 @@ fn export_import_round_trip_and_idempotence() {
     .unwrap();
     let normal = run(Role::Train, RunStatus::Ok, Manifestation::Normal);
     db.record_run(t, None, &normal, &[tree(&["main", "call"], false, 1)], Done::No).unwrap();
-    let crash = run(Role::Train, RunStatus::Ok, Manifestation::Crash);
-    db.record_run(t, Some(a), &crash, &[tree(&["main"], true, 1), tree(&["main", "call"], true, 2)], Done::Yes)
+    let crash = Run { fates: crash_fates(), ..run(Role::Train, RunStatus::Ok, Manifestation::Crash) };
+    let r = db
+        .record_run(t, Some(a), &crash, &[tree(&["main"], true, 1), tree(&["main", "call"], true, 2)], Done::Yes)
         .unwrap();
+    assert_eq!(db.run_fates(r.run_id).unwrap(), crash_fates(), "fates are stored as given");
+    let served = crash_fates()[0].to_proto();
+    assert_eq!(RunFate::new(0, &served), Some(crash_fates()[0].clone()), "and read back from the wire type");
     let out = dir.path().join("export.jsonl");
     let n = db.export(&out).unwrap();
     let mut other = Fddb::open(&dir.path().join("g.sqlite")).unwrap();
@@ -252,8 +272,36 @@ fn a_version_2_fddb_is_upgraded_in_place() {
     let held: Option<String> = db.conn.query_row("SELECT held_out FROM faults", [], |r| r.get(0)).unwrap();
     assert_eq!(held, None, "an old fault is a training fault");
     db.conn.query_row("SELECT COUNT(end_ns) FROM run_trees", [], |r| r.get::<_, i64>(0)).unwrap();
+    db.conn.query_row("SELECT COUNT(*) FROM run_fates", [], |r| r.get::<_, i64>(0)).unwrap();
     drop(db);
     Fddb::open(&p).expect("an upgraded FDDB opens again");
+}
+
+#[test]
+fn a_version_3_fddb_gets_fates_and_keeps_its_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, a, _) = setup(dir.path());
+    let crash = run(Role::Train, RunStatus::Ok, Manifestation::Crash);
+    let r = db.record_run(t, Some(a), &crash, &[tree(&["main"], true, 1)], Done::No).unwrap();
+    db.conn.execute_batch("DROP TABLE run_fates; PRAGMA user_version = 3;").unwrap();
+    drop(db);
+    let mut db = Fddb::open(&dir.path().join("f.sqlite")).expect("a version 3 FDDB is upgraded");
+    let v: i64 = db.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    assert_eq!(db.run_fates(r.run_id).unwrap(), Vec::new(), "runs recorded before have no fates");
+    let again = Run { fates: crash_fates(), ..crash };
+    let r = db.record_run(t, Some(a), &again, &[tree(&["main"], true, 1)], Done::No).unwrap();
+    assert_eq!(db.run_fates(r.run_id).unwrap().len(), 2);
+}
+
+#[test]
+fn a_stored_fate_of_unknown_kind_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, a, _) = setup(dir.path());
+    let crash = Run { fates: crash_fates(), ..run(Role::Train, RunStatus::Ok, Manifestation::Crash) };
+    let r = db.record_run(t, Some(a), &crash, &[tree(&["main"], true, 1)], Done::No).unwrap();
+    db.conn.execute("UPDATE run_fates SET kind = 'vanished' WHERE tid = 2", []).unwrap();
+    assert!(matches!(db.run_fates(r.run_id), Err(FddbError::Stored(m)) if m.contains("vanished")));
 }
 
 #[test]
@@ -294,4 +342,18 @@ fn held_out_faults_get_no_training_and_survive_export() {
     other.import(&out).unwrap();
     assert_eq!(other.export_lines().unwrap(), db.export_lines().unwrap());
     assert_eq!(other.valid_runs("redis", Role::Eval).unwrap()[0].held_out, Some(HeldOut::Spec));
+}
+
+#[test]
+fn a_real_export_imports_with_and_without_fates() {
+    // The fuzz seed: cut from a real campaign export; its crash run carries a fate, its hang
+    // run none (as lines of schema 3 do).
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/fddb_import/runs.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Fddb::open(&dir.path().join("f.sqlite")).unwrap();
+    assert!(db.import(&seed).unwrap() > 0);
+    let lines = db.export_lines().unwrap();
+    let with_fates: Vec<_> = lines.iter().filter(|l| l.contains("\"kind\":\"killed\"")).collect();
+    assert_eq!(with_fates.len(), 1, "one run line carries the crash's fate: {lines:?}");
+    assert!(with_fates[0].contains("redis-server:zmalloc"), "with its last calls");
 }
