@@ -53,7 +53,7 @@ pub(crate) fn wait_file(path: &Path, child: &mut Child, what: &str, log: &Path) 
 /// Kills `victims` if still running at `deadline`, unless finished first.
 pub(crate) struct Watchdog {
     cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<bool>,
+    handle: std::thread::JoinHandle<Option<u64>>,
 }
 
 impl Watchdog {
@@ -64,23 +64,25 @@ impl Watchdog {
         let handle = std::thread::spawn(move || {
             while !c.load(Ordering::Relaxed) {
                 if Instant::now() >= deadline {
+                    let at = testbed::monotonic_ns();
                     for pid in &victims {
                         // SAFETY: kill has no memory preconditions; processes of this run.
                         unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
                     }
-                    return true;
+                    return Some(at);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            false
+            None
         });
         Watchdog { cancel, handle }
     }
 
-    /// Stops watching; whether the deadline had passed (and the victims were killed).
-    pub(crate) fn finish(self) -> bool {
+    /// Stops watching; when (monotonic ns, the agent's clock) the deadline passed and the
+    /// victims were killed, if it did.
+    pub(crate) fn finish(self) -> Option<u64> {
         self.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.join().unwrap_or(false)
+        self.handle.join().unwrap_or(None)
     }
 }
 
@@ -102,12 +104,14 @@ mod tests {
     fn watchdog_kills_only_after_its_deadline() {
         let mut slow = Command::new("sleep").arg("30").spawn().unwrap();
         let w = Watchdog::start(vec![slow.id()], Instant::now() + Duration::from_millis(200));
+        let before = testbed::monotonic_ns();
         let status = slow.wait().unwrap();
-        assert!(w.finish(), "the deadline passed");
+        let at = w.finish().expect("the deadline passed");
+        assert!(at >= before && at <= testbed::monotonic_ns(), "killed at {at}, started watching at {before}");
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
         let mut quick = Command::new("sleep").arg("30").spawn().unwrap();
         let w = Watchdog::start(vec![quick.id()], Instant::now() + Duration::from_secs(60));
-        assert!(!w.finish(), "finished before the deadline");
+        assert_eq!(w.finish(), None, "finished before the deadline");
         assert!(quick.try_wait().unwrap().is_none(), "not killed");
         quick.kill().unwrap();
         quick.wait().unwrap();

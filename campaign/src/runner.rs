@@ -38,7 +38,7 @@ use std::{
 use afetm_calltree::tree::{Forest, FuncTable};
 use afetm_elf::{dwarf, symbols::Module};
 use afetm_fault::{Applied, Fault};
-use afetm_fddb::{Done, Fddb, FunctionRow, LabelledTree, Manifestation, Phases, Role, Run, RunStatus, Settings};
+use afetm_fddb::{Done, Fddb, FunctionRow, LabelledTree, Manifestation, Phases, Role, Run, RunFate, RunStatus, Settings};
 use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
 use afetm_selection::weights::Weights;
 use anyhow::{Context, Result, bail};
@@ -395,12 +395,16 @@ impl Session {
         let stopped = victims.iter().any(|p| state(*p) == Some('T'));
         // The exits close the processes' windows (and end the injectors, whose reports hold
         // what they applied); the next run's tier starts meanwhile.
-        let timed_out = watchdog.finish();
+        let harness_end = testbed::monotonic_ns();
+        let watchdog_kill = watchdog.finish();
+        let timed_out = watchdog_kill.is_some();
+        // From here the harness ends the processes: their fates say nothing of the fault.
+        let harness_end = watchdog_kill.map_or(harness_end, |at| at.min(harness_end));
         self.restart_in_background()?;
         let killed = Instant::now();
         let (applied, applications) = collect_injectors(injectors);
         let injectors_stopped = Instant::now();
-        let fcts = self.fcts_of(&victims, from_ns)?;
+        let (fcts, fates) = self.fcts_of(&victims, from_ns, harness_end)?;
         let fetched = Instant::now();
         let drops_after = self.drops("full")?;
         tracing::debug!(
@@ -473,6 +477,7 @@ impl Session {
             wall_ms: ms(done - started),
             logs,
             applications,
+            fates,
         };
         Ok((run, trees))
     }
@@ -546,8 +551,10 @@ impl Session {
         Ok((injectors, problems))
     }
 
-    /// The FCTs of `pids`' windows that ended at or after `from_ns`, once all are closed.
-    fn fcts_of(&self, pids: &[u32], from_ns: u64) -> Result<Vec<Fct>> {
+    /// The FCTs of `pids`' windows that ended at or after `from_ns`, once all are closed, and
+    /// the fates of their threads before `harness_end` (AFETM sec. III.C.1: the full trace's
+    /// view, from which any plan's can be derived). The harness's own kills come after it.
+    fn fcts_of(&self, pids: &[u32], from_ns: u64, harness_end: u64) -> Result<(Vec<Fct>, Vec<RunFate>)> {
         self.query(async |mut q| {
             let t = Instant::now();
             let windows = loop {
@@ -562,7 +569,13 @@ impl Session {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             };
             let mut out = Vec::new();
+            let mut fates = Vec::new();
             for w in windows.iter().filter(|w| w.closed) {
+                let window = Window { pid: w.pid, tid: 0, start_ns: w.start_ns, end_ns: w.end_ns };
+                if label::kept(&window, from_ns) {
+                    let before_end = w.fates.iter().filter(|f| f.ts_ns < harness_end);
+                    fates.extend(before_end.filter_map(|f| RunFate::new(w.start_ns, f)));
+                }
                 for tid in &w.tids {
                     let window = Window { pid: w.pid, tid: *tid, start_ns: w.start_ns, end_ns: w.end_ns };
                     if !label::kept(&window, from_ns) {
@@ -586,7 +599,7 @@ impl Session {
                     }
                 }
             }
-            Ok(out)
+            Ok((out, fates))
         })
     }
 }

@@ -139,6 +139,12 @@ fn small_redis_campaign_full_traces_honest_labels_resumable() {
     assert!(fault_runs.len() >= 10, "zmalloc is called all the time: {} valid fault runs", fault_runs.len());
     let crash = fault_runs.iter().find(|r| r["fault"] == "crash").unwrap();
     assert_eq!(crash["manifestation"], "crash");
+    // The crash's fate is stored: SIGKILL (the injector's), and the thread that called zmalloc
+    // has it as its last call (the injection fires where the tracer probes the function).
+    let fates = crash["fates"].as_array().unwrap();
+    assert!(fates.iter().all(|f| f["kind"] == "killed" && f["code"] == 9), "{fates:?}");
+    let last = |f: &serde_json::Value| f["last_calls"].as_array().unwrap().last().cloned();
+    assert!(fates.iter().any(|f| last(f) == Some("redis-server:zmalloc".into())), "{fates:?}");
     let deadlock = fault_runs.iter().find(|r| r["fault"] == "deadlock").unwrap();
     assert_eq!(deadlock["manifestation"], "hang");
 
