@@ -240,7 +240,7 @@ impl Diagnoser {
     /// The verdict of a window's fates alone (`afetm_diagnosis::fate`): for windows of agents
     /// no model serves, and over the GCN's.
     pub fn diagnose_fates(&self, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
-        fate::verdict(&thread_fates(&w.fates), self.top_k).map(|(tid, d)| (tid, d, 0))
+        fate::verdict(&fate::from_proto(&w.fates), self.top_k).map(|(tid, d)| (tid, d, 0))
     }
 
     /// The GCN's verdict on a window's trees: that of the thread with the lowest P(normal).
@@ -321,25 +321,6 @@ impl Diagnoser {
     pub fn models(&self) -> usize {
         lock(&self.served).len()
     }
-}
-
-/// A window's fates as the diagnosis reads them: kinds typed, calls named without the module.
-pub(crate) fn thread_fates(fates: &[pb::ThreadFate]) -> Vec<fate::ThreadFate> {
-    fates
-        .iter()
-        .filter_map(|f| {
-            let fate = match pb::FateKind::try_from(f.kind).ok()? {
-                pb::FateKind::Exited => fate::Fate::Exited { status: f.code },
-                pb::FateKind::Killed => fate::Fate::Killed { signal: f.code },
-                pb::FateKind::Stopped => fate::Fate::Stopped { signal: f.code },
-                pb::FateKind::Silent => fate::Fate::Silent,
-                pb::FateKind::Unspecified => return None,
-            };
-            let last_calls =
-                f.last_calls.iter().map(|c| c.split_once(':').map_or(c.as_str(), |(_, n)| n).to_string()).collect();
-            Some(fate::ThreadFate { tid: f.tid, fate, last_calls, took_signal: f.took_signal })
-        })
-        .collect()
 }
 
 /// Where a model retrained for `plan` is written: beside the original, named by the plan.

@@ -121,7 +121,7 @@ impl Reporter {
         let req = pb::ListDiagnosesRequest { window_id, ..Default::default() };
         let d = store.list_diagnoses(&req)?.into_iter().next();
         let afct = d.as_ref().and_then(|d| w.trees.iter().find(|(t, _)| *t == d.tid)).map(|(_, t)| t.clone());
-        let fates = crate::diagnoser::thread_fates(&w.fates);
+        let fates = afetm_diagnosis::fate::from_proto(&w.fates);
         let gcn = d.as_ref().map(|d| Gcn {
             tid: d.tid,
             p_normal: f64::from(d.p_normal),

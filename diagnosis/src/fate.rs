@@ -14,6 +14,7 @@
 //! Silent threads are recorded for the model's features, not alarmed on here.
 
 use afetm_fault::FaultKind;
+use afetm_proto as pb;
 
 use crate::{Diagnosis, Suspect};
 
@@ -80,6 +81,27 @@ impl ThreadFate {
             fate => fate.fault_kind(),
         }
     }
+}
+
+/// Fates as the analyzer serves them (a window's `fates`), as the diagnosis reads them: kinds
+/// typed, calls named without their module (as the model's classes name functions). A fate of
+/// no known kind is left out.
+pub fn from_proto(fates: &[pb::ThreadFate]) -> Vec<ThreadFate> {
+    fates
+        .iter()
+        .filter_map(|f| {
+            let fate = match pb::FateKind::try_from(f.kind).ok()? {
+                pb::FateKind::Exited => Fate::Exited { status: f.code },
+                pb::FateKind::Killed => Fate::Killed { signal: f.code },
+                pb::FateKind::Stopped => Fate::Stopped { signal: f.code },
+                pb::FateKind::Silent => Fate::Silent,
+                pb::FateKind::Unspecified => return None,
+            };
+            let last_calls =
+                f.last_calls.iter().map(|c| c.split_once(':').map_or(c.as_str(), |(_, n)| n).to_string()).collect();
+            Some(ThreadFate { tid: f.tid, fate, last_calls, took_signal: f.took_signal })
+        })
+        .collect()
 }
 
 /// The verdict a window's fates give, when one shows a fault: P(normal) 0 for that thread, its
@@ -158,5 +180,33 @@ mod tests {
         ];
         let (tid, d) = verdict(&segv, 3).expect("a verdict");
         assert_eq!((tid, d.top[0].function.as_str()), (2, "boom"));
+    }
+
+    #[test]
+    fn served_fates_are_typed_and_named_without_their_module() {
+        let served = |kind: pb::FateKind, code| pb::ThreadFate {
+            pid: 1,
+            tid: 5,
+            kind: kind as i32,
+            code,
+            last_calls: vec!["redis-server:main".into(), "plain".into()],
+            took_signal: true,
+            ..Default::default()
+        };
+        let fates = from_proto(&[
+            served(pb::FateKind::Killed, 11),
+            served(pb::FateKind::Stopped, 19),
+            served(pb::FateKind::Exited, 3),
+            served(pb::FateKind::Silent, 0),
+            served(pb::FateKind::Unspecified, 0),
+        ]);
+        let kinds: Vec<Fate> = fates.iter().map(|f| f.fate).collect();
+        assert_eq!(
+            kinds,
+            [Fate::Killed { signal: 11 }, Fate::Stopped { signal: 19 }, Fate::Exited { status: 3 }, Fate::Silent],
+            "an unspecified fate is left out"
+        );
+        assert_eq!(fates[0].last_calls, ["main", "plain"]);
+        assert!(fates[0].took_signal && fates[0].tid == 5);
     }
 }
