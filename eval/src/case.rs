@@ -7,13 +7,23 @@
 //! - [`from_live`]: fresh injections into the running shop, each window with the AFCT the
 //!   daemon built and the diagnosis it stored.
 
-use std::{collections::HashMap, path::Path, str::FromStr};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    str::FromStr,
+};
 
 use afetm_analyzer::store::Store;
-use afetm_diagnosis::Class;
+use afetm_diagnosis::{
+    Class,
+    fate::{self, ThreadFate},
+};
 use afetm_fault::{Applied, Fault, FaultKind};
 use afetm_fddb::{Fddb, HeldOut, Role, dataset::DatasetOptions};
-use afetm_proto::{self as pb, plan::PlanFile};
+use afetm_proto::{
+    self as pb,
+    plan::{Mode, PlanFile},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::EvalError;
@@ -59,6 +69,10 @@ pub struct Window {
     pub end_unix_ms: Option<i64>,
     /// The daemon's diagnosis when this thread was the window's verdict (live only).
     pub stored: Option<Stored>,
+    /// How the thread ended or stopped in this window, if it did, with its last calls as the
+    /// plan's agent would have seen them (FDDB runs: the full trace's last calls that the plan
+    /// traces). A window may hold a fate and no tree: a thread that made no traced call.
+    pub fate: Option<ThreadFate>,
 }
 
 /// One run: a fault injection or a normal run.
@@ -180,7 +194,35 @@ pub fn from_fddb(fddb: &Fddb, target: &str, plan: Option<&PlanFile>, role: Role)
             Ok(())
         })?;
     }
+    let traced: Option<HashSet<&str>> =
+        plan.map(|p| p.points.iter().filter(|p| p.mode != Mode::Count).map(|p| p.function.as_str()).collect());
+    for c in &mut cases {
+        for f in fddb.run_fates(c.run)? {
+            let mut served = f.to_proto();
+            if let Some(traced) = &traced {
+                served.last_calls.retain(|call| traced.contains(call.split_once(':').map_or(call.as_str(), |(_, n)| n)));
+            }
+            if let Some(fate) = fate::from_proto(&[served]).pop() {
+                attach_fate(c, f.pid, f.window_start_ns, f.ts_ns, fate);
+            }
+        }
+    }
     Ok(cases)
+}
+
+/// Puts `fate` on its thread's window of the process's window starting at `start_ns`, or on a
+/// window of its own when the thread has no tree there (it ends where the process's other
+/// windows do, or at the fate; it is faulty when the run's crash or deadlock came before).
+fn attach_fate(case: &mut Case, pid: u32, start_ns: u64, ts_ns: u64, fate: ThreadFate) {
+    let same = |w: &&mut Window| w.pid == pid && w.start_ns == start_ns;
+    if let Some(w) = case.windows.iter_mut().filter(same).find(|w| w.tid == fate.tid) {
+        w.fate = Some(fate);
+        return;
+    }
+    let end = case.windows.iter_mut().filter(same).filter_map(|w| w.end_ns).max().unwrap_or(ts_ns).max(ts_ns);
+    let ends_process = matches!(case.truth, Class::Fault { kind: FaultKind::Crash | FaultKind::Deadlock, .. });
+    let faulty = ends_process && case.first_applied_ns.is_some_and(|a| a <= end);
+    case.windows.push(Window { pid, tid: fate.tid, start_ns, end_ns: Some(end), faulty, fate: Some(fate), ..Window::default() });
 }
 
 /// One fresh injection (or normal run) into the running shop, as `cargo xtask eval` records
@@ -255,6 +297,7 @@ fn live_case(store: &Store, index: i64, run: &LiveRun, window_ms: u64) -> Result
             continue;
         }
         let end = w.end_ns.max(w.start_ns + window_ms * 1_000_000);
+        let mut fates = fate::from_proto(&w.fates);
         for tid in &w.tids {
             let applied = |a: &Applied| a.overlaps(w.start_ns, end) && (a.tid == *tid || everywhere);
             let faulty = run.applications.iter().any(applied) || (everywhere && first.is_some_and(|f| f <= end));
@@ -270,6 +313,23 @@ fn live_case(store: &Store, index: i64, run: &LiveRun, window_ms: u64) -> Result
                 afct: store.afct(w.id, *tid)?.filter(|t| !t.nodes.is_empty()),
                 end_unix_ms: Some(run.unix_ms(end)),
                 stored,
+                fate: fates.iter().position(|f| f.tid == *tid).map(|i| fates.swap_remove(i)),
+            });
+        }
+        // Threads that ended or stopped with no traced call in the window.
+        for fate in fates {
+            let faulty = everywhere && first.is_some_and(|f| f <= end);
+            let stored = stored.get(&w.id).filter(|d| d.tid == fate.tid).map(stored_of);
+            windows.push(Window {
+                pid: w.pid,
+                tid: fate.tid,
+                start_ns: w.start_ns,
+                end_ns: Some(end),
+                faulty,
+                end_unix_ms: Some(run.unix_ms(end)),
+                stored,
+                fate: Some(fate),
+                ..Window::default()
             });
         }
     }

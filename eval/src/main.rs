@@ -151,6 +151,10 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
         let notes = format!("threshold {:.3}", model.manifest.threshold);
         Ok((Box::new(Afetm::new(model, "AFETM")), notes))
     })?;
+    fit(&mut || {
+        let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
+        Ok((Box::new(Afetm::new(model, "AFETM (no fates)").without_fates()), String::new()))
+    })?;
     // Methods on full FCTs or logs alone do not depend on the plan.
     let all = !a.plan_methods_only;
     if all {

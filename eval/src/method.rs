@@ -86,18 +86,27 @@ pub trait Method {
     /// Verdicts on a run: by default one per window that has the input, timed, with the report
     /// time of a window that closed at a known instant.
     fn diagnose(&self, case: &Case) -> Result<Vec<Verdict>, EvalError> {
-        let mut out = Vec::new();
-        for (i, w) in case.windows.iter().enumerate() {
-            let t = Instant::now();
-            if let Some(mut v) = self.window(w)? {
-                v.window = Some(i);
-                v.compute_us = t.elapsed().as_micros() as u64;
-                if v.reported_unix_ms.is_none() {
-                    v.reported_unix_ms = w.end_unix_ms.map(|e| e + (v.compute_us / 1000) as i64);
-                }
-                out.push(v);
-            }
-        }
-        Ok(out)
+        per_window(case, |w| self.window(w))
     }
+}
+
+/// [`Method::diagnose`]'s default: `window` on each window, timed, with the report time of a
+/// window that closed at a known instant; for a method that adds to it.
+pub fn per_window(
+    case: &Case,
+    mut window: impl FnMut(&Window) -> Result<Option<Verdict>, EvalError>,
+) -> Result<Vec<Verdict>, EvalError> {
+    let mut out = Vec::new();
+    for (i, w) in case.windows.iter().enumerate() {
+        let t = Instant::now();
+        if let Some(mut v) = window(w)? {
+            v.window = Some(i);
+            v.compute_us = t.elapsed().as_micros() as u64;
+            if v.reported_unix_ms.is_none() {
+                v.reported_unix_ms = w.end_unix_ms.map(|e| e + (v.compute_us / 1000) as i64);
+            }
+            out.push(v);
+        }
+    }
+    Ok(out)
 }

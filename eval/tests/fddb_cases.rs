@@ -6,10 +6,13 @@ use afetm_diagnosis::Class;
 use afetm_eval::{
     case::from_fddb,
     method::{Suspect, Verdict},
+    methods::afetm::fate_verdicts,
     metrics::{Reference, aggregate, outcome},
 };
 use afetm_fault::{Applied, Fault, FaultKind};
-use afetm_fddb::{Done, Fddb, FunctionRow, HeldOut, LabelledTree, Manifestation, Phases, Role, Run, RunStatus};
+use afetm_fddb::{
+    Done, FateKind, Fddb, FunctionRow, HeldOut, LabelledTree, Manifestation, Phases, Role, Run, RunFate, RunStatus,
+};
 
 fn tree(names: &[&str], tid: u32, start_ns: u64, end_ns: u64, faulty: bool) -> LabelledTree {
     let (mut table, mut forest) = (FuncTable::default(), Forest::default());
@@ -39,6 +42,7 @@ fn run(role: Role, m: Manifestation, first_ns: u64) -> Run {
         } else {
             vec![]
         },
+        fates: vec![],
     }
 }
 
@@ -108,4 +112,55 @@ fn eval_runs_from_the_fddb_carry_injection_time_window_ends_and_held_out_kind() 
     let s = aggregate(&[o, later], vec![]);
     assert_eq!((s.counts.detected, s.counts.pre_injection_alarms, s.counts.manifested), (1, 1, 2));
     assert_eq!(db.run_counts("redis", Role::Eval).unwrap().fault_ok, 1);
+}
+
+/// A crash the campaign recorded with its threads' fates: the fate's verdict lands on the
+/// thread that took the signal, after the injection, and names the function the plan's agent
+/// would have seen last (the full trace's last call, `other`, is not traced by the plan).
+#[test]
+fn a_crash_is_located_from_the_fates_the_campaign_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Fddb::open(&dir.path().join("fddb.sqlite")).unwrap();
+    let t = db.target("redis", "m").unwrap();
+    db.add_traced(t, &["main".into(), "call".into(), "other".into()]).unwrap();
+    let row = FunctionRow { name: "call".into(), params: Some(1), returns_value: Some(true), calls_per_sec: 1.0 };
+    let f = db.function(t, &row).unwrap();
+    let crash = db.fault(f, Fault::Crash).unwrap();
+    let fate = |tid, took_signal, calls: &[&str]| RunFate {
+        window_start_ns: 1000,
+        pid: 1,
+        tid,
+        ts_ns: 1600,
+        kind: FateKind::Killed,
+        code: 11,
+        took_signal,
+        last_calls: calls.iter().map(|c| format!("m:{c}")).collect(),
+    };
+    // Thread 1 made calls and took the SIGSEGV; thread 2 died with it, with no call in the window.
+    let fates = vec![fate(1, true, &["main", "call", "other"]), fate(2, false, &["main"])];
+    let r = Run { fates, ..run(Role::Eval, Manifestation::Crash, 1500) };
+    let trees = [tree(&["main", "call"], 1, 0, 1000, false), tree(&["main", "call", "other"], 1, 1000, 2000, true)];
+    db.record_run(t, Some(crash), &r, &trees, Done::No).unwrap();
+    let plan: afetm_proto::plan::PlanFile = serde_json::from_value(serde_json::json!({
+        "target": {"path": "/bin/m"},
+        "points": [{"function": "main", "mode": "event"}, {"function": "call", "mode": "event"}]
+    }))
+    .unwrap();
+
+    let cases = from_fddb(&db, "redis", Some(&plan), Role::Eval).unwrap();
+    let c = &cases[0];
+    assert_eq!(c.windows.len(), 3, "two trees and thread 2's fate alone");
+    let alone = &c.windows[2];
+    assert_eq!((alone.tid, alone.end_ns, alone.faulty, alone.afct.is_none()), (2, Some(2000), true, true));
+    assert_eq!(c.windows[1].fate.as_ref().map(|f| f.last_calls.clone()), Some(vec!["main".into(), "call".into()]));
+    let v = fate_verdicts(c);
+    assert_eq!(v.len(), 1, "one verdict per process window");
+    assert_eq!(v[0].window, Some(1), "on the thread that took the signal");
+    assert_eq!(v[0].top[0], Suspect { function: "call".into(), kind: Some(FaultKind::Crash) });
+    let o = outcome(c, &v, &Reference::default());
+    assert!(o.detected && o.top1_class && !o.alarmed_before, "{o:?}");
+
+    // The full trace's view names its last call instead.
+    let full = from_fddb(&db, "redis", None, Role::Eval).unwrap();
+    assert_eq!(fate_verdicts(&full[0])[0].top[0].function, "other");
 }
