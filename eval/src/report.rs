@@ -103,6 +103,43 @@ fn opt(x: Option<f64>, digits: usize) -> String {
     x.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
 }
 
+/// What the threads' fates change: crash and deadlock figures with and without them, and
+/// the whole row's EDR and top-1 (a fate's verdict replaces the GCN's in its window).
+fn fates_findings(out: &mut String, g: &Scores, alone: Option<&Scores>) {
+    let kind = |r: &Scores, k: &str| r.per_kind.get(k).copied().unwrap_or_default();
+    let (crash, hang) = (kind(g, "crash"), kind(g, "deadlock"));
+    if crash.runs + hang.runs > 0 {
+        let _ = write!(
+            out,
+            "- Crashes and hangs: {} of {} crash and {} of {} deadlock injections detected, {} and {} located (the dead or stopped thread's last traced calls under the plan: a function the plan does not trace cannot be named)",
+            crash.detected, crash.runs, hang.detected, hang.runs, crash.located, hang.located
+        );
+        match alone {
+            Some(a) => {
+                let _ = writeln!(
+                    out,
+                    "; the GCN alone detects {} and {} (a killed thread's tree is a normal tree cut short).",
+                    kind(a, "crash").detected,
+                    kind(a, "deadlock").detected
+                );
+            }
+            None => out.push_str(".\n"),
+        }
+    }
+    if let Some(a) = alone {
+        let _ = writeln!(
+            out,
+            "- Fates: EDR {} -> {}, FLR top-1 (function) {} -> {}, false alarms {} -> {} (the GCN alone -> with the fates' verdicts).",
+            pct(a.edr),
+            pct(g.edr),
+            pct(a.flr_top1_function),
+            pct(g.flr_top1_function),
+            pct(a.false_alarm_rate),
+            pct(g.false_alarm_rate)
+        );
+    }
+}
+
 /// The paper's name for a method row (AFETM rows of either kind compare with "AFETM").
 fn paper_name(method: &str) -> &str {
     if method.starts_with("AFETM") { "AFETM" } else { method }
@@ -549,8 +586,10 @@ pub fn discussion(rows: &[Row], rtgr: &[Rtgr]) -> String {
     for (target, budget) in seen {
         let _ = writeln!(out, "**{target}, P = {budget}.**");
         let gcn = find(rows, target, budget, "fddb", "AFETM");
+        // The topology question is the GCN's alone, without the fates' verdicts.
+        let gcn_alone = find(rows, target, budget, "fddb", "AFETM (no fates)");
         let bag = find(rows, target, budget, "fddb", "Bag of functions (no topology)");
-        if let (Some(g), Some(b)) = (gcn, bag) {
+        if let (Some(g), Some(b)) = (gcn_alone.or(gcn), bag) {
             let verdict = if g.flr_top1_class > b.flr_top1_class + 0.05 {
                 "the tree structure earns its keep here"
             } else if g.flr_top1_class + 0.05 < b.flr_top1_class {
@@ -620,14 +659,7 @@ pub fn discussion(rows: &[Row], rtgr: &[Rtgr]) -> String {
         }
         logs_findings(&mut out, rows, target, budget, gcn);
         if let Some(g) = gcn {
-            let crash = g.per_kind.get("crash").copied().unwrap_or_default();
-            if crash.runs > 0 {
-                let _ = writeln!(
-                    out,
-                    "- Crashes: {} of {} crash injections detected, {} located. A thread killed at a function's entry leaves a normal tree cut short, the same whichever function it was: no call-tree method can name the function from the tree alone.",
-                    crash.detected, crash.runs, crash.located
-                );
-            }
+            fates_findings(&mut out, g, gcn_alone);
         }
         out.push('\n');
     }

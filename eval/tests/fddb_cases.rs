@@ -46,14 +46,21 @@ fn run(role: Role, m: Manifestation, first_ns: u64) -> Run {
     }
 }
 
-#[test]
-fn eval_runs_from_the_fddb_carry_injection_time_window_ends_and_held_out_kind() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut db = Fddb::open(&dir.path().join("fddb.sqlite")).unwrap();
+/// An FDDB for target redis of module `m` tracing main, call and other; `call` is the
+/// function under test.
+fn fddb_with_call(dir: &std::path::Path) -> (Fddb, i64, i64) {
+    let mut db = Fddb::open(&dir.join("fddb.sqlite")).unwrap();
     let t = db.target("redis", "m").unwrap();
     db.add_traced(t, &["main".into(), "call".into(), "other".into()]).unwrap();
     let row = FunctionRow { name: "call".into(), params: Some(1), returns_value: Some(true), calls_per_sec: 1.0 };
     let f = db.function(t, &row).unwrap();
+    (db, t, f)
+}
+
+#[test]
+fn eval_runs_from_the_fddb_carry_injection_time_window_ends_and_held_out_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, f) = fddb_with_call(dir.path());
     let trained = db.fault(f, Fault::Input { arg: 0, bit: 3 }).unwrap();
     let unseen = db.held_out_fault(f, Fault::Input { arg: 0, bit: 17 }, HeldOut::Spec).unwrap();
     db.record_run(
@@ -120,11 +127,7 @@ fn eval_runs_from_the_fddb_carry_injection_time_window_ends_and_held_out_kind() 
 #[test]
 fn a_crash_is_located_from_the_fates_the_campaign_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let mut db = Fddb::open(&dir.path().join("fddb.sqlite")).unwrap();
-    let t = db.target("redis", "m").unwrap();
-    db.add_traced(t, &["main".into(), "call".into(), "other".into()]).unwrap();
-    let row = FunctionRow { name: "call".into(), params: Some(1), returns_value: Some(true), calls_per_sec: 1.0 };
-    let f = db.function(t, &row).unwrap();
+    let (mut db, t, f) = fddb_with_call(dir.path());
     let crash = db.fault(f, Fault::Crash).unwrap();
     let fate = |tid, took_signal, calls: &[&str]| RunFate {
         window_start_ns: 1000,
