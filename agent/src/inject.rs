@@ -251,7 +251,8 @@ impl Injector {
             .copied()
             .cloned()
             .ok_or_else(|| InjectError::UnknownFunction(function.to_string(), module_path.display().to_string()))?;
-        let offset = module.vaddr_to_offset(stop_site(&module, &func, fault))
+        let offset = module
+            .vaddr_to_offset(stop_site(&module, &func, fault))
             .ok_or_else(|| InjectError::NoOffset(function.to_string()))?;
         // Lengths of the function's first two instructions (IP+N defaults).
         let lens = afetm_elf::probe_site::instruction_lengths(func.start, module.code(&func), 2);

@@ -38,7 +38,9 @@ use std::{
 use afetm_calltree::tree::{Forest, FuncTable};
 use afetm_elf::{dwarf, symbols::Module};
 use afetm_fault::{Applied, Fault};
-use afetm_fddb::{Done, Fddb, FunctionRow, LabelledTree, Manifestation, Phases, Role, Run, RunFate, RunStatus, Settings};
+use afetm_fddb::{
+    Done, Fddb, FunctionRow, LabelledTree, Manifestation, Phases, Role, Run, RunFate, RunStatus, Settings,
+};
 use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
 use afetm_selection::weights::Weights;
 use anyhow::{Context, Result, bail};

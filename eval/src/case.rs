@@ -198,11 +198,11 @@ pub fn from_fddb(fddb: &Fddb, target: &str, plan: Option<&PlanFile>, role: Role)
         plan.map(|p| p.points.iter().filter(|p| p.mode != Mode::Count).map(|p| p.function.as_str()).collect());
     for c in &mut cases {
         for f in fddb.run_fates(c.run)? {
-            let mut served = f.to_proto();
-            if let Some(traced) = &traced {
-                served.last_calls.retain(|call| traced.contains(call.split_once(':').map_or(call.as_str(), |(_, n)| n)));
-            }
-            if let Some(fate) = fate::from_proto(&[served]).pop() {
+            // `from_proto` names the calls without their module, as the plan does.
+            if let Some(mut fate) = fate::from_proto(&[f.to_proto()]).pop() {
+                if let Some(traced) = &traced {
+                    fate.last_calls.retain(|call| traced.contains(call.as_str()));
+                }
                 attach_fate(c, f.pid, f.window_start_ns, f.ts_ns, fate);
             }
         }
@@ -222,7 +222,15 @@ fn attach_fate(case: &mut Case, pid: u32, start_ns: u64, ts_ns: u64, fate: Threa
     let end = case.windows.iter_mut().filter(same).filter_map(|w| w.end_ns).max().unwrap_or(ts_ns).max(ts_ns);
     let ends_process = matches!(case.truth, Class::Fault { kind: FaultKind::Crash | FaultKind::Deadlock, .. });
     let faulty = ends_process && case.first_applied_ns.is_some_and(|a| a <= end);
-    case.windows.push(Window { pid, tid: fate.tid, start_ns, end_ns: Some(end), faulty, fate: Some(fate), ..Window::default() });
+    case.windows.push(Window {
+        pid,
+        tid: fate.tid,
+        start_ns,
+        end_ns: Some(end),
+        faulty,
+        fate: Some(fate),
+        ..Window::default()
+    });
 }
 
 /// One fresh injection (or normal run) into the running shop, as `cargo xtask eval` records

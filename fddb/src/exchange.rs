@@ -10,7 +10,8 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Applied, Fault, Fddb, FddbError, FunctionRow, Phases, RunFate, RunRow, Settings, decode_tree, insert_fates, insert_run,
+    Applied, Fault, Fddb, FddbError, FunctionRow, Phases, RunFate, RunRow, Settings, decode_tree, insert_fates,
+    insert_run,
 };
 
 /// A tree of a run, by its FCT's hash.

@@ -593,7 +593,9 @@ impl Fddb {
         let tables: i64 =
             conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
         if version == 2 && tables > 0 {
-            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_2_3} {MIGRATE_3_4} PRAGMA user_version = 4; COMMIT;"))?;
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {MIGRATE_2_3} {MIGRATE_3_4} PRAGMA user_version = 4; COMMIT;"
+            ))?;
         } else if version == 3 && tables > 0 {
             conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_3_4} PRAGMA user_version = 4; COMMIT;"))?;
         } else if version != SCHEMA_VERSION && (version != 0 || tables > 0) {
