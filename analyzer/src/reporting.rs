@@ -1,6 +1,7 @@
 //! Reports in the daemon (`Query.Report`, `afetm-analyzer report --window ID`): a window's
 //! evidence from the store (its stored GCN diagnosis, the worst thread's AFCT, the log lines
-//! its agent tailed during it), the log model's verdict on those lines (`serve --log-model`),
+//! its agent tailed during it, and for a process's last window those of the 5 s after the exit,
+//! [`AFTER_EXIT_NS`]), the log model's verdict on those lines (`serve --log-model`),
 //! similar historical cases from the FDDB (`serve --fddb`), the fusion (`serve --fusion`) and
 //! the SOP library (`serve --sop-dir`, else the built-in one), put together by
 //! `afetm_report::report::build`.
@@ -22,6 +23,11 @@ use afetm_report::{
 };
 
 use crate::store::{Store, StoreError};
+
+/// How long after a process's last window its agent's lines still count as the exit's
+/// aftermath in that window's report: the callers' errors (PHP's refused connections, nginx's
+/// 502s) come once the server is gone, within a request timeout or two.
+pub const AFTER_EXIT_NS: u64 = 5_000_000_000;
 
 /// What can go wrong building a report.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +138,7 @@ impl Reporter {
         });
         let logs = by_file(&store.window_logs(window_id)?);
         let exited = store.ends_exited_process(window_id)?;
+        let after_exit = if exited { by_file(&store.logs_after_window(window_id, AFTER_EXIT_NS)?) } else { Vec::new() };
         let e = Evidence {
             window_id,
             agent: w.agent_id,
@@ -142,6 +149,7 @@ impl Reporter {
             afct,
             logs,
             exited,
+            after_exit,
             fates: fates.iter().map(describe_fate).collect(),
             ..Evidence::default()
         };

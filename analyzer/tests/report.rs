@@ -207,9 +207,9 @@ async fn a_crash_gets_a_report_that_names_it() {
     assert_eq!((top.function.as_str(), top.kind.as_str()), (FUNCTION, "crash"), "{}", r.markdown);
     assert!(r.title.contains("crash") && r.title.contains(FUNCTION) && r.title.contains("exited"), "{}", r.title);
     assert!(r.symptoms.iter().any(|s| s.contains("exited")), "{:?}", r.symptoms);
-    // The clients' errors in the logs: PHP's read errors come when redis dies, which may be
-    // after its last window's end (lines read later are in no window of this process); nginx's
-    // failed requests come before. Either shows in the window.
+    // The clients' errors in the logs: PHP's read errors and nginx's failed requests come when
+    // redis dies, which may be after its last window's end (lines read later are in no window of
+    // this process): the report shows them from the window or from the seconds after the exit.
     assert!(
         r.symptoms.iter().any(|s| (s.contains("php-error.log") && s.contains("Error level"))
             || (s.contains("nginx-access.log") && s.contains("Warning level"))),

@@ -62,6 +62,9 @@ pub struct Evidence {
     pub similar: Vec<SimilarCase>,
     /// The process exited at the end of this window (its last window; the agent saw the exit).
     pub exited: bool,
+    /// Lines read in the seconds after the exit, (file, text): its callers' errors, which come
+    /// once the window has closed. Shown as symptoms, not scored by the log model.
+    pub after_exit: Vec<(String, String)>,
     /// How threads of the window ended or stopped, one line each (thread, what, last calls).
     pub fates: Vec<String>,
 }
@@ -169,16 +172,10 @@ fn symptoms(e: &Evidence) -> Vec<String> {
     if let Some(p) = e.p_logs {
         out.push(format!("logs: the log model puts P(anomalous) at {p:.2}"));
     }
-    let mut per_file: BTreeMap<(String, Level), (usize, String)> = BTreeMap::new();
-    for l in lines_of(&e.logs).into_iter().filter(|l| l.level >= Level::Warning) {
-        let entry = per_file.entry((l.file.clone(), l.level)).or_insert((0, l.message.clone()));
-        entry.0 += 1;
-    }
-    for ((file, level), (n, example)) in per_file.iter().rev() {
-        out.push(format!("{file}: {n} line(s) at {level:?} level, e.g. `{example}`"));
-    }
+    out.extend(warnings(&e.logs, ""));
     if e.exited {
         out.push(format!("the process (pid {}) exited: this is its last window", e.pid));
+        out.extend(warnings(&e.after_exit, "after the exit, "));
     }
     out.extend(e.fates.iter().cloned());
     let frames = crash_frames(&e.logs);
@@ -193,6 +190,22 @@ fn symptoms(e: &Evidence) -> Vec<String> {
         out.push("nothing alarming: no verdict and no warning in the logs".into());
     }
     out
+}
+
+/// One line per file and level at warning or worse: how many lines, and the first.
+fn warnings(logs: &[(String, String)], prefix: &str) -> Vec<String> {
+    let mut per_file: BTreeMap<(String, Level), (usize, String)> = BTreeMap::new();
+    for l in lines_of(logs).into_iter().filter(|l| l.level >= Level::Warning) {
+        let entry = per_file.entry((l.file.clone(), l.level)).or_insert((0, l.message.clone()));
+        entry.0 += 1;
+    }
+    per_file
+        .iter()
+        .rev()
+        .map(|((file, level), (n, example))| {
+            format!("{prefix}{file}: {n} line(s) at {level:?} level, e.g. `{example}`")
+        })
+        .collect()
 }
 
 fn process(e: &Evidence, causes: &[Cause], p_error: f64, fused: bool) -> Vec<String> {
@@ -472,6 +485,7 @@ mod tests {
             flagged: vec![("[29-Nov-2026 01:25:37 UTC] shop: Connection refused".into(), 0.97)],
             p_logs: Some(0.99),
             exited: false,
+            after_exit: Vec::new(),
             fates: Vec::new(),
             similar: vec![SimilarCase {
                 run: 17,
@@ -522,6 +536,12 @@ mod tests {
         assert!(r.error);
         assert_eq!((r.causes[0].function.as_str(), r.causes[0].kind.as_str()), ("setGenericCommand", "crash"));
         assert!(r.symptoms.iter().any(|s| s.contains("exited")));
+        assert!(!r.symptoms.iter().any(|s| s.starts_with("after the exit")), "{:?}", r.symptoms);
+        let refused = "[29-Nov-2026 01:25:39 UTC] shop: Connection refused";
+        e.after_exit = vec![("php-error.log".into(), refused.into())];
+        let r = build(&e, &Fusion::default(), &lib);
+        let after = "after the exit, php-error.log: 1 line(s) at Error level, e.g. `shop: Connection refused`";
+        assert!(r.symptoms.iter().any(|s| s == after), "{:?}", r.symptoms);
     }
 
     #[test]

@@ -88,17 +88,32 @@ pub fn put(tx: &Transaction, agent: &AgentKey, batch: &pb::Batch, keep: usize) -
 impl Store {
     /// The lines of a window's agent read during the window, in order.
     pub fn window_logs(&self, window_id: u64) -> Result<Vec<pb::LogRecord>, StoreError> {
-        let w: Option<(String, i64, i64, i64)> = self
-            .conn
+        let (agent, instance, start, end) = self.window_span(window_id)?;
+        self.agent_logs(&agent, instance, start, end)
+    }
+
+    /// The lines of a window's agent read in the `span_ns` after the window's end, in order:
+    /// what clients logged once a process had exited (a crashed server's callers fail after
+    /// its last window has closed, so their errors fall in no window of that process).
+    pub fn logs_after_window(&self, window_id: u64, span_ns: u64) -> Result<Vec<pb::LogRecord>, StoreError> {
+        let (agent, instance, _, end) = self.window_span(window_id)?;
+        self.agent_logs(&agent, instance, end, end.saturating_add(span_ns.min(i64::MAX as u64) as i64))
+    }
+
+    /// A window's agent, instance, start and end (agent clock).
+    fn window_span(&self, window_id: u64) -> Result<(String, i64, i64, i64), StoreError> {
+        self.conn
             .query_row(
                 "SELECT agent_id, instance, start_ns, end_ns FROM windows WHERE id = ?1",
                 params![window_id as i64],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
-            .optional()?;
-        let Some((agent, instance, start, end)) = w else {
-            return Err(invalid("window", format!("no window {window_id}")));
-        };
+            .optional()?
+            .ok_or_else(|| invalid("window", format!("no window {window_id}")))
+    }
+
+    /// An agent instance's lines read in `[start, end)`, in order.
+    fn agent_logs(&self, agent: &str, instance: i64, start: i64, end: i64) -> Result<Vec<pb::LogRecord>, StoreError> {
         let mut st = self.conn.prepare_cached(
             "SELECT file, ts_ns, unix_ms, text FROM logs WHERE agent_id = ?1 AND instance = ?2 AND ts_ns >= ?3 AND ts_ns < ?4 ORDER BY id",
         )?;

@@ -57,3 +57,27 @@ fn one_window_or_the_newest_few_in_id_order() {
     let closed = store.list_windows(&closed).unwrap();
     assert!(closed.iter().all(|w| w.closed) && !closed.is_empty(), "{closed:?}");
 }
+
+#[test]
+fn a_windows_lines_and_those_read_just_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = four_windows(dir.path());
+    let line =
+        |ts_ns: u64, text: &str| pb::LogRecord { file: "php-error.log".into(), ts_ns, unix_ms: 0, text: text.into() };
+    let hello = pb::Hello { agent_id: "a".into(), instance: 1, hostname: "h".into(), target: "t".into() };
+    let (_, mut session, _) = store.hello(&hello).unwrap();
+    let batch = pb::Batch {
+        seq: 2,
+        agent_clock_ns: 4 * SECOND,
+        logs: vec![line(SECOND / 2, "in the first"), line(SECOND + 10, "just after"), line(3 * SECOND, "later")],
+        ..Default::default()
+    };
+    store.apply_batch(&AgentKey { agent_id: "a".into(), instance: 1 }, &mut session, &batch).unwrap();
+    let first = store.list_windows(&pb::ListWindowsRequest::default()).unwrap()[0].clone();
+    assert_eq!((first.start_ns, first.end_ns), (1, SECOND + 1), "anchored at the first event: {first:?}");
+    let texts = |l: Vec<pb::LogRecord>| l.into_iter().map(|l| l.text).collect::<Vec<_>>();
+    assert_eq!(texts(store.window_logs(first.id).unwrap()), ["in the first"]);
+    assert_eq!(texts(store.logs_after_window(first.id, SECOND).unwrap()), ["just after"]);
+    assert_eq!(texts(store.logs_after_window(first.id, u64::MAX).unwrap()), ["just after", "later"]);
+    assert!(store.logs_after_window(first.id + 100, SECOND).is_err(), "an unknown window is an error");
+}
