@@ -130,6 +130,75 @@ pub fn verdict(fates: &[ThreadFate], top_k: usize) -> Option<(u32, Diagnosis)> {
     Some((thread.tid, Diagnosis { p_normal: 0.0, error: true, top }))
 }
 
+/// How a window's fate verdict and the GCN's verdict on the same thread's AFCT make one,
+/// when the fate shows a fault. Either way the window alarms (P(normal) 0): the kernel's word
+/// that the thread was killed or stopped settles detection. What differs is who names the
+/// fault. The rule is chosen on the GCN's validation runs (`afetm-eval`), not assumed: a
+/// corrupted argument that makes the server die of SIGSEGV leaves last calls downstream of
+/// the faulty function, which the GCN may know from its training runs, while a kill at the
+/// faulty call leaves it first among them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Combine {
+    /// The fate's suspects alone ([`verdict`]): its kind, its last calls, most recent first.
+    #[default]
+    Fate,
+    /// The GCN's suspects (its fault classes, most likely first), the fate's alarm.
+    Gcn,
+    /// Half the fate's ranking, half the GCN's: each (function, kind) scores half its weight
+    /// among the fate's suspects plus half its probability among the GCN's fault classes
+    /// (renormalised over those shown), best first. Equal halves, fixed before any run was
+    /// scored: nothing here is fitted.
+    Merge,
+}
+
+impl Combine {
+    /// Every rule, in the order a tie between them is broken (the simpler first).
+    pub const ALL: [Combine; 3] = [Combine::Fate, Combine::Merge, Combine::Gcn];
+
+    /// The rule's name in notes and manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Combine::Fate => "fate",
+            Combine::Gcn => "gcn",
+            Combine::Merge => "merge",
+        }
+    }
+}
+
+/// One verdict from a fate's (`fate`, from [`verdict`]) and the GCN's (`gcn`: its diagnosis of
+/// the same thread's AFCT with enough suspects to rank, `None` when the thread has no tree),
+/// by `rule`, with at most `top_k` suspects. Without a GCN verdict the fate's stands.
+pub fn combine(rule: Combine, fate: Diagnosis, gcn: Option<&Diagnosis>, top_k: usize) -> Diagnosis {
+    let Some(gcn) = gcn.filter(|g| !g.top.is_empty()) else { return fate };
+    let mut top = match rule {
+        Combine::Fate => return fate,
+        Combine::Gcn => gcn.top.clone(),
+        Combine::Merge => merge(&fate.top, &gcn.top),
+    };
+    top.truncate(top_k.max(1));
+    Diagnosis { p_normal: 0.0, error: true, top }
+}
+
+/// [`Combine::Merge`]'s ranking.
+fn merge(fate: &[Suspect], gcn: &[Suspect]) -> Vec<Suspect> {
+    let share = |list: &[Suspect]| -> Vec<(String, FaultKind, f32)> {
+        let total: f32 = list.iter().map(|s| s.probability.max(0.0)).sum();
+        let total = if total > 0.0 { total } else { 1.0 };
+        list.iter().map(|s| (s.function.clone(), s.kind, 0.5 * s.probability.max(0.0) / total)).collect()
+    };
+    let mut scored: Vec<Suspect> = Vec::new();
+    for (function, kind, p) in share(fate).into_iter().chain(share(gcn)) {
+        match scored.iter_mut().find(|s| s.function == function && s.kind == kind) {
+            Some(s) => s.probability += p,
+            None => scored.push(Suspect { function, kind, probability: p }),
+        }
+    }
+    // Stable: on a tie the fate's suspect (listed first) stays first.
+    scored.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+    scored
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +277,52 @@ mod tests {
         );
         assert_eq!(fates[0].last_calls, ["main", "plain"]);
         assert!(fates[0].took_signal && fates[0].tid == 5);
+    }
+    fn suspect(function: &str, kind: FaultKind, probability: f32) -> Suspect {
+        Suspect { function: function.into(), kind, probability }
+    }
+
+    #[test]
+    fn the_rules_keep_the_alarm_and_differ_in_who_names_the_fault() {
+        let fates = [fate(8, Fate::Killed { signal: 11 }, &["main", "parse", "get"])];
+        let (_, by_fate) = verdict(&fates, 3).expect("a verdict");
+        let gcn = Diagnosis {
+            p_normal: 0.7,
+            error: false,
+            top: vec![
+                suspect("parse", FaultKind::Input, 0.2),
+                suspect("get", FaultKind::Crash, 0.05),
+                suspect("other", FaultKind::Output, 0.05),
+            ],
+        };
+        let names = |d: &Diagnosis| d.top.iter().map(|s| (s.function.clone(), s.kind)).collect::<Vec<_>>();
+        for rule in Combine::ALL {
+            let d = combine(rule, by_fate.clone(), Some(&gcn), 3);
+            assert!(d.error && d.p_normal == 0.0, "{rule:?}: the fate's alarm stands");
+            assert!(d.top.len() <= 3);
+            assert_eq!(combine(rule, by_fate.clone(), None, 3), by_fate, "{rule:?} without a tree");
+        }
+        assert_eq!(combine(Combine::Fate, by_fate.clone(), Some(&gcn), 3), by_fate);
+        let g = combine(Combine::Gcn, by_fate.clone(), Some(&gcn), 2);
+        assert_eq!(names(&g), [("parse".into(), FaultKind::Input), ("get".into(), FaultKind::Crash)]);
+        // Merge: get/crash is half the fate's 4/7 plus half the GCN's 1/6 (0.05 of 0.3 shown):
+        // 0.369; parse/input half the GCN's 2/3: 0.333; parse/crash half the fate's 2/7: 0.143.
+        let m = combine(Combine::Merge, by_fate.clone(), Some(&gcn), 3);
+        assert_eq!(
+            names(&m),
+            [("get".into(), FaultKind::Crash), ("parse".into(), FaultKind::Input), ("parse".into(), FaultKind::Crash)]
+        );
+        assert!((m.top[0].probability - (0.5 * 4.0 / 7.0 + 0.5 / 6.0)).abs() < 1e-5, "{m:?}");
+        assert!(m.top.windows(2).all(|w| w[0].probability >= w[1].probability));
+    }
+
+    #[test]
+    fn rules_are_named_as_manifests_write_them() {
+        for rule in Combine::ALL {
+            let json = serde_json::to_string(&rule).unwrap();
+            assert_eq!(json, format!("\"{}\"", rule.name()));
+            assert_eq!(serde_json::from_str::<Combine>(&json).unwrap(), rule);
+        }
+        assert!(serde_json::from_str::<Combine>("\"vote\"").is_err());
     }
 }

@@ -148,8 +148,13 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
     };
     fit(&mut || {
         let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
-        let notes = format!("threshold {:.3}", model.manifest.threshold);
-        Ok((Box::new(Afetm::new(model, "AFETM")), notes))
+        let threshold = model.manifest.threshold;
+        let mut m = Afetm::new(model, "AFETM");
+        let rule = match m.fit_rule(train)? {
+            Some(choice) => choice.notes(),
+            None => "fate rule fate (the GCN's manifest lists no validation runs)".to_string(),
+        };
+        Ok((Box::new(m), format!("threshold {threshold:.3}, {rule}")))
     })?;
     fit(&mut || {
         let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
