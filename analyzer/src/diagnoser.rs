@@ -98,6 +98,7 @@ pub struct Diagnoser {
     served: Mutex<Vec<Served>>,
     fddb: Option<PathBuf>,
     top_k: usize,
+    fate_rule: fate::Combine,
     train: TrainConfig,
     watch: broadcast::Sender<pb::Diagnosis>,
 }
@@ -151,7 +152,20 @@ impl Diagnoser {
             served.push(Served { model: Arc::new(model), dir: dir.clone(), retraining: None, warned_stale: false });
         }
         let (watch, _) = broadcast::channel(1024);
-        Ok(Diagnoser { served: Mutex::new(served), fddb, top_k: top_k.max(1), train: retrain_config(), watch })
+        Ok(Diagnoser {
+            served: Mutex::new(served),
+            fddb,
+            top_k: top_k.max(1),
+            fate_rule: fate::Combine::Fate,
+            train: retrain_config(),
+            watch,
+        })
+    }
+
+    /// Who names the fault where a thread's fate shows one (`serve --fate-rule`; the rule
+    /// `afetm-eval` chose on the GCN's validation runs is in its report's notes).
+    pub fn with_fate_rule(self, rule: fate::Combine) -> Diagnoser {
+        Diagnoser { fate_rule: rule, ..self }
     }
 
     /// Subscribes to every diagnosis stored from now on.
@@ -228,13 +242,21 @@ impl Diagnoser {
 
     /// Diagnoses a closed window with `model`: every thread's AFCT in one batch, the verdict
     /// of the thread with the lowest P(normal); a thread killed or stopped by a fault overrides
-    /// it (`afetm_diagnosis::fate`). None when no thread has a diagnosable tree or such a fate.
+    /// it (`afetm_diagnosis::fate`), its suspects named by the fate rule. None when no thread
+    /// has a diagnosable tree or such a fate.
     pub fn diagnose_window(&self, model: &Model, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
-        // A fate settles the window: the network need not run.
-        match self.diagnose_fates(w) {
-            Some((tid, d, _)) => Some((tid, d, w.trees.len() as u32)),
-            None => self.diagnose_trees(model, w),
-        }
+        let Some((tid, d, _)) = self.diagnose_fates(w) else { return self.diagnose_trees(model, w) };
+        // Under the fate's own rule the network need not run.
+        let gcn = match self.fate_rule {
+            fate::Combine::Fate => None,
+            _ => w.trees.iter().find(|(t, _)| *t == tid).and_then(|(_, tree)| {
+                model
+                    .diagnose(tree, fate::RANKED)
+                    .inspect_err(|e| tracing::debug!(window = w.id, tid, error = %e, "fate's thread not diagnosed"))
+                    .ok()
+            }),
+        };
+        Some((tid, fate::combine(self.fate_rule, d, gcn.as_ref(), self.top_k), w.trees.len() as u32))
     }
 
     /// The verdict of a window's fates alone (`afetm_diagnosis::fate`): for windows of agents

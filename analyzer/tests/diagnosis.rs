@@ -21,6 +21,7 @@ use std::{
 
 use afetm_diagnosis::{
     Class,
+    fate::Combine,
     model::PlanKey,
     train::{Sample, Target, TrainConfig, train},
 };
@@ -140,6 +141,47 @@ async fn bad_models_and_trees_get_clear_errors_and_the_daemon_keeps_serving() {
         .unwrap()
         .into_inner();
     assert!(!d.error, "{d:?}");
+}
+
+/// The fate rule as the daemon applies it (`serve --fate-rule`): a thread that died of SIGSEGV
+/// after `root → a`, whose AFCT the model reads as `bad`'s fault. The window alarms under
+/// every rule; the fate names `a`, the GCN `bad`, the merge both.
+#[test]
+fn a_killed_threads_suspects_follow_the_fate_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_model = small_model(dir.path());
+    let model = afetm_diagnosis::Model::load(&dir_model).unwrap();
+    let killed = pb::ThreadFate {
+        pid: 9,
+        tid: 9,
+        kind: pb::FateKind::Killed as i32,
+        code: 11,
+        took_signal: true,
+        last_calls: vec!["m:root".into(), "m:a".into()],
+        ..Default::default()
+    };
+    let w = afetm_analyzer::store::WindowTrees {
+        id: 1,
+        agent_id: "a".into(),
+        pid: 9,
+        start_ns: 0,
+        end_ns: 1_000_000_000,
+        trees: vec![(9, tree(&[("root", -1), ("a", 0), ("bad", 0)]))],
+        fates: vec![killed],
+    };
+    let by = |rule| {
+        let d = afetm_analyzer::diagnoser::Diagnoser::load(std::slice::from_ref(&dir_model), None, 3, 1000)
+            .unwrap()
+            .with_fate_rule(rule);
+        let (tid, d, threads) = d.diagnose_window(&model, &w).expect("a verdict");
+        assert_eq!((tid, threads, d.error, d.p_normal), (9, 1, true, 0.0), "{rule:?}: {d:?}");
+        d.top.iter().map(|s| (s.function.clone(), s.kind)).collect::<Vec<_>>()
+    };
+    let crash = |f: &str| (f.to_string(), FaultKind::Crash);
+    assert_eq!(by(Combine::Fate), [crash("a"), crash("root")]);
+    assert_eq!(by(Combine::Gcn), [crash("bad")], "the model's only fault class");
+    let merged = by(Combine::Merge);
+    assert!(merged.contains(&crash("bad")) && merged.contains(&crash("a")), "{merged:?}");
 }
 
 const RATE: f64 = 200.0;

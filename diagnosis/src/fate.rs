@@ -152,6 +152,21 @@ pub enum Combine {
     Merge,
 }
 
+/// Suspects the GCN ranks for a fate's window before a rule cuts them to the verdict's: enough
+/// for [`Combine::Merge`] to find the fate's functions among them.
+pub const RANKED: usize = 8;
+
+impl std::str::FromStr for Combine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Combine, String> {
+        Combine::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown fate rule {s:?} (expected fate, gcn or merge)"))
+    }
+}
+
 impl Combine {
     /// Every rule, in the order a tie between them is broken (the simpler first).
     pub const ALL: [Combine; 3] = [Combine::Fate, Combine::Merge, Combine::Gcn];
@@ -324,5 +339,7 @@ mod tests {
             assert_eq!(serde_json::from_str::<Combine>(&json).unwrap(), rule);
         }
         assert!(serde_json::from_str::<Combine>("\"vote\"").is_err());
+        assert_eq!("merge".parse::<Combine>(), Ok(Combine::Merge));
+        assert!("vote".parse::<Combine>().unwrap_err().contains("expected fate, gcn or merge"));
     }
 }

@@ -50,6 +50,12 @@ pub struct ServeArgs {
     /// Suspects per diagnosis.
     #[arg(long, default_value_t = 3)]
     pub top_k: usize,
+    /// Who names the fault when a thread was killed or stopped by one: `fate` (its last
+    /// traced calls, most recent first), `gcn` (the model's suspects for its AFCT) or `merge`
+    /// (half each). The window alarms either way. `afetm-eval` chooses one on the model's
+    /// validation runs (its report's notes, row AFETM).
+    #[arg(long, default_value = "fate")]
+    pub fate_rule: afetm_diagnosis::fate::Combine,
     /// Chimera's model directory (`afetm-analyzer train-logs --out`): reports weigh the
     /// window's log lines with it.
     #[arg(long)]
@@ -106,6 +112,7 @@ pub async fn run(args: ServeArgs, insecure: bool) -> Result<()> {
         models,
         fddb,
         top_k,
+        fate_rule,
         log_model,
         fusion,
         sop_dir,
@@ -140,7 +147,7 @@ pub async fn run(args: ServeArgs, insecure: bool) -> Result<()> {
     // Without models the diagnoser still judges windows by their threads' fates.
     let diagnoser =
         Diagnoser::load(&models, fddb, top_k, window.as_millis() as u64).context("loading diagnosis models")?;
-    analyzer = analyzer.with_diagnoser(diagnoser);
+    analyzer = analyzer.with_diagnoser(diagnoser.with_fate_rule(fate_rule));
     let analyzer = analyzer.with_probe_every(probe_every);
     if let Some(addr) = &metrics_listen {
         let a = analyzer.clone();

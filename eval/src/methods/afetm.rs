@@ -20,10 +20,6 @@ use crate::{
 /// Suspects kept per verdict.
 pub const TOP_K: usize = 3;
 
-/// Suspects the GCN ranks for a fate's window before the rule cuts to [`TOP_K`]: enough for
-/// [`Combine::Merge`] to find the fate's functions among them.
-const GCN_RANKED: usize = 8;
-
 /// The GCN on the window's AFCT, and the threads' fates.
 pub struct Afetm {
     model: Model,
@@ -156,7 +152,7 @@ impl Method for Afetm {
     fn diagnose(&self, case: &Case) -> Result<Vec<Verdict>, EvalError> {
         let mut out = per_window(case, |w| self.window(w))?;
         if self.fates {
-            for v in fate_verdicts(case, self.combine, |i| self.gcn(&case.windows[i], GCN_RANKED))? {
+            for v in fate_verdicts(case, self.combine, |i| self.gcn(&case.windows[i], fate::RANKED))? {
                 out.retain(|o| o.window != v.window);
                 out.push(v);
             }
