@@ -8,7 +8,7 @@ use std::{
 };
 
 use afetm_diagnosis::Class;
-use afetm_diagnosis::Model;
+use afetm_diagnosis::{Model, fate::Combine};
 use afetm_eval::{
     case::{self, Case},
     method::{Input, Method},
@@ -159,6 +159,11 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
     fit(&mut || {
         let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
         Ok((Box::new(Afetm::new(model, "AFETM (no fates)").without_fates()), String::new()))
+    })?;
+    fit(&mut || {
+        let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
+        let m = Afetm::new(model, afetm_eval::report::FATE_SUSPECTS).with_rule(Combine::Fate);
+        Ok((Box::new(m), String::new()))
     })?;
     // Methods on full FCTs or logs alone do not depend on the plan.
     let all = !a.plan_methods_only;

@@ -105,13 +105,13 @@ fn opt(x: Option<f64>, digits: usize) -> String {
 
 /// What the threads' fates change: crash and deadlock figures with and without them, and
 /// the whole row's EDR and top-1 (a fate's verdict replaces the GCN's in its window).
-fn fates_findings(out: &mut String, g: &Scores, alone: Option<&Scores>) {
+fn fates_findings(out: &mut String, g: &Scores, alone: Option<&Scores>, fate_rule: Option<&Scores>) {
     let kind = |r: &Scores, k: &str| r.per_kind.get(k).copied().unwrap_or_default();
     let (crash, hang) = (kind(g, "crash"), kind(g, "deadlock"));
     if crash.runs + hang.runs > 0 {
         let _ = write!(
             out,
-            "- Crashes and hangs: {} of {} crash and {} of {} deadlock injections detected, {} and {} located (the dead or stopped thread's last traced calls under the plan: a function the plan does not trace cannot be named)",
+            "- Crashes and hangs: {} of {} crash and {} of {} deadlock injections detected, {} and {} located (who names the fault in a killed or stopped thread's window is the fate rule chosen on the GCN's validation runs, in Fig. 7's notes: under `fate` its last traced calls, so a function the plan does not trace cannot be named; under `gcn` the GCN's suspects for its AFCT)",
             crash.detected, crash.runs, hang.detected, hang.runs, crash.located, hang.located
         );
         match alone {
@@ -129,7 +129,7 @@ fn fates_findings(out: &mut String, g: &Scores, alone: Option<&Scores>) {
     if let Some(a) = alone {
         let _ = writeln!(
             out,
-            "- Fates: EDR {} -> {}, FLR top-1 (function) {} -> {}, false alarms {} -> {} (the GCN alone -> with the fates' verdicts).",
+            "- Fates: EDR {} -> {}, FLR top-1 (function) {} -> {}, false alarms {} -> {} (the GCN alone -> with the fates' alarms and the chosen rule's suspects).",
             pct(a.edr),
             pct(g.edr),
             pct(a.flr_top1_function),
@@ -138,7 +138,20 @@ fn fates_findings(out: &mut String, g: &Scores, alone: Option<&Scores>) {
             pct(g.false_alarm_rate)
         );
     }
+    if let Some(f) = fate_rule {
+        let _ = writeln!(
+            out,
+            "- Fate rule: under `fate` (the last calls name the fault) FLR top-1 (function) {}, (function, kind) {}; under the rule chosen on validation {} and {} (same runs).",
+            pct(f.flr_top1_function),
+            pct(f.flr_top1_class),
+            pct(g.flr_top1_function),
+            pct(g.flr_top1_class)
+        );
+    }
 }
+
+/// The row of AFETM under the `fate` rule whatever validation chose (the ablation of the rule).
+pub const FATE_SUSPECTS: &str = "AFETM (fate's suspects)";
 
 /// The paper's name for a method row (AFETM rows of either kind compare with "AFETM").
 fn paper_name(method: &str) -> &str {
@@ -659,7 +672,7 @@ pub fn discussion(rows: &[Row], rtgr: &[Rtgr]) -> String {
         }
         logs_findings(&mut out, rows, target, budget, gcn);
         if let Some(g) = gcn {
-            fates_findings(&mut out, g, gcn_alone);
+            fates_findings(&mut out, g, gcn_alone, find(rows, target, budget, "fddb", FATE_SUSPECTS));
         }
         out.push('\n');
     }
