@@ -98,7 +98,7 @@ pub struct Diagnoser {
     served: Mutex<Vec<Served>>,
     fddb: Option<PathBuf>,
     top_k: usize,
-    fate_rule: fate::Combine,
+    fate_rule: fate::Rules,
     train: TrainConfig,
     watch: broadcast::Sender<pb::Diagnosis>,
 }
@@ -156,16 +156,17 @@ impl Diagnoser {
             served: Mutex::new(served),
             fddb,
             top_k: top_k.max(1),
-            fate_rule: fate::Combine::Fate,
+            fate_rule: fate::Rules::default(),
             train: retrain_config(),
             watch,
         })
     }
 
-    /// Who names the fault where a thread's fate shows one (`serve --fate-rule`; the rule
-    /// `afetm-eval` chose on the GCN's validation runs is in its report's notes).
-    pub fn with_fate_rule(self, rule: fate::Combine) -> Diagnoser {
-        Diagnoser { fate_rule: rule, ..self }
+    /// Who names the fault where a thread's fate shows one, per fate class (`serve
+    /// --fate-rule`; the rules `afetm-eval` chose on the GCN's validation runs are in its
+    /// report's notes).
+    pub fn with_fate_rule(self, rules: fate::Rules) -> Diagnoser {
+        Diagnoser { fate_rule: rules, ..self }
     }
 
     /// Subscribes to every diagnosis stored from now on.
@@ -246,8 +247,10 @@ impl Diagnoser {
     /// has a diagnosable tree or such a fate.
     pub fn diagnose_window(&self, model: &Model, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
         let Some((tid, d, _)) = self.diagnose_fates(w) else { return self.diagnose_trees(model, w) };
+        let fates = fate::from_proto(&w.fates);
+        let rule = fate::class_of(&fates, tid).map_or(fate::Combine::Fate, |c| self.fate_rule.get(c));
         // Under the fate's own rule the network need not run.
-        let gcn = match self.fate_rule {
+        let gcn = match rule {
             fate::Combine::Fate => None,
             _ => w.trees.iter().find(|(t, _)| *t == tid).and_then(|(_, tree)| {
                 model
@@ -256,7 +259,7 @@ impl Diagnoser {
                     .ok()
             }),
         };
-        Some((tid, fate::combine(self.fate_rule, d, gcn.as_ref(), self.top_k), w.trees.len() as u32))
+        Some((tid, fate::combine(rule, d, gcn.as_ref(), self.top_k), w.trees.len() as u32))
     }
 
     /// The verdict of a window's fates alone (`afetm_diagnosis::fate`): for windows of agents

@@ -21,7 +21,6 @@ use std::{
 
 use afetm_diagnosis::{
     Class,
-    fate::Combine,
     model::PlanKey,
     train::{Sample, Target, TrainConfig, train},
 };
@@ -169,19 +168,22 @@ fn a_killed_threads_suspects_follow_the_fate_rule() {
         trees: vec![(9, tree(&[("root", -1), ("a", 0), ("bad", 0)]))],
         fates: vec![killed],
     };
-    let by = |rule| {
+    let by = |rule: &str| {
         let d = afetm_analyzer::diagnoser::Diagnoser::load(std::slice::from_ref(&dir_model), None, 3, 1000)
             .unwrap()
-            .with_fate_rule(rule);
+            .with_fate_rule(rule.parse().unwrap());
         let (tid, d, threads) = d.diagnose_window(&model, &w).expect("a verdict");
-        assert_eq!((tid, threads, d.error, d.p_normal), (9, 1, true, 0.0), "{rule:?}: {d:?}");
+        assert_eq!((tid, threads, d.error, d.p_normal), (9, 1, true, 0.0), "{rule}: {d:?}");
         d.top.iter().map(|s| (s.function.clone(), s.kind)).collect::<Vec<_>>()
     };
     let crash = |f: &str| (f.to_string(), FaultKind::Crash);
-    assert_eq!(by(Combine::Fate), [crash("a"), crash("root")]);
-    assert_eq!(by(Combine::Gcn), [crash("bad")], "the model's only fault class");
-    let merged = by(Combine::Merge);
+    assert_eq!(by("fate"), [crash("a"), crash("root")]);
+    assert_eq!(by("gcn"), [crash("bad")], "the model's only fault class");
+    let merged = by("merge");
     assert!(merged.contains(&crash("bad")) && merged.contains(&crash("a")), "{merged:?}");
+    // Per fate class: a SIGSEGV is a `signal` fate.
+    assert_eq!(by("signal=gcn"), [crash("bad")]);
+    assert_eq!(by("kill=gcn,stop=merge"), [crash("a"), crash("root")]);
 }
 
 const RATE: f64 = 200.0;

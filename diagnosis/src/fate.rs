@@ -181,6 +181,123 @@ impl Combine {
     }
 }
 
+/// What a fault's fate was, as the fate rules tell them apart: who names the fault may differ
+/// between a thread killed from outside where it was, one that died of its own fault, and one
+/// that hangs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FateClass {
+    /// Killed by SIGKILL: from outside the thread (the OOM killer, a watchdog, the injector's
+    /// crash), in whatever call it was making.
+    Kill,
+    /// Another fault signal (SIGSEGV, SIGABRT, ...) or a crash handler's failing exit: raised
+    /// where a corruption hit, which may be downstream of the function that caused it.
+    Signal,
+    /// Stopped: a hang.
+    Stop,
+}
+
+impl FateClass {
+    /// Every class, in the order rules are chosen and written.
+    pub const ALL: [FateClass; 3] = [FateClass::Kill, FateClass::Signal, FateClass::Stop];
+
+    /// The class's name in rules (`kill`, `signal`, `stop`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FateClass::Kill => "kill",
+            FateClass::Signal => "signal",
+            FateClass::Stop => "stop",
+        }
+    }
+}
+
+impl ThreadFate {
+    /// The class of this thread's fault fate; `None` when its end shows no fault.
+    pub fn class(&self) -> Option<FateClass> {
+        Some(match self.fault_kind()? {
+            FaultKind::Deadlock => FateClass::Stop,
+            _ if self.fate == (Fate::Killed { signal: SIGKILL }) => FateClass::Kill,
+            _ => FateClass::Signal,
+        })
+    }
+}
+
+/// SIGKILL's number.
+const SIGKILL: i32 = 9;
+
+/// The class of the fate [`verdict`] chose (that of thread `tid`).
+pub fn class_of(fates: &[ThreadFate], tid: u32) -> Option<FateClass> {
+    fates.iter().filter(|f| f.tid == tid).find_map(ThreadFate::class)
+}
+
+/// One [`Combine`] rule per [`FateClass`] (`serve --fate-rule`, `afetm-eval`'s choice). Written
+/// as one rule for all (`gcn`) or per class (`kill=fate,signal=gcn,stop=fate`; a class not
+/// named keeps `fate`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// For [`FateClass::Kill`].
+    pub kill: Combine,
+    /// For [`FateClass::Signal`].
+    pub signal: Combine,
+    /// For [`FateClass::Stop`].
+    pub stop: Combine,
+}
+
+impl Rules {
+    /// The same rule for every class.
+    pub fn all(rule: Combine) -> Rules {
+        Rules { kill: rule, signal: rule, stop: rule }
+    }
+
+    /// The rule for `class`.
+    pub fn get(&self, class: FateClass) -> Combine {
+        match class {
+            FateClass::Kill => self.kill,
+            FateClass::Signal => self.signal,
+            FateClass::Stop => self.stop,
+        }
+    }
+
+    /// Sets the rule for `class`.
+    pub fn set(&mut self, class: FateClass, rule: Combine) {
+        match class {
+            FateClass::Kill => self.kill = rule,
+            FateClass::Signal => self.signal = rule,
+            FateClass::Stop => self.stop = rule,
+        }
+    }
+}
+
+impl std::fmt::Display for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Rules::all(self.kill) {
+            return f.write_str(self.kill.name());
+        }
+        let parts: Vec<String> =
+            FateClass::ALL.iter().map(|c| format!("{}={}", c.name(), self.get(*c).name())).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl std::str::FromStr for Rules {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Rules, String> {
+        if !s.contains('=') {
+            return s.parse().map(Rules::all);
+        }
+        let mut rules = Rules::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (class, rule) = part.split_once('=').ok_or_else(|| format!("{part:?}: expected class=rule"))?;
+            let class = FateClass::ALL
+                .into_iter()
+                .find(|c| c.name() == class.trim())
+                .ok_or_else(|| format!("unknown fate class {class:?} (expected kill, signal or stop)"))?;
+            rules.set(class, rule.trim().parse()?);
+        }
+        Ok(rules)
+    }
+}
+
 /// One verdict from a fate's (`fate`, from [`verdict`]) and the GCN's (`gcn`: its diagnosis of
 /// the same thread's AFCT with enough suspects to rank, `None` when the thread has no tree),
 /// by `rule`, with at most `top_k` suspects. Without a GCN verdict the fate's stands.
@@ -329,6 +446,27 @@ mod tests {
         );
         assert!((m.top[0].probability - (0.5 * 4.0 / 7.0 + 0.5 / 6.0)).abs() < 1e-5, "{m:?}");
         assert!(m.top.windows(2).all(|w| w[0].probability >= w[1].probability));
+    }
+
+    #[test]
+    fn fates_are_classed_and_rules_read_as_written() {
+        let class = |f: Fate| fate(1, f, &[]).class();
+        assert_eq!(class(Fate::Killed { signal: 9 }), Some(FateClass::Kill));
+        assert_eq!(class(Fate::Killed { signal: 11 }), Some(FateClass::Signal));
+        assert_eq!(class(Fate::Stopped { signal: 19 }), Some(FateClass::Stop));
+        assert_eq!(class(Fate::Killed { signal: 15 }), None);
+        let handled = ThreadFate { took_signal: true, ..fate(2, Fate::Exited { status: 1 }, &[]) };
+        assert_eq!(handled.class(), Some(FateClass::Signal));
+        assert_eq!(class_of(&[fate(1, Fate::Silent, &[]), handled], 2), Some(FateClass::Signal));
+
+        let per: Rules = "kill=fate, signal=gcn".parse().unwrap();
+        assert_eq!(per, Rules { kill: Combine::Fate, signal: Combine::Gcn, stop: Combine::Fate });
+        assert_eq!(per.to_string(), "kill=fate,signal=gcn,stop=fate");
+        assert_eq!(per.to_string().parse::<Rules>(), Ok(per));
+        assert_eq!("merge".parse::<Rules>(), Ok(Rules::all(Combine::Merge)));
+        assert_eq!(Rules::all(Combine::Gcn).to_string(), "gcn");
+        assert!("boom=gcn".parse::<Rules>().unwrap_err().contains("expected kill, signal or stop"));
+        assert!("kill=vote".parse::<Rules>().unwrap_err().contains("expected fate, gcn or merge"));
     }
 
     #[test]

@@ -8,7 +8,10 @@ use std::{
 };
 
 use afetm_diagnosis::Class;
-use afetm_diagnosis::{Model, fate::Combine};
+use afetm_diagnosis::{
+    Model,
+    fate::{Combine, Rules},
+};
 use afetm_eval::{
     case::{self, Case},
     method::{Input, Method},
@@ -162,7 +165,7 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
     })?;
     fit(&mut || {
         let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
-        let m = Afetm::new(model, afetm_eval::report::FATE_SUSPECTS).with_rule(Combine::Fate);
+        let m = Afetm::new(model, afetm_eval::report::FATE_SUSPECTS).with_rules(Rules::all(Combine::Fate));
         Ok((Box::new(m), String::new()))
     })?;
     // Methods on full FCTs or logs alone do not depend on the plan.

@@ -52,10 +52,12 @@ pub struct ServeArgs {
     pub top_k: usize,
     /// Who names the fault when a thread was killed or stopped by one: `fate` (its last
     /// traced calls, most recent first), `gcn` (the model's suspects for its AFCT) or `merge`
-    /// (half each). The window alarms either way. `afetm-eval` chooses one on the model's
-    /// validation runs (its report's notes, row AFETM).
+    /// (half each); one for all fates, or per class: `kill=fate,signal=gcn,stop=fate` (kill:
+    /// SIGKILL; signal: another fault signal; stop: a hang; a class not named keeps `fate`).
+    /// The window alarms either way. `afetm-eval` chooses them on the model's validation runs
+    /// (its report's notes, row AFETM).
     #[arg(long, default_value = "fate")]
-    pub fate_rule: afetm_diagnosis::fate::Combine,
+    pub fate_rule: afetm_diagnosis::fate::Rules,
     /// Chimera's model directory (`afetm-analyzer train-logs --out`): reports weigh the
     /// window's log lines with it.
     #[arg(long)]

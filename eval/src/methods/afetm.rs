@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use afetm_diagnosis::{
     Class, Diagnosis, Model,
-    fate::{self, Combine},
+    fate::{self, Combine, FateClass, Rules},
 };
 
 use crate::{
@@ -25,31 +25,38 @@ pub struct Afetm {
     model: Model,
     name: String,
     fates: bool,
-    combine: Combine,
+    rules: Rules,
 }
 
-/// How each [`Combine`] rule did on the GCN's validation fault runs: runs whose top-1 named
-/// the function and kind, and the function.
+/// How the fate rules were chosen on the GCN's validation fault runs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuleChoice {
-    /// The rule chosen: most (function, kind) top-1 hits, then most function hits, then the
-    /// first in [`Combine::ALL`].
-    pub rule: Combine,
+    /// The rules chosen: per fate class, most (function, kind) top-1 hits, then most function
+    /// hits, then the first in [`Combine::ALL`].
+    pub rules: Rules,
     /// Validation fault runs scored.
     pub runs: usize,
-    /// Per rule: (rule, top-1 (function, kind) hits, top-1 function hits).
-    pub hits: Vec<(Combine, usize, usize)>,
+    /// Per fate class: the validation runs with a fate of that class, and per rule (rule,
+    /// top-1 (function, kind) hits, top-1 function hits) over all validation fault runs.
+    pub per_class: Vec<(FateClass, usize, Vec<(Combine, usize, usize)>)>,
 }
 
 impl RuleChoice {
     /// One line for the report's notes.
     pub fn notes(&self) -> String {
-        let per: Vec<String> = self.hits.iter().map(|(r, c, f)| format!("{} {c}/{f}", r.name())).collect();
+        let per: Vec<String> = self
+            .per_class
+            .iter()
+            .map(|(class, runs, hits)| {
+                let h: Vec<String> = hits.iter().map(|(r, c, f)| format!("{} {c}/{f}", r.name())).collect();
+                format!("{} on {runs} runs: {}", class.name(), h.join(", "))
+            })
+            .collect();
         format!(
-            "fate rule {} (chosen on {} validation fault runs, top-1 (fn,kind)/fn: {})",
-            self.rule.name(),
+            "fate rule {} (chosen on {} validation fault runs, top-1 (fn,kind)/fn; {})",
+            self.rules,
             self.runs,
-            per.join(", ")
+            per.join("; ")
         )
     }
 }
@@ -57,7 +64,7 @@ impl RuleChoice {
 impl Afetm {
     /// Wraps a trained model; a fate's verdict stands alone ([`Combine::Fate`]).
     pub fn new(model: Model, name: &str) -> Afetm {
-        Afetm { model, name: name.to_string(), fates: true, combine: Combine::Fate }
+        Afetm { model, name: name.to_string(), fates: true, rules: Rules::default() }
     }
 
     /// The GCN alone, blind to how threads ended (the ablation of the fates).
@@ -65,14 +72,15 @@ impl Afetm {
         Afetm { fates: false, ..self }
     }
 
-    /// Uses `rule` where a fate shows a fault.
-    pub fn with_rule(self, rule: Combine) -> Afetm {
-        Afetm { combine: rule, ..self }
+    /// Uses `rules` where a fate shows a fault.
+    pub fn with_rules(self, rules: Rules) -> Afetm {
+        Afetm { rules, ..self }
     }
 
-    /// Chooses the rule on the fault runs among `train` that the GCN's manifest lists as its
-    /// validation runs (never trained on, never evaluation runs), and uses it. `None` when the
-    /// manifest lists none.
+    /// Chooses the rules on the fault runs among `train` that the GCN's manifest lists as its
+    /// validation runs (never trained on, never evaluation runs), one fate class at a time
+    /// (the others kept at their choice so far), and uses them. A class no validation run
+    /// shows keeps `fate`. `None` when the manifest lists no validation run.
     pub fn fit_rule(&mut self, train: &[Case]) -> Result<Option<RuleChoice>, EvalError> {
         let val: HashSet<i64> = self.model.manifest.training.val_run_ids.iter().copied().collect();
         let held: Vec<&Case> = train.iter().filter(|c| val.contains(&c.run) && c.truth != Class::Normal).collect();
@@ -80,21 +88,27 @@ impl Afetm {
             return Ok(None);
         }
         let reference = Reference::default();
-        let mut hits = Vec::new();
-        for rule in Combine::ALL {
-            self.combine = rule;
-            let (mut class, mut function) = (0, 0);
-            for c in &held {
-                let o = outcome(c, &self.diagnose(c)?, &reference);
-                class += o.top1_class as usize;
-                function += o.top1_function as usize;
+        self.rules = Rules::default();
+        let mut per_class = Vec::new();
+        for class in FateClass::ALL {
+            let runs = held.iter().filter(|c| fate_windows(c).iter().any(|w| w.1 == class)).count();
+            let mut hits = Vec::new();
+            for rule in Combine::ALL {
+                self.rules.set(class, rule);
+                let (mut hit_class, mut hit_function) = (0, 0);
+                for c in &held {
+                    let o = outcome(c, &self.diagnose(c)?, &reference);
+                    hit_class += o.top1_class as usize;
+                    hit_function += o.top1_function as usize;
+                }
+                hits.push((rule, hit_class, hit_function));
             }
-            hits.push((rule, class, function));
+            // max_by_key keeps the last of equals: scan in reverse so the first of ALL wins ties.
+            let best = hits.iter().rev().max_by_key(|(_, c, f)| (*c, *f)).map_or(Combine::Fate, |h| h.0);
+            self.rules.set(class, if runs == 0 { Combine::Fate } else { best });
+            per_class.push((class, runs, hits));
         }
-        // max_by_key keeps the last of equals: scan in reverse so the first of ALL wins ties.
-        let rule = hits.iter().rev().max_by_key(|(_, c, f)| (*c, *f)).map_or(Combine::Fate, |h| h.0);
-        self.combine = rule;
-        Ok(Some(RuleChoice { rule, runs: held.len(), hits }))
+        Ok(Some(RuleChoice { rules: self.rules, runs: held.len(), per_class }))
     }
 
     /// The GCN's diagnosis of a window, ranking `k` suspects.
@@ -108,14 +122,10 @@ fn verdict_of(d: &Diagnosis) -> Verdict {
     Verdict::new(d.error, f64::from(d.p_normal), top)
 }
 
-/// The fates' verdicts in `case`, as the daemon gives them: per process window, the one its
-/// fates show ([`fate::verdict`]), on the window of the thread it names, combined by `rule`
-/// with `gcn`'s diagnosis of that thread's window (index into `case.windows`).
-pub fn fate_verdicts(
-    case: &Case,
-    rule: Combine,
-    gcn: impl Fn(usize) -> Result<Option<Diagnosis>, EvalError>,
-) -> Result<Vec<Verdict>, EvalError> {
+/// Per process window of `case` whose fates show a fault: the window (index into
+/// `case.windows`) of the thread [`fate::verdict`] names, its fate's class and the fate's
+/// verdict.
+fn fate_windows(case: &Case) -> Vec<(usize, FateClass, Diagnosis)> {
     let mut by_window: BTreeMap<(u32, u64), Vec<usize>> = BTreeMap::new();
     for (i, w) in case.windows.iter().enumerate() {
         by_window.entry((w.pid, w.start_ns)).or_default().push(i);
@@ -125,6 +135,24 @@ pub fn fate_verdicts(
         let fates: Vec<fate::ThreadFate> = threads.iter().filter_map(|&i| case.windows[i].fate.clone()).collect();
         let Some((tid, d)) = fate::verdict(&fates, TOP_K) else { continue };
         let Some(&i) = threads.iter().find(|&&i| case.windows[i].tid == tid) else { continue };
+        let Some(class) = fate::class_of(&fates, tid) else { continue };
+        out.push((i, class, d));
+    }
+    out
+}
+
+/// The fates' verdicts in `case`, as the daemon gives them: per process window, the one its
+/// fates show ([`fate::verdict`]), on the window of the thread it names, combined by the rule
+/// for its fate's class with `gcn`'s diagnosis of that thread's window (index into
+/// `case.windows`).
+pub fn fate_verdicts(
+    case: &Case,
+    rules: Rules,
+    gcn: impl Fn(usize) -> Result<Option<Diagnosis>, EvalError>,
+) -> Result<Vec<Verdict>, EvalError> {
+    let mut out = Vec::new();
+    for (i, class, d) in fate_windows(case) {
+        let rule = rules.get(class);
         let g = if rule == Combine::Fate { None } else { gcn(i)? };
         let mut v = verdict_of(&fate::combine(rule, d, g.as_ref(), TOP_K));
         v.window = Some(i);
@@ -152,7 +180,7 @@ impl Method for Afetm {
     fn diagnose(&self, case: &Case) -> Result<Vec<Verdict>, EvalError> {
         let mut out = per_window(case, |w| self.window(w))?;
         if self.fates {
-            for v in fate_verdicts(case, self.combine, |i| self.gcn(&case.windows[i], fate::RANKED))? {
+            for v in fate_verdicts(case, self.rules, |i| self.gcn(&case.windows[i], fate::RANKED))? {
                 out.retain(|o| o.window != v.window);
                 out.push(v);
             }
