@@ -43,28 +43,48 @@ enum Cmd {
     /// Fits the fusion of the GCN and the log models on the GCN's validation runs and writes
     /// it (`afetm-analyzer serve --fusion FILE` reads it).
     Fuse {
-        /// The campaign's FDDB.
-        #[arg(long)]
-        fddb: PathBuf,
-        /// The target's name in it.
-        #[arg(long)]
-        target: String,
-        /// The plan the GCN was trained under.
-        #[arg(long)]
-        plan: PathBuf,
-        /// The GCN (its manifest lists its validation runs).
-        #[arg(long)]
-        model: PathBuf,
+        #[command(flatten)]
+        gcn: GcnArgs,
         /// Where the fusion goes (JSON).
         #[arg(long)]
         out: PathBuf,
     },
+    /// Chooses the fate rules on the GCN's validation runs, as the AFETM row does, and prints
+    /// them (`afetm-analyzer serve --fate-rule RULES` reads the line); the hits go to stderr.
+    FateRules(GcnArgs),
     /// Writes report.md and the figures from the rows, rtgr.json and setup.json in a folder.
     Report {
         /// The folder (`target/eval`).
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+/// A GCN and the FDDB it was trained from.
+#[derive(clap::Args)]
+struct GcnArgs {
+    /// The campaign's FDDB.
+    #[arg(long)]
+    fddb: PathBuf,
+    /// The target's name in it.
+    #[arg(long)]
+    target: String,
+    /// The plan the GCN was trained under.
+    #[arg(long)]
+    plan: PathBuf,
+    /// The GCN (its manifest lists its validation runs).
+    #[arg(long)]
+    model: PathBuf,
+}
+
+impl GcnArgs {
+    /// The training-role runs as the plan sees them, and the model.
+    fn load(&self) -> Result<(Vec<Case>, Model)> {
+        let db = Fddb::open(&self.fddb).with_context(|| format!("FDDB {}", self.fddb.display()))?;
+        let text = std::fs::read_to_string(&self.plan).with_context(|| format!("plan {}", self.plan.display()))?;
+        let train = case::from_fddb(&db, &self.target, Some(&PlanFile::parse(&text)?), Role::Train)?;
+        Ok((train, Model::load(&self.model).with_context(|| format!("model {}", self.model.display()))?))
+    }
 }
 
 #[derive(clap::Args)]
@@ -110,7 +130,8 @@ fn main() -> Result<()> {
     }
     match Cli::parse().cmd {
         Cmd::Score(a) => score(&a),
-        Cmd::Fuse { fddb, target, plan, model, out } => fuse(&fddb, &target, &plan, &model, &out),
+        Cmd::Fuse { gcn, out } => fuse(&gcn, &out),
+        Cmd::FateRules(gcn) => fate_rules(&gcn),
         Cmd::Report { dir } => write_report(&dir),
     }
 }
@@ -356,11 +377,22 @@ fn score(a: &ScoreArgs) -> Result<()> {
     Ok(())
 }
 
-fn fuse(fddb: &Path, target: &str, plan: &Path, model: &Path, out: &Path) -> Result<()> {
-    let db = Fddb::open(fddb).with_context(|| format!("FDDB {}", fddb.display()))?;
-    let plan = PlanFile::parse(&std::fs::read_to_string(plan).with_context(|| format!("plan {}", plan.display()))?)?;
-    let train = case::from_fddb(&db, target, Some(&plan), Role::Train)?;
-    let m = Fused::fit(&train, Model::load(model).with_context(|| format!("model {}", model.display()))?)?;
+fn fate_rules(gcn: &GcnArgs) -> Result<()> {
+    let (train, model) = gcn.load()?;
+    let mut m = Afetm::new(model, "AFETM");
+    match m.fit_rule(&train)? {
+        Some(choice) => {
+            eprintln!("{}", choice.notes());
+            println!("{}", choice.rules);
+        }
+        None => anyhow::bail!("the GCN's manifest lists no validation runs (trained before they were recorded)"),
+    }
+    Ok(())
+}
+
+fn fuse(gcn: &GcnArgs, out: &Path) -> Result<()> {
+    let (train, model) = gcn.load()?;
+    let m = Fused::fit(&train, model)?;
     std::fs::write(out, serde_json::to_string_pretty(m.fusion())?).with_context(|| format!("{}", out.display()))?;
     eprintln!("{} -> {}", m.notes(), out.display());
     Ok(())

@@ -442,6 +442,24 @@ fn live_specs(fddb: &Path, tn: &str, n: usize, normals: usize) -> Result<Vec<Liv
     Ok(specs)
 }
 
+/// The fate rules `afetm-eval` chooses on the model's validation runs, for the live daemon.
+fn fate_rules(bin: &Path, fddb: &Path, plan: &Path, model: &Path) -> Result<String> {
+    let out = Command::new(bin.join("afetm-eval"))
+        .args(["fate-rules", "--target", "redis", "--fddb"])
+        .arg(fddb)
+        .arg("--plan")
+        .arg(plan)
+        .arg("--model")
+        .arg(model)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running afetm-eval fate-rules")?;
+    if !out.status.success() {
+        anyhow::bail!("afetm-eval fate-rules failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn live_runs(
     s: &Settings,
@@ -473,11 +491,13 @@ fn live_runs(
     let mut peak = None;
     if done < specs.len() {
         let server = format!("http://{LIVE_LISTEN}");
+        let model = dir.join(format!("model-{label}"));
+        let rules = fate_rules(bin, fddb, plan, &model)?;
         let analyzer = Command::new(bin.join("afetm-analyzer"))
-            .args(["serve", "--listen", LIVE_LISTEN, "--window", "1s", "--db"])
+            .args(["serve", "--listen", LIVE_LISTEN, "--window", "1s", "--fate-rule", &rules, "--db"])
             .arg(&db)
             .arg("--model")
-            .arg(dir.join(format!("model-{label}")))
+            .arg(&model)
             .stderr(std::fs::File::create(dir.join(format!("live-{label}.analyzer.log")))?)
             .spawn()
             .context("starting afetm-analyzer")?;
