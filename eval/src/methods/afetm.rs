@@ -38,8 +38,11 @@ pub struct RuleChoice {
     pub runs: usize,
     /// Per fate class: the validation runs with a fate of that class, and per rule (rule,
     /// top-1 (function, kind) hits, top-1 function hits) over all validation fault runs.
-    pub per_class: Vec<(FateClass, usize, Vec<(Combine, usize, usize)>)>,
+    pub per_class: Vec<(FateClass, usize, RuleHits)>,
 }
+
+/// Per rule: (rule, top-1 (function, kind) hits, top-1 function hits).
+pub type RuleHits = Vec<(Combine, usize, usize)>;
 
 impl RuleChoice {
     /// One line for the report's notes.
