@@ -15,7 +15,9 @@
 //! 5. Normal runs, then per fault its training runs (until one adds no FCT new for that fault,
 //!    at most `cap`) and its evaluation runs. A run: the target's tier restarted (Apache with
 //!    the shop database restored from a pristine copy) and warmed up with the CRUD mix for
-//!    0.5 s (its windows start after that), the CRUD mix at the fixed rate, one
+//!    0.5 s (its windows start after that; every other normal run starts cold instead, its
+//!    first window holding the first requests of a fresh server, as after a restart in
+//!    production: [`Start`]), the CRUD mix at the fixed rate, one
 //!    `afetm-inject` per target process after a fault-free lead drawn uniformly in
 //!    [0, `window`) (a fault does not strike at a window's start in production either), the
 //!    mix for `window` more, the tier killed (its processes' exits close
@@ -39,7 +41,7 @@ use afetm_calltree::tree::{Forest, FuncTable};
 use afetm_elf::{dwarf, symbols::Module};
 use afetm_fault::{Applied, Fault};
 use afetm_fddb::{
-    Done, Fddb, FunctionRow, LabelledTree, Manifestation, Phases, Role, Run, RunFate, RunStatus, Settings,
+    Done, Fddb, FunctionRow, LabelledTree, Manifestation, Phases, Role, Run, RunFate, RunStatus, Settings, Start,
 };
 use afetm_proto::{self as pb, control_client::ControlClient, query_client::QueryClient};
 use afetm_selection::weights::Weights;
@@ -356,16 +358,17 @@ impl Session {
         Ok((best * 0.75_f64).max(10.0))
     }
 
-    /// One run: the target's tier restarted, injectors (for `fault`), the workload at the
-    /// fixed rate, the tier killed, the labelled FCTs of its processes.
+    /// One run: the target's tier restarted (warmed up or cold), injectors (for `fault`),
+    /// the workload at the fixed rate, the tier killed, the labelled FCTs of its processes.
     fn run_once(
         &self,
         fault: Option<(&str, Fault)>,
         role: Role,
         normal_latency: f64,
+        start: Start,
     ) -> Result<(Run, Vec<LabelledTree>)> {
         let started = Instant::now();
-        self.fresh_tier()?;
+        self.fresh_tier(start)?;
         let victims = self.cfg.target.processes(&self.stack)?;
         if victims.is_empty() {
             bail!("no {} process is running", self.cfg.target.name());
@@ -476,6 +479,7 @@ impl Session {
             kernel_drops,
             queue_drops,
             phases,
+            start,
             wall_ms: ms(done - started),
             logs,
             applications,
@@ -500,18 +504,23 @@ impl Session {
         Ok(())
     }
 
-    /// A freshly started target tier: the one started in the background, or one restarted now.
-    fn fresh_tier(&self) -> Result<()> {
+    /// A freshly started target tier: the one started (and warmed up) in the background, or
+    /// one restarted now; for a [`Start::Cold`] run restarted now without a warm-up, so that
+    /// the run's first window holds the first requests it serves.
+    fn fresh_tier(&self, start: Start) -> Result<()> {
         let pending = self.next_tier.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match pending {
-            Some(h) => h.join().map_err(|_| anyhow::anyhow!("the tier's restart thread panicked"))?,
-            None => {
-                let tier = self.cfg.target.tier();
-                testbed::stop_tier(&self.stack, tier)?;
-                testbed::start_tier(&self.stack, tier, self.pristine.as_deref())
-                    .context("restarting the target's tier")?;
-                self.load(WARM_UP, Some(self.rate)).map(|_| ()).context("warming the restarted tier up")
+        if let Some(h) = pending {
+            h.join().map_err(|_| anyhow::anyhow!("the tier's restart thread panicked"))??;
+            if start == Start::Warm {
+                return Ok(());
             }
+        }
+        let tier = self.cfg.target.tier();
+        testbed::stop_tier(&self.stack, tier)?;
+        testbed::start_tier(&self.stack, tier, self.pristine.as_deref()).context("restarting the target's tier")?;
+        match start {
+            Start::Warm => self.load(WARM_UP, Some(self.rate)).map(|_| ()).context("warming the restarted tier up"),
+            Start::Cold => Ok(()),
         }
     }
 
@@ -881,7 +890,9 @@ fn campaign(
             && valid < want
             && all < want + 3
         {
-            let (run, trees) = s.run_once(None, role, 0.0)?;
+            // Every other normal run starts cold: production restarts too.
+            let start = if valid % 2 == 1 { Start::Cold } else { Start::Warm };
+            let (run, trees) = s.run_once(None, role, 0.0, start)?;
             timings.push((run.phases, run.wall_ms));
             db.record_run(target, None, &run, &trees, Done::No)?;
             runs += 1;
@@ -934,7 +945,8 @@ fn fault_runs(
         db.mark_done(fault.id)?; // the cap was lowered since these runs
     } else if !fault.done {
         for attempt in fault.train_runs + 1..=cap {
-            let (run, trees) = s.run_once(Some((&fault.function, fault.fault)), Role::Train, normal_latency)?;
+            let (run, trees) =
+                s.run_once(Some((&fault.function, fault.fault)), Role::Train, normal_latency, Start::Warm)?;
             timings.push((run.phases, run.wall_ms));
             let rule = if attempt == cap { Done::Yes } else { Done::IfNothingNew };
             let r = db.record_run(target, Some(fault.id), &run, &trees, rule)?;
@@ -946,7 +958,7 @@ fn fault_runs(
         }
     }
     for _ in fault.eval_runs..s.cfg.eval_runs as u64 {
-        let (run, trees) = s.run_once(Some((&fault.function, fault.fault)), Role::Eval, normal_latency)?;
+        let (run, trees) = s.run_once(Some((&fault.function, fault.fault)), Role::Eval, normal_latency, Start::Warm)?;
         timings.push((run.phases, run.wall_ms));
         db.record_run(target, Some(fault.id), &run, &trees, Done::No)?;
     }

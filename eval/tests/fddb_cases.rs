@@ -38,6 +38,7 @@ fn run(role: Role, m: Manifestation, first_ns: u64) -> Run {
         kernel_drops: 0,
         queue_drops: 0,
         phases: Phases::default(),
+        start: Default::default(),
         wall_ms: 10,
         logs: vec![],
         applications: if first_ns > 0 {

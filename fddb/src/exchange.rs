@@ -10,7 +10,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Applied, Fault, Fddb, FddbError, FunctionRow, Phases, RunFate, RunRow, Settings, decode_tree, insert_fates,
+    Applied, Fault, Fddb, FddbError, FunctionRow, Phases, RunFate, RunRow, Settings, Start, decode_tree, insert_fates,
     insert_run,
 };
 
@@ -79,6 +79,9 @@ enum Line {
         /// Absent in exports of schema 3.
         #[serde(default)]
         fates: Vec<RunFate>,
+        /// Absent in exports of schema 4 and before (warm: every run then was).
+        #[serde(default)]
+        start: Start,
     },
 }
 
@@ -145,16 +148,18 @@ impl Fddb {
         let mut st = self.conn.prepare(
             "SELECT r.id, t.name, fu.name, fa.spec, r.role, r.attempt, r.status, r.manifestation, r.requests, r.errors,
                r.mean_latency_us, r.applied, r.kernel_drops, r.queue_drops, r.restart_ms, r.inject_ms, r.load_ms,
-               r.collect_ms, r.wall_ms, r.new_fcts
+               r.collect_ms, r.wall_ms, r.new_fcts, r.start
              FROM runs r JOIN targets t ON t.id = r.target_id LEFT JOIN faults fa ON fa.id = r.fault_id
              LEFT JOIN functions fu ON fu.id = fa.function_id ORDER BY t.name, fu.name, fa.spec, r.role, r.attempt",
         )?;
         let runs: Vec<(i64, Line)> = st
             .query_map([], |r| {
                 let spec: Option<String> = r.get(3)?;
+                let start: String = r.get(20)?;
                 Ok((
                     r.get(0)?,
                     spec,
+                    start,
                     Line::Run {
                         target: r.get(1)?,
                         function: r.get(2)?,
@@ -181,13 +186,17 @@ impl Fddb {
                         logs: Vec::new(),
                         applications: Vec::new(),
                         fates: Vec::new(),
+                        start: Start::Warm,
                     },
                 ))
             })?
             .map(|r| {
-                let (id, spec, mut line) = r?;
-                if let (Line::Run { fault, .. }, Some(s)) = (&mut line, spec) {
-                    *fault = Some(crate::parse_fault(&s)?);
+                let (id, spec, stored_start, mut line) = r?;
+                if let Line::Run { fault, start, .. } = &mut line {
+                    *start = stored_start.parse().map_err(FddbError::Stored)?;
+                    if let Some(s) = spec {
+                        *fault = Some(crate::parse_fault(&s)?);
+                    }
                 }
                 Ok((id, line))
             })
@@ -352,6 +361,7 @@ fn import_run(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
         logs,
         applications,
         fates,
+        start,
     } = l
     else {
         return Ok(());
@@ -390,6 +400,7 @@ fn import_run(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
         kernel_drops: *kernel_drops,
         queue_drops: *queue_drops,
         phases: *phases,
+        start: start.as_str(),
         wall_ms: *wall_ms,
         new_fcts: *new_fcts,
     };

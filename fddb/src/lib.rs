@@ -70,9 +70,14 @@ pub enum FddbError {
     Lookup(String),
 }
 
-/// The schema this code reads and writes (`PRAGMA user_version`). Version 2 and 3 databases
-/// are upgraded in place ([`MIGRATE_2_3`], [`MIGRATE_3_4`]).
-pub const SCHEMA_VERSION: i64 = 4;
+/// The schema this code reads and writes (`PRAGMA user_version`). Version 2, 3 and 4
+/// databases are upgraded in place ([`MIGRATE_2_3`], [`MIGRATE_3_4`], [`MIGRATE_4_5`]).
+pub const SCHEMA_VERSION: i64 = 5;
+
+/// Version 4 -> 5: how a run's tier started (runs recorded before were all warmed up).
+const MIGRATE_4_5: &str = "
+ALTER TABLE runs ADD COLUMN start TEXT NOT NULL DEFAULT 'warm';
+";
 
 /// Version 3 -> 4: thread fates (runs recorded before have none).
 const MIGRATE_3_4: &str = "
@@ -108,7 +113,7 @@ CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, target_id INTEGER NOT N
   manifestation TEXT NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL, mean_latency_us REAL NOT NULL,
   applied INTEGER NOT NULL, kernel_drops INTEGER NOT NULL, queue_drops INTEGER NOT NULL,
   restart_ms INTEGER NOT NULL, inject_ms INTEGER NOT NULL, load_ms INTEGER NOT NULL, collect_ms INTEGER NOT NULL,
-  wall_ms INTEGER NOT NULL, new_fcts INTEGER NOT NULL);
+  wall_ms INTEGER NOT NULL, new_fcts INTEGER NOT NULL, start TEXT NOT NULL DEFAULT 'warm');
 CREATE TABLE IF NOT EXISTS run_trees (run_id INTEGER NOT NULL REFERENCES runs(id),
   fct_id INTEGER NOT NULL REFERENCES fcts(id), pid INTEGER NOT NULL, tid INTEGER NOT NULL, start_ns INTEGER NOT NULL,
   faulty INTEGER NOT NULL, normal_like INTEGER NOT NULL, end_ns INTEGER, PRIMARY KEY (run_id, pid, tid, start_ns));
@@ -172,6 +177,42 @@ impl Role {
         match self {
             Role::Train => "train",
             Role::Eval => "eval",
+        }
+    }
+}
+
+/// How a run's tier started: warmed up before its windows begin, or cold, its first windows
+/// holding the first requests a freshly started server serves (its tables growing, its
+/// per-command state made on first use), as after every restart in production (issue 23:
+/// "held-out normal runs must include restarts and start-up windows").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Start {
+    /// Half a second of the workload before the run's windows begin.
+    #[default]
+    Warm,
+    /// The run's windows begin as the tier starts serving.
+    Cold,
+}
+
+impl Start {
+    /// The name stored in the FDDB.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Start::Warm => "warm",
+            Start::Cold => "cold",
+        }
+    }
+}
+
+impl FromStr for Start {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Start, String> {
+        match s {
+            "warm" => Ok(Start::Warm),
+            "cold" => Ok(Start::Cold),
+            _ => Err(format!("start {s:?}: expected warm or cold")),
         }
     }
 }
@@ -346,6 +387,8 @@ pub struct Run {
     pub queue_drops: u64,
     /// Time by phase.
     pub phases: Phases,
+    /// How its tier started.
+    pub start: Start,
     /// Whole run, ms.
     pub wall_ms: u64,
     /// (log source, excerpt)
@@ -473,6 +516,8 @@ pub struct RunInfo {
     /// Whether the run's fault was held out of training, and why (None: a training fault, or
     /// a normal run).
     pub held_out: Option<HeldOut>,
+    /// How its tier started.
+    pub start: Start,
 }
 
 /// Runs of one target and role by status, fault runs and normal runs apart: what a score's
@@ -592,12 +637,16 @@ impl Fddb {
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let tables: i64 =
             conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
-        if version == 2 && tables > 0 {
-            conn.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {MIGRATE_2_3} {MIGRATE_3_4} PRAGMA user_version = 4; COMMIT;"
-            ))?;
-        } else if version == 3 && tables > 0 {
-            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_3_4} PRAGMA user_version = 4; COMMIT;"))?;
+        let steps = match version {
+            2 => Some([MIGRATE_2_3, MIGRATE_3_4, MIGRATE_4_5].concat()),
+            3 => Some([MIGRATE_3_4, MIGRATE_4_5].concat()),
+            4 => Some(MIGRATE_4_5.to_string()),
+            _ => None,
+        };
+        if let Some(steps) = steps
+            && tables > 0
+        {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))?;
         } else if version != SCHEMA_VERSION && (version != 0 || tables > 0) {
             return Err(FddbError::Schema { path: path.display().to_string(), found: version });
         }
@@ -756,6 +805,7 @@ impl Fddb {
             kernel_drops: run.kernel_drops as i64,
             queue_drops: run.queue_drops as i64,
             phases: run.phases,
+            start: run.start.as_str(),
             wall_ms: run.wall_ms as i64,
             new_fcts: 0,
         };
@@ -907,7 +957,7 @@ impl Fddb {
     /// The valid runs (status `ok`) of target `name` in `role`, in run order.
     pub fn valid_runs(&self, name: &str, role: Role) -> Result<Vec<RunInfo>, FddbError> {
         let mut st = self.conn.prepare(
-            "SELECT r.id, fu.name, fa.kind, fa.spec, r.manifestation, r.errors, r.requests, fa.held_out
+            "SELECT r.id, fu.name, fa.kind, fa.spec, r.manifestation, r.errors, r.requests, fa.held_out, r.start
              FROM runs r JOIN targets t ON t.id = r.target_id LEFT JOIN faults fa ON fa.id = r.fault_id
              LEFT JOIN functions fu ON fu.id = fa.function_id
              WHERE t.name = ?1 AND r.role = ?2 AND r.status = 'ok' ORDER BY r.id",
@@ -924,13 +974,15 @@ impl Fddb {
                 errors: r.get::<_, i64>(5)? as u64,
                 requests: r.get::<_, i64>(6)? as u64,
                 held_out: None,
+                start: Start::default(),
             })
-            .map(|info| (info, r.get::<_, Option<String>>(7)))
+            .map(|info| (info, r.get::<_, Option<String>>(7), r.get::<_, String>(8)))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (mut info, held) = row?;
+            let (mut info, held, start) = row?;
             info.held_out = held_out_of(held?)?;
+            info.start = start?.parse().map_err(FddbError::Stored)?;
             out.push(info);
         }
         Ok(out)
@@ -1156,6 +1208,7 @@ struct RunRow<'a> {
     kernel_drops: i64,
     queue_drops: i64,
     phases: Phases,
+    start: &'a str,
     wall_ms: i64,
     new_fcts: i64,
 }
@@ -1169,8 +1222,8 @@ fn insert_run(
 ) -> Result<i64, rusqlite::Error> {
     tx.execute(
         "INSERT INTO runs(target_id, fault_id, role, attempt, status, manifestation, requests, errors, mean_latency_us,
-           applied, kernel_drops, queue_drops, restart_ms, inject_ms, load_ms, collect_ms, wall_ms, new_fcts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+           applied, kernel_drops, queue_drops, restart_ms, inject_ms, load_ms, collect_ms, wall_ms, new_fcts, start)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
         params![
             r.target,
             r.fault,
@@ -1189,7 +1242,8 @@ fn insert_run(
             r.phases.load_ms as i64,
             r.phases.collect_ms as i64,
             r.wall_ms,
-            r.new_fcts
+            r.new_fcts,
+            r.start
         ],
     )?;
     let run = tx.last_insert_rowid();

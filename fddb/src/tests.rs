@@ -26,6 +26,7 @@ fn run(role: Role, status: RunStatus, m: Manifestation) -> Run {
         kernel_drops: 0,
         queue_drops: 0,
         phases: Phases { restart_ms: 1, inject_ms: 2, load_ms: 3, collect_ms: 4 },
+        start: Start::Warm,
         wall_ms: 10,
         logs: vec![("redis.log".into(), "line".into())],
         applications: vec![Applied { pid: 1, tid: 1, first_ns: 5, last_ns: 9, count: 3 }],
@@ -253,6 +254,11 @@ CREATE TABLE functions (id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL, name
   returns_value INTEGER, calls_per_sec REAL NOT NULL DEFAULT 0, UNIQUE(target_id, name));
 CREATE TABLE faults (id INTEGER PRIMARY KEY, function_id INTEGER NOT NULL, kind TEXT NOT NULL, spec TEXT NOT NULL,
   done INTEGER NOT NULL DEFAULT 0, UNIQUE(function_id, spec));
+CREATE TABLE runs (id INTEGER PRIMARY KEY, target_id INTEGER NOT NULL, fault_id INTEGER, role TEXT NOT NULL,
+  attempt INTEGER NOT NULL, status TEXT NOT NULL, manifestation TEXT NOT NULL, requests INTEGER NOT NULL,
+  errors INTEGER NOT NULL, mean_latency_us REAL NOT NULL, applied INTEGER NOT NULL, kernel_drops INTEGER NOT NULL,
+  queue_drops INTEGER NOT NULL, restart_ms INTEGER NOT NULL, inject_ms INTEGER NOT NULL, load_ms INTEGER NOT NULL,
+  collect_ms INTEGER NOT NULL, wall_ms INTEGER NOT NULL, new_fcts INTEGER NOT NULL);
 CREATE TABLE run_trees (run_id INTEGER NOT NULL, fct_id INTEGER NOT NULL, pid INTEGER NOT NULL, tid INTEGER NOT NULL,
   start_ns INTEGER NOT NULL, faulty INTEGER NOT NULL, normal_like INTEGER NOT NULL, PRIMARY KEY (run_id, pid, tid, start_ns));
 INSERT INTO targets(name, module) VALUES ('redis', 'm');
@@ -283,7 +289,9 @@ fn a_version_3_fddb_gets_fates_and_keeps_its_runs() {
     let (mut db, t, a, _) = setup(dir.path());
     let crash = run(Role::Train, RunStatus::Ok, Manifestation::Crash);
     let r = db.record_run(t, Some(a), &crash, &[tree(&["main"], true, 1)], Done::No).unwrap();
-    db.conn.execute_batch("DROP TABLE run_fates; PRAGMA user_version = 3;").unwrap();
+    db.conn
+        .execute_batch("DROP TABLE run_fates; ALTER TABLE runs DROP COLUMN start; PRAGMA user_version = 3;")
+        .unwrap();
     drop(db);
     let mut db = Fddb::open(&dir.path().join("f.sqlite")).expect("a version 3 FDDB is upgraded");
     let v: i64 = db.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
@@ -292,6 +300,31 @@ fn a_version_3_fddb_gets_fates_and_keeps_its_runs() {
     let again = Run { fates: crash_fates(), ..crash };
     let r = db.record_run(t, Some(a), &again, &[tree(&["main"], true, 1)], Done::No).unwrap();
     assert_eq!(db.run_fates(r.run_id).unwrap().len(), 2);
+}
+
+#[test]
+fn a_version_4_fddb_reads_its_runs_as_warm_and_records_cold_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, _, _) = setup(dir.path());
+    let normal = run(Role::Eval, RunStatus::Ok, Manifestation::Normal);
+    db.record_run(t, None, &normal, &[tree(&["main"], false, 1)], Done::No).unwrap();
+    db.conn.execute_batch("ALTER TABLE runs DROP COLUMN start; PRAGMA user_version = 4;").unwrap();
+    drop(db);
+    let mut db = Fddb::open(&dir.path().join("f.sqlite")).expect("a version 4 FDDB is upgraded");
+    let v: i64 = db.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    let cold = Run { start: Start::Cold, ..normal };
+    db.record_run(t, None, &cold, &[tree(&["main"], false, 1)], Done::No).unwrap();
+    let starts: Vec<Start> = db.valid_runs("redis", Role::Eval).unwrap().iter().map(|r| r.start).collect();
+    assert_eq!(starts, vec![Start::Warm, Start::Cold], "the old run was warm, the new one cold");
+    // Export and import keep it; an export line without the field (schema 4) reads as warm.
+    let lines = db.export_lines().unwrap();
+    assert_eq!(lines.iter().filter(|l| l.contains("\"start\":\"cold\"")).count(), 1);
+    let mut again = Fddb::open(&dir.path().join("g.sqlite")).unwrap();
+    let old_style: Vec<String> = lines.iter().map(|l| l.replace(",\"start\":\"warm\"", "")).collect();
+    again.import_from(std::io::Cursor::new(old_style.join("\n")), "old.jsonl").unwrap();
+    let starts: Vec<Start> = again.valid_runs("redis", Role::Eval).unwrap().iter().map(|r| r.start).collect();
+    assert_eq!(starts, vec![Start::Warm, Start::Cold]);
 }
 
 #[test]

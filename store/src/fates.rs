@@ -228,7 +228,16 @@ pub fn of_window(
                 format!("{}:{}", func.module, func.name)
             })
             .collect();
-        out.push(pb::ThreadFate { pid, tid, ts_ns: ts as u64, kind, code, last_calls, took_signal, fault_calls: vec![] });
+        out.push(pb::ThreadFate {
+            pid,
+            tid,
+            ts_ns: ts as u64,
+            kind,
+            code,
+            last_calls,
+            took_signal,
+            fault_calls: vec![],
+        });
     }
     Ok(out)
 }

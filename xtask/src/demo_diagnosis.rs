@@ -73,7 +73,7 @@ pub fn run_demo(seed: Option<u64>) -> Result<()> {
 
     step(1, t0, &format!("Fault injection campaign on redis, scope {SCOPE} (resumes if run before)"));
     run(Command::new(bin.join("afetm-campaign"))
-        .args(["redis", "--scope", SCOPE, "--cap", "3", "--eval-runs", "0", "--normal-runs", "8", "--held-out", "0"])
+        .args(["redis", "--scope", SCOPE, "--cap", "3", "--eval-runs", "0", "--normal-runs", "12", "--held-out", "0"])
         .arg("--db")
         .arg(&fddb)
         .arg("--work-dir")
