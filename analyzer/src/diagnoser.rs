@@ -246,8 +246,11 @@ impl Diagnoser {
     /// it (`afetm_diagnosis::fate`), its suspects named by the fate rule. None when no thread
     /// has a diagnosable tree or such a fate.
     pub fn diagnose_window(&self, model: &Model, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
-        let Some((tid, d, _)) = self.diagnose_fates(w) else { return self.diagnose_trees(model, w) };
         let fates = fate::from_proto(&w.fates);
+        let functions = model.fault_functions();
+        let Some((tid, d)) = fate::verdict(&fates, self.top_k, &|f| functions.contains(f)) else {
+            return self.diagnose_trees(model, w);
+        };
         let rule = fate::class_of(&fates, tid).map_or(fate::Combine::Fate, |c| self.fate_rule.get(c));
         // Under the fate's own rule the network need not run.
         let gcn = match rule {
@@ -262,10 +265,10 @@ impl Diagnoser {
         Some((tid, fate::combine(rule, d, gcn.as_ref(), self.top_k), w.trees.len() as u32))
     }
 
-    /// The verdict of a window's fates alone (`afetm_diagnosis::fate`): for windows of agents
-    /// no model serves, and over the GCN's.
+    /// The verdict of a window's fates alone (`afetm_diagnosis::fate`), for windows of agents
+    /// no model serves: with no model's functions to rank first, the last calls by recency.
     pub fn diagnose_fates(&self, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
-        fate::verdict(&fate::from_proto(&w.fates), self.top_k).map(|(tid, d)| (tid, d, 0))
+        fate::verdict(&fate::from_proto(&w.fates), self.top_k, &|_| true).map(|(tid, d)| (tid, d, 0))
     }
 
     /// The GCN's verdict on a window's trees: that of the thread with the lowest P(normal).

@@ -184,6 +184,17 @@ fn a_killed_threads_suspects_follow_the_fate_rule() {
     // Per fate class: a SIGSEGV is a `signal` fate.
     assert_eq!(by("signal=gcn"), [crash("bad")]);
     assert_eq!(by("kill=gcn,stop=merge"), [crash("a"), crash("root")]);
+    // The model's fault functions rank first among the last calls: `bad`, called before `a`.
+    let mut w = w;
+    w.fates[0].last_calls = vec!["m:root".into(), "m:bad".into(), "m:a".into()];
+    let d = afetm_analyzer::diagnoser::Diagnoser::load(std::slice::from_ref(&dir_model), None, 3, 1000).unwrap();
+    let (_, d, _) = d.diagnose_window(&model, &w).expect("a verdict");
+    let top: Vec<_> = d.top.iter().map(|s| (s.function.clone(), s.kind)).collect();
+    assert_eq!(top, [crash("bad"), crash("a"), crash("root")]);
+    // Without a model (an agent no model serves) by recency alone.
+    let d = afetm_analyzer::diagnoser::Diagnoser::load(std::slice::from_ref(&dir_model), None, 3, 1000).unwrap();
+    let (_, alone, _) = d.diagnose_fates(&w).expect("a verdict");
+    assert_eq!(alone.top[0].function, "a");
 }
 
 const RATE: f64 = 200.0;

@@ -224,6 +224,19 @@ impl Model {
         Model { manifest, net, device: Device::Cpu }
     }
 
+    /// The functions of the model's fault classes: those its FDDB injected faults into, the
+    /// only ones it can name (a fate's last calls rank them first: [`crate::fate::verdict`]).
+    pub fn fault_functions(&self) -> std::collections::HashSet<&str> {
+        self.manifest
+            .classes
+            .iter()
+            .filter_map(|c| match c {
+                Class::Fault { function, .. } => Some(function.as_str()),
+                Class::Normal => None,
+            })
+            .collect()
+    }
+
     /// Writes `manifest.json` and `model.safetensors` into `dir` (created if needed).
     pub fn save(&self, dir: &Path) -> Result<(), DiagnosisError> {
         std::fs::create_dir_all(dir).map_err(|e| DiagnosisError::Io(dir.to_path_buf(), e))?;

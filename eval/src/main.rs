@@ -189,6 +189,11 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
         let m = Afetm::new(model, afetm_eval::report::FATE_SUSPECTS).with_rules(Rules::all(Combine::Fate));
         Ok((Box::new(m), String::new()))
     })?;
+    fit(&mut || {
+        let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
+        let m = Afetm::new(model, afetm_eval::report::FATE_RECENCY).with_rules(Rules::all(Combine::Fate)).by_recency();
+        Ok((Box::new(m), String::new()))
+    })?;
     // Methods on full FCTs or logs alone do not depend on the plan.
     let all = !a.plan_methods_only;
     if all {

@@ -153,6 +153,10 @@ fn fates_findings(out: &mut String, g: &Scores, alone: Option<&Scores>, fate_rul
 /// The row of AFETM under the `fate` rule whatever validation chose (the ablation of the rule).
 pub const FATE_SUSPECTS: &str = "AFETM (fate's suspects)";
 
+/// [`FATE_SUSPECTS`] with the last calls by recency alone, the model's fault functions not
+/// ranked first (the ablation of that order).
+pub const FATE_RECENCY: &str = "AFETM (fate's suspects by recency)";
+
 /// The paper's name for a method row (AFETM rows of either kind compare with "AFETM").
 fn paper_name(method: &str) -> &str {
     if method.starts_with("AFETM") { "AFETM" } else { method }
@@ -672,7 +676,16 @@ pub fn discussion(rows: &[Row], rtgr: &[Rtgr]) -> String {
         }
         logs_findings(&mut out, rows, target, budget, gcn);
         if let Some(g) = gcn {
-            fates_findings(&mut out, g, gcn_alone, find(rows, target, budget, "fddb", FATE_SUSPECTS));
+            let fate_rule = find(rows, target, budget, "fddb", FATE_SUSPECTS);
+            fates_findings(&mut out, g, gcn_alone, fate_rule);
+            if let (Some(f), Some(r)) = (fate_rule, find(rows, target, budget, "fddb", FATE_RECENCY)) {
+                let _ = writeln!(
+                    out,
+                    "- Fate's suspects: the model's fault functions first among the last calls give FLR top-1 (function) {}, by recency alone {} (rule `fate`, same runs).",
+                    pct(f.flr_top1_function),
+                    pct(r.flr_top1_function)
+                );
+            }
         }
         out.push('\n');
     }

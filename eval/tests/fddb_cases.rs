@@ -160,7 +160,7 @@ fn a_crash_is_located_from_the_fates_the_campaign_stored() {
     let alone = &c.windows[2];
     assert_eq!((alone.tid, alone.end_ns, alone.faulty, alone.afct.is_none()), (2, Some(2000), true, true));
     assert_eq!(c.windows[1].fate.as_ref().map(|f| f.last_calls.clone()), Some(vec!["main".into(), "call".into()]));
-    let v = fate_verdicts(c, Rules::all(Combine::Fate), |_| Ok(None)).unwrap();
+    let v = fate_verdicts(c, Rules::all(Combine::Fate), &|_| true, |_| Ok(None)).unwrap();
     assert_eq!(v.len(), 1, "one verdict per process window");
     assert_eq!(v[0].window, Some(1), "on the thread that took the signal");
     assert_eq!(v[0].top[0], Suspect { function: "call".into(), kind: Some(FaultKind::Crash) });
@@ -173,15 +173,21 @@ fn a_crash_is_located_from_the_fates_the_campaign_stored() {
         let s = GcnSuspect { function: "main".into(), kind: FaultKind::Input, probability: 0.3 };
         Ok((c.windows[i].afct.is_some()).then(|| Diagnosis { p_normal: 0.6, error: false, top: vec![s] }))
     };
-    let g = fate_verdicts(c, Rules::all(Combine::Gcn), gcn).unwrap();
+    let g = fate_verdicts(c, Rules::all(Combine::Gcn), &|_| true, gcn).unwrap();
     assert_eq!((g[0].window, g[0].error, g[0].normality), (Some(1), true, 0.0));
     assert_eq!(g[0].top, [Suspect { function: "main".into(), kind: Some(FaultKind::Input) }]);
     // Rules per fate class: the SIGSEGV is a `signal` fate, not a `kill`.
-    let per_class = |rules: &str| fate_verdicts(c, rules.parse().unwrap(), gcn).unwrap()[0].top[0].function.clone();
+    let per_class =
+        |rules: &str| fate_verdicts(c, rules.parse().unwrap(), &|_| true, gcn).unwrap()[0].top[0].function.clone();
     assert_eq!(per_class("signal=gcn"), "main");
     assert_eq!(per_class("kill=gcn,stop=gcn"), "call");
 
     // The full trace's view names its last call instead.
     let full = from_fddb(&db, "redis", None, Role::Eval).unwrap();
-    assert_eq!(fate_verdicts(&full[0], Rules::all(Combine::Fate), |_| Ok(None)).unwrap()[0].top[0].function, "other");
+    let fate_top = |known: &dyn Fn(&str) -> bool| {
+        fate_verdicts(&full[0], Rules::all(Combine::Fate), known, |_| Ok(None)).unwrap()[0].top[0].function.clone()
+    };
+    assert_eq!(fate_top(&|_| true), "other");
+    // Ranking the functions a model knows first names `call`, called before `other`.
+    assert_eq!(fate_top(&|f| f == "call"), "call");
 }

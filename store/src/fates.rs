@@ -26,8 +26,8 @@ CREATE TABLE IF NOT EXISTS threads (window_id INTEGER NOT NULL, tid INTEGER NOT 
   took_signal INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(window_id, tid));
 "#;
 
-/// Traced calls kept per (window, thread).
-pub const LAST_CALLS: usize = 8;
+/// Traced calls kept per (window, thread) (the agent's `lastcalls::KEPT` as many).
+pub const LAST_CALLS: usize = 32;
 
 /// Fates in one batch, at most (a process has at most a few thousand threads).
 pub const MAX_FATES_PER_BATCH: usize = 1 << 16;

@@ -26,6 +26,9 @@ pub struct Afetm {
     name: String,
     fates: bool,
     rules: Rules,
+    /// Whether a fate's last calls rank the model's fault functions first
+    /// ([`fate::verdict`]'s `known`), as the daemon does; off: by recency alone (the ablation).
+    known_first: bool,
 }
 
 /// How the fate rules were chosen on the GCN's validation fault runs.
@@ -67,7 +70,13 @@ impl RuleChoice {
 impl Afetm {
     /// Wraps a trained model; a fate's verdict stands alone ([`Combine::Fate`]).
     pub fn new(model: Model, name: &str) -> Afetm {
-        Afetm { model, name: name.to_string(), fates: true, rules: Rules::default() }
+        Afetm { model, name: name.to_string(), fates: true, rules: Rules::default(), known_first: true }
+    }
+
+    /// A fate's last calls ranked by recency alone, the model's fault functions not first
+    /// (the ablation of that order).
+    pub fn by_recency(self) -> Afetm {
+        Afetm { known_first: false, ..self }
     }
 
     /// The GCN alone, blind to how threads ended (the ablation of the fates).
@@ -94,7 +103,7 @@ impl Afetm {
         self.rules = Rules::default();
         let mut per_class = Vec::new();
         for class in FateClass::ALL {
-            let runs = held.iter().filter(|c| fate_windows(c).iter().any(|w| w.1 == class)).count();
+            let runs = held.iter().filter(|c| self.fate_windows(c).iter().any(|w| w.1 == class)).count();
             let mut hits = Vec::new();
             for rule in Combine::ALL {
                 self.rules.set(class, rule);
@@ -125,10 +134,22 @@ fn verdict_of(d: &Diagnosis) -> Verdict {
     Verdict::new(d.error, f64::from(d.p_normal), top)
 }
 
+impl Afetm {
+    /// Which functions a fate's last calls rank first ([`fate::verdict`]'s `known`).
+    fn known(&self) -> impl Fn(&str) -> bool + '_ {
+        let functions = self.model.fault_functions();
+        move |f: &str| !self.known_first || functions.contains(f)
+    }
+
+    fn fate_windows(&self, case: &Case) -> Vec<(usize, FateClass, Diagnosis)> {
+        fate_windows(case, &self.known())
+    }
+}
+
 /// Per process window of `case` whose fates show a fault: the window (index into
-/// `case.windows`) of the thread [`fate::verdict`] names, its fate's class and the fate's
-/// verdict.
-fn fate_windows(case: &Case) -> Vec<(usize, FateClass, Diagnosis)> {
+/// `case.windows`) of the thread [`fate::verdict`] names (its last calls in functions `known`
+/// names first), its fate's class and the fate's verdict.
+fn fate_windows(case: &Case, known: &dyn Fn(&str) -> bool) -> Vec<(usize, FateClass, Diagnosis)> {
     let mut by_window: BTreeMap<(u32, u64), Vec<usize>> = BTreeMap::new();
     for (i, w) in case.windows.iter().enumerate() {
         by_window.entry((w.pid, w.start_ns)).or_default().push(i);
@@ -136,7 +157,7 @@ fn fate_windows(case: &Case) -> Vec<(usize, FateClass, Diagnosis)> {
     let mut out = Vec::new();
     for threads in by_window.values() {
         let fates: Vec<fate::ThreadFate> = threads.iter().filter_map(|&i| case.windows[i].fate.clone()).collect();
-        let Some((tid, d)) = fate::verdict(&fates, TOP_K) else { continue };
+        let Some((tid, d)) = fate::verdict(&fates, TOP_K, known) else { continue };
         let Some(&i) = threads.iter().find(|&&i| case.windows[i].tid == tid) else { continue };
         let Some(class) = fate::class_of(&fates, tid) else { continue };
         out.push((i, class, d));
@@ -145,16 +166,17 @@ fn fate_windows(case: &Case) -> Vec<(usize, FateClass, Diagnosis)> {
 }
 
 /// The fates' verdicts in `case`, as the daemon gives them: per process window, the one its
-/// fates show ([`fate::verdict`]), on the window of the thread it names, combined by the rule
-/// for its fate's class with `gcn`'s diagnosis of that thread's window (index into
-/// `case.windows`).
+/// fates show ([`fate::verdict`], functions `known` names first), on the window of the thread
+/// it names, combined by the rule for its fate's class with `gcn`'s diagnosis of that
+/// thread's window (index into `case.windows`).
 pub fn fate_verdicts(
     case: &Case,
     rules: Rules,
+    known: &dyn Fn(&str) -> bool,
     gcn: impl Fn(usize) -> Result<Option<Diagnosis>, EvalError>,
 ) -> Result<Vec<Verdict>, EvalError> {
     let mut out = Vec::new();
-    for (i, class, d) in fate_windows(case) {
+    for (i, class, d) in fate_windows(case, known) {
         let rule = rules.get(class);
         let g = if rule == Combine::Fate { None } else { gcn(i)? };
         let mut v = verdict_of(&fate::combine(rule, d, g.as_ref(), TOP_K));
@@ -183,7 +205,8 @@ impl Method for Afetm {
     fn diagnose(&self, case: &Case) -> Result<Vec<Verdict>, EvalError> {
         let mut out = per_window(case, |w| self.window(w))?;
         if self.fates {
-            for v in fate_verdicts(case, self.rules, |i| self.gcn(&case.windows[i], fate::RANKED))? {
+            let gcn = |i: usize| self.gcn(&case.windows[i], fate::RANKED);
+            for v in fate_verdicts(case, self.rules, &self.known(), gcn)? {
                 out.retain(|o| o.window != v.window);
                 out.push(v);
             }
