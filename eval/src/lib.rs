@@ -8,7 +8,8 @@
 //! - [`ted`]: tree edit distance (Zhang-Shasha), which the two tree baselines need;
 //! - [`metrics`]: EDR (eq. 11), FLR (eq. 12), FLD, FDD, the false alarm rate, per run and per
 //!   window;
-//! - [`report`]: `report.md` and the figures.
+//! - [`report`]: `report.md` and the figures;
+//! - [`seeds`]: the figures of several campaign seeds side by side, with their spread.
 #![deny(missing_docs)]
 
 pub mod case;
@@ -16,6 +17,7 @@ pub mod method;
 pub mod methods;
 pub mod metrics;
 pub mod report;
+pub mod seeds;
 pub mod ted;
 
 /// What went wrong in the evaluation.

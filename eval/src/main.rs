@@ -58,6 +58,14 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Prints each figure of the rows of several evaluation folders (one per campaign seed:
+    /// `target/eval`, `target/eval-seed-2`, ...) side by side, with the spread and the worst
+    /// seed, as markdown.
+    Seeds {
+        /// The folders, two or more.
+        #[arg(long = "dir", required = true, num_args = 1..)]
+        dirs: Vec<PathBuf>,
+    },
 }
 
 /// A GCN and the FDDB it was trained from.
@@ -133,6 +141,18 @@ fn main() -> Result<()> {
         Cmd::Fuse { gcn, out } => fuse(&gcn, &out),
         Cmd::FateRules(gcn) => fate_rules(&gcn),
         Cmd::Report { dir } => write_report(&dir),
+        Cmd::Seeds { dirs } => {
+            if dirs.len() < 2 {
+                anyhow::bail!("give two folders or more (--dir A --dir B)");
+            }
+            let mut seeds = Vec::new();
+            for d in &dirs {
+                let name = d.file_name().map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into_owned());
+                seeds.push(afetm_eval::seeds::Seeded { name, rows: read_rows(d)? });
+            }
+            print!("{}", afetm_eval::seeds::table(&seeds));
+            Ok(())
+        }
     }
 }
 
@@ -423,7 +443,8 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
 }
 
-fn write_report(dir: &Path) -> Result<()> {
+/// The rows of every `rows-*.json` in `dir`, files in name order.
+fn read_rows(dir: &Path) -> Result<Vec<Row>> {
     let mut rows: Vec<Row> = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}", dir.display()))?
@@ -439,6 +460,11 @@ fn write_report(dir: &Path) -> Result<()> {
     if rows.is_empty() {
         anyhow::bail!("no rows-*.json in {} (run afetm-eval score first)", dir.display());
     }
+    Ok(rows)
+}
+
+fn write_report(dir: &Path) -> Result<()> {
+    let rows = read_rows(dir)?;
     let rtgr: Vec<Rtgr> = if dir.join("rtgr.json").is_file() { read_json(&dir.join("rtgr.json"))? } else { Vec::new() };
     // setup.json (the machine) first, then setup-<target>.json of every target evaluated.
     let mut setup = Setup::default();
