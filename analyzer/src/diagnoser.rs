@@ -257,7 +257,7 @@ impl Diagnoser {
             fate::Combine::Fate => None,
             _ => w.trees.iter().find(|(t, _)| *t == tid).and_then(|(_, tree)| {
                 model
-                    .diagnose(tree, fate::RANKED)
+                    .diagnose(tree, model.manifest.classes.len())
                     .inspect_err(|e| tracing::debug!(window = w.id, tid, error = %e, "fate's thread not diagnosed"))
                     .ok()
             }),

@@ -161,10 +161,15 @@ pub enum Combine {
     /// (renormalised over those shown), best first. Equal halves, fixed before any run was
     /// scored: nothing here is fitted.
     Merge,
+    /// The fate's functions in its order, each with the fault kind the GCN finds likeliest
+    /// for it (its most probable class of that function; the fate's kind where it has
+    /// none): a SIGSEGV names where the thread was, but an input, output or IP+N fault of the
+    /// function behind it is not a `crash`.
+    Kinds,
 }
 
-/// Suspects the GCN ranks for a fate's window before a rule cuts them to the verdict's: enough
-/// for [`Combine::Merge`] to find the fate's functions among them.
+/// The GCN's suspects [`Combine::Merge`] renormalises over (the GCN's diagnosis handed to
+/// [`combine`] should rank every class, so that [`Combine::Kinds`] finds each function's).
 pub const RANKED: usize = 8;
 
 impl std::str::FromStr for Combine {
@@ -174,13 +179,13 @@ impl std::str::FromStr for Combine {
         Combine::ALL
             .into_iter()
             .find(|r| r.name() == s)
-            .ok_or_else(|| format!("unknown fate rule {s:?} (expected fate, gcn or merge)"))
+            .ok_or_else(|| format!("unknown fate rule {s:?} (expected fate, kinds, merge or gcn)"))
     }
 }
 
 impl Combine {
     /// Every rule, in the order a tie between them is broken (the simpler first).
-    pub const ALL: [Combine; 3] = [Combine::Fate, Combine::Merge, Combine::Gcn];
+    pub const ALL: [Combine; 4] = [Combine::Fate, Combine::Kinds, Combine::Merge, Combine::Gcn];
 
     /// The rule's name in notes and manifests.
     pub fn name(self) -> &'static str {
@@ -188,6 +193,7 @@ impl Combine {
             Combine::Fate => "fate",
             Combine::Gcn => "gcn",
             Combine::Merge => "merge",
+            Combine::Kinds => "kinds",
         }
     }
 }
@@ -317,10 +323,22 @@ pub fn combine(rule: Combine, fate: Diagnosis, gcn: Option<&Diagnosis>, top_k: u
     let mut top = match rule {
         Combine::Fate => return fate,
         Combine::Gcn => gcn.top.clone(),
-        Combine::Merge => merge(&fate.top, &gcn.top),
+        Combine::Merge => merge(&fate.top, &gcn.top[..gcn.top.len().min(RANKED)]),
+        Combine::Kinds => kinds(fate.top, &gcn.top),
     };
     top.truncate(top_k.max(1));
     Diagnosis { p_normal: 0.0, error: true, top }
+}
+
+/// [`Combine::Kinds`]'s suspects: the fate's, each with the kind of the GCN's likeliest
+/// class of its function (`gcn` is ranked most likely first).
+fn kinds(fate: Vec<Suspect>, gcn: &[Suspect]) -> Vec<Suspect> {
+    fate.into_iter()
+        .map(|s| match gcn.iter().find(|g| g.function == s.function) {
+            Some(g) => Suspect { kind: g.kind, ..s },
+            None => s,
+        })
+        .collect()
 }
 
 /// [`Combine::Merge`]'s ranking.
@@ -470,6 +488,17 @@ mod tests {
         );
         assert!((m.top[0].probability - (0.5 * 4.0 / 7.0 + 0.5 / 6.0)).abs() < 1e-5, "{m:?}");
         assert!(m.top.windows(2).all(|w| w[0].probability >= w[1].probability));
+        // Kinds: the fate's functions, each with its likeliest class's kind in the GCN.
+        let k = combine(Combine::Kinds, by_fate.clone(), Some(&gcn), 3);
+        assert_eq!(
+            names(&k),
+            [("get".into(), FaultKind::Crash), ("parse".into(), FaultKind::Input), ("main".into(), FaultKind::Crash)],
+            "main has no class: the fate's kind"
+        );
+        assert_eq!(
+            k.top.iter().map(|s| s.probability).collect::<Vec<_>>(),
+            by_fate.top.iter().map(|s| s.probability).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -490,7 +519,8 @@ mod tests {
         assert_eq!("merge".parse::<Rules>(), Ok(Rules::all(Combine::Merge)));
         assert_eq!(Rules::all(Combine::Gcn).to_string(), "gcn");
         assert!("boom=gcn".parse::<Rules>().unwrap_err().contains("expected kill, signal or stop"));
-        assert!("kill=vote".parse::<Rules>().unwrap_err().contains("expected fate, gcn or merge"));
+        assert!("kill=vote".parse::<Rules>().unwrap_err().contains("expected fate, kinds, merge or gcn"));
+        assert_eq!("signal=kinds".parse::<Rules>().map(|r| r.signal), Ok(Combine::Kinds));
     }
 
     #[test]
@@ -502,6 +532,6 @@ mod tests {
         }
         assert!(serde_json::from_str::<Combine>("\"vote\"").is_err());
         assert_eq!("merge".parse::<Combine>(), Ok(Combine::Merge));
-        assert!("vote".parse::<Combine>().unwrap_err().contains("expected fate, gcn or merge"));
+        assert!("vote".parse::<Combine>().unwrap_err().contains("expected fate, kinds, merge or gcn"));
     }
 }

@@ -51,8 +51,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 3)]
     pub top_k: usize,
     /// Who names the fault when a thread was killed or stopped by one: `fate` (its last
-    /// traced calls, most recent first), `gcn` (the model's suspects for its AFCT) or `merge`
-    /// (half each); one for all fates, or per class: `kill=fate,signal=gcn,stop=fate` (kill:
+    /// traced calls, the model's fault functions first, most recent first), `kinds` (those
+    /// functions, each with the kind the model finds likeliest for it), `gcn` (the model's
+    /// suspects for its AFCT) or `merge` (half each); one for all fates, or per class: `kill=fate,signal=gcn,stop=fate` (kill:
     /// SIGKILL; signal: another fault signal; stop: a hang; a class not named keeps `fate`).
     /// The window alarms either way. `afetm-eval` chooses them on the model's validation runs
     /// (its report's notes, row AFETM).

@@ -205,7 +205,7 @@ impl Method for Afetm {
     fn diagnose(&self, case: &Case) -> Result<Vec<Verdict>, EvalError> {
         let mut out = per_window(case, |w| self.window(w))?;
         if self.fates {
-            let gcn = |i: usize| self.gcn(&case.windows[i], fate::RANKED);
+            let gcn = |i: usize| self.gcn(&case.windows[i], self.model.manifest.classes.len());
             for v in fate_verdicts(case, self.rules, &self.known(), gcn)? {
                 out.retain(|o| o.window != v.window);
                 out.push(v);
