@@ -17,7 +17,8 @@
 //!    the shop database restored from a pristine copy) and warmed up with the CRUD mix for
 //!    0.5 s (its windows start after that; every other normal run starts cold instead, its
 //!    first window holding the first requests of a fresh server, as after a restart in
-//!    production: [`Start`]), the CRUD mix at the fixed rate, one
+//!    production: [`Start`]; a normal run also keeps the tier up for two idle windows after
+//!    its load, `IDLE_TAIL_WINDOWS`), the CRUD mix at the fixed rate, one
 //!    `afetm-inject` per target process after a fault-free lead drawn uniformly in
 //!    [0, `window`) (a fault does not strike at a window's start in production either), the
 //!    mix for `window` more, the tier killed (its processes' exits close
@@ -201,6 +202,13 @@ type Injector = (Proc, PathBuf);
 /// paths a long-running one no longer does (lazy initialization, tables growing from empty),
 /// and production diagnoses long-running processes.
 const WARM_UP: Duration = Duration::from_millis(500);
+
+/// Windows a normal run's tier stays up after its load before it is killed, so that training
+/// and held-out normal runs hold idle windows (the timers alone: redis's `serverCron`), as
+/// production has between busy spells: without them the daemon alarmed on every idle window
+/// after a live load stopped (P(normal) 0.0000, 100-1,000 events). Two, so that one is idle
+/// from start to end.
+const IDLE_TAIL_WINDOWS: u32 = 2;
 
 struct Fct {
     window: Window,
@@ -395,6 +403,10 @@ impl Session {
         };
         let injected = Instant::now();
         let report = load.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+        if fault.is_none() {
+            // The idle tail: the tier stays up with no load, as servers do between busy spells.
+            std::thread::sleep(IDLE_TAIL_WINDOWS * self.cfg.window);
+        }
         let loaded = Instant::now();
         let died = victims.iter().any(|p| state(*p).is_none_or(|s| s == 'Z' || s == 'X'));
         let stopped = victims.iter().any(|p| state(*p) == Some('T'));
