@@ -172,6 +172,12 @@ pub mod kind {
     pub const CALL_CHAIN: u32 = 3;
     /// A [`FateRecord`](crate::FateRecord): a traced thread exited or stopped.
     pub const FATE: u32 = 4;
+    /// Where a traced thread was when the kernel delivered it a fatal or stop signal
+    /// (SIGKILL, SIGSEGV, SIGSTOP, ...): an [`EventHeader`](crate::EventHeader) with `fn_id` the
+    /// signal, ip/sp/bp the thread's user registers at that moment (the instruction it would
+    /// have run next), `ret_addr` 0, followed by `stack_len` bytes of user stack from `sp`.
+    /// The fate that follows (its exit, its stop) is where the agent attaches the unwound stack.
+    pub const FATE_STACK: u32 = 5;
 }
 
 /// Processes whose threads' fates the kernel reports (the `TRACED` map, filled by the agent

@@ -23,9 +23,13 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         bpf_probe_read_user_buf, bpf_probe_write_user,
-        generated::{bpf_get_attach_cookie, bpf_get_current_task, bpf_loop, bpf_send_signal, bpf_send_signal_thread},
+        generated::{
+            bpf_get_attach_cookie, bpf_get_current_task, bpf_loop, bpf_send_signal, bpf_send_signal_thread,
+            bpf_get_current_task_btf, bpf_task_pt_regs,
+        },
     },
     macros::{map, tracepoint, uprobe, uretprobe},
+    bindings::pt_regs,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
@@ -145,6 +149,44 @@ pub fn afetm_exit(_ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Where a thread of a traced process was when it took signal `sig` ([`kind::FATE_STACK`]):
+/// its user registers (`bpf_task_pt_regs`: the state it entered the kernel with) and a copy of
+/// its user stack, for the agent to unwind as it does call-stack events. `signal_deliver` runs
+/// in the thread itself, on its way back to user space, so its memory is still mapped (at
+/// `sched_process_exit` it may not be).
+#[inline(always)]
+fn emit_fate_stack(sig: u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    if unsafe { TRACED.get(&pid) }.is_none() {
+        return;
+    }
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let ev = unsafe { &mut *ev };
+    // The helper takes the task as a BTF pointer (`bpf_get_current_task` gives a plain number).
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    let Ok(regs) = (unsafe { bpf_probe_read_kernel(regs) }) else {
+        return;
+    };
+    let hdr = &mut ev.hdr;
+    hdr.kind = kind::FATE_STACK;
+    hdr.fn_id = sig;
+    hdr.pid = pid;
+    hdr.tid = pid_tgid as u32;
+    hdr.ts_ns = unsafe { bpf_ktime_get_ns() };
+    hdr.ip = regs.rip;
+    hdr.sp = regs.rsp;
+    hdr.bp = regs.rbp;
+    hdr.ret_addr = 0;
+    hdr._pad = 0;
+    let window = unsafe { core::ptr::read_volatile(&STACK_WINDOW) } as usize;
+    let len = copy_window(ev, window);
+    ev.hdr.stack_len = len as u32;
+    output(ev, HEADER_LEN + len);
+}
+
 /// Offsets in the `signal/signal_deliver` tracepoint's record
 /// (`/sys/kernel/tracing/events/signal/signal_deliver/format`).
 const SIGNAL_DELIVER_SIG: usize = 8;
@@ -162,12 +204,21 @@ pub fn afetm_signal(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let stop = (19..=22).contains(&sig);
+    if sig == 9 {
+        // A SIGKILL (the whole group's, as each thread dies of another's fault signal too):
+        // its exit reports the fate; here is only where it was.
+        emit_fate_stack(sig as u32);
+        return 0;
+    }
     if !stop && !matches!(sig, 4..=8 | 11 | 31) {
         return 0;
     }
     let Ok(handler) = (unsafe { ctx.read_at::<u64>(SIGNAL_DELIVER_HANDLER) }) else {
         return 0;
     };
+    if sig == 19 || handler == 0 || matches!(sig, 4 | 6 | 7 | 8 | 11) {
+        emit_fate_stack(sig as u32);
+    }
     // SIGSTOP cannot be caught; the others act only with the default action (SIG_DFL, 0).
     if sig == 19 || handler == 0 {
         emit_fate(if stop { fate::STOP } else { fate::FAULT_SIGNAL }, sig as i64);

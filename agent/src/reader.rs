@@ -170,6 +170,10 @@ pub struct Reader {
     faulted: HashMap<u32, Vec<u32>>,
     /// Each thread's last calls (symbol ids), for `faulted`.
     last_calls: LastCalls,
+    /// Where each thread that took a fatal or stop signal was then (symbol ids, innermost
+    /// first; `kind::FATE_STACK`), until its fate takes it. A thread's first such signal wins
+    /// (a crash handler's re-raise comes after the fault).
+    fate_stacks: HashMap<u32, Vec<u32>>,
     live: HashSet<u32>,
     counts_prev: HashMap<u32, u64>,
     /// Functions out of count mode whose counts were read after they left it.
@@ -217,6 +221,7 @@ impl Reader {
             fates: Vec::new(),
             faulted: HashMap::new(),
             last_calls: LastCalls::default(),
+            fate_stacks: HashMap::new(),
             live: HashSet::new(),
             counts_prev: HashMap::new(),
             drained: HashSet::new(),
@@ -334,7 +339,11 @@ impl Reader {
             return found.clone();
         }
         let name = PathBuf::from(&*m.path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let loaded = match Module::load_as(&m.open_path(pid), name) {
+        // Through the process's root (its mount namespace) while it lives; a process already
+        // gone (a fate's stack is read after the kill) has none: then the path as this host sees it.
+        let loaded = match Module::load_as(&m.open_path(pid), name.clone())
+            .or_else(|_| Module::load_as(std::path::Path::new(&*m.path), name))
+        {
             Ok(mut module) => {
                 module.path = PathBuf::from(&*m.path);
                 Some(Arc::new(module))
@@ -414,9 +423,10 @@ impl Reader {
     }
 
     fn handle(&mut self, bytes: &[u8]) {
-        if record_kind(bytes) == Some(kind::FATE) {
-            self.handle_fate(bytes);
-            return;
+        match record_kind(bytes) {
+            Some(kind::FATE) => return self.handle_fate(bytes),
+            Some(kind::FATE_STACK) => return self.handle_fate_stack(bytes),
+            _ => {}
         }
         let Some(h) = EventHeader::read(bytes) else {
             self.stats.malformed += 1;
@@ -523,6 +533,7 @@ impl Reader {
             }
             _ => None,
         };
+        let stack_ids = self.fate_stacks.remove(&r.tid).unwrap_or_default();
         self.fates.push(pb::ThreadFate {
             pid: r.pid,
             tid: r.tid,
@@ -532,7 +543,45 @@ impl Reader {
             last_calls: Vec::new(),
             took_signal: fault_calls.is_some(),
             fault_calls: fault_calls.unwrap_or_default(),
+            stack_ids,
+            stack: Vec::new(),
         });
+    }
+
+    /// Where a thread was when it took a fatal or stop signal (`agent_common::kind::FATE_STACK`):
+    /// the function of its next instruction, then its callers, unwound as a call-stack event's
+    /// copy is (nothing is learnt for the kernel: these are rare). Kept for its fate.
+    fn handle_fate_stack(&mut self, bytes: &[u8]) {
+        let Some(h) = EventHeader::read(bytes) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if self.fate_stacks.contains_key(&h.tid) || self.fate_stacks.len() >= lastcalls::MAX_THREADS {
+            return;
+        }
+        let end = HEADER_LEN.saturating_add(h.stack_len as usize);
+        let Some(stack) = bytes.get(HEADER_LEN..end) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let pid = h.pid;
+        let here = self.symbol_at(pid, h.ip).0;
+        let snap = StackSnapshot::new(&h, stack);
+        let addrs = unwind(&snap, self.cfg.max_frames, |a| self.locate(pid, a), |_, _| {});
+        let mut frames = vec![here];
+        frames.extend(addrs.iter().map(|ra| self.symbol_at(pid, ra.wrapping_sub(1)).0));
+        tracing::debug!(
+            tid = h.tid,
+            signal = h.fn_id,
+            ip = h.ip,
+            sp = h.sp,
+            bytes = stack.len(),
+            ?frames,
+            "fate stack"
+        );
+        frames.retain(|s| *s != 0);
+        frames.dedup();
+        self.fate_stacks.insert(h.tid, frames);
     }
 
     /// The frames of an unwound chain the analyzer gets: up to and including the first frame
@@ -703,7 +752,7 @@ impl Reader {
             referenced.extend(e.callstack.iter().copied());
         }
         referenced.extend(self.counts.iter().map(|c| c.function));
-        referenced.extend(self.fates.iter().flat_map(|f| f.fault_calls.iter().copied()));
+        referenced.extend(self.fates.iter().flat_map(|f| f.fault_calls.iter().chain(&f.stack_ids).copied()));
         referenced.remove(&0);
         let acked = self.outbox.acked_symbols();
         let symbols = referenced.into_iter().filter(|s| !acked.contains(s)).filter_map(|s| self.syms.def(s)).collect();

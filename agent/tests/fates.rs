@@ -119,6 +119,16 @@ fn ends_in_loop(f: &pb::ThreadFate) -> bool {
     f.last_calls.last().is_some_and(|c| c == "fates:tick" || c == "fates:leaf")
 }
 
+/// Whether the fate's stack at its signal (innermost first) holds `function` of the program.
+fn stack_has(f: &pb::ThreadFate, function: &str) -> bool {
+    f.stack.iter().any(|s| s == &format!("fates:{function}"))
+}
+
+/// The function that started the thread: `main` for the process's first, `worker` otherwise.
+fn entry(f: &pb::ThreadFate, pid: u32) -> &'static str {
+    if f.tid == pid { "main" } else { "worker" }
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: plain kill(2) on our child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0, "kill {sig}");
@@ -150,6 +160,7 @@ fn thread_fates_reach_the_analyzer() {
     for f in of_kind(&got, pb::FateKind::Killed) {
         assert_eq!(f.code, libc::SIGKILL, "{f:?}");
         assert!(ends_in_loop(f), "a killed thread's last calls are its loop's: {f:?}");
+        assert!(stack_has(f, entry(f, pid)), "the stack at the SIGKILL reaches the thread's function: {f:?}");
     }
     let d = wait_alarm(url, pid, "crash");
     assert!(["tick", "leaf"].contains(&d.top[0].function.as_str()), "{d:?}");
@@ -167,6 +178,7 @@ fn thread_fates_reach_the_analyzer() {
         "only the worker faulted: {got:#?}"
     );
     assert_eq!(worker.last_calls.last().map(String::as_str), Some("fates:boom"), "{worker:?}");
+    assert_eq!(worker.stack[..2], ["fates:boom", "fates:worker"], "where it faulted, then its caller: {worker:?}");
     let d = wait_alarm(url, pid, "crash");
     assert_eq!((d.tid, d.top[0].function.as_str()), (worker.tid, "boom"), "the faulting thread's last call: {d:?}");
 
@@ -179,6 +191,7 @@ fn thread_fates_reach_the_analyzer() {
     let worker = got.iter().find(|f| f.tid != pid).expect("the worker's fate");
     assert!(worker.took_signal && worker.code == libc::SIGSEGV, "{got:#?}");
     assert_eq!(worker.last_calls.last().map(String::as_str), Some("fates:boom"), "{worker:?}");
+    assert_eq!(worker.stack.first().map(String::as_str), Some("fates:boom"), "the fault's stack, not the re-raise's");
     let d = wait_alarm(url, pid, "crash");
     assert_eq!((d.tid, d.top[0].function.as_str()), (worker.tid, "boom"), "not the handler's calls: {d:?}");
     let (table, trees) = rt().block_on(afcts(url, "fates"));
@@ -195,6 +208,7 @@ fn thread_fates_reach_the_analyzer() {
     let got = wait_fates(url, "fates", pid, "SIGSTOP", |f| !of_kind(f, pb::FateKind::Stopped).is_empty());
     let stopped = of_kind(&got, pb::FateKind::Stopped);
     assert!(stopped.iter().all(|f| f.code == libc::SIGSTOP && ends_in_loop(f)), "{stopped:?}");
+    assert!(stopped.iter().all(|f| stack_has(f, entry(f, pid))), "each stopped where its function runs: {stopped:?}");
     // Its window closes on the agent's clock while it stays stopped.
     let d = wait_alarm(url, pid, "deadlock");
     assert!(["tick", "leaf"].contains(&d.top[0].function.as_str()), "{d:?}");

@@ -266,9 +266,14 @@ impl Diagnoser {
     }
 
     /// The verdict of a window's fates alone (`afetm_diagnosis::fate`), for windows of agents
-    /// no model serves: with no model's functions to rank first, the last calls by recency.
+    /// no model serves: with no model's functions to rank first, the traced ones (those among
+    /// the fates' last calls) come first, a stack's frames in them innermost first, then the
+    /// last calls by recency, then the stack's other frames (the C library's, say).
     pub fn diagnose_fates(&self, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
-        fate::verdict(&fate::from_proto(&w.fates), self.top_k, &|_| true).map(|(tid, d)| (tid, d, 0))
+        let fates = fate::from_proto(&w.fates);
+        let traced: std::collections::HashSet<&str> =
+            fates.iter().flat_map(|f| f.last_calls.iter().map(String::as_str)).collect();
+        fate::verdict(&fates, self.top_k, &|f| traced.contains(f)).map(|(tid, d)| (tid, d, 0))
     }
 
     /// The GCN's verdict on a window's trees: that of the thread with the lowest P(normal).

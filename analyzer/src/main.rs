@@ -538,6 +538,7 @@ fn print_fates(w: &pb::WindowInfo) {
             "killed" | "stopped" => format!(" by signal {}{}", f.code, if f.took_signal { " (its own)" } else { "" }),
             _ => String::new(),
         };
-        println!("-- tid {} {kind}{code}; last calls: {}", f.tid, f.last_calls.join(" -> "));
+        let at = if f.stack.is_empty() { String::new() } else { format!(" in {}", f.stack.join(" <- ")) };
+        println!("-- tid {} {kind}{code}{at}; last calls: {}", f.tid, f.last_calls.join(" -> "));
     }
 }

@@ -183,9 +183,13 @@ fn describe_fate(f: &afetm_diagnosis::fate::ThreadFate) -> String {
         Fate::Stopped { signal } => format!("was stopped by {}", signal_name(signal)),
         Fate::Silent => "went silent (calls in the window before, none in this one, its process alive)".into(),
     };
+    let at = match f.stack.is_empty() {
+        true => String::new(),
+        false => format!(" in {}", f.stack.join(" ← ")),
+    };
     match f.last_calls.is_empty() {
-        true => format!("thread {} {what}", f.tid),
-        false => format!("thread {} {what}; its last traced calls: {}", f.tid, f.last_calls.join(" → ")),
+        true => format!("thread {} {what}{at}", f.tid),
+        false => format!("thread {} {what}{at}; its last traced calls: {}", f.tid, f.last_calls.join(" → ")),
     }
 }
 

@@ -132,6 +132,20 @@ async fn malformed_batches_are_refused_counted_and_not_stored() {
             "fate",
             pb::Batch { fates: vec![pb::ThreadFate { tid: 0, ..fate(42, pb::FateKind::Killed, 9, 1_300) }], ..good(1) },
         ),
+        (
+            "fate",
+            pb::Batch {
+                fates: vec![pb::ThreadFate { stack_ids: vec![2; 129], ..fate(42, pb::FateKind::Killed, 9, 1_300) }],
+                ..good(1)
+            },
+        ),
+        (
+            "unknown_symbol",
+            pb::Batch {
+                fates: vec![pb::ThreadFate { stack_ids: vec![2, 77], ..fate(42, pb::FateKind::Killed, 9, 1_300) }],
+                ..good(1)
+            },
+        ),
     ];
     for (i, (reason, batch)) in cases.iter().enumerate() {
         let seq = batch.seq;

@@ -66,6 +66,10 @@ pub struct ThreadFate {
     pub fate: Fate,
     /// Its last traced calls, oldest first.
     pub last_calls: Vec<String>,
+    /// Where it was when the kernel delivered the signal behind its fate: the function it was
+    /// in, then its callers outwards (empty when unknown). The kernel's view, whatever the plan
+    /// traces.
+    pub stack: Vec<String>,
     /// The thread took a fault's signal itself (the others of its process died of it), with
     /// the default action or into a crash handler of its own.
     pub took_signal: bool,
@@ -97,34 +101,45 @@ pub fn from_proto(fates: &[pb::ThreadFate]) -> Vec<ThreadFate> {
                 pb::FateKind::Silent => Fate::Silent,
                 pb::FateKind::Unspecified => return None,
             };
-            let last_calls =
-                f.last_calls.iter().map(|c| c.split_once(':').map_or(c.as_str(), |(_, n)| n).to_string()).collect();
-            Some(ThreadFate { tid: f.tid, fate, last_calls, took_signal: f.took_signal })
+            let bare = |calls: &[String]| -> Vec<String> {
+                calls.iter().map(|c| c.split_once(':').map_or(c.as_str(), |(_, n)| n).to_string()).collect()
+            };
+            Some(ThreadFate {
+                tid: f.tid,
+                fate,
+                last_calls: bare(&f.last_calls),
+                stack: bare(&f.stack),
+                took_signal: f.took_signal,
+            })
         })
         .collect()
 }
 
 /// The verdict a window's fates give, when one shows a fault: P(normal) 0 for that thread, its
-/// fault kind, and its last calls as suspects, most recent first (each half as likely as the
-/// one before: a ranking, not a calibrated probability), those `known` names first. When
+/// fault kind, and as suspects the functions of its stack when it took the signal (the one it
+/// was in, then its callers), then its last calls, most recent first (each half as likely as
+/// the one before: a ranking, not a calibrated probability), those `known` names first. When
 /// several threads show one, a thread that took the fault's signal itself comes first, then
 /// crashes, then hangs. `None` when no fate shows a fault.
 ///
 /// `known` says which functions a diagnosis can name: a model's, those its FDDB injected
 /// faults into ([`Model::fault_functions`](crate::model::Model::fault_functions)), as the
-/// GCN's classes are; without a model, every function (`|_| true`). A fault seldom stops a
-/// thread in the faulty function itself: a corrupted argument or return value, or a skipped
-/// instruction, lets it run on into callees, the allocator or a handler that the last calls
+/// GCN's classes are; without a model, the functions the agent traces (the daemon takes those
+/// among the fates' last calls). A fault seldom stops a thread in the faulty function itself:
+/// a corrupted argument or return value, or a skipped instruction, lets it run on into callees, the allocator or a handler that the last calls
 /// then end with. In redis's quick campaign (full trace, the 57 training fault runs with a
 /// fate) the injected function was among the thread's last 8 calls in 34 and, each time, the
-/// most recent of the campaign's functions there, but the most recent call of all in 15.
+/// most recent of the campaign's functions there, but the most recent call of all in 15. The
+/// stack names the enclosing functions the plan does not trace: a corrupted argument that
+/// crashes a callee leaves the faulty function among the crash site's callers, and an
+/// injected kill or stop at a function's entry leaves the thread in it.
 pub fn verdict(fates: &[ThreadFate], top_k: usize, known: &dyn Fn(&str) -> bool) -> Option<(u32, Diagnosis)> {
     let (thread, kind) = fates
         .iter()
         .filter_map(|f| Some((f, f.fault_kind()?)))
         .min_by_key(|(f, k)| (!f.took_signal, *k != FaultKind::Crash))?;
     let mut functions: Vec<&str> = Vec::new();
-    for call in thread.last_calls.iter().rev() {
+    for call in thread.stack.iter().chain(thread.last_calls.iter().rev()) {
         if !functions.contains(&call.as_str()) {
             functions.push(call);
         }
@@ -365,7 +380,13 @@ mod tests {
     use super::*;
 
     fn fate(tid: u32, fate: Fate, calls: &[&str]) -> ThreadFate {
-        ThreadFate { tid, fate, last_calls: calls.iter().map(|c| c.to_string()).collect(), took_signal: false }
+        ThreadFate {
+            tid,
+            fate,
+            last_calls: calls.iter().map(|c| c.to_string()).collect(),
+            stack: Vec::new(),
+            took_signal: false,
+        }
     }
 
     #[test]
@@ -423,6 +444,31 @@ mod tests {
         let (_, none) = verdict(&fates, 2, &|_| false).expect("a verdict");
         let names: Vec<&str> = none.top.iter().map(|s| s.function.as_str()).collect();
         assert_eq!(names, ["malloc", "memcpy"], "nothing known: most recent first");
+    }
+
+    #[test]
+    fn the_stack_at_the_signal_comes_before_the_last_calls() {
+        // `set` corrupted the key it passed on; `lookup` (traced) returned, and the hash it
+        // calls (not traced) crashed: the stack names `set`, which the last calls cannot.
+        let crashed = ThreadFate {
+            stack: ["siphash", "dictFind", "set", "call", "main"].map(String::from).to_vec(),
+            ..fate(8, Fate::Killed { signal: 11 }, &["main", "lookup"])
+        };
+        let known = |f: &str| matches!(f, "set" | "lookup" | "main");
+        let (_, d) = verdict(std::slice::from_ref(&crashed), 3, &known).expect("a verdict");
+        let names: Vec<&str> = d.top.iter().map(|s| s.function.as_str()).collect();
+        assert_eq!(names, ["set", "main", "lookup"], "known first: the stack innermost first, then the last calls");
+        let (_, any) = verdict(&[crashed], 6, &|_| true).expect("a verdict");
+        let names: Vec<&str> = any.top.iter().map(|s| s.function.as_str()).collect();
+        assert_eq!(names, ["siphash", "dictFind", "set", "call", "main", "lookup"], "each function once");
+        let served = pb::ThreadFate {
+            kind: pb::FateKind::Killed as i32,
+            code: 9,
+            tid: 3,
+            stack: vec!["redis-server:createClient".into(), "libc.so.6:start_thread".into()],
+            ..Default::default()
+        };
+        assert_eq!(from_proto(&[served])[0].stack, ["createClient", "start_thread"]);
     }
 
     #[test]

@@ -202,6 +202,12 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
     })?;
     fit(&mut || {
         let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
+        let mut m = Afetm::new(model, afetm_eval::report::FATE_NO_STACK).without_stacks();
+        let rule = m.fit_rule(train)?.map(|c| c.notes()).unwrap_or_default();
+        Ok((Box::new(m), rule))
+    })?;
+    fit(&mut || {
+        let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
         Ok((Box::new(Afetm::new(model, "AFETM (no fates)").without_fates()), String::new()))
     })?;
     fit(&mut || {

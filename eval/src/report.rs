@@ -157,6 +157,10 @@ pub const FATE_SUSPECTS: &str = "AFETM (fate's suspects)";
 /// ranked first (the ablation of that order).
 pub const FATE_RECENCY: &str = "AFETM (fate's suspects by recency)";
 
+/// AFETM with its rules chosen as in the main row, a fate's stack at its signal left out of
+/// its suspects (the ablation of fate stacks).
+pub const FATE_NO_STACK: &str = "AFETM (no fate stacks)";
+
 /// The paper's name for a method row (AFETM rows of either kind compare with "AFETM").
 fn paper_name(method: &str) -> &str {
     if method.starts_with("AFETM") { "AFETM" } else { method }
@@ -684,6 +688,16 @@ pub fn discussion(rows: &[Row], rtgr: &[Rtgr]) -> String {
                     "- Fate's suspects: the model's fault functions first among the last calls give FLR top-1 (function) {}, by recency alone {} (rule `fate`, same runs).",
                     pct(f.flr_top1_function),
                     pct(r.flr_top1_function)
+                );
+            }
+            if let Some(n) = find(rows, target, budget, "fddb", FATE_NO_STACK) {
+                let _ = writeln!(
+                    out,
+                    "- Fate stacks: with each killed or stopped thread's stack at its signal ahead of its last calls, FLR top-1 (function) {}, top-3 {}; without them {}, {} (rules chosen the same way, same runs).",
+                    pct(g.flr_top1_function),
+                    pct(g.flr_top3_function),
+                    pct(n.flr_top1_function),
+                    pct(n.flr_top3_function)
                 );
             }
         }

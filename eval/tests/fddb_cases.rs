@@ -142,6 +142,7 @@ fn a_crash_is_located_from_the_fates_the_campaign_stored() {
         code: 11,
         took_signal,
         last_calls: calls.iter().map(|c| format!("m:{c}")).collect(),
+        stack: Vec::new(),
     };
     // Thread 1 made calls and took the SIGSEGV; thread 2 died with it, with no call in the window.
     let fates = vec![fate(1, true, &["main", "call", "other"]), fate(2, false, &["main"])];

@@ -70,9 +70,15 @@ pub enum FddbError {
     Lookup(String),
 }
 
-/// The schema this code reads and writes (`PRAGMA user_version`). Version 2, 3 and 4
-/// databases are upgraded in place ([`MIGRATE_2_3`], [`MIGRATE_3_4`], [`MIGRATE_4_5`]).
-pub const SCHEMA_VERSION: i64 = 5;
+/// The schema this code reads and writes (`PRAGMA user_version`). Version 2 to 5 databases
+/// are upgraded in place ([`MIGRATE_2_3`], [`MIGRATE_3_4`], [`MIGRATE_4_5`], [`MIGRATE_5_6`]).
+pub const SCHEMA_VERSION: i64 = 6;
+
+/// Version 5 -> 6: where each thread was when it took its fate's signal (fates recorded
+/// before have no stack).
+const MIGRATE_5_6: &str = "
+ALTER TABLE run_fates ADD COLUMN stack TEXT NOT NULL DEFAULT '[]';
+";
 
 /// Version 4 -> 5: how a run's tier started (runs recorded before were all warmed up).
 const MIGRATE_4_5: &str = "
@@ -122,7 +128,7 @@ CREATE TABLE IF NOT EXISTS applications (run_id INTEGER NOT NULL REFERENCES runs
 CREATE TABLE IF NOT EXISTS logs (run_id INTEGER NOT NULL REFERENCES runs(id), source TEXT NOT NULL, excerpt TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS run_fates (run_id INTEGER NOT NULL REFERENCES runs(id), pid INTEGER NOT NULL,
   tid INTEGER NOT NULL, window_start_ns INTEGER NOT NULL, ts_ns INTEGER NOT NULL, kind TEXT NOT NULL,
-  code INTEGER NOT NULL, took_signal INTEGER NOT NULL, last_calls TEXT NOT NULL,
+  code INTEGER NOT NULL, took_signal INTEGER NOT NULL, last_calls TEXT NOT NULL, stack TEXT NOT NULL DEFAULT '[]',
   PRIMARY KEY (run_id, pid, tid, window_start_ns));
 CREATE INDEX IF NOT EXISTS runs_fault ON runs(fault_id, role);
 CREATE INDEX IF NOT EXISTS run_trees_fct ON run_trees(fct_id);
@@ -421,6 +427,11 @@ pub struct RunFate {
     pub took_signal: bool,
     /// Its last traced calls, oldest first ("module:function").
     pub last_calls: Vec<String>,
+    /// Where it was when it took its fate's signal, innermost first ("module:function";
+    /// [`pb::ThreadFate::stack`]): the kernel's view, the same under any plan. Empty when
+    /// unknown (an exit without a signal, fates recorded before schema 6).
+    #[serde(default)]
+    pub stack: Vec<String>,
 }
 
 /// How a thread ended or stopped ([`pb::FateKind`] without its unspecified value); stored
@@ -476,6 +487,7 @@ impl RunFate {
             code: f.code,
             took_signal: f.took_signal,
             last_calls: f.last_calls.clone(),
+            stack: f.stack.clone(),
         })
     }
 
@@ -496,6 +508,8 @@ impl RunFate {
             last_calls: self.last_calls.clone(),
             took_signal: self.took_signal,
             fault_calls: Vec::new(),
+            stack_ids: Vec::new(),
+            stack: self.stack.clone(),
         }
     }
 }
@@ -638,9 +652,10 @@ impl Fddb {
         let tables: i64 =
             conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
         let steps = match version {
-            2 => Some([MIGRATE_2_3, MIGRATE_3_4, MIGRATE_4_5].concat()),
-            3 => Some([MIGRATE_3_4, MIGRATE_4_5].concat()),
-            4 => Some(MIGRATE_4_5.to_string()),
+            2 => Some([MIGRATE_2_3, MIGRATE_3_4, MIGRATE_4_5, MIGRATE_5_6].concat()),
+            3 => Some([MIGRATE_3_4, MIGRATE_4_5, MIGRATE_5_6].concat()),
+            4 => Some([MIGRATE_4_5, MIGRATE_5_6].concat()),
+            5 => Some(MIGRATE_5_6.to_string()),
             _ => None,
         };
         if let Some(steps) = steps
@@ -1033,7 +1048,7 @@ impl Fddb {
     /// How a run's threads ended or stopped, by process, thread and window.
     pub fn run_fates(&self, run: i64) -> Result<Vec<RunFate>, FddbError> {
         let mut st = self.conn.prepare(
-            "SELECT window_start_ns, pid, tid, ts_ns, kind, code, took_signal, last_calls FROM run_fates
+            "SELECT window_start_ns, pid, tid, ts_ns, kind, code, took_signal, last_calls, stack FROM run_fates
              WHERE run_id = ?1 ORDER BY pid, tid, window_start_ns",
         )?;
         let rows = st.query_map([run], |r| {
@@ -1047,18 +1062,22 @@ impl Fddb {
                     code: r.get(5)?,
                     took_signal: r.get(6)?,
                     last_calls: Vec::new(),
+                    stack: Vec::new(),
                 },
                 r.get::<_, String>(4)?,
                 r.get::<_, String>(7)?,
+                r.get::<_, String>(8)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (mut f, kind, calls) = row?;
+            let (mut f, kind, calls, stack) = row?;
             f.kind = FateKind::parse(&kind)
                 .ok_or_else(|| FddbError::Stored(format!("fate of run {run} thread {}: kind {kind:?}", f.tid)))?;
             f.last_calls = serde_json::from_str(&calls)
                 .map_err(|e| FddbError::Stored(format!("last calls of run {run} thread {}: {e}", f.tid)))?;
+            f.stack = serde_json::from_str(&stack)
+                .map_err(|e| FddbError::Stored(format!("stack of run {run} thread {}: {e}", f.tid)))?;
             out.push(f);
         }
         Ok(out)
@@ -1264,10 +1283,11 @@ fn insert_run(
 fn insert_fates(tx: &rusqlite::Transaction, run: i64, fates: &[RunFate]) -> Result<(), FddbError> {
     for f in fates {
         let calls = serde_json::to_string(&f.last_calls).map_err(|e| FddbError::Stored(e.to_string()))?;
+        let stack = serde_json::to_string(&f.stack).map_err(|e| FddbError::Stored(e.to_string()))?;
         tx.execute(
-            "INSERT OR REPLACE INTO run_fates(run_id, pid, tid, window_start_ns, ts_ns, kind, code, took_signal, last_calls)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![run, f.pid, f.tid, f.window_start_ns as i64, f.ts_ns as i64, f.kind.name(), f.code, f.took_signal, calls],
+            "INSERT OR REPLACE INTO run_fates(run_id, pid, tid, window_start_ns, ts_ns, kind, code, took_signal, last_calls, stack)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![run, f.pid, f.tid, f.window_start_ns as i64, f.ts_ns as i64, f.kind.name(), f.code, f.took_signal, calls, stack],
         )?;
     }
     Ok(())

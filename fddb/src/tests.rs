@@ -45,6 +45,7 @@ fn crash_fates() -> Vec<RunFate> {
         code,
         took_signal: tid == 1,
         last_calls: calls.iter().map(|c| format!("m:{c}")).collect(),
+        stack: if tid == 1 { vec!["libc.so.6:memcpy".into(), "m:call".into(), "m:main".into()] } else { vec![] },
     };
     vec![fate(1, FateKind::Killed, 11, &["main", "call"]), fate(2, FateKind::Silent, 0, &["leaf"])]
 }
@@ -303,12 +304,41 @@ fn a_version_3_fddb_gets_fates_and_keeps_its_runs() {
 }
 
 #[test]
+fn a_version_5_fddb_reads_its_fates_without_a_stack_and_records_new_ones_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, _, a) = setup(dir.path());
+    let crash = Run { fates: crash_fates(), ..run(Role::Train, RunStatus::Ok, Manifestation::Crash) };
+    let old = db.record_run(t, Some(a), &crash, &[tree(&["main"], true, 1)], Done::No).unwrap();
+    let stacks: Vec<Vec<String>> = db.run_fates(old.run_id).unwrap().into_iter().map(|f| f.stack).collect();
+    assert_eq!(stacks[0], ["libc.so.6:memcpy", "m:call", "m:main"], "stored as given");
+    assert!(stacks[1].is_empty());
+    let lines = db.export_lines().unwrap();
+    assert!(lines.iter().any(|l| l.contains("\"stack\":[\"libc.so.6:memcpy\"")), "exports carry the stack");
+    db.conn.execute_batch("ALTER TABLE run_fates DROP COLUMN stack; PRAGMA user_version = 5;").unwrap();
+    drop(db);
+    let mut db = Fddb::open(&dir.path().join("f.sqlite")).expect("a version 5 FDDB is upgraded");
+    let v: i64 = db.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    assert!(db.run_fates(old.run_id).unwrap().iter().all(|f| f.stack.is_empty()), "old fates: no stack");
+    let new = db.record_run(t, Some(a), &crash, &[tree(&["main"], true, 1)], Done::No).unwrap();
+    assert_eq!(db.run_fates(new.run_id).unwrap()[0].stack.len(), 3);
+    // An export line of schema 5 (no stack) imports with empty stacks.
+    let mut again = Fddb::open(&dir.path().join("g.sqlite")).unwrap();
+    let old_style: Vec<String> = lines.iter().map(|l| l.replace(",\"stack\":[]", "")).collect();
+    again.import_from(std::io::Cursor::new(old_style.join("\n")), "old.jsonl").unwrap();
+}
+
+#[test]
 fn a_version_4_fddb_reads_its_runs_as_warm_and_records_cold_ones() {
     let dir = tempfile::tempdir().unwrap();
     let (mut db, t, _, _) = setup(dir.path());
     let normal = run(Role::Eval, RunStatus::Ok, Manifestation::Normal);
     db.record_run(t, None, &normal, &[tree(&["main"], false, 1)], Done::No).unwrap();
-    db.conn.execute_batch("ALTER TABLE runs DROP COLUMN start; PRAGMA user_version = 4;").unwrap();
+    db.conn
+        .execute_batch(
+            "ALTER TABLE runs DROP COLUMN start; ALTER TABLE run_fates DROP COLUMN stack; PRAGMA user_version = 4;",
+        )
+        .unwrap();
     drop(db);
     let mut db = Fddb::open(&dir.path().join("f.sqlite")).expect("a version 4 FDDB is upgraded");
     let v: i64 = db.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();

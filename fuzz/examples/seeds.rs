@@ -66,6 +66,8 @@ fn batches() {
             last_calls: vec![],
             took_signal: true,
             fault_calls: vec![2, 3],
+            stack_ids: vec![3, 2],
+            stack: vec![],
         }],
         final_batch: true,
         ..Default::default()

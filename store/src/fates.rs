@@ -18,16 +18,30 @@ use super::{AgentKey, StoreError, invalid};
 
 /// The table (created with the rest of the schema). `fate` is a [`pb::FateKind`] (0: none);
 /// `last_calls` analyzer function ids, oldest first, space separated; `calls` the thread's
-/// calls in the window.
+/// calls in the window; `stack` where the thread was when it took its fate's signal (function
+/// ids, innermost first, space separated; `pb::ThreadFate::stack_ids`).
 pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS threads (window_id INTEGER NOT NULL, tid INTEGER NOT NULL,
   calls INTEGER NOT NULL DEFAULT 0, last_calls TEXT NOT NULL DEFAULT '',
   fate INTEGER NOT NULL DEFAULT 0, code INTEGER NOT NULL DEFAULT 0, fate_ts_ns INTEGER NOT NULL DEFAULT 0,
-  took_signal INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(window_id, tid));
+  took_signal INTEGER NOT NULL DEFAULT 0, stack TEXT NOT NULL DEFAULT '', PRIMARY KEY(window_id, tid));
 "#;
+
+/// Adds the `stack` column to a database from before fate stacks (its fates keep no stack).
+pub fn migrate(conn: &rusqlite::Connection) -> Result<(), StoreError> {
+    let has: i64 =
+        conn.query_row("SELECT COUNT(*) FROM pragma_table_info('threads') WHERE name = 'stack'", [], |r| r.get(0))?;
+    if has == 0 {
+        conn.execute_batch("ALTER TABLE threads ADD COLUMN stack TEXT NOT NULL DEFAULT '';")?;
+    }
+    Ok(())
+}
 
 /// Traced calls kept per (window, thread) (the agent's `lastcalls::KEPT` as many).
 pub const LAST_CALLS: usize = 32;
+
+/// Frames of a fate's stack, at most (the agent unwinds at most 128).
+pub const MAX_STACK: usize = 128;
 
 /// Fates in one batch, at most (a process has at most a few thousand threads).
 pub const MAX_FATES_PER_BATCH: usize = 1 << 16;
@@ -44,6 +58,9 @@ pub fn validate(batch: &pb::Batch) -> Result<(), StoreError> {
         }
         if f.pid == 0 || f.tid == 0 || f.ts_ns == 0 || f.ts_ns > i64::MAX as u64 {
             return Err(invalid("fate", format!("fate {i}: pid, tid and ts must be set (ts <= i64::MAX)")));
+        }
+        if f.stack_ids.len() > MAX_STACK {
+            return Err(invalid("fate", format!("fate {i}: {} stack frames > {MAX_STACK}", f.stack_ids.len())));
         }
         if f.fault_calls.len() > LAST_CALLS || (!f.fault_calls.is_empty() && !f.took_signal) {
             return Err(invalid(
@@ -115,7 +132,8 @@ fn earlier_calls(tx: &Transaction, agent: &AgentKey, pid: u32, tid: u32) -> Resu
 /// Stores a fate of `tid` in window `wid` (a later fate of the same thread replaces an earlier
 /// one: stopped, then killed). A thread without calls in that window takes its last calls from
 /// its latest earlier window; `at_fault`, the calls the agent saw before the thread took its
-/// fault's signal, replace them when given (a crash handler's calls came after).
+/// fault's signal, replace them when given (a crash handler's calls came after). `stack` is
+/// where the thread was when it took its fate's signal (innermost first; empty: unknown).
 pub fn put(
     tx: &Transaction,
     agent: &AgentKey,
@@ -123,18 +141,19 @@ pub fn put(
     wid: i64,
     f: &pb::ThreadFate,
     at_fault: &[FuncId],
+    stack: &[FuncId],
 ) -> Result<(), StoreError> {
     let (calls, replace) = match at_fault.is_empty() {
         true => (earlier_calls(tx, agent, pid, f.tid)?, false),
         false => (format(at_fault), true),
     };
     tx.execute(
-        "INSERT INTO threads(window_id, tid, last_calls, fate, code, fate_ts_ns, took_signal)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO threads(window_id, tid, last_calls, fate, code, fate_ts_ns, took_signal, stack)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9)
          ON CONFLICT DO UPDATE SET fate = excluded.fate, code = excluded.code, fate_ts_ns = excluded.fate_ts_ns,
-           took_signal = excluded.took_signal,
+           took_signal = excluded.took_signal, stack = excluded.stack,
            last_calls = CASE WHEN ?8 THEN excluded.last_calls ELSE last_calls END",
-        params![wid, f.tid, calls, f.kind, f.code, f.ts_ns as i64, f.took_signal, replace],
+        params![wid, f.tid, calls, f.kind, f.code, f.ts_ns as i64, f.took_signal, replace, format(stack)],
     )?;
     Ok(())
 }
@@ -204,7 +223,7 @@ pub fn of_window(
     window_id: u64,
 ) -> Result<Vec<pb::ThreadFate>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT tid, fate, code, fate_ts_ns, last_calls, took_signal FROM threads
+        "SELECT tid, fate, code, fate_ts_ns, last_calls, took_signal, stack FROM threads
          WHERE window_id = ?1 AND fate != 0 ORDER BY tid",
     )?;
     let rows = stmt.query_map(params![window_id as i64], |r| {
@@ -215,28 +234,33 @@ pub fn of_window(
             r.get::<_, i64>(3)?,
             r.get::<_, String>(4)?,
             r.get::<_, bool>(5)?,
+            r.get::<_, String>(6)?,
         ))
     })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (tid, kind, code, ts, last, took_signal) = row?;
-        let last_calls = parse(&last)
+    let names = |text: &str| -> Vec<String> {
+        parse(text)
             .into_iter()
             .filter(|f| (f.0 as usize) < funcs.len())
             .map(|f| {
                 let func = funcs.get(f);
                 format!("{}:{}", func.module, func.name)
             })
-            .collect();
+            .collect()
+    };
+    let mut out = Vec::new();
+    for row in rows {
+        let (tid, kind, code, ts, last, took_signal, stack) = row?;
         out.push(pb::ThreadFate {
             pid,
             tid,
             ts_ns: ts as u64,
             kind,
             code,
-            last_calls,
+            last_calls: names(&last),
             took_signal,
             fault_calls: vec![],
+            stack_ids: vec![],
+            stack: names(&stack),
         });
     }
     Ok(out)

@@ -219,6 +219,7 @@ impl Store {
                  ALTER TABLE agents ADD COLUMN log_drops INTEGER NOT NULL DEFAULT 0;",
             )?;
         }
+        fates::migrate(&conn)?;
         if has_cut == 0 {
             conn.execute_batch(
                 "ALTER TABLE processes ADD COLUMN cut_ns INTEGER NOT NULL DEFAULT 0;
@@ -386,6 +387,9 @@ impl Store {
             if let Some(bad) = f.fault_calls.iter().find(|id| !known(**id)) {
                 return Err(invalid("unknown_symbol", format!("fate {i}: fault call symbol {bad} not defined")));
             }
+            if let Some(bad) = f.stack_ids.iter().find(|id| !known(**id)) {
+                return Err(invalid("unknown_symbol", format!("fate {i}: stack symbol {bad} not defined")));
+            }
         }
         Ok(())
     }
@@ -515,7 +519,8 @@ impl Store {
             match fate_window(&tx, agent, f, len, &mut applied.windows_opened)? {
                 Some(wid) => {
                     let at_fault: Vec<FuncId> = f.fault_calls.iter().map(|s| resolve(*s)).collect();
-                    fates::put(&tx, agent, f.pid, wid, f, &at_fault)?
+                    let stack: Vec<FuncId> = f.stack_ids.iter().map(|s| resolve(*s)).collect();
+                    fates::put(&tx, agent, f.pid, wid, f, &at_fault, &stack)?
                 }
                 None => applied.late_events += 1,
             }

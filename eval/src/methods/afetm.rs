@@ -29,6 +29,9 @@ pub struct Afetm {
     /// Whether a fate's last calls rank the model's fault functions first
     /// ([`fate::verdict`]'s `known`), as the daemon does; off: by recency alone (the ablation).
     known_first: bool,
+    /// Whether a fate's stack at its signal ranks before its last calls, as the daemon does;
+    /// off: the last calls alone, as before fate stacks (the ablation).
+    stacks: bool,
 }
 
 /// How the fate rules were chosen on the GCN's validation fault runs.
@@ -70,7 +73,13 @@ impl RuleChoice {
 impl Afetm {
     /// Wraps a trained model; a fate's verdict stands alone ([`Combine::Fate`]).
     pub fn new(model: Model, name: &str) -> Afetm {
-        Afetm { model, name: name.to_string(), fates: true, rules: Rules::default(), known_first: true }
+        Afetm { model, name: name.to_string(), fates: true, rules: Rules::default(), known_first: true, stacks: true }
+    }
+
+    /// A fate's suspects from its last calls alone, its stack at the signal left out (the
+    /// ablation of fate stacks).
+    pub fn without_stacks(self) -> Afetm {
+        Afetm { stacks: false, ..self }
     }
 
     /// A fate's last calls ranked by recency alone, the model's fault functions not first
@@ -142,21 +151,24 @@ impl Afetm {
     }
 
     fn fate_windows(&self, case: &Case) -> Vec<(usize, FateClass, Diagnosis)> {
-        fate_windows(case, &self.known())
+        fate_windows(case, &self.known(), self.stacks)
     }
 }
 
 /// Per process window of `case` whose fates show a fault: the window (index into
 /// `case.windows`) of the thread [`fate::verdict`] names (its last calls in functions `known`
-/// names first), its fate's class and the fate's verdict.
-fn fate_windows(case: &Case, known: &dyn Fn(&str) -> bool) -> Vec<(usize, FateClass, Diagnosis)> {
+/// names first; the stacks left out unless `stacks`), its fate's class and the fate's verdict.
+fn fate_windows(case: &Case, known: &dyn Fn(&str) -> bool, stacks: bool) -> Vec<(usize, FateClass, Diagnosis)> {
     let mut by_window: BTreeMap<(u32, u64), Vec<usize>> = BTreeMap::new();
     for (i, w) in case.windows.iter().enumerate() {
         by_window.entry((w.pid, w.start_ns)).or_default().push(i);
     }
     let mut out = Vec::new();
     for threads in by_window.values() {
-        let fates: Vec<fate::ThreadFate> = threads.iter().filter_map(|&i| case.windows[i].fate.clone()).collect();
+        let mut fates: Vec<fate::ThreadFate> = threads.iter().filter_map(|&i| case.windows[i].fate.clone()).collect();
+        if !stacks {
+            fates.iter_mut().for_each(|f| f.stack.clear());
+        }
         let Some((tid, d)) = fate::verdict(&fates, TOP_K, known) else { continue };
         let Some(&i) = threads.iter().find(|&&i| case.windows[i].tid == tid) else { continue };
         let Some(class) = fate::class_of(&fates, tid) else { continue };
@@ -176,7 +188,7 @@ pub fn fate_verdicts(
     gcn: impl Fn(usize) -> Result<Option<Diagnosis>, EvalError>,
 ) -> Result<Vec<Verdict>, EvalError> {
     let mut out = Vec::new();
-    for (i, class, d) in fate_windows(case, known) {
+    for (i, class, d) in fate_windows(case, known, true) {
         let rule = rules.get(class);
         let g = if rule == Combine::Fate { None } else { gcn(i)? };
         let mut v = verdict_of(&fate::combine(rule, d, g.as_ref(), TOP_K));
