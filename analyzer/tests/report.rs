@@ -9,7 +9,7 @@
 //! land in their windows; an engineer's feedback is stored (and joins the next `train-logs`)
 //! and refused for an unknown window or cause; `ask` lists the windows to judge next;
 //! the crashed process's last window gets a report that names the crash and the injected
-//! function, lists the clients' errors among its symptoms, cites the FDDB's historical runs in
+//! function (and the killed thread's stack at the SIGKILL, from it outwards), lists the clients' errors among its symptoms, cites the FDDB's historical runs in
 //! which that function's faults crashed redis and gives the crash SOP's steps; a window of the
 //! normal run shows no exit (whether the small models alarm there is printed, not asserted).
 //! Root only.
@@ -218,6 +218,13 @@ async fn a_crash_gets_a_report_that_names_it() {
     );
     // The kernel's word on it: redis's threads were killed by SIGKILL, with their last calls.
     assert!(r.symptoms.iter().any(|s| s.contains("was killed by SIGKILL (9)")), "{:?}", r.symptoms);
+    // Where: the injector kills at the function's entry, so the killed thread's stack at the
+    // SIGKILL starts in it and goes on through its callers.
+    assert!(
+        r.symptoms.iter().any(|s| s.contains(&format!("was killed by SIGKILL (9) in {FUNCTION} ← "))),
+        "{:?}",
+        r.symptoms
+    );
     // Historical runs in which the function's faults crashed redis.
     assert!(r.similar.iter().any(|s| s.function == FUNCTION && s.manifestation == "crash"), "{:?}", r.similar);
     assert_eq!(r.sop, "crash");

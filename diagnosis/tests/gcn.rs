@@ -223,3 +223,20 @@ fn youden_threshold_trades_detection_against_false_alarms() {
     // Faulty trees look more normal than normal ones: no useful cut.
     assert_eq!(youden_threshold(&[0.1], &[0.9]), None);
 }
+
+#[test]
+fn the_threshold_is_chosen_on_runs_as_they_are_scored() {
+    use afetm_diagnosis::train::{run_minima, youden_threshold};
+    assert_eq!(run_minima([(7, 0.9), (3, 0.4), (7, 0.2), (3, 0.8)]), [0.4, 0.2], "each run's least normal tree");
+    // Four normal runs of four windows, one window in 16 at 0.3; faulty runs at 0.35 and 0.01.
+    let normal: Vec<(i64, f32)> = (0..16).map(|i| (i / 4, if i == 5 { 0.3 } else { 0.9 })).collect();
+    let faulty = [(10, 0.35), (11, 0.01), (12, 0.01), (13, 0.01)];
+    let trees = |set: &[(i64, f32)]| set.iter().map(|x| x.1).collect::<Vec<_>>();
+    // Over trees, catching the 0.35 run is worth the one window in 16 (J 1 - 1/16)...
+    let t = youden_threshold(&trees(&normal), &trees(&faulty)).unwrap();
+    assert!(t > 0.35, "{t}");
+    // ...over runs it costs a normal run in four, as much as the fault run it adds: the tie
+    // goes to the lower t.
+    let t = youden_threshold(&run_minima(normal), &run_minima(faulty)).unwrap();
+    assert!(t > 0.01 && t <= 0.3, "{t}");
+}

@@ -161,7 +161,7 @@ fn a_crash_is_located_from_the_fates_the_campaign_stored() {
     let alone = &c.windows[2];
     assert_eq!((alone.tid, alone.end_ns, alone.faulty, alone.afct.is_none()), (2, Some(2000), true, true));
     assert_eq!(c.windows[1].fate.as_ref().map(|f| f.last_calls.clone()), Some(vec!["main".into(), "call".into()]));
-    let v = fate_verdicts(c, Rules::all(Combine::Fate), &|_| true, |_| Ok(None)).unwrap();
+    let v = fate_verdicts(c, Rules::all(Combine::Fate), &|_| true, true, |_| Ok(None)).unwrap();
     assert_eq!(v.len(), 1, "one verdict per process window");
     assert_eq!(v[0].window, Some(1), "on the thread that took the signal");
     assert_eq!(v[0].top[0], Suspect { function: "call".into(), kind: Some(FaultKind::Crash) });
@@ -174,21 +174,63 @@ fn a_crash_is_located_from_the_fates_the_campaign_stored() {
         let s = GcnSuspect { function: "main".into(), kind: FaultKind::Input, probability: 0.3 };
         Ok((c.windows[i].afct.is_some()).then(|| Diagnosis { p_normal: 0.6, error: false, top: vec![s] }))
     };
-    let g = fate_verdicts(c, Rules::all(Combine::Gcn), &|_| true, gcn).unwrap();
+    let g = fate_verdicts(c, Rules::all(Combine::Gcn), &|_| true, true, gcn).unwrap();
     assert_eq!((g[0].window, g[0].error, g[0].normality), (Some(1), true, 0.0));
     assert_eq!(g[0].top, [Suspect { function: "main".into(), kind: Some(FaultKind::Input) }]);
     // Rules per fate class: the SIGSEGV is a `signal` fate, not a `kill`.
-    let per_class =
-        |rules: &str| fate_verdicts(c, rules.parse().unwrap(), &|_| true, gcn).unwrap()[0].top[0].function.clone();
+    let per_class = |rules: &str| {
+        fate_verdicts(c, rules.parse().unwrap(), &|_| true, true, gcn).unwrap()[0].top[0].function.clone()
+    };
     assert_eq!(per_class("signal=gcn"), "main");
     assert_eq!(per_class("kill=gcn,stop=gcn"), "call");
 
     // The full trace's view names its last call instead.
     let full = from_fddb(&db, "redis", None, Role::Eval).unwrap();
     let fate_top = |known: &dyn Fn(&str) -> bool| {
-        fate_verdicts(&full[0], Rules::all(Combine::Fate), known, |_| Ok(None)).unwrap()[0].top[0].function.clone()
+        fate_verdicts(&full[0], Rules::all(Combine::Fate), known, true, |_| Ok(None)).unwrap()[0].top[0]
+            .function
+            .clone()
     };
     assert_eq!(fate_top(&|_| true), "other");
     // Ranking the functions a model knows first names `call`, called before `other`.
     assert_eq!(fate_top(&|f| f == "call"), "call");
+}
+
+/// A fate's stack at its signal is the kernel's, the same under every plan: a crash in a
+/// function the plan does not trace is named from it, and without it (the ablation) only the
+/// traced last calls are there to name.
+#[test]
+fn a_fates_stack_names_what_the_plan_does_not_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, f) = fddb_with_call(dir.path());
+    let crash = db.fault(f, Fault::Crash).unwrap();
+    let killed = RunFate {
+        window_start_ns: 1000,
+        pid: 1,
+        tid: 1,
+        ts_ns: 1600,
+        kind: FateKind::Killed,
+        code: 9,
+        took_signal: false,
+        last_calls: vec!["m:main".into(), "m:call".into()],
+        stack: vec!["m:other".into(), "m:main".into(), "libc.so.6:__libc_start_main".into()],
+    };
+    let r = Run { fates: vec![killed], ..run(Role::Eval, Manifestation::Crash, 1500) };
+    let trees = [tree(&["main", "call", "other"], 1, 1000, 2000, true)];
+    db.record_run(t, Some(crash), &r, &trees, Done::No).unwrap();
+    let plan: afetm_proto::plan::PlanFile = serde_json::from_value(serde_json::json!({
+        "target": {"path": "/bin/m"},
+        "points": [{"function": "main", "mode": "event"}, {"function": "call", "mode": "event"}]
+    }))
+    .unwrap();
+    let cases = from_fddb(&db, "redis", Some(&plan), Role::Eval).unwrap();
+    let fate = cases[0].windows[0].fate.as_ref().expect("the fate");
+    assert_eq!(fate.stack, ["other", "main", "__libc_start_main"], "the plan does not filter the stack");
+    let top = |known: &dyn Fn(&str) -> bool, stacks: bool| -> Vec<String> {
+        let v = fate_verdicts(&cases[0], Rules::all(Combine::Fate), known, stacks, |_| Ok(None)).unwrap();
+        v[0].top.iter().map(|s| s.function.clone()).collect()
+    };
+    assert_eq!(top(&|_| true, true), ["other", "main", "__libc_start_main"]);
+    assert_eq!(top(&|f| f != "__libc_start_main", true), ["other", "main", "call"], "known ones first");
+    assert_eq!(top(&|_| true, false), ["call", "main"], "without the stack: the traced last calls");
 }

@@ -180,15 +180,17 @@ fn fate_windows(case: &Case, known: &dyn Fn(&str) -> bool, stacks: bool) -> Vec<
 /// The fates' verdicts in `case`, as the daemon gives them: per process window, the one its
 /// fates show ([`fate::verdict`], functions `known` names first), on the window of the thread
 /// it names, combined by the rule for its fate's class with `gcn`'s diagnosis of that
-/// thread's window (index into `case.windows`).
+/// thread's window (index into `case.windows`). `stacks`: whether the fates' stacks count
+/// (off: their last calls alone, the ablation).
 pub fn fate_verdicts(
     case: &Case,
     rules: Rules,
     known: &dyn Fn(&str) -> bool,
+    stacks: bool,
     gcn: impl Fn(usize) -> Result<Option<Diagnosis>, EvalError>,
 ) -> Result<Vec<Verdict>, EvalError> {
     let mut out = Vec::new();
-    for (i, class, d) in fate_windows(case, known, true) {
+    for (i, class, d) in fate_windows(case, known, stacks) {
         let rule = rules.get(class);
         let g = if rule == Combine::Fate { None } else { gcn(i)? };
         let mut v = verdict_of(&fate::combine(rule, d, g.as_ref(), TOP_K));
@@ -218,7 +220,7 @@ impl Method for Afetm {
         let mut out = per_window(case, |w| self.window(w))?;
         if self.fates {
             let gcn = |i: usize| self.gcn(&case.windows[i], self.model.manifest.classes.len());
-            for v in fate_verdicts(case, self.rules, &self.known(), gcn)? {
+            for v in fate_verdicts(case, self.rules, &self.known(), self.stacks, gcn)? {
                 out.retain(|o| o.window != v.window);
                 out.push(v);
             }
