@@ -111,7 +111,7 @@ fn fates_findings(out: &mut String, g: &Scores, alone: Option<&Scores>, fate_rul
     if crash.runs + hang.runs > 0 {
         let _ = write!(
             out,
-            "- Crashes and hangs: {} of {} crash and {} of {} deadlock injections detected, {} and {} located (who names the fault in a killed or stopped thread's window is the fate rule chosen on the GCN's validation runs, in Fig. 7's notes: under `fate` its last traced calls, so a function the plan does not trace cannot be named; under `gcn` the GCN's suspects for its AFCT)",
+            "- Crashes and hangs: {} of {} crash and {} of {} deadlock injections detected, {} and {} located (who names the fault in a killed or stopped thread's window is the fate rule chosen on the GCN's validation runs, in Fig. 7's notes: under `fate` its stack at the signal, then its last traced calls; under `gcn` the GCN's suspects for its AFCT)",
             crash.detected, crash.runs, hang.detected, hang.runs, crash.located, hang.located
         );
         match alone {
