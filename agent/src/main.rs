@@ -73,7 +73,7 @@ struct Cli {
     /// (an event takes about 100 bytes, more with a call stack).
     #[arg(long, default_value_t = 500_000)]
     queue_events: usize,
-    /// Bytes of user stack copied per call-stack event (64..=16384).
+    /// Bytes of user stack copied per call-stack event and per fate stack (64..=16384).
     #[arg(long, default_value_t = agent_common::DEFAULT_STACK_WINDOW)]
     stack_window: u32,
     /// Overload control: when the ring buffer overflows, lower the hottest functions' modes

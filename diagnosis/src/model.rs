@@ -153,6 +153,11 @@ pub struct TrainingSummary {
     /// `afetm-report`) may be fitted on without the GCN having trained on it.
     #[serde(default)]
     pub val_run_ids: Vec<i64>,
+    /// The classes with fewer than [`THIN_CLASS`](crate::train::THIN_CLASS) training trees, as
+    /// (class, trees): what the model learnt from too little to trust (issue 23). Empty in
+    /// models trained before it was recorded.
+    #[serde(default)]
+    pub thin_classes: Vec<(String, usize)>,
 }
 
 /// The model directory's `manifest.json`.

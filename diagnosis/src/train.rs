@@ -207,6 +207,7 @@ pub fn train(
     let val_p = prepare(&val_s, &mut summary)?;
     summary.train_samples = train_p.len();
     summary.val_samples = val_p.len();
+    summary.thin_classes = thin_classes(&train_p, &classes);
     if train_p.is_empty() {
         return Err(DiagnosisError::Data("every training tree was left out".into()));
     }
@@ -220,6 +221,18 @@ pub fn train(
     }
     let meta = Meta { target, classes, vocab, profile, summary, best_epoch, epochs, started };
     finish(net, meta, samples, &val_p, &train_p, cfg)
+}
+
+/// Fewest training trees of a class before the summary calls it thin.
+pub const THIN_CLASS: usize = 5;
+
+/// The classes with fewer than [`THIN_CLASS`] trees in `train`, with their counts, in class order.
+fn thin_classes(train: &[Prepared], classes: &[Class]) -> Vec<(String, usize)> {
+    let mut count = vec![0usize; classes.len()];
+    for p in train {
+        count[p.class] += 1;
+    }
+    classes.iter().zip(count).filter(|(_, n)| *n < THIN_CLASS).map(|(c, n)| (c.to_string(), n)).collect()
 }
 
 /// Picks the validation runs: about `share` of the runs of each run class with two or more.

@@ -240,3 +240,21 @@ fn the_threshold_is_chosen_on_runs_as_they_are_scored() {
     let t = youden_threshold(&run_minima(normal), &run_minima(faulty)).unwrap();
     assert!(t > 0.01 && t <= 0.3, "{t}");
 }
+
+#[test]
+fn classes_with_few_training_trees_are_reported() {
+    let mut data = dataset(5, 120);
+    let cfg = TrainConfig { epochs: 2, ..Default::default() };
+    let plenty = train(&data, target(), &cfg, |_| {}).unwrap();
+    assert!(plenty.manifest.training.thin_classes.is_empty(), "{:?}", plenty.manifest.training.thin_classes);
+    let rare = Class::Fault { function: "rare".into(), kind: FaultKind::Crash };
+    let mut rng = StdRng::seed_from_u64(9);
+    for i in 0..3 {
+        let tree = synthetic(&mut rng, Some(0));
+        data.push(Sample { tree, class: rare.clone(), run: 900_000 + i, run_class: rare.clone() });
+    }
+    let thin = train(&data, target(), &cfg, |_| {}).unwrap().manifest.training.thin_classes;
+    assert_eq!(thin.len(), 1, "{thin:?}");
+    assert_eq!(thin[0].0, rare.to_string());
+    assert!((1..=3).contains(&thin[0].1), "the rare class's training trees (validation takes some): {thin:?}");
+}

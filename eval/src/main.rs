@@ -193,12 +193,18 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
     fit(&mut || {
         let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;
         let threshold = model.manifest.threshold;
+        let thin = format!(
+            "{} of {} classes under {} training trees",
+            model.manifest.training.thin_classes.len(),
+            model.manifest.classes.len(),
+            afetm_diagnosis::train::THIN_CLASS
+        );
         let mut m = Afetm::new(model, "AFETM");
         let rule = match m.fit_rule(train)? {
             Some(choice) => choice.notes(),
             None => "fate rule fate (the GCN's manifest lists no validation runs)".to_string(),
         };
-        Ok((Box::new(m), format!("threshold {threshold:.3}, {rule}")))
+        Ok((Box::new(m), format!("threshold {threshold:.3}, {thin}, {rule}")))
     })?;
     fit(&mut || {
         let model = Model::load(&a.model).with_context(|| format!("model {}", a.model.display()))?;

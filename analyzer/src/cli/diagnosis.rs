@@ -51,6 +51,16 @@ pub fn train(fddb: &Path, target: &str, plan: &Path, out: &Path, cfg: &TrainConf
         100.0 * t.val_false_alarms,
         100.0 * t.val_detection,
     );
+    if !t.thin_classes.is_empty() {
+        let thin: Vec<String> = t.thin_classes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        println!(
+            "  {} of {} classes have fewer than {} training trees: {}",
+            t.thin_classes.len(),
+            m.classes.len(),
+            afetm_diagnosis::train::THIN_CLASS,
+            thin.join(", ")
+        );
+    }
     Ok(())
 }
 
