@@ -149,11 +149,7 @@ fn a_crash_is_located_from_the_fates_the_campaign_stored() {
     let r = Run { fates, ..run(Role::Eval, Manifestation::Crash, 1500) };
     let trees = [tree(&["main", "call"], 1, 0, 1000, false), tree(&["main", "call", "other"], 1, 1000, 2000, true)];
     db.record_run(t, Some(crash), &r, &trees, Done::No).unwrap();
-    let plan: afetm_proto::plan::PlanFile = serde_json::from_value(serde_json::json!({
-        "target": {"path": "/bin/m"},
-        "points": [{"function": "main", "mode": "event"}, {"function": "call", "mode": "event"}]
-    }))
-    .unwrap();
+    let plan = main_and_call_traced();
 
     let cases = from_fddb(&db, "redis", Some(&plan), Role::Eval).unwrap();
     let c = &cases[0];
@@ -218,11 +214,7 @@ fn a_fates_stack_names_what_the_plan_does_not_trace() {
     let r = Run { fates: vec![killed], ..run(Role::Eval, Manifestation::Crash, 1500) };
     let trees = [tree(&["main", "call", "other"], 1, 1000, 2000, true)];
     db.record_run(t, Some(crash), &r, &trees, Done::No).unwrap();
-    let plan: afetm_proto::plan::PlanFile = serde_json::from_value(serde_json::json!({
-        "target": {"path": "/bin/m"},
-        "points": [{"function": "main", "mode": "event"}, {"function": "call", "mode": "event"}]
-    }))
-    .unwrap();
+    let plan = main_and_call_traced();
     let cases = from_fddb(&db, "redis", Some(&plan), Role::Eval).unwrap();
     let fate = cases[0].windows[0].fate.as_ref().expect("the fate");
     assert_eq!(fate.stack, ["other", "main", "__libc_start_main"], "the plan does not filter the stack");
@@ -233,4 +225,13 @@ fn a_fates_stack_names_what_the_plan_does_not_trace() {
     assert_eq!(top(&|_| true, true), ["other", "main", "__libc_start_main"]);
     assert_eq!(top(&|f| f != "__libc_start_main", true), ["other", "main", "call"], "known ones first");
     assert_eq!(top(&|_| true, false), ["call", "main"], "without the stack: the traced last calls");
+}
+
+/// A plan that traces `main` and `call` (not `other`).
+fn main_and_call_traced() -> afetm_proto::plan::PlanFile {
+    serde_json::from_value(serde_json::json!({
+        "target": {"path": "/bin/m"},
+        "points": [{"function": "main", "mode": "event"}, {"function": "call", "mode": "event"}]
+    }))
+    .unwrap()
 }
