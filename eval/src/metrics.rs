@@ -219,7 +219,7 @@ pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunO
     }
 }
 
-/// Per fault kind: runs, detected, located (top-1 function).
+/// Per fault kind: runs, detected, located (top-1 function), function in the top 3.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KindRow {
     /// Injections of this kind.
@@ -228,6 +228,10 @@ pub struct KindRow {
     pub detected: u64,
     /// Located (top-1 function).
     pub located: u64,
+    /// The function among the top 3 (the crash and deadlock target is on top-3).
+    /// Rows scored before it was recorded read 0.
+    #[serde(default)]
+    pub located_top3: u64,
 }
 
 /// The numerators behind [`Scores`]' rates, so that every rate can be printed as k of n with
@@ -338,6 +342,7 @@ pub fn aggregate(outcomes: &[RunOutcome], compute_us: Vec<u64>) -> Scores {
                 row.runs += 1;
                 row.detected += o.detected as u64;
                 row.located += o.top1_function as u64;
+                row.located_top3 += o.top3_function as u64;
                 match (o.detected, o.fld) {
                     (true, Some(d)) => s.fld.push(d),
                     (true, None) => s.fld_undefined += 1,

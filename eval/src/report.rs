@@ -111,8 +111,15 @@ fn fates_findings(out: &mut String, g: &Scores, alone: Option<&Scores>, fate_rul
     if crash.runs + hang.runs > 0 {
         let _ = write!(
             out,
-            "- Crashes and hangs: {} of {} crash and {} of {} deadlock injections detected, {} and {} located (who names the fault in a killed or stopped thread's window is the fate rule chosen on the GCN's validation runs, in Fig. 7's notes: under `fate` its stack at the signal, then its last traced calls; under `gcn` the GCN's suspects for its AFCT)",
-            crash.detected, crash.runs, hang.detected, hang.runs, crash.located, hang.located
+            "- Crashes and hangs: {} of {} crash and {} of {} deadlock injections detected, {} and {} located, {} and {} with the function in the top 3 (who names the fault in a killed or stopped thread's window is the fate rule chosen on the GCN's validation runs, in Fig. 7's notes: under `fate` its stack at the signal, then its last traced calls; under `gcn` the GCN's suspects for its AFCT)",
+            crash.detected,
+            crash.runs,
+            hang.detected,
+            hang.runs,
+            crash.located,
+            hang.located,
+            crash.located_top3,
+            hang.located_top3
         );
         match alone {
             Some(a) => {
@@ -285,7 +292,7 @@ fn log_table(md: &mut String, rows: &[Row]) {
 }
 
 fn per_kind_table(md: &mut String, rows: &[Row]) {
-    let _ = writeln!(md, "\n### Per fault kind (detected / located top-1 fn / runs)\n");
+    let _ = writeln!(md, "\n### Per fault kind (detected / located top-1 fn / fn in top-3 / runs)\n");
     let kinds: std::collections::BTreeSet<&String> = rows.iter().flat_map(|r| r.scores.per_kind.keys()).collect();
     let _ = write!(md, "| target | P | condition | method |");
     for k in &kinds {
@@ -297,7 +304,7 @@ fn per_kind_table(md: &mut String, rows: &[Row]) {
         for k in &kinds {
             match r.scores.per_kind.get(*k) {
                 Some(x) => {
-                    let _ = write!(md, " {}/{}/{} |", x.detected, x.located, x.runs);
+                    let _ = write!(md, " {}/{}/{}/{} |", x.detected, x.located, x.located_top3, x.runs);
                 }
                 None => md.push_str(" - |"),
             }

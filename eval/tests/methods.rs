@@ -135,6 +135,8 @@ fn run_outcomes_and_rates() {
     assert_eq!(s.fld, vec![1, 0]);
     assert_eq!(s.per_kind["input"].runs, 2);
     assert_eq!(s.per_kind["crash"].detected, 0);
+    let top3: u64 = s.per_kind.values().map(|k| k.located_top3).sum();
+    assert_eq!(top3, 2, "per kind, the runs whose function is in the top 3 add up to the row's");
     assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), Some(2.0));
     assert_eq!(quantile(&[], 0.5), None);
 }
