@@ -95,6 +95,13 @@ impl TraceData {
 /// `calls` on a full-trace node is its (caller, callee) edge's count, so each edge is taken
 /// once, not summed over the nodes that repeat it.
 pub fn from_fct(fct: &Forest, traced: &HashSet<FuncId>, callstack: &HashSet<FuncId>, node_cap: usize) -> Forest {
+    trace_of_fct(fct, traced, callstack).build(node_cap)
+}
+
+/// The trace data of [`from_fct`]: the events the plan's agent sends while the thread does what
+/// `fct` records. Its [`TraceData::graph`] is the window's call graph as the analyzer gets it
+/// from that agent, with no unrolling (what the diagnosis model reads).
+pub fn trace_of_fct(fct: &Forest, traced: &HashSet<FuncId>, callstack: &HashSet<FuncId>) -> TraceData {
     let mut data = TraceData::new();
     for node in &fct.nodes {
         if !traced.contains(&node.func) {
@@ -114,7 +121,7 @@ pub fn from_fct(fct: &Forest, traced: &HashSet<FuncId>, callstack: &HashSet<Func
             }
         }
     }
-    data.build(node_cap)
+    data
 }
 
 #[cfg(test)]

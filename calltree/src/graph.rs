@@ -16,13 +16,16 @@
 //! Written by hand over `petgraph`'s `DiGraphMap` because the order of the unrolling (roots
 //! and children by function id, Alg. 3's `not_pred` along the path) is the AFCT's definition.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+};
 
 use petgraph::{Direction, graphmap::DiGraphMap};
 
 use crate::{
     afct::TraceData,
-    tree::{Color, Forest, FuncId},
+    tree::{Color, Forest, Func, FuncId, FuncTable},
 };
 
 /// One thread's call graph in one window (see the module docs).
@@ -166,4 +169,45 @@ fn unroll_from(
         }
     }
     true
+}
+
+/// A call graph with the names of its functions: the form in which a graph leaves the code that
+/// built it (the FDDB's dataset, the store, a tree from the wire) and reaches the diagnosis
+/// model, which reads functions by (module, name). `funcs` holds at least the graph's
+/// functions; several graphs may share one table.
+#[derive(Clone, Debug, Default)]
+pub struct NamedGraph {
+    /// The graph.
+    pub graph: CallGraph,
+    /// Names of its [`FuncId`]s.
+    pub funcs: Arc<FuncTable>,
+}
+
+impl NamedGraph {
+    /// The graph of `graph`'s functions re-interned into a table of their own (so that a graph
+    /// taken out of a large table does not keep the whole table alive).
+    pub fn compact(graph: &CallGraph, table: &FuncTable) -> NamedGraph {
+        let mut funcs = FuncTable::default();
+        let mut map = |id: FuncId| {
+            let f = table.get(id);
+            funcs.intern(&f.module, &f.name)
+        };
+        let nodes: BTreeMap<FuncId, Color> = graph.nodes.iter().map(|(f, c)| (map(*f), *c)).collect();
+        let edges = graph.edges.iter().map(|(&(c, f), n)| ((map(c), map(f)), *n)).collect();
+        NamedGraph { graph: CallGraph { nodes, edges, truncated: graph.truncated }, funcs: Arc::new(funcs) }
+    }
+
+    /// The graph of a tree in its wire form with red nodes and what hangs under them masked
+    /// (Alg. 2), as [`CallGraph::from_forest`] reads it: what the model sees of a tree sent to
+    /// `Query.Diagnose` or of a colored FCT. Errors name the malformed node.
+    pub fn from_tree(tree: &afetm_proto::Tree) -> Result<NamedGraph, String> {
+        let mut funcs = FuncTable::default();
+        let forest = Forest::from_proto(tree, &mut funcs)?.filtered(|n| n.color != Color::Red);
+        Ok(NamedGraph { graph: CallGraph::from_forest(&forest), funcs: Arc::new(funcs) })
+    }
+
+    /// The function of an id of the graph.
+    pub fn func(&self, id: FuncId) -> &Func {
+        self.funcs.get(id)
+    }
 }
