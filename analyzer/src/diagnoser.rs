@@ -241,7 +241,7 @@ impl Diagnoser {
         });
     }
 
-    /// Diagnoses a closed window with `model`: every thread's AFCT in one batch, the verdict
+    /// Diagnoses a closed window with `model`: every thread's call graph in one batch, the verdict
     /// of the thread with the lowest P(normal); a thread killed or stopped by a fault overrides
     /// it (`afetm_diagnosis::fate`), its suspects named by the fate rule. None when no thread
     /// has a diagnosable tree or such a fate.
@@ -249,20 +249,20 @@ impl Diagnoser {
         let fates = fate::from_proto(&w.fates);
         let functions = model.fault_functions();
         let Some((tid, d)) = fate::verdict(&fates, self.top_k, &|f| functions.contains(f)) else {
-            return self.diagnose_trees(model, w);
+            return self.diagnose_graphs(model, w);
         };
         let rule = fate::class_of(&fates, tid).map_or(fate::Combine::Fate, |c| self.fate_rule.get(c));
         // Under the fate's own rule the network need not run.
         let gcn = match rule {
             fate::Combine::Fate => None,
-            _ => w.trees.iter().find(|(t, _)| *t == tid).and_then(|(_, tree)| {
+            _ => w.graphs.iter().find(|(t, _)| *t == tid).and_then(|(_, graph)| {
                 model
-                    .diagnose(tree, model.manifest.classes.len())
+                    .diagnose_graph(graph, model.manifest.classes.len())
                     .inspect_err(|e| tracing::debug!(window = w.id, tid, error = %e, "fate's thread not diagnosed"))
                     .ok()
             }),
         };
-        Some((tid, fate::combine(rule, d, gcn.as_ref(), self.top_k), w.trees.len() as u32))
+        Some((tid, fate::combine(rule, d, gcn.as_ref(), self.top_k), w.graphs.len() as u32))
     }
 
     /// The verdict of a window's fates alone (`afetm_diagnosis::fate`), for windows of agents
@@ -276,11 +276,12 @@ impl Diagnoser {
         fate::verdict(&fates, self.top_k, &|f| traced.contains(f)).map(|(tid, d)| (tid, d, 0))
     }
 
-    /// The GCN's verdict on a window's trees: that of the thread with the lowest P(normal).
-    fn diagnose_trees(&self, model: &Model, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
+    /// The GCN's verdict on a window's call graphs: that of the thread with the lowest
+    /// P(normal).
+    fn diagnose_graphs(&self, model: &Model, w: &WindowTrees) -> Option<(u32, Diagnosis, u32)> {
         let mut graphs: Vec<(u32, Graph)> = Vec::new();
-        for (tid, tree) in &w.trees {
-            match model.graph(tree) {
+        for (tid, graph) in &w.graphs {
+            match model.input(graph) {
                 Ok(g) => graphs.push((*tid, g)),
                 Err(e) => tracing::debug!(window = w.id, tid, error = %e, "thread not diagnosed"),
             }

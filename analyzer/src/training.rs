@@ -1,14 +1,16 @@
 //! From the FDDB to a diagnosis model: the training set of one target under one plan, and the
 //! training run that `afetm-analyzer train` and the daemon's retraining share.
 //!
-//! Only `train`-role runs are read (eval-role runs are the evaluation's). Every tree is
-//! colored against the plan and masked (exactly what the agent running that plan gives the
-//! analyzer). A faulty tree whose masked form equals the masked tree of a normal run is
+//! Only `train`-role runs are read (eval-role runs are the evaluation's). Every window is the
+//! call graph of the events the agent running the plan would send for the campaign's FCT
+//! (exactly what the analyzer gets from it; the model's input). A faulty tree whose masked form equals the masked tree of a normal run is
 //! trained as `normal`: the plan cannot see that fault in that thread, the input is a normal
 //! tree, and labelling it faulty would teach the model to alarm on normal trees. The
 //! `normal_like` trees of the campaign (unchanged even in full) are a subset of these.
 
 use std::{collections::HashSet, path::Path, str::FromStr};
+
+use afetm_calltree::graph::NamedGraph;
 
 use afetm_diagnosis::{
     Class, Model, PlanKey,
@@ -75,7 +77,7 @@ pub fn labelled_trees(fddb: &Fddb, target: &str, plan: &PlanFile, role: Role) ->
             normal_shapes.insert(shape.clone());
         }
         let class = if row.faulty { run_class.clone() } else { Class::Normal };
-        let sample = Sample { tree: row.forest.to_proto(row.table), class, run: row.run, run_class };
+        let sample = Sample { graph: NamedGraph::compact(row.graph, row.table), class, run: row.run, run_class };
         rows.push((sample, row.faulty, shape));
         Ok(())
     })?;

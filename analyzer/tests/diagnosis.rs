@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use afetm_calltree::graph::NamedGraph;
 use afetm_diagnosis::{
     Class,
     model::PlanKey,
@@ -67,7 +68,7 @@ fn small_model(dir: &Path) -> PathBuf {
             } else {
                 (tree(&[("root", -1), ("a", 0), ("bad", 0)]), fault.clone())
             };
-            Sample { tree: t, class: class.clone(), run: i, run_class: class }
+            Sample { graph: NamedGraph::from_tree(&t).unwrap(), class: class.clone(), run: i, run_class: class }
         })
         .collect();
     let target = Target { name: "small".into(), module: "m".into(), plan: PlanKey::default(), window_ms: 1000 };
@@ -159,13 +160,15 @@ fn a_killed_threads_suspects_follow_the_fate_rule() {
         last_calls: vec!["m:root".into(), "m:a".into()],
         ..Default::default()
     };
+    let faulty = tree(&[("root", -1), ("a", 0), ("bad", 0)]);
     let w = afetm_analyzer::store::WindowTrees {
         id: 1,
         agent_id: "a".into(),
         pid: 9,
         start_ns: 0,
         end_ns: 1_000_000_000,
-        trees: vec![(9, tree(&[("root", -1), ("a", 0), ("bad", 0)]))],
+        trees: vec![(9, faulty.clone())],
+        graphs: vec![(9, NamedGraph::from_tree(&faulty).unwrap())],
         fates: vec![killed],
     };
     let by = |rule: &str| {

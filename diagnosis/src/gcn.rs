@@ -1,7 +1,13 @@
 //! The graph convolutional network of AFETM's diagnosis (sec. III.C.2, Fig. 3).
 //!
-//! Three graph-convolution layers, each eq. 9: H' = ReLU(Â H W + b), with eq. 10's
-//! Â = D^-1/2 (A + I) D^-1/2 over the tree's edges taken both ways. Â is never a dense N x N
+//! Three graph-convolution layers, each eq. 9 with a root weight: H' = ReLU(Â H W + H R + b),
+//! with eq. 10's Â = D^-1/2 (A + I) D^-1/2 over the graph's edges taken both ways. The root
+//! term R (GraphConv's, Morris et al. 2019) is ours: the input is a window's call graph, where
+//! a helper such as `zmalloc` is one node shared by every caller, and eq. 9 alone averages a
+//! function's own features with all its neighbours' at every layer (its own weight is 1/deg):
+//! on the synthetic task of `tests/gcn.rs` (which of six functions calls one function more,
+//! callees drawn from a shared pool) eq. 9 alone stays at chance (loss ln 7 after 60 epochs) and
+//! with R it learns. On a tree every calling context is a node of its own and eq. 9 sufficed. Â is never a dense N x N
 //! matrix: [`propagate`] gathers each edge's source row (`index_select`), scales it by Â's
 //! entry and adds it into its destination (`index_add`), so a batch of many trees (one disjoint
 //! union, see [`crate::graph::Batch`]) costs time and memory linear in its nodes and edges.
@@ -70,9 +76,11 @@ impl Dense {
         x.matmul(&self.weight)?.broadcast_add(&self.bias)
     }
 
-    /// Eq. 9 for one layer: ReLU(Â (x W) + b).
-    fn convolve(&self, x: &Tensor, b: &Batch) -> candle_core::Result<Tensor> {
-        propagate(&x.matmul(&self.weight)?, &b.src, &b.dst, &b.norm)?.broadcast_add(&self.bias)?.relu()
+    /// Eq. 9 for one layer with the root weight `root` (see the module docs):
+    /// ReLU(Â (x W) + x R + b).
+    fn convolve(&self, x: &Tensor, root: &Tensor, b: &Batch) -> candle_core::Result<Tensor> {
+        let neighbours = propagate(&x.matmul(&self.weight)?, &b.src, &b.dst, &b.norm)?;
+        (neighbours + x.matmul(root)?)?.broadcast_add(&self.bias)?.relu()
     }
 }
 
@@ -99,6 +107,8 @@ pub struct Gcn {
     dims: Dims,
     embed: Var,
     layers: Vec<Dense>,
+    /// R of each layer, `[fan_in, hidden]`.
+    roots: Vec<Var>,
     head: [Dense; 2],
 }
 
@@ -109,16 +119,18 @@ impl Gcn {
         let e: Vec<f32> = (0..dims.vocab * dims.embed).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         let embed = Var::from_tensor(&Tensor::from_vec(e, (dims.vocab, dims.embed), device)?)?;
         let mut layers = Vec::with_capacity(LAYERS);
+        let mut roots = Vec::with_capacity(LAYERS);
         let mut width = dims.embed + DENSE;
         for _ in 0..LAYERS {
             layers.push(Dense::new(&mut rng, width, dims.hidden, device)?);
+            roots.push(Dense::new(&mut rng, width, dims.hidden, device)?.weight);
             width = dims.hidden;
         }
         let head = [
             Dense::new(&mut rng, 2 * dims.hidden, dims.hidden, device)?,
             Dense::new(&mut rng, dims.hidden, dims.classes, device)?,
         ];
-        Ok(Gcn { dims, embed, layers, head })
+        Ok(Gcn { dims, embed, layers, roots, head })
     }
 
     /// The sizes.
@@ -129,8 +141,8 @@ impl Gcn {
     /// Class logits `[G, classes]` of a batch of `G` graphs.
     pub fn forward(&self, b: &Batch) -> candle_core::Result<Tensor> {
         let mut h = Tensor::cat(&[&self.embed.index_select(&b.rows, 0)?, &b.dense], 1)?;
-        for layer in &self.layers {
-            h = layer.convolve(&h, b)?;
+        for (layer, root) in self.layers.iter().zip(&self.roots) {
+            h = layer.convolve(&h, root.as_tensor(), b)?;
         }
         // Readout: mean and max per graph. h >= 0 after ReLU, so a zero pad row never wins a max.
         let d = self.dims.hidden;
@@ -159,6 +171,9 @@ impl Gcn {
             out.push((format!("{name}.weight"), &l.weight));
             out.push((format!("{name}.bias"), &l.bias));
         }
+        for (i, r) in self.roots.iter().enumerate() {
+            out.push((format!("gcn.{i}.root"), r));
+        }
         out
     }
 
@@ -179,10 +194,17 @@ impl Gcn {
         }
         dense.push(("head.0".into(), dims.hidden.checked_mul(2)?, dims.hidden));
         dense.push(("head.1".into(), dims.hidden, dims.classes));
+        let roots: Vec<(String, Vec<usize>)> = dense
+            .iter()
+            .take(LAYERS)
+            .enumerate()
+            .map(|(i, (_, fan_in, fan_out))| (format!("gcn.{i}.root"), vec![*fan_in, *fan_out]))
+            .collect();
         for (name, fan_in, fan_out) in dense {
             out.push((format!("{name}.weight"), vec![fan_in, fan_out]));
             out.push((format!("{name}.bias"), vec![fan_out]));
         }
+        out.extend(roots);
         Some(out)
     }
 
@@ -204,7 +226,8 @@ impl Gcn {
         }
         let head1 = dense.pop().ok_or_else(|| DiagnosisError::Weights("head".into()))?;
         let head0 = dense.pop().ok_or_else(|| DiagnosisError::Weights("head".into()))?;
-        Ok(Gcn { dims, embed, layers: dense, head: [head0, head1] })
+        let roots = (0..LAYERS).map(|_| next()).collect::<Result<Vec<_>, _>>()?;
+        Ok(Gcn { dims, embed, layers: dense, roots, head: [head0, head1] })
     }
 
     /// Overwrites the parameters with `tensors` (by name), checking every shape.

@@ -1,48 +1,64 @@
-//! From a call tree to the GCN's input graph: normalization, node features, and batches of
+//! From a window's call graph to the GCN's input: normalization, node features, and batches of
 //! many graphs as one disjoint union.
 //!
-//! The input is the wire form of a tree ([`pb::Tree`]): an AFCT (Alg. 3) at run time, or a
-//! colored FCT with its red nodes masked (Alg. 2) in training. Both go through
-//! [`Graph::from_tree`], so the model sees the same kind of graph in both places.
+//! The input is a [`NamedGraph`]: one node per function, the (caller, callee) edges with their
+//! calls (issue 23, "the window's call graph as the model's input, not its unrolling"). In
+//! training it is the graph of the events the plan's agent would send for a campaign FCT
+//! (`afct::trace_of_fct`), at run time the graph of the events the agent sent (the store's
+//! edges of the window): the same type and the same construction on both sides, and a window
+//! whose AFCT unrolls to 50,000-200,000 nodes (libsqlite3) is a graph of at most one node per
+//! traced function. A tree (a `Query.Diagnose` request, a colored FCT) is read as the graph it
+//! unrolls ([`Graph::from_tree`]).
 //!
 //! **Trunk trimming.** An AFCT's blue ancestors come from call stacks and reach the outermost
 //! frame (`__libc_start_call_main -> main -> aeMain -> ...`); a window of a full-trace FCT
 //! starts inside the event loop (`aeMain` is its root). Both shapes carry the same information
-//! below the first node that branches or is traced, so every root chain of blue nodes with a
-//! single child is dropped before features are taken: without it the same thread would sit
-//! two levels deeper at run time than in training.
+//! below the first node that branches or is traced, so every chain of blue nodes that nothing
+//! calls and that call one function each is dropped from the top before features are taken:
+//! without it the same thread would sit two levels deeper at run time than in training.
 //!
 //! **Node features** (nothing scales with the request rate: the campaign drives a low fixed
 //! rate, production runs at full load): the function's vocabulary index (an embedding row in
-//! the model; [`UNKNOWN`] for functions the model never saw), white / blue one-hot, the node's
-//! share of the tree's calls (traced nodes only: blue nodes of an AFCT carry no count) and its
-//! square root, and its depth below the trimmed roots
-//! (divided by [`DEPTH_SCALE`], capped at 1); then its [`DEVIATION`] features against the
-//! model's normal profile (new edge, new function, always-called children missing, call share
-//! out of the normal range: [`crate::profile`]). `calls` on a node counts its (caller, callee)
-//! edge in that thread, not its calling context (afetm folds recursion), so the share is one of
-//! that edge's calls.
+//! the model; [`UNKNOWN`] for functions the model never saw), white / blue one-hot, the
+//! function's share of the graph's calls (the calls of its incoming edges, recursion left out;
+//! traced functions only: blue ones come from call stacks and carry none) and its square root,
+//! its shortest distance from the trimmed roots (divided by [`DEPTH_SCALE`], capped at 1), and
+//! how many functions it calls and is called by (divided by [`DEGREE_SCALE`], capped at 1: a
+//! tree shows a node's children as nodes, a graph shares them between callers, so a call that
+//! a fault adds or removes must show in the caller's own features); then its [`DEVIATION`] features against the model's normal profile (a new incoming edge, a
+//! new function, always-called children missing, an incoming edge's call share out of the
+//! normal range: [`crate::profile`]). The GCN's edges are the graph's caller -> callee edges
+//! (recursion is a self loop, which eq. 10's A + I has anyway).
 
 use std::collections::HashMap;
 
+use std::collections::{BTreeMap, VecDeque};
+
+use afetm_calltree::{
+    graph::NamedGraph,
+    tree::{Color, FuncId},
+};
 use afetm_proto::v1 as pb;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     DiagnosisError,
-    profile::{DEVIATION, NormalProfile, TreeView},
+    profile::{DEVIATION, GraphView, NormalProfile},
 };
 
 /// Vocabulary row of every function the model does not know.
 pub const UNKNOWN: u32 = 0;
-/// Dense features per node from the tree alone (white, blue, share, sqrt(share), depth).
-pub const TREE_DENSE: usize = 5;
+/// Dense features per node from the graph alone (white, blue, share, sqrt(share), depth,
+/// callees, callers).
+pub const GRAPH_DENSE: usize = 7;
 /// Number of dense features per node: the tree's, then the deviation from the normal profile
 /// ([`crate::profile`]).
-pub const DENSE: usize = TREE_DENSE + DEVIATION;
+pub const DENSE: usize = GRAPH_DENSE + DEVIATION;
 /// Depth at which the depth feature saturates.
 pub const DEPTH_SCALE: f32 = 32.0;
+/// Distinct callees (or callers) at which the degree features saturate.
+pub const DEGREE_SCALE: f32 = 16.0;
 
 /// The functions a model knows, as `module` and `name`; row `i + 1` of the embedding is entry
 /// `i` (row 0 is [`UNKNOWN`]).
@@ -93,74 +109,77 @@ impl Vocab {
     }
 }
 
-/// One tree as the model's input: nodes with their vocabulary row and dense features, and the
-/// tree's edges (child, parent) as indexes into the nodes.
+/// One window's graph as the model's input: nodes with their vocabulary row and dense
+/// features, and the graph's edges (callee, caller) as indexes into the nodes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Graph {
     /// Vocabulary row per node.
     pub rows: Vec<u32>,
     /// [`DENSE`] features per node, row-major.
     pub dense: Vec<f32>,
-    /// (child, parent) per tree edge.
+    /// (callee, caller) per edge between two kept functions, recursion left out.
     pub edges: Vec<(u32, u32)>,
-    /// Index of each kept node in the input tree (for pointing back at it).
-    pub source: Vec<u32>,
 }
 
 impl Graph {
-    /// Normalizes `tree` (trunk trimming, see the module docs) and takes its features, the
-    /// deviation from `normal` among them. Red nodes are masked here as well, so a colored FCT
-    /// can be passed as it is. Errors on a malformed tree (a parent that is not an earlier
-    /// node) and on an empty one.
-    pub fn from_tree(tree: &pb::Tree, vocab: &Vocab, normal: &NormalProfile) -> Result<Graph, DiagnosisError> {
-        let n = tree.nodes.len();
-        let mut parent: Vec<Option<usize>> = Vec::with_capacity(n);
-        for (i, node) in tree.nodes.iter().enumerate() {
-            match node.parent {
-                -1 => parent.push(None),
-                p if p >= 0 && (p as usize) < i => parent.push(Some(p as usize)),
-                p => {
-                    return Err(DiagnosisError::BadTree(format!(
-                        "node {i} ({}) has parent {p}, not an earlier node of the {n}",
-                        node.function
-                    )));
-                }
+    /// Normalizes `input` (trunk trimming, see the module docs) and takes its features, the
+    /// deviation from `normal` among them. Errors on a graph with no function.
+    pub fn from_graph(input: &NamedGraph, vocab: &Vocab, normal: &NormalProfile) -> Result<Graph, DiagnosisError> {
+        let g = &input.graph;
+        let view = GraphView::of(input);
+        let deviation = normal.features(&view);
+        let keep = kept(input);
+        let order: Vec<FuncId> = view.order.iter().copied().filter(|f| keep.contains(f)).collect();
+        if order.is_empty() {
+            return Err(DiagnosisError::BadTree("the graph has no traced or recovered function".into()));
+        }
+        let index: BTreeMap<FuncId, u32> = order.iter().enumerate().map(|(i, f)| (*f, i as u32)).collect();
+        let white = |f: FuncId| g.nodes.get(&f) == Some(&Color::White);
+        // Only traced functions' calls count: blue ones come from call stacks.
+        let mut calls: BTreeMap<FuncId, u64> = BTreeMap::new();
+        let mut edges = Vec::new();
+        for (&(c, f), &n) in g.edges.iter().filter(|((c, f), _)| c != f) {
+            if index.contains_key(&f) && white(f) {
+                *calls.entry(f).or_insert(0) += n;
+            }
+            if let (Some(ci), Some(fi)) = (index.get(&c), index.get(&f)) {
+                edges.push((*fi, *ci));
             }
         }
-        let keep = kept(tree, &parent);
-        let deviation = normal.features(&TreeView::of(tree));
-        let mut new_index = vec![u32::MAX; n];
-        let mut g = Graph { rows: Vec::new(), dense: Vec::new(), edges: Vec::new(), source: Vec::new() };
-        let mut depth = vec![0u32; n];
-        let white = |i: usize| tree.nodes[i].color == pb::Color::White as i32;
-        // Only traced nodes' calls count: an AFCT's blue nodes come from call stacks and carry
-        // none, while a masked FCT's blue nodes still hold their full-trace counts.
-        let calls = |i: usize| if white(i) { tree.nodes[i].calls } else { 0 };
-        let total: u64 = (0..n).filter(|i| keep[*i]).map(calls).sum();
-        for i in (0..n).filter(|i| keep[*i]) {
-            let node = &tree.nodes[i];
-            let up = parent[i].filter(|p| keep[*p]);
-            if let Some(p) = up {
-                depth[i] = depth[p] + 1;
-                g.edges.push((g.rows.len() as u32, new_index[p]));
-            }
-            new_index[i] = g.rows.len() as u32;
-            g.source.push(i as u32);
-            g.rows.push(vocab.row(&node.module, &node.function));
-            let share = if total == 0 { 0.0 } else { calls(i) as f32 / total as f32 };
-            g.dense.extend([
-                white(i) as u8 as f32,
-                !white(i) as u8 as f32,
+        let total: u64 = calls.values().sum();
+        let depth = depths(order.len(), &edges);
+        let (mut callees, mut callers) = (vec![0u32; order.len()], vec![0u32; order.len()]);
+        for &(f, c) in &edges {
+            callees[c as usize] += 1;
+            callers[f as usize] += 1;
+        }
+        let degree = |n: u32| (n as f32 / DEGREE_SCALE).min(1.0);
+        let mut out = Graph { rows: Vec::with_capacity(order.len()), dense: Vec::new(), edges };
+        for (i, f) in order.iter().enumerate() {
+            let func = input.func(*f);
+            out.rows.push(vocab.row(&func.module, &func.name));
+            let c = calls.get(f).copied().unwrap_or(0);
+            let share = if total == 0 { 0.0 } else { c as f32 / total as f32 };
+            out.dense.extend([
+                white(*f) as u8 as f32,
+                !white(*f) as u8 as f32,
                 share,
                 share.sqrt(),
                 (depth[i] as f32 / DEPTH_SCALE).min(1.0),
+                degree(callees[i]),
+                degree(callers[i]),
             ]);
-            g.dense.extend(deviation[i]);
+            out.dense.extend(deviation.get(f).copied().unwrap_or([0.0; DEVIATION]));
         }
-        if g.rows.is_empty() {
-            return Err(DiagnosisError::BadTree("the tree has no traced or recovered node".into()));
-        }
-        Ok(g)
+        Ok(out)
+    }
+
+    /// The graph a tree in its wire form unrolls (red nodes masked, so a colored FCT can be
+    /// passed as it is), as [`Graph::from_graph`] reads it. Errors on a malformed tree (a
+    /// parent that is not an earlier node) and on an empty one.
+    pub fn from_tree(tree: &pb::Tree, vocab: &Vocab, normal: &NormalProfile) -> Result<Graph, DiagnosisError> {
+        let input = NamedGraph::from_tree(tree).map_err(DiagnosisError::BadTree)?;
+        Graph::from_graph(&input, vocab, normal)
     }
 
     /// Nodes.
@@ -168,37 +187,73 @@ impl Graph {
         self.rows.len()
     }
 
-    /// Never true for a graph made by [`Graph::from_tree`].
+    /// Never true for a graph made by [`Graph::from_graph`].
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
 }
 
-/// Which nodes survive masking (red out) and trunk trimming (single-child blue root chains out).
-fn kept(tree: &pb::Tree, parent: &[Option<usize>]) -> Vec<bool> {
-    let n = tree.nodes.len();
-    let red = |i: usize| tree.nodes[i].color == pb::Color::Red as i32;
-    // A node is kept unless red or under a red node (a masked tree has no such nodes).
-    let mut keep: Vec<bool> = vec![true; n];
-    for i in 0..n {
-        keep[i] = !red(i) && parent[i].is_none_or(|p| keep[p]);
+/// The functions that survive trunk trimming: blue functions that nothing calls and that call
+/// exactly one function are dropped, then their callee if it is now such a function, and so on.
+fn kept(input: &NamedGraph) -> std::collections::BTreeSet<FuncId> {
+    let g = &input.graph;
+    let mut callers: BTreeMap<FuncId, usize> = g.nodes.keys().map(|f| (*f, 0)).collect();
+    let mut callees: BTreeMap<FuncId, Vec<FuncId>> = BTreeMap::new();
+    for &(c, f) in g.edges.keys().filter(|(c, f)| c != f) {
+        *callers.entry(f).or_insert(0) += 1;
+        callees.entry(c).or_default().push(f);
     }
-    let mut children = vec![0u32; n];
-    for i in (0..n).filter(|i| keep[*i]) {
-        if let Some(p) = parent[i] {
-            children[p] += 1;
+    let droppable = |f: FuncId, callers: &BTreeMap<FuncId, usize>| {
+        g.nodes.get(&f) != Some(&Color::White)
+            && callers.get(&f) == Some(&0)
+            && callees.get(&f).is_some_and(|k| k.len() == 1)
+    };
+    let mut keep: std::collections::BTreeSet<FuncId> = g.nodes.keys().copied().collect();
+    let mut queue: VecDeque<FuncId> = keep.iter().copied().filter(|f| droppable(*f, &callers)).collect();
+    while let Some(f) = queue.pop_front() {
+        if !keep.remove(&f) {
+            continue;
+        }
+        let child = callees[&f][0];
+        if let Some(n) = callers.get_mut(&child) {
+            *n -= 1;
+        }
+        if keep.contains(&child) && droppable(child, &callers) {
+            queue.push_back(child);
         }
     }
-    // Preorder: a parent is decided before its children, so a chain is dropped top-down.
-    let mut dropped = vec![false; n];
-    for i in (0..n).filter(|i| keep[*i]) {
-        let is_root = parent[i].is_none_or(|p| dropped[p]);
-        let blue = tree.nodes[i].color == pb::Color::Blue as i32;
-        if is_root && blue && children[i] == 1 {
-            dropped[i] = true;
+    keep
+}
+
+/// Shortest distance of every node from a node nothing calls (breadth first over the
+/// (callee, caller) edges); a cycle nothing outside calls into starts at its first node.
+fn depths(n: usize, edges: &[(u32, u32)]) -> Vec<u32> {
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut has_caller = vec![false; n];
+    for &(f, c) in edges {
+        out[c as usize].push(f);
+        has_caller[f as usize] = true;
+    }
+    let mut depth = vec![u32::MAX; n];
+    // All roots at once (multi-source), then each node still unreached (a cycle's) on its own.
+    let roots: Vec<usize> = (0..n).filter(|i| !has_caller[*i]).collect();
+    let mut seeds: Vec<Vec<usize>> = vec![roots];
+    seeds.extend((0..n).map(|i| vec![i]));
+    for seed in seeds {
+        let mut queue: VecDeque<usize> = seed.into_iter().filter(|s| depth[*s] == u32::MAX).collect();
+        for s in &queue {
+            depth[*s] = 0;
+        }
+        while let Some(i) = queue.pop_front() {
+            for &k in &out[i] {
+                if depth[k as usize] == u32::MAX {
+                    depth[k as usize] = depth[i] + 1;
+                    queue.push_back(k as usize);
+                }
+            }
         }
     }
-    (0..n).map(|i| keep[i] && !dropped[i]).collect()
+    depth
 }
 
 /// Many graphs as one disjoint union, as tensors for [`crate::gcn::Gcn::forward`].
@@ -313,12 +368,39 @@ mod tests {
         let none = NormalProfile::default();
         let g1 = Graph::from_tree(&afct, &vocab, &none).unwrap();
         let g2 = Graph::from_tree(&fct, &vocab, &none).unwrap();
-        assert_eq!(g1.rows, g2.rows);
-        assert_eq!(g1.dense, g2.dense);
-        assert_eq!(g1.edges, g2.edges);
-        assert_eq!(g1.source, vec![2, 3, 4]);
-        assert_eq!(g1.rows, vec![UNKNOWN, 1, 2]);
-        assert_eq!(g1.dense[DENSE + 2], 0.75);
+        assert_eq!(g1, g2);
+        // Nodes in name order: a, b, loop.
+        assert_eq!(g1.rows, vec![1, 2, UNKNOWN]);
+        assert_eq!(g1.edges, vec![(0, 2), (1, 2)]);
+        assert_eq!(g1.dense[2], 0.75, "a's share of the calls");
+        assert_eq!(g1.dense[DENSE + 4], 1.0 / DEPTH_SCALE, "b one below loop");
+    }
+
+    #[test]
+    fn a_function_called_from_many_places_is_one_node() {
+        use pb::Color::{Blue, White};
+        let vocab = Vocab::default();
+        let none = NormalProfile::default();
+        // loop -> {a -> h, b -> h -> a}: the tree repeats h (and a); the graph has each once,
+        // with the cycle a -> h -> a as two edges.
+        let t = pb::Tree {
+            nodes: vec![
+                node("loop", Blue, -1, 0),
+                node("a", White, 0, 2),
+                node("h", White, 1, 4),
+                node("b", White, 0, 1),
+                node("h", White, 3, 4),
+                node("a", White, 4, 1),
+            ],
+            truncated: false,
+        };
+        let g = Graph::from_tree(&t, &vocab, &none).unwrap();
+        assert_eq!(g.len(), 4);
+        assert_eq!(g.edges.len(), 5, "loop-a, a-h, loop-b, b-h, h-a");
+        // a's calls: 2 from loop + 1 from h, of the graph's 2 + 4 + 1 + 4 + 1 (one count per
+        // (caller, callee) edge, however often the tree repeats it).
+        let share_a = g.dense[2];
+        assert!((share_a - 3.0 / 12.0).abs() < 1e-6, "{share_a}");
     }
 
     #[test]

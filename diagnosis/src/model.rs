@@ -22,10 +22,12 @@ use crate::{
     graph::{Batch, Graph, Vocab},
     profile::NormalProfile,
 };
+use afetm_calltree::graph::NamedGraph;
 
-/// Manifest format written by this version (2: the normal profile and its deviation features
-/// per node; a format 1 model's network takes fewer features and is refused).
-pub const FORMAT: u32 = 2;
+/// Manifest format written by this version (3: the input is the window's call graph, one node
+/// per function; 2 read trees, node per calling context, and 1 took no deviation features:
+/// both are refused, their networks were trained on other inputs).
+pub const FORMAT: u32 = 3;
 /// File names inside a model directory.
 pub const MANIFEST: &str = "manifest.json";
 /// See [`MANIFEST`].
@@ -271,7 +273,7 @@ impl Model {
             serde_json::from_str(manifest).map_err(|e| DiagnosisError::Manifest(format!("{}: {e}", path.display())))?;
         if manifest.format != FORMAT {
             return Err(DiagnosisError::Manifest(format!(
-                "{}: format {} (this afetm reads {FORMAT})",
+                "{}: format {} (this afetm reads {FORMAT}: retrain the model with `afetm-analyzer train`)",
                 path.display(),
                 manifest.format
             )));
@@ -316,9 +318,14 @@ impl Model {
         }
     }
 
-    /// The input graph of `tree` for this model.
+    /// The input graph of `tree` for this model (the call graph it unrolls).
     pub fn graph(&self, tree: &pb::Tree) -> Result<Graph, DiagnosisError> {
         Graph::from_tree(tree, &self.manifest.vocab, &self.manifest.profile)
+    }
+
+    /// The input graph of a window's call graph for this model.
+    pub fn input(&self, graph: &NamedGraph) -> Result<Graph, DiagnosisError> {
+        Graph::from_graph(graph, &self.manifest.vocab, &self.manifest.profile)
     }
 
     /// Class probabilities `[G, classes]` for many graphs at once.
@@ -331,6 +338,13 @@ impl Model {
     /// Diagnoses one tree: P(normal), the alarm, and the `k` most likely faults.
     pub fn diagnose(&self, tree: &pb::Tree, k: usize) -> Result<Diagnosis, DiagnosisError> {
         let g = self.graph(tree)?;
+        let p = self.probabilities(&[&g])?.remove(0);
+        Ok(self.explain(&p, k))
+    }
+
+    /// Diagnoses one window's call graph, as [`Model::diagnose`] does a tree.
+    pub fn diagnose_graph(&self, graph: &NamedGraph, k: usize) -> Result<Diagnosis, DiagnosisError> {
+        let g = self.input(graph)?;
         let p = self.probabilities(&[&g])?.remove(0);
         Ok(self.explain(&p, k))
     }

@@ -4,25 +4,29 @@
 //! (Nezha's fault-free event patterns, MicroRank's spectrum of normal traces); a GCN that sees
 //! only the faulty tree has to learn the baseline from the class labels.
 //!
-//! Built from the training split's normal-run trees only and stored in the model's manifest.
-//! Per (caller, callee) edge of the trees (after red masking, both as functions): in how many
-//! normal windows it occurs and the range of its share of the window's traced calls; per
-//! function, in how many windows it occurs. From these, four features per node
-//! ([`DEVIATION`] of them, appended to the dense features by [`crate::graph::Graph`]):
-//! 1. the edge from its parent never occurs in a normal window;
-//! 2. its function never occurs in a normal window;
-//! 3. the share of the children its function has in every normal window where it occurs that
-//!    it lacks here (a call that did not happen: a crash, a hang, a branch not taken);
-//! 4. how far its edge's share of the calls is outside the normal range, as |log10| of the
-//!    ratio to the nearest bound, capped at 1 (0 inside the range, or for a new edge).
+//! Built from the training split's normal-run graphs only and stored in the model's manifest.
+//! Per (caller, callee) edge of the call graphs (recursion left out): in how many normal
+//! windows it occurs and the range of its share of the window's traced calls; per function, in
+//! how many windows it occurs. From these, four features per function ([`DEVIATION`] of them,
+//! appended to the dense features by [`crate::graph::Graph`]):
+//! 1. an edge into it never occurs in a normal window;
+//! 2. the function never occurs in a normal window;
+//! 3. the share of the children it has in every normal window where it occurs that it lacks
+//!    here (a call that did not happen: a crash, a hang, a branch not taken);
+//! 4. how far an edge into it has its share of the calls outside the normal range, as |log10|
+//!    of the ratio to the nearest bound, capped at 1 (0 inside the range, or for a new edge;
+//!    the largest over its incoming edges).
 //!
 //! Training normal trees would see a profile made of themselves; so each normal run's trees
-//! are featurized against the profile of the other normal runs ([`NormalProfile::without`]),
+//! are compared with the profile of the other normal runs ([`NormalProfile::without`]),
 //! and fault runs' trees against the whole profile, as serving sees it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use afetm_proto::v1 as pb;
+use afetm_calltree::{
+    graph::NamedGraph,
+    tree::{Color, FuncId},
+};
 use serde::{Deserialize, Serialize};
 
 /// Deviation features per node.
@@ -73,62 +77,54 @@ fn edge_key(c: &str, f: &str) -> String {
     format!("{c}\n{f}")
 }
 
-/// The edges and functions of one tree (red nodes and what hangs under them left out), with
-/// each edge's share of the tree's traced calls.
-pub(crate) struct TreeView {
-    /// Function key per node (None: masked).
-    pub(crate) func: Vec<Option<String>>,
-    /// Edge key (parent, node) per node with a kept parent.
-    pub(crate) edge: Vec<Option<String>>,
-    /// Share of the tree's traced calls per edge key (summed over the nodes that show it
-    /// divided by the nodes: a tree repeats an edge with its one count).
+/// The edges and functions of one window's graph (recursion left out), with each edge's share
+/// of the graph's traced calls.
+pub(crate) struct GraphView {
+    /// The graph's functions in (module, name) order: the order of the model's nodes.
+    pub(crate) order: Vec<FuncId>,
+    /// Key (`module:name`) per function.
+    pub(crate) key: BTreeMap<FuncId, String>,
+    /// Keys of the edges into each function.
+    pub(crate) incoming: BTreeMap<FuncId, Vec<String>>,
+    /// Share of the graph's traced calls per edge key.
     pub(crate) share: HashMap<String, f32>,
     /// Children function keys per function key.
     pub(crate) children: HashMap<String, HashSet<String>>,
 }
 
-impl TreeView {
-    pub(crate) fn of(tree: &pb::Tree) -> TreeView {
-        let n = tree.nodes.len();
-        let mut func: Vec<Option<String>> = Vec::with_capacity(n);
-        let mut edge = vec![None; n];
+impl GraphView {
+    pub(crate) fn of(input: &NamedGraph) -> GraphView {
+        let g = &input.graph;
+        let key: BTreeMap<FuncId, String> =
+            g.nodes.keys().map(|f| (*f, format!("{}:{}", input.func(*f).module, input.func(*f).name))).collect();
+        let mut order: Vec<FuncId> = g.nodes.keys().copied().collect();
+        order.sort_by(|a, b| input.func(*a).cmp(input.func(*b)));
+        let mut incoming: BTreeMap<FuncId, Vec<String>> = BTreeMap::new();
         let mut calls: HashMap<String, u64> = HashMap::new();
         let mut children: HashMap<String, HashSet<String>> = HashMap::new();
-        for (i, node) in tree.nodes.iter().enumerate() {
-            let parent = usize::try_from(node.parent).ok().filter(|p| *p < i);
-            let masked = node.color == pb::Color::Red as i32 || parent.is_some_and(|p| func[p].is_none());
-            if masked {
-                func.push(None);
-                continue;
-            }
-            let f = format!("{}:{}", node.module, node.function);
-            if let Some(pf) = parent.and_then(|p| func[p].clone()) {
-                let e = edge_key(&pf, &f);
-                if node.color == pb::Color::White as i32 {
-                    calls.insert(e.clone(), node.calls);
-                }
-                calls.entry(e.clone()).or_insert(0);
-                children.entry(pf).or_default().insert(f.clone());
-                edge[i] = Some(e);
-            }
-            func.push(Some(f));
+        for (&(c, f), &n) in g.edges.iter().filter(|((c, f), _)| c != f) {
+            let (Some(ck), Some(fk)) = (key.get(&c), key.get(&f)) else { continue };
+            let e = edge_key(ck, fk);
+            let traced = g.nodes.get(&f) == Some(&Color::White);
+            *calls.entry(e.clone()).or_insert(0) += if traced { n } else { 0 };
+            children.entry(ck.clone()).or_default().insert(fk.clone());
+            incoming.entry(f).or_default().push(e);
         }
         let total: u64 = calls.values().sum();
         let share =
             calls.into_iter().map(|(e, c)| (e, if total == 0 { 0.0 } else { c as f32 / total as f32 })).collect();
-        TreeView { func, edge, share, children }
+        GraphView { order, key, incoming, share, children }
     }
 }
 
 impl NormalProfile {
-    /// The profile of normal windows given as (run, tree).
-    pub fn build<'a>(trees: impl IntoIterator<Item = (i64, &'a pb::Tree)>) -> NormalProfile {
+    /// The profile of normal windows given as (run, graph).
+    pub fn build<'a>(graphs: impl IntoIterator<Item = (i64, &'a NamedGraph)>) -> NormalProfile {
         let mut p = NormalProfile::default();
-        for (run, tree) in trees {
-            let v = TreeView::of(tree);
+        for (run, graph) in graphs {
+            let v = GraphView::of(graph);
             let part = p.runs.entry(run).or_default();
-            let seen: HashSet<&String> = v.func.iter().flatten().collect();
-            for f in seen {
+            for f in v.key.values() {
                 *part.functions.entry(f.clone()).or_insert(0) += 1;
             }
             for (e, s) in &v.share {
@@ -196,31 +192,32 @@ impl NormalProfile {
         }
     }
 
-    /// The [`DEVIATION`] features of every node of `tree`, row-major, masked nodes included
-    /// (as zeros); all zeros for an empty profile.
-    pub(crate) fn features(&self, view: &TreeView) -> Vec<[f32; DEVIATION]> {
-        let n = view.func.len();
-        if self.is_empty() {
-            return vec![[0.0; DEVIATION]; n];
-        }
+    /// The [`DEVIATION`] features of every function of the view; all zeros for an empty
+    /// profile.
+    pub(crate) fn features(&self, view: &GraphView) -> BTreeMap<FuncId, [f32; DEVIATION]> {
         let m = self;
-        (0..n)
-            .map(|i| {
-                let Some(f) = &view.func[i] else { return [0.0; DEVIATION] };
+        view.key
+            .iter()
+            .map(|(id, f)| {
+                if self.is_empty() {
+                    return (*id, [0.0; DEVIATION]);
+                }
                 let new_function = !m.functions.contains_key(f);
-                let (new_edge, out_of_range) = match &view.edge[i] {
-                    None => (false, 0.0),
-                    Some(e) => match m.edges.get(e) {
-                        None => (true, 0.0),
-                        Some(r) => (false, outside(view.share.get(e).copied().unwrap_or(0.0), r)),
-                    },
-                };
+                let (mut new_edge, mut out_of_range) = (false, 0.0f32);
+                for e in view.incoming.get(id).into_iter().flatten() {
+                    match m.edges.get(e) {
+                        None => new_edge = true,
+                        Some(r) => {
+                            out_of_range = out_of_range.max(outside(view.share.get(e).copied().unwrap_or(0.0), r))
+                        }
+                    }
+                }
                 let missing = m.always.get(f).map_or(0.0, |always| {
                     let have = view.children.get(f);
                     let lacking = always.iter().filter(|c| have.is_none_or(|h| !h.contains(*c))).count();
                     lacking as f32 / always.len() as f32
                 });
-                [new_edge as u8 as f32, new_function as u8 as f32, missing, out_of_range]
+                (*id, [new_edge as u8 as f32, new_function as u8 as f32, missing, out_of_range])
             })
             .collect()
     }
@@ -241,6 +238,8 @@ fn outside(share: f32, r: &EdgeRun) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use afetm_proto::v1 as pb;
+
     use super::*;
 
     fn node(f: &str, parent: i32, calls: u64) -> pb::TreeNode {
@@ -254,35 +253,44 @@ mod tests {
         }
     }
 
-    fn tree(nodes: Vec<pb::TreeNode>) -> pb::Tree {
-        pb::Tree { nodes, truncated: false }
+    fn graph(nodes: Vec<pb::TreeNode>) -> NamedGraph {
+        NamedGraph::from_tree(&pb::Tree { nodes, truncated: false }).unwrap()
+    }
+
+    /// The features by function name.
+    fn by_name(p: &NormalProfile, g: &NamedGraph) -> BTreeMap<String, [f32; DEVIATION]> {
+        p.features(&GraphView::of(g)).into_iter().map(|(f, x)| (g.func(f).name.to_string(), x)).collect()
     }
 
     #[test]
     fn new_edges_missing_children_and_shares_out_of_range() {
         // Normal: loop -> {read, reply}, read 9 calls and reply 1 (or 8 and 2).
-        let n1 = tree(vec![node("loop", -1, 1), node("read", 0, 9), node("reply", 0, 1)]);
-        let n2 = tree(vec![node("loop", -1, 1), node("read", 0, 8), node("reply", 0, 2)]);
+        let n1 = graph(vec![node("loop", -1, 1), node("read", 0, 9), node("reply", 0, 1)]);
+        let n2 = graph(vec![node("loop", -1, 1), node("read", 0, 8), node("reply", 0, 2)]);
         let p = NormalProfile::build([(1, &n1), (2, &n2)]);
         assert_eq!(p.runs(), 2);
-        let f = |t: &pb::Tree| p.features(&TreeView::of(t));
-        assert!(f(&n1).iter().all(|x| *x == [0.0; DEVIATION]), "a normal tree deviates nowhere: {:?}", f(&n1));
+        let f = |g: &NamedGraph| by_name(&p, g);
+        assert!(f(&n1).values().all(|x| *x == [0.0; DEVIATION]), "a normal graph deviates nowhere: {:?}", f(&n1));
         // A crash after read: reply is missing under loop; a new function `panic` under read.
-        let crash = tree(vec![node("loop", -1, 1), node("read", 0, 9), node("panic", 1, 1)]);
+        let crash = graph(vec![node("loop", -1, 1), node("read", 0, 9), node("panic", 1, 1)]);
         let x = f(&crash);
-        assert_eq!(x[0][2], 0.5, "loop lacks one of its two always-children");
-        assert_eq!((x[2][0], x[2][1]), (1.0, 1.0), "panic: a new edge and a new function");
+        assert_eq!(x["loop"][2], 0.5, "loop lacks one of its two always-children");
+        assert_eq!((x["panic"][0], x["panic"][1]), (1.0, 1.0), "panic: a new edge and a new function");
         // Shares out of range: reply at 10 of 11 calls, against 10-20%.
-        let slow = tree(vec![node("loop", -1, 0), node("read", 0, 1), node("reply", 0, 10)]);
+        let slow = graph(vec![node("loop", -1, 0), node("read", 0, 1), node("reply", 0, 10)]);
         let y = f(&slow);
-        assert!(y[2][3] > 0.5 && y[1][3] > 0.5, "{y:?}");
+        assert!(y["reply"][3] > 0.5 && y["read"][3] > 0.5, "{y:?}");
+        // A function called from two places is one node: a known and a new edge into it make
+        // it "new edge".
+        let shared = graph(vec![node("loop", -1, 1), node("read", 0, 9), node("reply", 0, 1), node("reply", 1, 1)]);
+        assert_eq!(f(&shared)["reply"][0], 1.0);
         // Leave-one-run-out: n1's own edges stay known through run 2, and a profile of nothing
         // gives zeros.
-        assert!(p.without(1).features(&TreeView::of(&n1)).iter().all(|x| x[0] == 0.0 && x[1] == 0.0));
-        assert!(NormalProfile::default().features(&TreeView::of(&crash)).iter().all(|x| *x == [0.0; DEVIATION]));
+        assert!(by_name(&p.without(1), &n1).values().all(|x| x[0] == 0.0 && x[1] == 0.0));
+        assert!(by_name(&NormalProfile::default(), &crash).values().all(|x| *x == [0.0; DEVIATION]));
         let mut back: NormalProfile = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         back.index();
         assert_eq!(back, p);
-        assert_eq!(back.features(&TreeView::of(&crash)), x, "stored with the model, it reads the same");
+        assert_eq!(by_name(&back, &crash), x, "stored with the model, it reads the same");
     }
 }

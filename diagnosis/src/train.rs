@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use afetm_proto::v1 as pb;
+use afetm_calltree::graph::NamedGraph;
 use candle_core::{Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{RngExt, SeedableRng, rngs::StdRng, seq::SliceRandom};
@@ -41,11 +41,12 @@ use crate::{
     profile::NormalProfile,
 };
 
-/// One labelled tree.
+/// One labelled window of one thread.
 #[derive(Clone, Debug)]
 pub struct Sample {
-    /// The tree as the model will see it (masked colored FCT or AFCT).
-    pub tree: pb::Tree,
+    /// The window's call graph as the model will see it (the graph of the events the plan's
+    /// agent sends: `afct::trace_of_fct`).
+    pub graph: NamedGraph,
     /// Its label.
     pub class: Class,
     /// The run it came from (the unit of the split).
@@ -160,7 +161,10 @@ pub fn train(
     let val_runs = split(samples, cfg.val_share, &mut rng);
     let (train_s, val_s): (Vec<&Sample>, Vec<&Sample>) = samples.iter().partition(|s| !val_runs.contains(&s.run));
     let vocab = Vocab::new(train_s.iter().flat_map(|s| {
-        s.tree.nodes.iter().filter(|n| n.color != pb::Color::Red as i32).map(|n| (n.module.clone(), n.function.clone()))
+        s.graph.graph.nodes.keys().map(|f| {
+            let f = s.graph.func(*f);
+            (f.module.to_string(), f.name.to_string())
+        })
     }));
     let faults: BTreeSet<&Class> = train_s.iter().map(|s| &s.class).filter(|c| **c != Class::Normal).collect();
     let classes: Vec<Class> = std::iter::once(Class::Normal).chain(faults.into_iter().cloned()).collect();
@@ -172,7 +176,7 @@ pub fn train(
         ..Default::default()
     };
     let profile = if cfg.deviation {
-        NormalProfile::build(train_s.iter().filter(|s| s.run_class == Class::Normal).map(|s| (s.run, &s.tree)))
+        NormalProfile::build(train_s.iter().filter(|s| s.run_class == Class::Normal).map(|s| (s.run, &s.graph)))
     } else {
         NormalProfile::default()
     };
@@ -188,7 +192,7 @@ pub fn train(
             } else {
                 &profile
             };
-            let graph = Graph::from_tree(&s.tree, &vocab, against)?;
+            let graph = Graph::from_graph(&s.graph, &vocab, against)?;
             if graph.len() > cfg.max_nodes {
                 summary.too_large += 1;
                 continue;
@@ -393,13 +397,18 @@ pub fn run_minima(trees: impl IntoIterator<Item = (i64, f32)>) -> Vec<f32> {
     least.into_values().collect()
 }
 
-/// SHA-256 over every sample's run, label and nodes.
+/// SHA-256 over every sample's run, label, functions and edges (by name, so the same data
+/// interned in another order hashes the same).
 fn data_hash(samples: &[Sample]) -> String {
     let mut h = Sha256::new();
     for s in samples {
         h.update(format!("{} {}\n", s.run, s.class));
-        for n in &s.tree.nodes {
-            h.update(format!("{}\t{}\t{}\t{}\t{}\n", n.module, n.function, n.color, n.parent, n.calls));
+        let g = &s.graph;
+        let mut lines: Vec<String> = g.graph.nodes.iter().map(|(f, c)| format!("{}\t{c:?}\n", g.func(*f))).collect();
+        lines.extend(g.graph.edges.iter().map(|((c, f), n)| format!("{}\t{}\t{n}\n", g.func(*c), g.func(*f))));
+        lines.sort();
+        for l in lines {
+            h.update(l);
         }
     }
     format!("{:x}", h.finalize())

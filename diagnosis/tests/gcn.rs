@@ -1,7 +1,8 @@
 //! The GCN against the three checks that say it is a GCN that learns: its layer's gradients
-//! against finite differences, a synthetic task whose answer lies in the tree's structure, and
+//! against finite differences, a synthetic task whose answer lies in the call graph's structure, and
 //! a save/load round trip.
 
+use afetm_calltree::graph::NamedGraph;
 use afetm_diagnosis::{
     Class,
     gcn::propagate,
@@ -107,9 +108,12 @@ fn emit(
     for &(_, f) in under.iter().filter(|(p, _)| *p == parent) {
         let me = nodes.len() as i32;
         nodes.push(node(FAULTY[f], pb::Color::White, at, rng.random_range(1..20)));
-        for _ in 0..if faulty == Some(f) { 3 } else { 2 } {
-            let leaf = format!("g{}", rng.random_range(0..8));
-            nodes.push(node(&leaf, pb::Color::White, me, rng.random_range(1..20)));
+        // Distinct leaves: in the call graph a leaf is one node, so the faulty fN's third
+        // child must be a third edge.
+        let mut pool: Vec<usize> = (0..8).collect();
+        pool.shuffle(rng);
+        for leaf in pool.iter().take(if faulty == Some(f) { 3 } else { 2 }) {
+            nodes.push(node(&format!("g{leaf}"), pb::Color::White, me, rng.random_range(1..20)));
         }
         emit(nodes, under, Some(f), me, rng, faulty);
     }
@@ -125,7 +129,7 @@ fn dataset(seed: u64, n: usize) -> Vec<Sample> {
                 None => Class::Normal,
             };
             Sample {
-                tree: synthetic(&mut rng, faulty),
+                graph: NamedGraph::from_tree(&synthetic(&mut rng, faulty)).unwrap(),
                 class: class.clone(),
                 run: seed as i64 * 100_000 + i as i64,
                 run_class: class,
@@ -155,7 +159,7 @@ fn learns_the_node_with_an_extra_child_and_round_trips() {
     let right = held_out
         .iter()
         .filter(|s| {
-            let d = model.diagnose(&s.tree, 3).unwrap();
+            let d = model.diagnose_graph(&s.graph, 3).unwrap();
             let top1 = if d.p_normal >= d.top[0].probability {
                 Class::Normal
             } else {
@@ -173,7 +177,7 @@ fn learns_the_node_with_an_extra_child_and_round_trips() {
     let loaded = Model::load(dir.path()).unwrap();
     assert_eq!(loaded.manifest, model.manifest);
     for s in held_out.iter().take(20) {
-        assert_eq!(loaded.diagnose(&s.tree, 5).unwrap(), model.diagnose(&s.tree, 5).unwrap());
+        assert_eq!(loaded.diagnose_graph(&s.graph, 5).unwrap(), model.diagnose_graph(&s.graph, 5).unwrap());
     }
     // Another module or plan is refused, naming what differs.
     let err = loaded.check_plan("other", &loaded.manifest.plan).unwrap_err().to_string();
@@ -204,8 +208,8 @@ fn same_seed_same_model() {
     let cfg = TrainConfig { epochs: 3, ..Default::default() };
     let a = train(&data, target(), &cfg, |_| {}).unwrap();
     let b = train(&data, target(), &cfg, |_| {}).unwrap();
-    let probe = &data[0].tree;
-    assert_eq!(a.diagnose(probe, 3).unwrap(), b.diagnose(probe, 3).unwrap());
+    let probe = &data[0].graph;
+    assert_eq!(a.diagnose_graph(probe, 3).unwrap(), b.diagnose_graph(probe, 3).unwrap());
     assert_eq!(a.manifest.data_hash, b.manifest.data_hash);
 }
 
@@ -250,8 +254,8 @@ fn classes_with_few_training_trees_are_reported() {
     let rare = Class::Fault { function: "rare".into(), kind: FaultKind::Crash };
     let mut rng = StdRng::seed_from_u64(9);
     for i in 0..3 {
-        let tree = synthetic(&mut rng, Some(0));
-        data.push(Sample { tree, class: rare.clone(), run: 900_000 + i, run_class: rare.clone() });
+        let graph = NamedGraph::from_tree(&synthetic(&mut rng, Some(0))).unwrap();
+        data.push(Sample { graph, class: rare.clone(), run: 900_000 + i, run_class: rare.clone() });
     }
     let thin = train(&data, target(), &cfg, |_| {}).unwrap().manifest.training.thin_classes;
     assert_eq!(thin.len(), 1, "{thin:?}");

@@ -14,6 +14,7 @@ use std::{
 };
 
 use afetm_analyzer::store::Store;
+use afetm_calltree::graph::NamedGraph;
 use afetm_diagnosis::{
     Class,
     fate::{self, ThreadFate},
@@ -64,6 +65,9 @@ pub struct Window {
     pub full: Option<pb::Tree>,
     /// The AFCT under the plan (empty trees are `None`).
     pub afct: Option<pb::Tree>,
+    /// The call graph under the plan that `afct` unrolls (FDDB runs: of the events the plan's
+    /// agent would send; live: of the events it sent), which the GCN reads; `None` with `afct`.
+    pub graph: Option<NamedGraph>,
     /// When the window closed, wall clock (live only): an offline method's report time is this
     /// plus its compute time.
     pub end_unix_ms: Option<i64>,
@@ -190,6 +194,7 @@ pub fn from_fddb(fddb: &Fddb, target: &str, plan: Option<&PlanFile>, role: Role)
         fddb.for_each_tree(target, &opts, |row| {
             if let Some(&(c, w)) = at.get(&(row.run, row.pid, row.tid, row.start_ns)) {
                 cases[c].windows[w].afct = Some(row.forest.to_proto(row.table));
+                cases[c].windows[w].graph = Some(NamedGraph::compact(row.graph, row.table));
             }
             Ok(())
         })?;
@@ -306,6 +311,7 @@ fn live_case(store: &Store, index: i64, run: &LiveRun, window_ms: u64) -> Result
         }
         let end = w.end_ns.max(w.start_ns + window_ms * 1_000_000);
         let mut fates = fate::from_proto(&w.fates);
+        let mut graphs: HashMap<u32, NamedGraph> = store.graphs(w.id as i64)?.into_iter().collect();
         for tid in &w.tids {
             let applied = |a: &Applied| a.overlaps(w.start_ns, end) && (a.tid == *tid || everywhere);
             let faulty = run.applications.iter().any(applied) || (everywhere && first.is_some_and(|f| f <= end));
@@ -319,6 +325,7 @@ fn live_case(store: &Store, index: i64, run: &LiveRun, window_ms: u64) -> Result
                 faulty,
                 full: None,
                 afct: store.afct(w.id, *tid)?.filter(|t| !t.nodes.is_empty()),
+                graph: graphs.remove(tid).filter(|g| !g.graph.is_empty()),
                 end_unix_ms: Some(run.unix_ms(end)),
                 stored,
                 fate: fates.iter().position(|f| f.tid == *tid).map(|i| fates.swap_remove(i)),

@@ -23,6 +23,7 @@ use std::{
 
 use afetm_calltree::{
     afct,
+    graph::CallGraph,
     tree::{Color, Forest, FuncId, FuncTable},
 };
 use afetm_proto::plan::{Mode, PlanFile};
@@ -118,8 +119,9 @@ fn plan_points(plan: &PlanFile, traced: &HashSet<String>) -> Result<Points, Fddb
 }
 
 /// The AFCT an agent running the plan would give the analyzer for this full-trace FCT
-/// ([`afct::from_fct`]; Alg. 2's masked colored FCT when F^callstack is complete for it).
-fn as_afct(forest: &Forest, table: &FuncTable, module: &str, points: &Points) -> Forest {
+/// ([`afct::from_fct`]; Alg. 2's masked colored FCT when F^callstack is complete for it), with
+/// the call graph of those events (what the diagnosis model reads).
+fn as_afct(forest: &Forest, table: &FuncTable, module: &str, points: &Points) -> (Forest, CallGraph) {
     let ids = |names: &HashSet<String>| -> HashSet<FuncId> {
         (0..)
             .map(FuncId)
@@ -130,7 +132,8 @@ fn as_afct(forest: &Forest, table: &FuncTable, module: &str, points: &Points) ->
             })
             .collect()
     };
-    afct::from_fct(forest, &ids(&points.traced), &ids(&points.callstack), afct::DEFAULT_NODE_CAP)
+    let data = afct::trace_of_fct(forest, &ids(&points.traced), &ids(&points.callstack));
+    (data.build(afct::DEFAULT_NODE_CAP), data.graph())
 }
 
 /// One tree of the dataset as [`Fddb::for_each_tree`] hands it out.
@@ -156,8 +159,11 @@ pub struct TreeRow<'a> {
     pub start_ns: u64,
     /// End of the window (None for trees recorded before FDDB schema 3).
     pub end_ns: Option<u64>,
-    /// The tree: the full FCT, or with a plan, its colored and masked form.
+    /// The tree: the full FCT, or with a plan, the AFCT the plan's agent would give.
     pub forest: &'a Forest,
+    /// The window's call graph: the full FCT's, or with a plan, that of the events the plan's
+    /// agent would send (`afct::trace_of_fct`), which `forest` unrolls.
+    pub graph: &'a CallGraph,
     /// Names of the tree's functions.
     pub table: &'a FuncTable,
 }
@@ -186,7 +192,7 @@ impl Fddb {
              ORDER BY r.id, rt.pid, rt.tid, rt.start_ns",
         )?;
         let mut tree_st = self.conn.prepare("SELECT tree FROM fcts WHERE id = ?1")?;
-        let mut cache: HashMap<i64, (Forest, FuncTable)> = HashMap::new();
+        let mut cache: HashMap<i64, (Forest, CallGraph, FuncTable)> = HashMap::new();
         let mut stats = DatasetStats::default();
         let mut rows = st.query(params![target, opts.role.map(|r| r.as_str())])?;
         while let Some(r) = rows.next()? {
@@ -195,13 +201,16 @@ impl Fddb {
                 let bytes: Vec<u8> = tree_st.query_row([fct], |r| r.get(0))?;
                 let mut table = FuncTable::default();
                 let forest = Forest::from_proto(&decode_tree(&bytes)?, &mut table).map_err(FddbError::Stored)?;
-                let forest = match &points {
+                let (forest, graph) = match &points {
                     Some(p) => as_afct(&forest, &table, &module, p),
-                    None => forest,
+                    None => {
+                        let graph = CallGraph::from_forest(&forest);
+                        (forest, graph)
+                    }
                 };
-                slot.insert((forest, table));
+                slot.insert((forest, graph, table));
             }
-            let (forest, table) = &cache[&fct];
+            let (forest, graph, table) = &cache[&fct];
             if forest.is_empty() {
                 stats.empty += 1;
                 continue;
@@ -222,6 +231,7 @@ impl Fddb {
                 start_ns: r.get::<_, i64>(9)? as u64,
                 end_ns: r.get::<_, Option<i64>>(12)?.map(|e| e as u64),
                 forest,
+                graph,
                 table,
             };
             stats.trees += 1;

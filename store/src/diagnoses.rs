@@ -1,5 +1,6 @@
 //! Diagnoses stored with their windows, and what the diagnosis worker reads of a window.
 
+use afetm_calltree::graph::NamedGraph;
 use afetm_proto as pb;
 use prost::Message;
 use rusqlite::{OptionalExtension, params};
@@ -22,6 +23,8 @@ pub struct WindowTrees {
     pub end_ns: u64,
     /// (thread, AFCT).
     pub trees: Vec<(u32, pb::Tree)>,
+    /// (thread, call graph of the window's events), in thread order: what the model reads.
+    pub graphs: Vec<(u32, NamedGraph)>,
     /// The threads that ended, stopped or went silent in the window, with their last calls.
     pub fates: Vec<pb::ThreadFate>,
 }
@@ -97,7 +100,28 @@ impl Store {
             trees.push((tid, tree));
         }
         let fates = super::fates::of_window(&self.conn, &self.funcs, pid, window_id as u64)?;
-        Ok(Some(WindowTrees { id: window_id, agent_id, pid, start_ns: start as u64, end_ns: end as u64, trees, fates }))
+        let graphs = self.graphs(window_id)?;
+        Ok(Some(WindowTrees {
+            id: window_id,
+            agent_id,
+            pid,
+            start_ns: start as u64,
+            end_ns: end as u64,
+            trees,
+            graphs,
+            fates,
+        }))
+    }
+
+    /// The call graph of every thread's events in a window (the edges Alg. 3 unrolls into its
+    /// AFCT), in thread order, each with a table of its own functions.
+    pub fn graphs(&self, window_id: i64) -> Result<Vec<(u32, NamedGraph)>, StoreError> {
+        let mut out: Vec<(u32, NamedGraph)> = super::trace_data(&self.conn, window_id)?
+            .into_iter()
+            .map(|(tid, data)| (tid, NamedGraph::compact(&data.graph(), &self.funcs)))
+            .collect();
+        out.sort_by_key(|(tid, _)| *tid);
+        Ok(out)
     }
 
     /// Stores (or replaces) the diagnosis of its window.

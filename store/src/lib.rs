@@ -817,6 +817,21 @@ fn fate_window(
     Ok((!closed).then_some(wid))
 }
 
+/// The stored events of a window as Alg. 3's trace data, per thread.
+fn trace_data(conn: &rusqlite::Connection, window_id: i64) -> Result<HashMap<u32, TraceData>, StoreError> {
+    let mut per_thread: HashMap<u32, TraceData> = HashMap::new();
+    let mut stmt = conn.prepare_cached("SELECT tid, caller, callee, calls FROM edges WHERE window_id = ?1")?;
+    let rows = stmt.query_map(params![window_id], |r| {
+        Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, i64>(3)?))
+    })?;
+    for row in rows {
+        let (tid, caller, callee, calls) = row?;
+        let caller = (caller >= 0).then_some(FuncId(caller as u32));
+        per_thread.entry(tid).or_default().add_edge(caller, FuncId(callee), calls as u64);
+    }
+    Ok(per_thread)
+}
+
 /// Builds and stores the AFCT of every thread of a window, marks its silent threads when it is
 /// whole (`judge_silence`: the agent clock passed its end; [`fates::mark_silent`]) and marks it
 /// closed. Returns the number of AFCTs written.
@@ -830,18 +845,7 @@ fn close_window(
     if judge_silence {
         fates::mark_silent(tx, window_id)?;
     }
-    let mut per_thread: HashMap<u32, TraceData> = HashMap::new();
-    {
-        let mut stmt = tx.prepare_cached("SELECT tid, caller, callee, calls FROM edges WHERE window_id = ?1")?;
-        let rows = stmt.query_map(params![window_id], |r| {
-            Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, i64>(3)?))
-        })?;
-        for row in rows {
-            let (tid, caller, callee, calls) = row?;
-            let caller = (caller >= 0).then_some(FuncId(caller as u32));
-            per_thread.entry(tid).or_default().add_edge(caller, FuncId(callee), calls as u64);
-        }
-    }
+    let per_thread = trace_data(tx, window_id)?;
     let mut n = 0;
     let mut ins = tx.prepare_cached(
         "INSERT OR REPLACE INTO afcts(window_id, tid, nodes, truncated, tree) VALUES (?1, ?2, ?3, ?4, ?5)",

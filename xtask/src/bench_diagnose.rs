@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use afetm_calltree::graph::NamedGraph;
 use afetm_diagnosis::{
     Class,
     model::PlanKey,
@@ -55,9 +56,10 @@ fn model(dir: &Path, module: &str) -> Result<PathBuf> {
             } else {
                 Class::Normal
             };
-            Sample { tree: pb::Tree { nodes, truncated: false }, class: class.clone(), run: i as i64, run_class: class }
+            let graph = NamedGraph::from_tree(&pb::Tree { nodes, truncated: false }).map_err(|e| anyhow::anyhow!(e))?;
+            Ok(Sample { graph, class: class.clone(), run: i as i64, run_class: class })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let plan = PlanKey { traced: TRACED.iter().map(|s| s.to_string()).collect(), callstack: vec![] };
     let target = Target { name: module.into(), module: module.into(), plan, window_ms: 1000 };
     let cfg = TrainConfig { epochs: 1, val_share: 0.0, ..Default::default() };

@@ -132,9 +132,9 @@ impl Afetm {
         Ok(Some(RuleChoice { rules: self.rules, runs: held.len(), per_class }))
     }
 
-    /// The GCN's diagnosis of a window, ranking `k` suspects.
+    /// The GCN's diagnosis of a window's call graph, ranking `k` suspects.
     fn gcn(&self, window: &Window, k: usize) -> Result<Option<Diagnosis>, EvalError> {
-        window.afct.as_ref().map(|t| self.model.diagnose(t, k)).transpose().map_err(EvalError::from)
+        window.graph.as_ref().map(|g| self.model.diagnose_graph(g, k)).transpose().map_err(EvalError::from)
     }
 }
 

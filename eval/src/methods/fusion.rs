@@ -83,8 +83,8 @@ impl Fused {
 
     fn outputs(&self, case: &Case) -> Result<Outputs, EvalError> {
         let mut gcn: Option<Vec<f32>> = None;
-        for t in case.windows.iter().filter_map(|w| w.afct.as_ref()) {
-            let g = self.model.graph(t)?;
+        for graph in case.windows.iter().filter_map(|w| w.graph.as_ref()) {
+            let g = self.model.input(graph)?;
             let p = self.model.probabilities(&[&g])?.remove(0);
             if gcn.as_ref().is_none_or(|b| p[0] < b[0]) {
                 gcn = Some(p);
