@@ -14,6 +14,7 @@ use afetm_calltree::graph::NamedGraph;
 
 use afetm_diagnosis::{
     Class, Model, PlanKey,
+    model::WindowSizes,
     train::{self, Epoch, Sample, Target, TrainConfig},
 };
 use afetm_fddb::{
@@ -47,6 +48,8 @@ pub struct TrainingSet {
     pub target: Target,
     /// Faulty trees relabelled `normal` (see the module docs).
     pub relabelled: usize,
+    /// Nodes per window, as graphs and as AFCTs.
+    pub sizes: WindowSizes,
 }
 
 fn run_class(row: &TreeRow) -> Result<Class, TrainingError> {
@@ -70,6 +73,7 @@ pub fn labelled_trees(fddb: &Fddb, target: &str, plan: &PlanFile, role: Role) ->
     let opts = DatasetOptions { role: Some(role), plan: Some(plan.clone()) };
     let mut normal_shapes: HashSet<String> = HashSet::new();
     let mut rows: Vec<(Sample, bool, String)> = Vec::new();
+    let mut sizes: Vec<(usize, usize)> = Vec::new();
     fddb.for_each_tree(target, &opts, |row| {
         let shape = row.forest.hash(row.table);
         let run_class = run_class(row).map_err(|e| afetm_fddb::FddbError::Plan(e.to_string()))?;
@@ -78,6 +82,7 @@ pub fn labelled_trees(fddb: &Fddb, target: &str, plan: &PlanFile, role: Role) ->
         }
         let class = if row.faulty { run_class.clone() } else { Class::Normal };
         let sample = Sample { graph: NamedGraph::compact(row.graph, row.table), class, run: row.run, run_class };
+        sizes.push((row.graph.len(), row.forest.len()));
         rows.push((sample, row.faulty, shape));
         Ok(())
     })?;
@@ -100,6 +105,7 @@ pub fn labelled_trees(fddb: &Fddb, target: &str, plan: &PlanFile, role: Role) ->
         samples,
         target: Target { name: target.to_string(), module, plan: key, window_ms: afetm_fddb::WINDOW_MS },
         relabelled,
+        sizes: WindowSizes::of(sizes),
     })
 }
 
@@ -119,5 +125,6 @@ pub fn train_from_fddb(
     tracing::info!(target, trees = set.samples.len(), relabelled = set.relabelled, "training set read");
     let mut model = train::train(&set.samples, set.target, cfg, progress)?;
     model.manifest.training.relabelled_normal = set.relabelled;
+    model.manifest.training.sizes = set.sizes;
     Ok(model)
 }

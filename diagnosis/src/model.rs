@@ -160,6 +160,44 @@ pub struct TrainingSummary {
     /// models trained before it was recorded.
     #[serde(default)]
     pub thin_classes: Vec<(String, usize)>,
+    /// How large the training windows were, as graphs and as the AFCTs they unroll to (filled
+    /// by whoever read the data: the model sees only the graphs).
+    #[serde(default)]
+    pub sizes: WindowSizes,
+}
+
+/// Nodes per training window: the call graph the model reads and its unrolling (the AFCT).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowSizes {
+    /// Windows counted.
+    pub windows: usize,
+    /// Mean and largest graph (functions).
+    pub graph_mean: f64,
+    /// See `graph_mean`.
+    pub graph_max: usize,
+    /// Mean and largest AFCT (calling contexts).
+    pub tree_mean: f64,
+    /// See `tree_mean`.
+    pub tree_max: usize,
+}
+
+impl WindowSizes {
+    /// The sizes of windows given as (graph nodes, tree nodes).
+    pub fn of(windows: impl IntoIterator<Item = (usize, usize)>) -> WindowSizes {
+        let mut s = WindowSizes::default();
+        let (mut g, mut t) = (0usize, 0usize);
+        for (gn, tn) in windows {
+            s.windows += 1;
+            (g, t) = (g + gn, t + tn);
+            s.graph_max = s.graph_max.max(gn);
+            s.tree_max = s.tree_max.max(tn);
+        }
+        if s.windows > 0 {
+            s.graph_mean = g as f64 / s.windows as f64;
+            s.tree_mean = t as f64 / s.windows as f64;
+        }
+        s
+    }
 }
 
 /// The model directory's `manifest.json`.

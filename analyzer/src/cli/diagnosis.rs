@@ -51,6 +51,11 @@ pub fn train(fddb: &Path, target: &str, plan: &Path, out: &Path, cfg: &TrainConf
         100.0 * t.val_false_alarms,
         100.0 * t.val_detection,
     );
+    let z = &t.sizes;
+    println!(
+        "  windows: {} call graphs of {:.1} functions on average, {} at most (unrolled as AFCTs: {:.1} and {} nodes)",
+        z.windows, z.graph_mean, z.graph_max, z.tree_mean, z.tree_max
+    );
     if !t.thin_classes.is_empty() {
         let thin: Vec<String> = t.thin_classes.iter().map(|(c, n)| format!("{c} {n}")).collect();
         println!(
