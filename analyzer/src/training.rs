@@ -3,15 +3,15 @@
 //!
 //! Only `train`-role runs are read (eval-role runs are the evaluation's). Every window is the
 //! call graph of the events the agent running the plan would send for the campaign's FCT
-//! (exactly what the analyzer gets from it; the model's input). A faulty tree whose masked form equals the masked tree of a normal run is
-//! trained as `normal`: the plan cannot see that fault in that thread, the input is a normal
-//! tree, and labelling it faulty would teach the model to alarm on normal trees. The
-//! `normal_like` trees of the campaign (unchanged even in full) are a subset of these.
+//! (exactly what the analyzer gets from it; the model's input). A faulty window whose AFCT
+//! under the plan equals that of a normal run is trained as `normal`: the plan cannot see that
+//! fault in that thread, the input is a normal window, and labelling it faulty would teach the
+//! model to alarm on normal ones. The `normal_like` trees of the campaign (unchanged even in
+//! full) are a subset of these.
 
 use std::{collections::HashSet, path::Path, str::FromStr};
 
 use afetm_calltree::graph::NamedGraph;
-
 use afetm_diagnosis::{
     Class, Model, PlanKey,
     model::WindowSizes,

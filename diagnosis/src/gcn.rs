@@ -7,8 +7,8 @@
 //! function's own features with all its neighbours' at every layer (its own weight is 1/deg):
 //! on the synthetic task of `tests/gcn.rs` (which of six functions calls one function more,
 //! callees drawn from a shared pool) eq. 9 alone stays at chance (loss ln 7 after 60 epochs) and
-//! with R it learns. On a tree every calling context is a node of its own and eq. 9 sufficed. Â is never a dense N x N
-//! matrix: [`propagate`] gathers each edge's source row (`index_select`), scales it by Â's
+//! with R it learns. On a tree every calling context is a node of its own and eq. 9 sufficed.
+//! Â is never a dense N x N matrix: [`propagate`] gathers each edge's source row (`index_select`), scales it by Â's
 //! entry and adds it into its destination (`index_add`), so a batch of many trees (one disjoint
 //! union, see [`crate::graph::Batch`]) costs time and memory linear in its nodes and edges.
 //! The layers' input is the function's learned embedding next to the dense node features; the

@@ -25,14 +25,13 @@
 //! its shortest distance from the trimmed roots (divided by [`DEPTH_SCALE`], capped at 1), and
 //! how many functions it calls and is called by (divided by [`DEGREE_SCALE`], capped at 1: a
 //! tree shows a node's children as nodes, a graph shares them between callers, so a call that
-//! a fault adds or removes must show in the caller's own features); then its [`DEVIATION`] features against the model's normal profile (a new incoming edge, a
-//! new function, always-called children missing, an incoming edge's call share out of the
-//! normal range: [`crate::profile`]). The GCN's edges are the graph's caller -> callee edges
+//! a fault adds or removes must show in the caller's own features); then its [`DEVIATION`]
+//! features against the model's normal profile (a new incoming edge, a new function,
+//! always-called children missing, an incoming edge's call share out of the normal range:
+//! [`crate::profile`]). The GCN's edges are the graph's caller -> callee edges
 //! (recursion is a self loop, which eq. 10's A + I has anyway).
 
-use std::collections::HashMap;
-
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use afetm_calltree::{
     graph::NamedGraph,
@@ -52,7 +51,7 @@ pub const UNKNOWN: u32 = 0;
 /// Dense features per node from the graph alone (white, blue, share, sqrt(share), depth,
 /// callees, callers).
 pub const GRAPH_DENSE: usize = 7;
-/// Number of dense features per node: the tree's, then the deviation from the normal profile
+/// Number of dense features per node: the graph's, then the deviation from the normal profile
 /// ([`crate::profile`]).
 pub const DENSE: usize = GRAPH_DENSE + DEVIATION;
 /// Depth at which the depth feature saturates.
@@ -195,7 +194,7 @@ impl Graph {
 
 /// The functions that survive trunk trimming: blue functions that nothing calls and that call
 /// exactly one function are dropped, then their callee if it is now such a function, and so on.
-fn kept(input: &NamedGraph) -> std::collections::BTreeSet<FuncId> {
+fn kept(input: &NamedGraph) -> BTreeSet<FuncId> {
     let g = &input.graph;
     let mut callers: BTreeMap<FuncId, usize> = g.nodes.keys().map(|f| (*f, 0)).collect();
     let mut callees: BTreeMap<FuncId, Vec<FuncId>> = BTreeMap::new();
@@ -208,7 +207,7 @@ fn kept(input: &NamedGraph) -> std::collections::BTreeSet<FuncId> {
             && callers.get(&f) == Some(&0)
             && callees.get(&f).is_some_and(|k| k.len() == 1)
     };
-    let mut keep: std::collections::BTreeSet<FuncId> = g.nodes.keys().copied().collect();
+    let mut keep: BTreeSet<FuncId> = g.nodes.keys().copied().collect();
     let mut queue: VecDeque<FuncId> = keep.iter().copied().filter(|f| droppable(*f, &callers)).collect();
     while let Some(f) = queue.pop_front() {
         if !keep.remove(&f) {
@@ -236,24 +235,27 @@ fn depths(n: usize, edges: &[(u32, u32)]) -> Vec<u32> {
     }
     let mut depth = vec![u32::MAX; n];
     // All roots at once (multi-source), then each node still unreached (a cycle's) on its own.
-    let roots: Vec<usize> = (0..n).filter(|i| !has_caller[*i]).collect();
-    let mut seeds: Vec<Vec<usize>> = vec![roots];
-    seeds.extend((0..n).map(|i| vec![i]));
-    for seed in seeds {
-        let mut queue: VecDeque<usize> = seed.into_iter().filter(|s| depth[*s] == u32::MAX).collect();
-        for s in &queue {
-            depth[*s] = 0;
-        }
-        while let Some(i) = queue.pop_front() {
-            for &k in &out[i] {
-                if depth[k as usize] == u32::MAX {
-                    depth[k as usize] = depth[i] + 1;
-                    queue.push_back(k as usize);
-                }
+    breadth_first(&out, &mut depth, (0..n).filter(|i| !has_caller[*i]));
+    for i in 0..n {
+        breadth_first(&out, &mut depth, [i]);
+    }
+    depth
+}
+
+/// Sets `depth` of every node reachable from `seeds` (depth 0) that has none yet.
+fn breadth_first(out: &[Vec<u32>], depth: &mut [u32], seeds: impl IntoIterator<Item = usize>) {
+    let mut queue: VecDeque<usize> = seeds.into_iter().filter(|s| depth[*s] == u32::MAX).collect();
+    for s in &queue {
+        depth[*s] = 0;
+    }
+    while let Some(i) = queue.pop_front() {
+        for &k in &out[i] {
+            if depth[k as usize] == u32::MAX {
+                depth[k as usize] = depth[i] + 1;
+                queue.push_back(k as usize);
             }
         }
     }
-    depth
 }
 
 /// Many graphs as one disjoint union, as tensors for [`crate::gcn::Gcn::forward`].

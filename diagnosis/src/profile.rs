@@ -196,12 +196,12 @@ impl NormalProfile {
     /// profile.
     pub(crate) fn features(&self, view: &GraphView) -> BTreeMap<FuncId, [f32; DEVIATION]> {
         let m = self;
+        if m.is_empty() {
+            return view.key.keys().map(|id| (*id, [0.0; DEVIATION])).collect();
+        }
         view.key
             .iter()
             .map(|(id, f)| {
-                if self.is_empty() {
-                    return (*id, [0.0; DEVIATION]);
-                }
                 let new_function = !m.functions.contains_key(f);
                 let (mut new_edge, mut out_of_range) = (false, 0.0f32);
                 for e in view.incoming.get(id).into_iter().flatten() {
