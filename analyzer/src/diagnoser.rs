@@ -216,7 +216,14 @@ impl Diagnoser {
         let Some(fddb) = self.fddb.clone() else { return };
         std::thread::spawn(move || {
             let started = Instant::now();
-            let result = crate::training::train_from_fddb(&fddb, &target, &plan.to_plan_file(), &me.train, |_| {});
+            let result = crate::training::train_from_fddb(
+                &fddb,
+                &target,
+                &plan.to_plan_file(),
+                &Default::default(),
+                &me.train,
+                |_| {},
+            );
             let mut served = lock(&me.served);
             let Some(s) = served.iter_mut().find(|s| s.model.manifest.module == plan.module) else { return };
             if s.retraining.as_ref() != Some(&plan.key) {

@@ -83,6 +83,10 @@ enum Cmd {
         /// compared with the training normal runs' profile.
         #[arg(long)]
         no_deviation: bool,
+        /// Train on at most N faulty windows per run and thread, the first ones (the
+        /// ablation of several faulty windows per run; default: all).
+        #[arg(long)]
+        faulty_windows: Option<usize>,
     },
     /// Diagnose stored AFCTs with a loaded model (Query.Diagnose): every thread of a window,
     /// or one; prints the verdict and the AFCT with the suspects marked.
@@ -316,9 +320,10 @@ async fn run(cli: Cli) -> Result<()> {
     let token = afetm_auth::ClientAuth::token_from(cli.token_file.as_deref())?;
     cli_client::init(afetm_auth::ClientAuth { ca: cli.tls_ca.clone(), identity: None, token, insecure: cli.insecure });
     match cli.cmd {
-        Cmd::Train { fddb, target, plan, out, seed, epochs, patience, no_deviation } => {
+        Cmd::Train { fddb, target, plan, out, seed, epochs, patience, no_deviation, faulty_windows } => {
             let cfg = TrainConfig { seed, epochs, patience, deviation: !no_deviation, ..Default::default() };
-            tokio::task::spawn_blocking(move || cli_diagnosis::train(&fddb, &target, &plan, &out, &cfg)).await?
+            let set = afetm_analyzer::training::SetOptions { faulty_windows };
+            tokio::task::spawn_blocking(move || cli_diagnosis::train(&fddb, &target, &plan, &out, &set, &cfg)).await?
         }
         Cmd::Diagnose { server, window, tid, model, top_k } => {
             cli_diagnosis::diagnose_stored(&server, window, tid, model, top_k).await

@@ -20,8 +20,9 @@
 //!    production: [`Start`]; a normal run also keeps the tier up for two idle windows after
 //!    its load, `IDLE_TAIL_WINDOWS`), the CRUD mix at the fixed rate, one
 //!    `afetm-inject` per target process after a fault-free lead drawn uniformly in
-//!    [0, `window`) (a fault does not strike at a window's start in production either), the
-//!    mix for `window` more, the tier killed (its processes' exits close
+//!    [0, one analyzer window) (a fault does not strike at a window's start in production
+//!    either), the mix for `window` more (several analyzer windows: the fault is permanent, so
+//!    each of them is a faulty window to learn from and to score), the tier killed (its processes' exits close
 //!    their windows at once and end the injectors, which report where and when they applied
 //!    the fault) and started again in the background for the next run, the windows' FCTs
 //!    labelled ([`crate::label`]), drops and logs.
@@ -139,7 +140,8 @@ pub struct Config {
     pub scope: Scope,
     /// Seed of the scope's sample and the flipped bits.
     pub seed: u64,
-    /// Load per run.
+    /// Load per run after the fault-free lead (a fault run's faulty windows: one per analyzer
+    /// window of it).
     pub window: Duration,
     /// Training runs per fault at most.
     pub cap: usize,
@@ -272,12 +274,12 @@ impl Session {
         l
     }
 
-    /// A fault-free lead, uniform in [0, window): production windows do not start when a
-    /// fault strikes, so neither do the campaign's.
+    /// A fault-free lead, uniform in [0, one analyzer window): production windows do not
+    /// start when a fault strikes, so neither do the campaign's.
     fn lead(&self) -> Duration {
         use rand::RngExt;
         let frac: f64 = self.leads.lock().unwrap_or_else(|e| e.into_inner()).random_range(0.0..1.0);
-        self.cfg.window.mul_f64(frac)
+        Duration::from_millis(afetm_fddb::WINDOW_MS).mul_f64(frac)
     }
 
     fn query<T>(&self, f: impl AsyncFnOnce(QueryClient<tonic::transport::Channel>) -> Result<T>) -> Result<T> {
@@ -405,7 +407,7 @@ impl Session {
         let report = load.join().map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
         if fault.is_none() {
             // The idle tail: the tier stays up with no load, as servers do between busy spells.
-            std::thread::sleep(IDLE_TAIL_WINDOWS * self.cfg.window);
+            std::thread::sleep(IDLE_TAIL_WINDOWS * Duration::from_millis(afetm_fddb::WINDOW_MS));
         }
         let loaded = Instant::now();
         let died = victims.iter().any(|p| state(*p).is_none_or(|s| s == 'Z' || s == 'X'));

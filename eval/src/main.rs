@@ -125,6 +125,10 @@ struct ScoreArgs {
     /// method): they were scored with another budget already.
     #[arg(long)]
     plan_methods_only: bool,
+    /// Only the methods that read the model (AFETM and its fate variants): for a model
+    /// trained with one change off (an ablation), where the others would repeat their rows.
+    #[arg(long)]
+    model_methods_only: bool,
     /// Leave out the methods that compare trees by edit distance (FCT_EDC, AFCT_GDC): on
     /// libsqlite3's trees (10,000 nodes per window on average, cut to 2,000) scoring them took
     /// over 15 minutes here where the others took seconds.
@@ -231,6 +235,9 @@ fn fit_all(a: &ScoreArgs, train: &[Case]) -> Result<Vec<Fitted>> {
         let m = Afetm::new(model, afetm_eval::report::FATE_RECENCY).with_rules(Rules::all(Combine::Fate)).by_recency();
         Ok((Box::new(m), String::new()))
     })?;
+    if a.model_methods_only {
+        return Ok(out);
+    }
     // Methods on full FCTs or logs alone do not depend on the plan.
     let all = !a.plan_methods_only;
     if all && !a.no_tree_distance {

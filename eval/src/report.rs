@@ -744,6 +744,7 @@ fn logs_findings(out: &mut String, rows: &[Row], target: &str, budget: &str, gcn
             c.line_runs
         );
     }
+    ablation_findings(out, rows, target, budget, g);
     let fault_aware = format!("{budget} infogain");
     if let Some(i) = find(rows, target, &fault_aware, "fddb", "AFETM") {
         let _ = writeln!(
@@ -756,6 +757,44 @@ fn logs_findings(out: &mut String, rows: &[Row], target: &str, budget: &str, gcn
             pct(g.flr_top3_function),
             pct(i.flr_top3_function)
         );
+    }
+}
+
+/// The models trained with one of issue 23's input changes off, each scored on the same
+/// eval-role runs under the budget label "`budget` `suffix`" (`cargo xtask eval` trains them
+/// for the first budget): (suffix, what was left out).
+pub const ABLATIONS: [(&str, &str); 2] = [
+    ("no deviation", "the deviation-from-normal features (`train --no-deviation`)"),
+    ("one faulty window", "every faulty window of a run but its first (`train --faulty-windows 1`)"),
+];
+
+/// One line per ablation model scored: AFETM and the GCN alone with and without the change.
+fn ablation_findings(out: &mut String, rows: &[Row], target: &str, budget: &str, full: &Scores) {
+    let alone = find(rows, target, budget, "fddb", "AFETM (no fates)");
+    for (suffix, what) in ABLATIONS {
+        let label = format!("{budget} {suffix}");
+        let Some(a) = find(rows, target, &label, "fddb", "AFETM") else { continue };
+        let mut line = format!(
+            "- Ablation, {what}: AFETM's EDR {} -> {}, FLR top-1 (function) {} -> {}, top-3 {} -> {}, (function, kind) {} -> {}",
+            pct(full.edr),
+            pct(a.edr),
+            pct(full.flr_top1_function),
+            pct(a.flr_top1_function),
+            pct(full.flr_top3_function),
+            pct(a.flr_top3_function),
+            pct(full.flr_top1_class),
+            pct(a.flr_top1_class)
+        );
+        if let (Some(g), Some(n)) = (alone, find(rows, target, &label, "fddb", "AFETM (no fates)")) {
+            line += &format!(
+                "; the GCN alone {} -> {} top-1, {} -> {} top-3",
+                pct(g.flr_top1_function),
+                pct(n.flr_top1_function),
+                pct(g.flr_top3_function),
+                pct(n.flr_top3_function)
+            );
+        }
+        let _ = writeln!(out, "{line} (same eval-role runs; label \"{label}\").");
     }
 }
 

@@ -309,7 +309,7 @@ pub struct Settings {
     pub eval_runs: u32,
     /// Normal training runs.
     pub normal_runs: u32,
-    /// Load per run, ms.
+    /// Load per run after its fault-free lead, ms.
     pub window_ms: u64,
     /// The workload's fixed rate, requests per second.
     pub rate: f64,

@@ -279,6 +279,10 @@ fn eval_target(s: &Settings, t: Target, bin: &Path, out: &Path, a: &EvalArgs, t0
             // Full tracing and logs do not depend on P: scored with the first budget.
             cmd.arg("--plan-methods-only");
         }
+        if t == Target::Sqlite {
+            // FCT_EDC and AFCT_GDC did not finish in 15 minutes on libsqlite3's trees.
+            cmd.arg("--no-tree-distance");
+        }
         if let Some(l) = &live {
             cmd.arg("--live-db").arg(&l.db).arg("--live-runs").arg(&l.runs);
             if let Some(k) = l.daemon_peak_kib {
@@ -290,6 +294,8 @@ fn eval_target(s: &Settings, t: Target, bin: &Path, out: &Path, a: &EvalArgs, t0
         if i == 0 {
             step(t0, &format!("{tn}, P = {b}: fault-aware selection (infogain) at the same bound"));
             infogain_row(bin, &file, &sample, &tn, b, &fddb, &dir, out)?;
+            step(t0, &format!("{tn}, P = {b}: ablations (one input change off per model)"));
+            ablation_rows(bin, &tn, b, &fddb, &plan, &dir, out)?;
         }
     }
     step(t0, &format!("{tn}: response times (Table I)"));
@@ -405,6 +411,41 @@ fn infogain_row(
         .arg(&model)
         .arg("--out")
         .arg(out.join(format!("rows-{tn}-{label}-infogain.json"))))
+}
+
+/// Issue 23's input changes that a model can be trained without: the budget label's suffix
+/// (as `afetm_eval::report::ABLATIONS` reads it) and the `afetm-analyzer train` flags.
+const ABLATIONS: [(&str, &[&str]); 2] =
+    [("no deviation", &["--no-deviation"]), ("one faulty window", &["--faulty-windows", "1"])];
+
+/// The GCN retrained under the same plan with one of [`ABLATIONS`] off, each scored on the
+/// same eval-role runs (AFETM and its fate variants only) under the budget label "`b` <suffix>".
+fn ablation_rows(bin: &Path, tn: &str, b: &str, fddb: &Path, plan: &Path, dir: &Path, out: &Path) -> Result<()> {
+    let label = b.trim_end_matches('%');
+    for (suffix, flags) in ABLATIONS {
+        let slug = suffix.replace(' ', "-");
+        let model = dir.join(format!("model-{label}-{slug}"));
+        if !model.join("manifest.json").is_file() {
+            run(Command::new(bin.join("afetm-analyzer"))
+                .args(["train", "--target", tn, "--fddb"])
+                .arg(fddb)
+                .arg("--plan")
+                .arg(plan)
+                .args(flags)
+                .arg("--out")
+                .arg(&model))?;
+        }
+        run(Command::new(bin.join("afetm-eval"))
+            .args(["score", "--target", tn, "--budget", &format!("{b} {suffix}"), "--model-methods-only", "--fddb"])
+            .arg(fddb)
+            .arg("--plan")
+            .arg(plan)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(out.join(format!("rows-{tn}-{label}-{slug}.json"))))?;
+    }
+    Ok(())
 }
 
 /// Where a target's live runs went.

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use afetm_analyzer::training;
+use afetm_analyzer::training::{self, SetOptions};
 use afetm_diagnosis::train::TrainConfig;
 use afetm_proto::{self as pb, plan::PlanFile, query_client::QueryClient};
 use anyhow::{Context, Result};
@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// `afetm-analyzer train`: trains the GCN on the FDDB's training runs of `target` under
 /// `plan` and writes the model directory.
-pub fn train(fddb: &Path, target: &str, plan: &Path, out: &Path, cfg: &TrainConfig) -> Result<()> {
+pub fn train(fddb: &Path, target: &str, plan: &Path, out: &Path, set: &SetOptions, cfg: &TrainConfig) -> Result<()> {
     let text = std::fs::read_to_string(plan).with_context(|| format!("reading plan {}", plan.display()))?;
     let plan_file = PlanFile::parse(&text).with_context(|| format!("plan {}", plan.display()))?;
     let bar = ProgressBar::new(cfg.epochs as u64);
@@ -18,7 +18,7 @@ pub fn train(fddb: &Path, target: &str, plan: &Path, out: &Path, cfg: &TrainConf
         ProgressStyle::with_template("training {bar:30} epoch {pos}/{len} {msg} [{elapsed}]")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let model = training::train_from_fddb(fddb, target, &plan_file, cfg, |e| {
+    let model = training::train_from_fddb(fddb, target, &plan_file, set, cfg, |e| {
         bar.set_position(e.epoch as u64);
         bar.set_message(format!("loss {:.4} val acc {:.3}", e.loss, e.val_accuracy));
     })
