@@ -34,11 +34,24 @@ pub struct Afetm {
     stacks: bool,
 }
 
+/// The rule of `hits` with the most top-1 (function, kind) hits (then function hits, then the
+/// first in [`Combine::ALL`]) if it has at least `margin` more of them than `prior`; else
+/// `prior`.
+fn clear_winner(hits: &[(Combine, usize, usize)], prior: Combine, margin: usize) -> Combine {
+    let of = |rule: Combine| hits.iter().find(|h| h.0 == rule).map_or(0, |h| h.1);
+    // max_by_key keeps the last of equals: scan in reverse so the first of ALL wins ties.
+    match hits.iter().rev().max_by_key(|(_, c, f)| (*c, *f)) {
+        Some(&(best, c, _)) if c >= of(prior) + margin => best,
+        _ => prior,
+    }
+}
+
 /// How the fate rules were chosen on the GCN's validation fault runs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuleChoice {
-    /// The rules chosen: per fate class, most (function, kind) top-1 hits, then most function
-    /// hits, then the first in [`Combine::ALL`].
+    /// The rules chosen: per fate class, [`Rules::PRIOR`]'s rule unless another has
+    /// [`fate::RULE_MARGIN`] (or a tenth of the runs) more top-1 (function, kind) hits (the
+    /// most, then most function hits, then the first in [`Combine::ALL`]).
     pub rules: Rules,
     /// Validation fault runs scored.
     pub runs: usize,
@@ -100,8 +113,9 @@ impl Afetm {
 
     /// Chooses the rules on the fault runs among `train` that the GCN's manifest lists as its
     /// validation runs (never trained on, never evaluation runs), one fate class at a time
-    /// (the others kept at their choice so far), and uses them. A class no validation run
-    /// shows keeps `fate`. `None` when the manifest lists no validation run.
+    /// (the others kept at their choice so far), and uses them. A class keeps its
+    /// [`Rules::PRIOR`] rule unless another beats it clearly (see [`RuleChoice::rules`]) or
+    /// no validation run shows it. `None` when the manifest lists no validation run.
     pub fn fit_rule(&mut self, train: &[Case]) -> Result<Option<RuleChoice>, EvalError> {
         let val: HashSet<i64> = self.model.manifest.training.val_run_ids.iter().copied().collect();
         let held: Vec<&Case> = train.iter().filter(|c| val.contains(&c.run) && c.truth != Class::Normal).collect();
@@ -109,7 +123,8 @@ impl Afetm {
             return Ok(None);
         }
         let reference = Reference::default();
-        self.rules = Rules::default();
+        self.rules = Rules::PRIOR;
+        let margin = fate::RULE_MARGIN.max(held.len().div_ceil(10));
         let mut per_class = Vec::new();
         for class in FateClass::ALL {
             let runs = held.iter().filter(|c| self.fate_windows(c).iter().any(|w| w.1 == class)).count();
@@ -124,9 +139,8 @@ impl Afetm {
                 }
                 hits.push((rule, hit_class, hit_function));
             }
-            // max_by_key keeps the last of equals: scan in reverse so the first of ALL wins ties.
-            let best = hits.iter().rev().max_by_key(|(_, c, f)| (*c, *f)).map_or(Combine::Fate, |h| h.0);
-            self.rules.set(class, if runs == 0 { Combine::Fate } else { best });
+            let prior = Rules::PRIOR.get(class);
+            self.rules.set(class, if runs == 0 { prior } else { clear_winner(&hits, prior, margin) });
             per_class.push((class, runs, hits));
         }
         Ok(Some(RuleChoice { rules: self.rules, runs: held.len(), per_class }))
@@ -263,5 +277,23 @@ impl Method for Online {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_replaces_the_prior_one_only_by_a_clear_margin() {
+        let hits: RuleHits = vec![(Combine::Fate, 4, 12), (Combine::Kinds, 11, 12), (Combine::Merge, 8, 13), (Combine::Gcn, 12, 13)];
+        // One run ahead is noise: the prior stays.
+        assert_eq!(clear_winner(&hits, Combine::Kinds, 2), Combine::Kinds);
+        // Far ahead of the prior: the best replaces it.
+        assert_eq!(clear_winner(&hits, Combine::Fate, 2), Combine::Gcn);
+        // Ties go to the first of Combine::ALL among the best.
+        let tied: RuleHits = vec![(Combine::Fate, 1, 1), (Combine::Kinds, 5, 6), (Combine::Merge, 5, 6), (Combine::Gcn, 0, 0)];
+        assert_eq!(clear_winner(&tied, Combine::Fate, 2), Combine::Kinds);
+        assert_eq!(clear_winner(&[], Combine::Fate, 2), Combine::Fate);
     }
 }
