@@ -27,8 +27,8 @@
 //! tree shows a node's children as nodes, a graph shares them between callers, so a call that
 //! a fault adds or removes must show in the caller's own features); then its [`DEVIATION`]
 //! features against the model's normal profile (a new incoming edge, a new function,
-//! always-called children missing, an incoming edge's call share out of the normal range, and
-//! the same two for its outgoing edges: [`crate::profile`]). The GCN's edges are the graph's caller -> callee edges
+//! always-called children missing, an incoming edge's call share out of the normal range:
+//! [`crate::profile`]). The GCN's edges are the graph's caller -> callee edges
 //! (recursion is a self loop, which eq. 10's A + I has anyway).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

@@ -24,10 +24,10 @@ use crate::{
 };
 use afetm_calltree::graph::NamedGraph;
 
-/// Manifest format written by this version (4: six deviation features per node, the edges out
-/// of a function as well as into it; 3 had four; 2 read trees, node per calling context, and 1
-/// took no deviation features: all are refused, their networks were trained on other inputs).
-pub const FORMAT: u32 = 4;
+/// Manifest format written by this version (3: the input is the window's call graph, one node
+/// per function; 2 read trees, node per calling context, and 1 took no deviation features:
+/// both are refused, their networks were trained on other inputs).
+pub const FORMAT: u32 = 3;
 /// File names inside a model directory.
 pub const MANIFEST: &str = "manifest.json";
 /// See [`MANIFEST`].

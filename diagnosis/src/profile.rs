@@ -7,7 +7,7 @@
 //! Built from the training split's normal-run graphs only and stored in the model's manifest.
 //! Per (caller, callee) edge of the call graphs (recursion left out): in how many normal
 //! windows it occurs and the range of its share of the window's traced calls; per function, in
-//! how many windows it occurs. From these, six features per function ([`DEVIATION`] of them,
+//! how many windows it occurs. From these, four features per function ([`DEVIATION`] of them,
 //! appended to the dense features by [`crate::graph::Graph`]):
 //! 1. an edge into it never occurs in a normal window;
 //! 2. the function never occurs in a normal window;
@@ -15,14 +15,7 @@
 //!    here (a call that did not happen: a crash, a hang, a branch not taken);
 //! 4. how far an edge into it has its share of the calls outside the normal range, as |log10|
 //!    of the ratio to the nearest bound, capped at 1 (0 inside the range, or for a new edge;
-//!    the largest over its incoming edges);
-//! 5. an edge out of it never occurs in a normal window;
-//! 6. as 4, over the edges out of it.
-//!
-//! 5 and 6 put a changed call on its caller as well as on its callee: a corrupted argument or
-//! a skipped instruction changes what the faulty function itself calls (an error reply, a
-//! branch not taken), so the faulty function is the caller of the edge that deviates, and
-//! features on the callee alone leave the GCN to learn that step from a handful of examples.
+//!    the largest over its incoming edges).
 //!
 //! Training normal trees would see a profile made of themselves; so each normal run's trees
 //! are compared with the profile of the other normal runs ([`NormalProfile::without`]),
@@ -37,7 +30,7 @@ use afetm_calltree::{
 use serde::{Deserialize, Serialize};
 
 /// Deviation features per node.
-pub const DEVIATION: usize = 6;
+pub const DEVIATION: usize = 4;
 
 /// One edge's record in one run's normal windows.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -93,8 +86,6 @@ pub(crate) struct GraphView {
     pub(crate) key: BTreeMap<FuncId, String>,
     /// Keys of the edges into each function.
     pub(crate) incoming: BTreeMap<FuncId, Vec<String>>,
-    /// Keys of the edges out of each function.
-    pub(crate) outgoing: BTreeMap<FuncId, Vec<String>>,
     /// Share of the graph's traced calls per edge key.
     pub(crate) share: HashMap<String, f32>,
     /// Children function keys per function key.
@@ -109,7 +100,6 @@ impl GraphView {
         let mut order: Vec<FuncId> = g.nodes.keys().copied().collect();
         order.sort_by(|a, b| input.func(*a).cmp(input.func(*b)));
         let mut incoming: BTreeMap<FuncId, Vec<String>> = BTreeMap::new();
-        let mut outgoing: BTreeMap<FuncId, Vec<String>> = BTreeMap::new();
         let mut calls: HashMap<String, u64> = HashMap::new();
         let mut children: HashMap<String, HashSet<String>> = HashMap::new();
         for (&(c, f), &n) in g.edges.iter().filter(|((c, f), _)| c != f) {
@@ -118,13 +108,12 @@ impl GraphView {
             let traced = g.nodes.get(&f) == Some(&Color::White);
             *calls.entry(e.clone()).or_insert(0) += if traced { n } else { 0 };
             children.entry(ck.clone()).or_default().insert(fk.clone());
-            outgoing.entry(c).or_default().push(e.clone());
             incoming.entry(f).or_default().push(e);
         }
         let total: u64 = calls.values().sum();
         let share =
             calls.into_iter().map(|(e, c)| (e, if total == 0 { 0.0 } else { c as f32 / total as f32 })).collect();
-        GraphView { order, key, incoming, outgoing, share, children }
+        GraphView { order, key, incoming, share, children }
     }
 }
 
@@ -214,31 +203,23 @@ impl NormalProfile {
             .iter()
             .map(|(id, f)| {
                 let new_function = !m.functions.contains_key(f);
-                let (new_edge, out_of_range) = self.edges_deviation(view, view.incoming.get(id));
-                let (new_out, out_of_range_out) = self.edges_deviation(view, view.outgoing.get(id));
+                let (mut new_edge, mut out_of_range) = (false, 0.0f32);
+                for e in view.incoming.get(id).into_iter().flatten() {
+                    match m.edges.get(e) {
+                        None => new_edge = true,
+                        Some(r) => {
+                            out_of_range = out_of_range.max(outside(view.share.get(e).copied().unwrap_or(0.0), r))
+                        }
+                    }
+                }
                 let missing = m.always.get(f).map_or(0.0, |always| {
                     let have = view.children.get(f);
                     let lacking = always.iter().filter(|c| have.is_none_or(|h| !h.contains(*c))).count();
                     lacking as f32 / always.len() as f32
                 });
-                let flag = |b: bool| b as u8 as f32;
-                let x = [flag(new_edge), flag(new_function), missing, out_of_range, flag(new_out), out_of_range_out];
-                (*id, x)
+                (*id, [new_edge as u8 as f32, new_function as u8 as f32, missing, out_of_range])
             })
             .collect()
-    }
-
-    /// Over `edges` of the view: whether one never occurs in a normal window, and the largest
-    /// [`outside`] of the others.
-    fn edges_deviation(&self, view: &GraphView, edges: Option<&Vec<String>>) -> (bool, f32) {
-        let (mut new_edge, mut out_of_range) = (false, 0.0f32);
-        for e in edges.into_iter().flatten() {
-            match self.edges.get(e) {
-                None => new_edge = true,
-                Some(r) => out_of_range = out_of_range.max(outside(view.share.get(e).copied().unwrap_or(0.0), r)),
-            }
-        }
-        (new_edge, out_of_range)
     }
 }
 
@@ -295,12 +276,10 @@ mod tests {
         let x = f(&crash);
         assert_eq!(x["loop"][2], 0.5, "loop lacks one of its two always-children");
         assert_eq!((x["panic"][0], x["panic"][1]), (1.0, 1.0), "panic: a new edge and a new function");
-        assert_eq!((x["read"][4], x["loop"][4]), (1.0, 0.0), "read calls something it never called: its new out-edge");
         // Shares out of range: reply at 10 of 11 calls, against 10-20%.
         let slow = graph(vec![node("loop", -1, 0), node("read", 0, 1), node("reply", 0, 10)]);
         let y = f(&slow);
         assert!(y["reply"][3] > 0.5 && y["read"][3] > 0.5, "{y:?}");
-        assert!(y["loop"][5] > 0.5 && y["reply"][5] == 0.0, "the caller's out-edges are out of range: {y:?}");
         // A function called from two places is one node: a known and a new edge into it make
         // it "new edge".
         let shared = graph(vec![node("loop", -1, 1), node("read", 0, 9), node("reply", 0, 1), node("reply", 1, 1)]);
