@@ -80,7 +80,12 @@ fn run_class(row: &TreeRow) -> Result<Class, TrainingError> {
 }
 
 /// Reads the training set (see the module docs).
-pub fn training_set(fddb: &Fddb, target: &str, plan: &PlanFile, set: &SetOptions) -> Result<TrainingSet, TrainingError> {
+pub fn training_set(
+    fddb: &Fddb,
+    target: &str,
+    plan: &PlanFile,
+    set: &SetOptions,
+) -> Result<TrainingSet, TrainingError> {
     let mut t = labelled_trees(fddb, target, plan, Role::Train)?;
     if let Some(n) = set.faulty_windows {
         let before = t.samples.len();
@@ -204,7 +209,8 @@ mod tests {
     fn the_first_faulty_windows_of_each_run_and_thread_are_kept() {
         // Run 1: thread 7 has three faulty windows (given out of order) and a normal one;
         // thread 8 one faulty window. Run 2: one faulty window on thread 7.
-        let samples = vec![sample(1, true), sample(1, true), sample(1, false), sample(1, true), sample(1, true), sample(2, true)];
+        let samples =
+            vec![sample(1, true), sample(1, true), sample(1, false), sample(1, true), sample(1, true), sample(2, true)];
         let windows = [(5, 7, 3000), (5, 7, 1000), (5, 7, 500), (5, 7, 2000), (5, 8, 2500), (6, 7, 9000)];
         // Kept: the normal window, thread 7's first faulty one (start 1000), thread 8's, run 2's.
         assert_eq!(first_faulty_windows(&samples, &windows, 1), [false, true, true, false, true, true]);

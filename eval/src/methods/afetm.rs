@@ -286,13 +286,15 @@ mod tests {
 
     #[test]
     fn a_rule_replaces_the_prior_one_only_by_a_clear_margin() {
-        let hits: RuleHits = vec![(Combine::Fate, 4, 12), (Combine::Kinds, 11, 12), (Combine::Merge, 8, 13), (Combine::Gcn, 12, 13)];
+        let hits: RuleHits =
+            vec![(Combine::Fate, 4, 12), (Combine::Kinds, 11, 12), (Combine::Merge, 8, 13), (Combine::Gcn, 12, 13)];
         // One run ahead is noise: the prior stays.
         assert_eq!(clear_winner(&hits, Combine::Kinds, 2), Combine::Kinds);
         // Far ahead of the prior: the best replaces it.
         assert_eq!(clear_winner(&hits, Combine::Fate, 2), Combine::Gcn);
         // Ties go to the first of Combine::ALL among the best.
-        let tied: RuleHits = vec![(Combine::Fate, 1, 1), (Combine::Kinds, 5, 6), (Combine::Merge, 5, 6), (Combine::Gcn, 0, 0)];
+        let tied: RuleHits =
+            vec![(Combine::Fate, 1, 1), (Combine::Kinds, 5, 6), (Combine::Merge, 5, 6), (Combine::Gcn, 0, 0)];
         assert_eq!(clear_winner(&tied, Combine::Fate, 2), Combine::Kinds);
         assert_eq!(clear_winner(&[], Combine::Fate, 2), Combine::Fate);
     }
