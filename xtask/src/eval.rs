@@ -359,12 +359,18 @@ fn select_and_train(
             .args(["--normal-agent", &format!("normal-{tn}"), "--budget", budget, "--out"])
             .arg(plan))?;
     }
+    train_model(bin, tn, fddb, plan, model, &[])
+}
+
+/// `afetm-analyzer train` under `plan` with `flags` into `model`, unless it holds a model.
+fn train_model(bin: &Path, tn: &str, fddb: &Path, plan: &Path, model: &Path, flags: &[&str]) -> Result<()> {
     if !model.join("manifest.json").is_file() {
         run(Command::new(bin.join("afetm-analyzer"))
             .args(["train", "--target", tn, "--fddb"])
             .arg(fddb)
             .arg("--plan")
             .arg(plan)
+            .args(flags)
             .arg("--out")
             .arg(model))?;
     }
@@ -425,16 +431,7 @@ fn ablation_rows(bin: &Path, tn: &str, b: &str, fddb: &Path, plan: &Path, dir: &
     for (suffix, flags) in ABLATIONS {
         let slug = suffix.replace(' ', "-");
         let model = dir.join(format!("model-{label}-{slug}"));
-        if !model.join("manifest.json").is_file() {
-            run(Command::new(bin.join("afetm-analyzer"))
-                .args(["train", "--target", tn, "--fddb"])
-                .arg(fddb)
-                .arg("--plan")
-                .arg(plan)
-                .args(flags)
-                .arg("--out")
-                .arg(&model))?;
-        }
+        train_model(bin, tn, fddb, plan, &model, flags)?;
         run(Command::new(bin.join("afetm-eval"))
             .args(["score", "--target", tn, "--budget", &format!("{b} {suffix}"), "--model-methods-only", "--fddb"])
             .arg(fddb)
