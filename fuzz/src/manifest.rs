@@ -34,6 +34,7 @@ fn tree(model: &Model) -> pb::Tree {
         parent,
         children,
         calls: 1,
+        color: pb::Color::White as i32,
         ..Default::default()
     };
     pb::Tree { nodes: vec![node(name, -1, vec![1]), node("fuzz_unknown".into(), 0, vec![])], ..Default::default() }
