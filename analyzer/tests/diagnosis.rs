@@ -200,7 +200,7 @@ fn a_killed_threads_suspects_follow_the_fate_rule() {
     assert_eq!(alone.top[0].function, "a");
 }
 
-const RATE: f64 = 200.0;
+const RATE: f64 = 100.0;
 
 fn load(cfg: &testbed::Config, secs: u64) -> testbed::load::Report {
     common::load(cfg, secs, RATE)
@@ -284,7 +284,7 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     )
     .unwrap();
     let model = dir.path().join("model");
-    run_ok(
+    let trained = run_ok(
         Command::new(env!("CARGO_BIN_EXE_afetm-analyzer"))
             .args(["train", "--target", "redis", "--fddb"])
             .arg(&fddb)
@@ -293,6 +293,7 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
             .arg("--out")
             .arg(&model),
     );
+    eprintln!("{trained}");
 
     let mut cfg = testbed::Config::new(dir.path().join("shop"));
     cfg.base_port = 27280;
@@ -379,9 +380,10 @@ async fn a_fresh_fault_on_the_real_shop_is_diagnosed_online() {
     assert!(all.iter().filter(|d| d.end_ns > injected_at).all(|d| !d.stale), "stale after the retraining: {report:#?}");
     let before: Vec<&pb::Diagnosis> = all.iter().filter(|d| d.end_ns <= normal_end && d.pid == pid).collect();
     assert!(!before.is_empty(), "no window of the normal run was diagnosed: {report:#?}");
-    // Like the fault's, the normal run's verdicts are printed, not asserted: the threshold of
-    // a model this small is not reliable (a fresh-clone CI run saw false alarms at P(normal)
-    // 0.42, another none).
+    // Like the fault's, the normal run's verdicts are printed, not asserted: a fresh-clone CI
+    // run saw false alarms at P(normal) 0.42, another none; in 4 runs here the normal windows
+    // scored 0.32-0.63 (thresholds 0.29 and 0.55 where printed; 2 of 4 windows alarmed in one
+    // run). Why: the report test's note (live windows hold more commands than the campaign's).
     let false_alarms = before.iter().filter(|d| d.error).count();
     eprintln!("normal run: {false_alarms} of {} windows alarmed", before.len());
     eprintln!("injected {fault}@{function}; diagnoses:\n{report:#?}");

@@ -12,7 +12,7 @@
 //! function (and the killed thread's stack at the SIGKILL, from it outwards), lists the clients' errors among its symptoms, cites the FDDB's historical runs in
 //! which that function's faults crashed redis and gives the crash SOP's steps; the normal run
 //! before the faults is diagnosed (whether the small model's GCN alarms there is printed, not
-//! asserted) and its report shows no exit.
+//! asserted: see the test) and its report shows no exit.
 //! Root only.
 use std::{
     path::{Path, PathBuf},
@@ -25,7 +25,7 @@ use common::{Down, Kill, agent, bin, connect, run_ok};
 
 mod common;
 
-const RATE: f64 = 200.0;
+const RATE: f64 = 100.0;
 
 fn load(cfg: &testbed::Config, secs: u64) -> testbed::load::Report {
     common::load(cfg, secs, RATE)
@@ -101,7 +101,7 @@ async fn a_crash_gets_a_report_that_names_it() {
     std::fs::write(&plan, serde_json::json!({"target": {"path": redis}, "points": points}).to_string()).unwrap();
     let analyzer = env!("CARGO_BIN_EXE_afetm-analyzer");
     let (model, logs_model) = (dir.path().join("model"), dir.path().join("logs-model"));
-    run_ok(
+    let gcn = run_ok(
         Command::new(analyzer)
             .args(["train", "--target", "redis", "--fddb"])
             .arg(&fddb)
@@ -110,6 +110,7 @@ async fn a_crash_gets_a_report_that_names_it() {
             .arg("--out")
             .arg(&model),
     );
+    eprintln!("{gcn}");
     let trained = run_ok(
         Command::new(analyzer)
             .args(["train-logs", "--target", "redis", "--fddb"])
@@ -232,11 +233,15 @@ async fn a_crash_gets_a_report_that_names_it() {
     assert!(!r.resolution.is_empty() && r.markdown.contains("## Resolution (SOP: crash)"));
 
     // The normal run before the faults: every window of redis that ended before the deadlock
-    // was diagnosed. Whether the GCN alarms there is printed, not asserted: this test's model is
-    // trained on 4 normal runs and one function's faults, and a run of this test here saw its
-    // last normal window alarm at P(normal) 0.337 under the threshold chosen on its few
-    // validation normal runs (windows 1-3: 0.572, 0.998, 0.337). The evaluation's 30 normal runs
-    // per seed are where false alarms are measured.
+    // was diagnosed. Whether the GCN alarms there is printed, not asserted. In 8 runs here the
+    // live normal windows' least P(normal) was 0.37-0.99 (often the same to 0.01 over a run's
+    // windows) and the threshold, chosen on one held-out normal run, 0.02-0.99: 7 runs without
+    // an alarm (margins 0.03-0.94), one where t = 0.994 let a window at 0.799 alarm. Every
+    // live window held more commands than any of the campaign's normal windows at the same
+    // offered rate (420-488 against at most 397 at 100 req/s; 814-921 against 643 at 200,
+    // where the fully traced campaign's normal runs timed out up to 23% of their requests,
+    // hence RATE 100), and lay outside their range on 45-156 edges: the model meets live
+    // windows shaped unlike its training ones (issue 23, item 4).
     let normal: Vec<pb::Diagnosis> = q
         .list_diagnoses(pb::ListDiagnosesRequest { agent_id: "live".into(), ..Default::default() })
         .await
@@ -254,11 +259,8 @@ async fn a_crash_gets_a_report_that_names_it() {
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|m| m["threshold"].as_f64());
-    eprintln!(
-        "normal run: {} of {} windows alarmed (threshold {threshold:?})",
-        normal.iter().filter(|d| d.error).count(),
-        normal.len()
-    );
+    let alarms = normal.iter().filter(|d| d.error).count();
+    eprintln!("normal run: {alarms} of {} windows alarmed (threshold {threshold:?})", normal.len());
     let early = windows.iter().find(|w| w.end_ns <= normal_end).expect("no window of the normal run");
     let r0 = q.report(pb::ReportRequest { window_id: early.id, similar: 5 }).await.unwrap().into_inner();
     // The report's own verdict also reads Chimera, which alarms on most normal windows of a

@@ -907,6 +907,17 @@ fn campaign(
             // Every other normal run starts cold: production restarts too.
             let start = if valid % 2 == 1 { Start::Cold } else { Start::Warm };
             let (run, trees) = s.run_once(None, role, 0.0, start)?;
+            if run.errors > 0 {
+                // Its windows are an overloaded server's, not the fault-free ones serving sees.
+                tracing::warn!(
+                    errors = run.errors,
+                    requests = run.requests,
+                    mean_latency_ms = run.mean_latency_us / 1000.0,
+                    rate = s.rate,
+                    "a normal run saw errors: the fully traced target does not keep up with this rate \
+                     (lower --rate, or leave it out to calibrate it)"
+                );
+            }
             timings.push((run.phases, run.wall_ms));
             db.record_run(target, None, &run, &trees, Done::No)?;
             runs += 1;

@@ -18,9 +18,11 @@
 //!   run alarms when its least normal tree does, so a threshold that lets one window in 16
 //!   alarm makes a run of five windows alarm one time in four. (Over trees, J chose t = 0.39 on
 //!   a redis campaign, 1 of 16 validation normal trees alarming, and 20 of 30 held-out normal
-//!   runs alarmed.) With fewer than five normal-run trees, the training normal runs' trees
-//!   join. Without faulty validation trees, or when no t has J > 0: the largest t at which at
-//!   most `alarm_rate` of the normal-run trees alarm. (That quantile alone was the first rule;
+//!   runs alarmed.) The normal runs of J are the validation ones only: training normal runs
+//!   score near 1 in sample and would dilute the false-alarm share ([`run_threshold`]).
+//!   Without faulty or normal validation trees, or when no t has J > 0: the largest t at which
+//!   at most `alarm_rate` of the validation normal-run trees alarm, the training normal runs'
+//!   trees joining when there are fewer than five. (That quantile alone was the first rule;
 //!   with tens of normal trees it is their minimum, and one normal tree the model finds
 //!   faulty, e.g. a last window cut short by the end of the load, put t at 1e-16: no alarm,
 //!   ever.)
@@ -387,6 +389,24 @@ pub fn youden_threshold(normal: &[f32], faulty: &[f32]) -> Option<f32> {
     best.map(|(_, t)| t)
 }
 
+/// The alarm threshold from (run, P(normal)) trees: Youden's J over runs
+/// ([`youden_threshold`] on [`run_minima`]) with the false-alarm share read from the held-out
+/// normal runs (`held`) only. Training normal runs (`fitted`) score near 1 in sample: counted
+/// there, with one held-out normal run of four a t that makes it alarm cost J a quarter instead
+/// of all of it, and the live normal windows of such a model alarmed. Without a Youden t, the
+/// largest t with at most `rate` of the held-out normal trees below it, the fitted ones joining
+/// when the held-out ones are fewer than [`MIN_CALIBRATION`].
+pub fn run_threshold(held: &[(i64, f32)], fitted: &[(i64, f32)], faulty: &[(i64, f32)], rate: f64) -> f32 {
+    if let Some(t) = youden_threshold(&run_minima(held.iter().copied()), &run_minima(faulty.iter().copied())) {
+        return t;
+    }
+    let mut calib: Vec<f32> = held.iter().map(|(_, p)| *p).collect();
+    if calib.len() < MIN_CALIBRATION {
+        calib.extend(fitted.iter().map(|(_, p)| *p));
+    }
+    threshold(&calib, rate)
+}
+
 /// Each run's least P(normal) over its trees, given as (run, P(normal)): whether the run
 /// alarms under "alarm when P(normal) < t" for every t at once.
 pub fn run_minima(trees: impl IntoIterator<Item = (i64, f32)>) -> Vec<f32> {
@@ -451,26 +471,19 @@ fn finish(
         profile,
     };
     let mut model = Model::new(manifest, net);
-    // Threshold on the trees of validation normal runs (fault-free windows); with fewer than
-    // MIN_CALIBRATION of them, the training normal runs' trees join.
-    let mut calib: Vec<&Prepared> = val.iter().filter(|p| p.normal_run).collect();
-    if calib.len() < MIN_CALIBRATION {
-        calib.extend(train.iter().filter(|p| p.normal_run));
-    }
-    let p_normal = |set: &[&Prepared]| -> Result<Vec<f32>, DiagnosisError> {
+    let p_normal = |set: Vec<&Prepared>| -> Result<Vec<(i64, f32)>, DiagnosisError> {
         let mut out = Vec::with_capacity(set.len());
         for chunk in set.chunks(cfg.batch.max(1)) {
             let graphs: Vec<&Graph> = chunk.iter().map(|p| &p.graph).collect();
-            out.extend(model.probabilities(&graphs)?.into_iter().map(|p| p[0]));
+            let p = model.probabilities(&graphs)?;
+            out.extend(chunk.iter().map(|s| s.run).zip(p.into_iter().map(|p| p[0])));
         }
         Ok(out)
     };
-    let normals = p_normal(&calib)?;
-    let faulty: Vec<&Prepared> = val.iter().filter(|p| !p.normal).collect();
-    let faulty_p = p_normal(&faulty)?;
-    let per_run = |set: &[&Prepared], p: &[f32]| run_minima(set.iter().map(|s| s.run).zip(p.iter().copied()));
-    let t = youden_threshold(&per_run(&calib, &normals), &per_run(&faulty, &faulty_p))
-        .unwrap_or_else(|| threshold(&normals, cfg.alarm_rate));
+    let held = p_normal(val.iter().filter(|p| p.normal_run).collect())?;
+    let fitted = p_normal(train.iter().filter(|p| p.normal_run).collect())?;
+    let faulty = p_normal(val.iter().filter(|p| !p.normal).collect())?;
+    let t = run_threshold(&held, &fitted, &faulty, cfg.alarm_rate);
     model.manifest.threshold = t;
     if !val.is_empty() {
         let p = probabilities(&model, val, cfg.batch)?;

@@ -246,6 +246,26 @@ fn the_threshold_is_chosen_on_runs_as_they_are_scored() {
 }
 
 #[test]
+fn training_normal_runs_do_not_dilute_the_false_alarm_share() {
+    use afetm_diagnosis::train::{run_minima, run_threshold, youden_threshold};
+    // One held-out normal run at 0.4; three training normal runs at 0.99 (in sample); fault
+    // runs at 0.1, 0.2, 0.5, 0.6.
+    let held = [(1, 0.9), (1, 0.4)];
+    let fitted: Vec<(i64, f32)> = (2..5).map(|r| (r, 0.99)).collect();
+    let faulty = [(10, 0.1), (11, 0.2), (12, 0.5), (13, 0.6)];
+    // Counted with the held-out run, the fitted runs make its alarm cost a quarter: t above 0.6.
+    let mut all = fitted.clone();
+    all.extend(held);
+    let diluted = youden_threshold(&run_minima(all), &run_minima(faulty)).unwrap();
+    assert!(diluted > 0.6, "{diluted}");
+    // From the held-out run alone, it costs all of J: t stays at or under 0.4.
+    let t = run_threshold(&held, &fitted, &faulty, 0.01);
+    assert!(t > 0.2 && t <= 0.4, "{t}");
+    // No held-out normal run: the quantile over the fitted ones (fewer than five held-out trees).
+    assert_eq!(run_threshold(&[], &fitted, &faulty, 0.01), 0.99);
+}
+
+#[test]
 fn classes_with_few_training_trees_are_reported() {
     let mut data = dataset(5, 120);
     let cfg = TrainConfig { epochs: 2, ..Default::default() };
