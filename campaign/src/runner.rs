@@ -914,8 +914,8 @@ fn campaign(
                     requests = run.requests,
                     mean_latency_ms = run.mean_latency_us / 1000.0,
                     rate = s.rate,
-                    "a normal run saw errors: the fully traced target does not keep up with this rate \
-                     (lower --rate, or leave it out to calibrate it)"
+                    "a normal run saw errors: the fully traced target did not keep up with the \
+                     campaign's rate (calibrated, or --rate); a lower --rate gives cleaner normal runs"
                 );
             }
             timings.push((run.phases, run.wall_ms));
