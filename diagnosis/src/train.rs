@@ -481,7 +481,12 @@ fn finish(
         Ok(out)
     };
     let held = p_normal(val.iter().filter(|p| p.normal_run).collect())?;
-    let fitted = p_normal(train.iter().filter(|p| p.normal_run).collect())?;
+    // Only the quantile fallback with few held-out trees reads the training normal runs.
+    let fitted = if held.len() < MIN_CALIBRATION {
+        p_normal(train.iter().filter(|p| p.normal_run).collect())?
+    } else {
+        Vec::new()
+    };
     let faulty = p_normal(val.iter().filter(|p| !p.normal).collect())?;
     let t = run_threshold(&held, &fitted, &faulty, cfg.alarm_rate);
     model.manifest.threshold = t;
