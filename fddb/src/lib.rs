@@ -313,6 +313,17 @@ pub struct Settings {
     pub window_ms: u64,
     /// The workload's fixed rate, requests per second.
     pub rate: f64,
+    /// Items the campaign's shop is seeded with; the workload draws its ids from them, so they
+    /// set how many of its finds miss the Redis cache (and go on to SQLite and a `SETEX`).
+    /// The shops that serve (the tests', the demo's, `cargo xtask eval`'s live runs) hold
+    /// `testbed::Config`'s default 200; FDDBs written before this field held 50.
+    #[serde(default = "items_before_stored")]
+    pub items: u32,
+}
+
+/// The shop's items in campaigns whose settings did not store them.
+fn items_before_stored() -> u32 {
+    50
 }
 
 /// A function of a target and what its signature allows.

@@ -135,6 +135,7 @@ fn export_import_round_trip_and_idempotence() {
             normal_runs: 2,
             window_ms: 1000,
             rate: 100.0,
+            items: 200,
         },
     )
     .unwrap();
@@ -419,4 +420,16 @@ fn a_real_export_imports_with_and_without_fates() {
     let with_fates: Vec<_> = lines.iter().filter(|l| l.contains("\"kind\":\"killed\"")).collect();
     assert_eq!(with_fates.len(), 1, "one run line carries the crash's fate: {lines:?}");
     assert!(with_fates[0].contains("redis-server:zmalloc"), "with its last calls");
+}
+
+#[test]
+fn settings_stored_before_the_shop_items_read_as_fifty() {
+    // A target's settings as campaigns stored them before `items`: their shop held 50 items.
+    let old = r#"{"scope":"top:5","seed":1,"cap":2,"eval_runs":1,"normal_runs":2,"window_ms":1000,"rate":100.0}"#;
+    let s: Settings = serde_json::from_str(old).unwrap();
+    assert_eq!(s.items, 50);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, _, _) = setup(dir.path());
+    db.set_settings(t, &Settings { items: 200, ..s }).unwrap();
+    assert_eq!(db.settings(t).unwrap().unwrap().items, 200);
 }
