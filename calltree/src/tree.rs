@@ -151,30 +151,62 @@ impl Forest {
         depth
     }
 
-    /// A canonical, table-independent description: one line per node, `depth name color`, in
-    /// preorder with children sorted by name. Two forests with equal shapes, names and colors
-    /// have equal canonical forms, whatever their function tables or child order.
-    pub fn canonical(&self, table: &FuncTable) -> Vec<String> {
-        fn walk(f: &Forest, t: &FuncTable, n: u32, depth: usize, out: &mut Vec<String>) {
-            let node = &f.nodes[n as usize];
-            out.push(format!("{depth} {} {:?}", t.get(node.func), node.color));
-            let mut kids: Vec<u32> = node.children.clone();
-            kids.sort_by(|a, b| t.get(f.nodes[*a as usize].func).cmp(t.get(f.nodes[*b as usize].func)));
-            for k in kids {
-                walk(f, t, k, depth + 1, out);
-            }
-        }
+    /// The nodes in canonical order: preorder, roots and children sorted by function name
+    /// (children of one node are distinct functions: a tree unrolls a caller -> callee graph,
+    /// so the order is unique). [`Forest::canonical`] and the calls vectors use it.
+    fn canonical_order(&self, table: &FuncTable) -> Vec<u32> {
+        let by_name =
+            |a: &u32, b: &u32| table.get(self.nodes[*a as usize].func).cmp(table.get(self.nodes[*b as usize].func));
         let mut roots: Vec<u32> = self.roots().collect();
-        roots.sort_by(|a, b| table.get(self.nodes[*a as usize].func).cmp(table.get(self.nodes[*b as usize].func)));
+        roots.sort_by(by_name);
         let mut out = Vec::with_capacity(self.nodes.len());
-        for r in roots {
-            walk(self, table, r, 0, &mut out);
+        let mut stack: Vec<u32> = roots.into_iter().rev().collect();
+        while let Some(n) = stack.pop() {
+            out.push(n);
+            let mut kids = self.nodes[n as usize].children.clone();
+            kids.sort_by(by_name);
+            stack.extend(kids.into_iter().rev());
         }
         out
     }
 
+    /// A canonical, table-independent description: one line per node, `depth name color`, in
+    /// preorder with children sorted by name. Two forests with equal shapes, names and colors
+    /// have equal canonical forms, whatever their function tables or child order.
+    pub fn canonical(&self, table: &FuncTable) -> Vec<String> {
+        let mut depth = vec![0usize; self.nodes.len()];
+        self.canonical_order(table)
+            .into_iter()
+            .map(|n| {
+                let node = &self.nodes[n as usize];
+                let d = node.parent.map_or(0, |p| depth[p as usize] + 1);
+                depth[n as usize] = d;
+                format!("{d} {} {:?}", table.get(node.func), node.color)
+            })
+            .collect()
+    }
+
+    /// Every node's `calls` in canonical order: with [`Forest::hash`], what a window's tree
+    /// holds (the FDDB keeps one tree per hash and these per window).
+    pub fn canonical_calls(&self, table: &FuncTable) -> Vec<u64> {
+        self.canonical_order(table).into_iter().map(|n| self.nodes[n as usize].calls).collect()
+    }
+
+    /// Sets every node's `calls` from [`Forest::canonical_calls`] of a forest with the same
+    /// hash; refused when the lengths differ.
+    pub fn set_canonical_calls(&mut self, table: &FuncTable, calls: &[u64]) -> Result<(), String> {
+        if calls.len() != self.nodes.len() {
+            return Err(format!("{} calls for a tree of {} nodes", calls.len(), self.nodes.len()));
+        }
+        for (n, c) in self.canonical_order(table).into_iter().zip(calls) {
+            self.nodes[n as usize].calls = *c;
+        }
+        Ok(())
+    }
+
     /// The SHA-256 of [`Forest::canonical`], as hex: equal for structurally equal trees (the
-    /// FDDB's identity of an FCT; calls on edges do not count).
+    /// FDDB's identity of an FCT; calls on edges do not count, see
+    /// [`Forest::canonical_calls`]).
     pub fn hash(&self, table: &FuncTable) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
@@ -267,5 +299,29 @@ mod tests {
         f.push(c, Color::White, Some(root), 2);
         f.push(a, Color::White, None, 1);
         assert_eq!(f.depths(), vec![0, 1, 2, 1, 0]);
+    }
+
+    #[test]
+    fn a_window_s_calls_move_onto_the_stored_tree_of_its_hash() {
+        // Two windows of one shape, built in another child order and with other counts.
+        let mut t = FuncTable::default();
+        let (a, b, c, d) = (t.intern("m", "a"), t.intern("m", "b"), t.intern("m", "c"), t.intern("m", "d"));
+        let mut first = Forest::default();
+        let r = first.push(a, Color::White, None, 0);
+        let x = first.push(b, Color::White, Some(r), 3);
+        first.push(d, Color::White, Some(x), 7);
+        first.push(c, Color::White, Some(r), 5);
+        let mut later = Forest::default();
+        let r = later.push(a, Color::White, None, 0);
+        later.push(c, Color::White, Some(r), 50);
+        let x = later.push(b, Color::White, Some(r), 30);
+        later.push(d, Color::White, Some(x), 70);
+        assert_eq!(first.hash(&t), later.hash(&t));
+        assert_eq!(later.canonical_calls(&t), vec![0, 30, 70, 50]);
+        let mut stored = first.clone();
+        stored.set_canonical_calls(&t, &later.canonical_calls(&t)).unwrap();
+        let calls_of = |f: &Forest, func| f.nodes.iter().find(|n| n.func == func).unwrap().calls;
+        assert_eq!([b, c, d].map(|f| calls_of(&stored, f)), [30, 50, 70]);
+        assert!(stored.set_canonical_calls(&t, &[1, 2]).unwrap_err().contains("2 calls for a tree of 4 nodes"));
     }
 }

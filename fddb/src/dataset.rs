@@ -8,7 +8,7 @@
 //! ```
 //! `truncated` says the analyzer's node cap cut the tree. `label` is `"normal"` for trees of normal runs and for trees of fault runs the fault did not
 //! reach. `nodes` are in preorder; `calls` is the count of the (parent, node) edge in that
-//! thread and window, not of that calling context (afetm folds recursion). With a plan, every
+//! thread and window (its own, though the FDDB stores one tree per structure), not of that calling context (afetm folds recursion). With a plan, every
 //! tree is the AFCT (Algorithm 3) the analyzer would build from the events an agent running
 //! that plan sends (`afct::from_fct`): the plan's functions with their callers, call stacks for
 //! its F^callstack. When the plan's F^callstack is complete for the tree this is Algorithm 2's
@@ -185,14 +185,17 @@ impl Fddb {
         };
         let mut st = self.conn.prepare(
             "SELECT r.id, r.role, r.manifestation, fu.name, fa.kind, fa.spec, rt.fct_id, rt.pid, rt.tid, rt.start_ns,
-               rt.faulty, rt.normal_like, rt.end_ns
+               rt.faulty, rt.normal_like, rt.end_ns, rt.calls
              FROM run_trees rt JOIN runs r ON r.id = rt.run_id LEFT JOIN faults fa ON fa.id = r.fault_id
              LEFT JOIN functions fu ON fu.id = fa.function_id
              WHERE r.target_id = ?1 AND r.status = 'ok' AND (?2 IS NULL OR r.role = ?2)
              ORDER BY r.id, rt.pid, rt.tid, rt.start_ns",
         )?;
         let mut tree_st = self.conn.prepare("SELECT tree FROM fcts WHERE id = ?1")?;
-        let mut cache: HashMap<i64, (Forest, CallGraph, FuncTable)> = HashMap::new();
+        // The stored FCT of each structure, and its derived tree and graph for the windows that
+        // read its own calls (those recorded before FDDB schema 7).
+        let mut cache: HashMap<i64, (Forest, FuncTable)> = HashMap::new();
+        let mut derived: HashMap<i64, (Forest, CallGraph)> = HashMap::new();
         let mut stats = DatasetStats::default();
         let mut rows = st.query(params![target, opts.role.map(|r| r.as_str())])?;
         while let Some(r) = rows.next()? {
@@ -201,16 +204,28 @@ impl Fddb {
                 let bytes: Vec<u8> = tree_st.query_row([fct], |r| r.get(0))?;
                 let mut table = FuncTable::default();
                 let forest = Forest::from_proto(&decode_tree(&bytes)?, &mut table).map_err(FddbError::Stored)?;
-                let (forest, graph) = match &points {
-                    Some(p) => as_afct(&forest, &table, &module, p),
-                    None => {
-                        let graph = CallGraph::from_forest(&forest);
-                        (forest, graph)
-                    }
-                };
-                slot.insert((forest, graph, table));
+                slot.insert((forest, table));
             }
-            let (forest, graph, table) = &cache[&fct];
+            let (stored, table) = &cache[&fct];
+            let derive = |f: &Forest| match &points {
+                Some(p) => as_afct(f, table, &module, p),
+                None => (f.clone(), CallGraph::from_forest(f)),
+            };
+            let own;
+            let (forest, graph) = match r.get::<_, Option<Vec<u8>>>(13)? {
+                Some(bytes) => {
+                    let run: i64 = r.get(0)?;
+                    let mut f = stored.clone();
+                    f.set_canonical_calls(table, &crate::decode_calls(&bytes)?)
+                        .map_err(|e| FddbError::Stored(format!("run {run}'s window calls: {e}")))?;
+                    own = derive(&f);
+                    (&own.0, &own.1)
+                }
+                None => {
+                    let d = derived.entry(fct).or_insert_with(|| derive(stored));
+                    (&d.0, &d.1)
+                }
+            };
             if forest.is_empty() {
                 stats.empty += 1;
                 continue;

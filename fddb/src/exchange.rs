@@ -25,6 +25,10 @@ struct RunTree {
     end_ns: Option<u64>,
     faulty: bool,
     normal_like: bool,
+    /// The window's own calls as stored (`run_trees.calls`, hex); absent for trees recorded
+    /// before FDDB schema 7, which read their FCT's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    calls: Option<String>,
 }
 
 /// One line of an export.
@@ -202,7 +206,7 @@ impl Fddb {
             })
             .collect::<Result<_, FddbError>>()?;
         let mut tree_st = self.conn.prepare(
-            "SELECT f.hash, rt.pid, rt.tid, rt.start_ns, rt.faulty, rt.normal_like, rt.end_ns FROM run_trees rt
+            "SELECT f.hash, rt.pid, rt.tid, rt.start_ns, rt.faulty, rt.normal_like, rt.end_ns, rt.calls FROM run_trees rt
              JOIN fcts f ON f.id = rt.fct_id WHERE rt.run_id = ?1 ORDER BY rt.pid, rt.tid, rt.start_ns",
         )?;
         let mut log_st =
@@ -218,6 +222,7 @@ impl Fddb {
                         faulty: r.get(4)?,
                         normal_like: r.get(5)?,
                         end_ns: r.get::<_, Option<i64>>(6)?.map(|e| e as u64),
+                        calls: r.get::<_, Option<Vec<u8>>>(7)?.map(|c| hex(&c)),
                     })
                 })? {
                     trees.push(r?);
@@ -411,9 +416,13 @@ fn import_run(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
             .query_row("SELECT id FROM fcts WHERE target_id = ?1 AND hash = ?2", params![t, rt.hash], |r| r.get(0))
             .optional()?
             .ok_or_else(|| format!("FCT {} not defined before this run", rt.hash))?;
+        let calls = rt.calls.as_deref().map(|c| unhex(c).ok_or("bad window calls hex")).transpose()?;
+        if let Some(c) = &calls {
+            crate::decode_calls(c)?;
+        }
         tx.execute(
-            "INSERT INTO run_trees(run_id, fct_id, pid, tid, start_ns, faulty, normal_like, end_ns)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO run_trees(run_id, fct_id, pid, tid, start_ns, faulty, normal_like, end_ns, calls)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 run,
                 fct,
@@ -422,7 +431,8 @@ fn import_run(tx: &rusqlite::Transaction, l: &Line) -> Result<(), BoxError> {
                 rt.start_ns as i64,
                 rt.faulty,
                 rt.normal_like,
-                rt.end_ns.map(|e| e as i64)
+                rt.end_ns.map(|e| e as i64),
+                calls
             ],
         )?;
     }

@@ -292,7 +292,10 @@ fn a_version_3_fddb_gets_fates_and_keeps_its_runs() {
     let crash = run(Role::Train, RunStatus::Ok, Manifestation::Crash);
     let r = db.record_run(t, Some(a), &crash, &[tree(&["main"], true, 1)], Done::No).unwrap();
     db.conn
-        .execute_batch("DROP TABLE run_fates; ALTER TABLE runs DROP COLUMN start; PRAGMA user_version = 3;")
+        .execute_batch(
+            "DROP TABLE run_fates; ALTER TABLE runs DROP COLUMN start; ALTER TABLE run_trees DROP COLUMN calls;
+             PRAGMA user_version = 3;",
+        )
         .unwrap();
     drop(db);
     let mut db = Fddb::open(&dir.path().join("f.sqlite")).expect("a version 3 FDDB is upgraded");
@@ -315,7 +318,7 @@ fn a_version_5_fddb_reads_its_fates_without_a_stack_and_records_new_ones_with_it
     assert!(stacks[1].is_empty());
     let lines = db.export_lines().unwrap();
     assert!(lines.iter().any(|l| l.contains("\"stack\":[\"libc.so.6:memcpy\"")), "exports carry the stack");
-    db.conn.execute_batch("ALTER TABLE run_fates DROP COLUMN stack; PRAGMA user_version = 5;").unwrap();
+    db.conn.execute_batch("ALTER TABLE run_fates DROP COLUMN stack; ALTER TABLE run_trees DROP COLUMN calls; PRAGMA user_version = 5;").unwrap();
     drop(db);
     let mut db = Fddb::open(&dir.path().join("f.sqlite")).expect("a version 5 FDDB is upgraded");
     let v: i64 = db.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
@@ -337,7 +340,8 @@ fn a_version_4_fddb_reads_its_runs_as_warm_and_records_cold_ones() {
     db.record_run(t, None, &normal, &[tree(&["main"], false, 1)], Done::No).unwrap();
     db.conn
         .execute_batch(
-            "ALTER TABLE runs DROP COLUMN start; ALTER TABLE run_fates DROP COLUMN stack; PRAGMA user_version = 4;",
+            "ALTER TABLE runs DROP COLUMN start; ALTER TABLE run_fates DROP COLUMN stack;
+             ALTER TABLE run_trees DROP COLUMN calls; PRAGMA user_version = 4;",
         )
         .unwrap();
     drop(db);
@@ -432,4 +436,40 @@ fn settings_stored_before_the_shop_items_read_as_fifty() {
     let (mut db, t, _, _) = setup(dir.path());
     db.set_settings(t, &Settings { items: 200, ..s }).unwrap();
     assert_eq!(db.settings(t).unwrap().unwrap().items, 200);
+}
+
+#[test]
+fn windows_of_one_shape_keep_their_own_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut db, t, _, _) = setup(dir.path());
+    let with_calls = |c: u64, start_ns: u64| {
+        let mut w = tree(&["main", "call", "leaf"], false, 1);
+        w.forest.nodes[2].calls = c;
+        LabelledTree { start_ns, ..w }
+    };
+    let normal = run(Role::Train, RunStatus::Ok, Manifestation::Normal);
+    db.record_run(t, None, &normal, &[with_calls(4, 0), with_calls(9, 1)], Done::No).unwrap();
+    db.record_run(t, None, &normal, &[with_calls(40, 0)], Done::No).unwrap();
+    let fcts: i64 = db.conn.query_row("SELECT COUNT(*) FROM fcts", [], |r| r.get(0)).unwrap();
+    assert_eq!(fcts, 1, "one structure, stored once");
+    let mut leaf_calls = Vec::new();
+    db.for_each_tree("redis", &DatasetOptions::default(), |row| {
+        leaf_calls.push(row.forest.nodes.iter().find(|n| &*row.table.get(n.func).name == "leaf").unwrap().calls);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(leaf_calls, vec![4, 9, 40], "each window reads its own calls, not its structure's first");
+    // Rows recorded before schema 7 have no calls of their own: they read their FCT's.
+    db.conn.execute("UPDATE run_trees SET calls = NULL", []).unwrap();
+    leaf_calls.clear();
+    db.for_each_tree("redis", &DatasetOptions::default(), |row| {
+        leaf_calls.push(row.forest.nodes.iter().find(|n| &*row.table.get(n.func).name == "leaf").unwrap().calls);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(leaf_calls, vec![4, 4, 4]);
+    // A stored vector that does not fit its tree is an error, not a silent mix.
+    db.conn.execute("UPDATE run_trees SET calls = ?1", [encode_calls(&[1, 2])]).unwrap();
+    let err = db.for_each_tree("redis", &DatasetOptions::default(), |_| Ok(())).unwrap_err().to_string();
+    assert!(err.contains("2 calls for a tree of 3 nodes"), "{err}");
 }
