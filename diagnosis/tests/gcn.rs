@@ -258,11 +258,25 @@ fn training_normal_runs_do_not_dilute_the_false_alarm_share() {
     all.extend(held);
     let diluted = youden_threshold(&run_minima(all), &run_minima(faulty)).unwrap();
     assert!(diluted > 0.6, "{diluted}");
-    // From the held-out run alone, it costs all of J: t stays at or under 0.4.
+    // From the held-out run alone, it costs all of J; and the run counts a logit less normal
+    // (0.4 as 0.197), so t stays under that: the fault run at 0.2 goes undetected.
     let t = run_threshold(&held, &fitted, &faulty, 0.01);
-    assert!(t > 0.2 && t <= 0.4, "{t}");
+    assert!(t > 0.1 && t <= 0.197, "{t}");
     // No held-out normal run: the quantile over the fitted ones (fewer than five held-out trees).
     assert_eq!(run_threshold(&[], &fitted, &faulty, 0.01), 0.99);
+}
+
+#[test]
+fn the_threshold_keeps_a_margin_below_the_held_out_normal_runs() {
+    use afetm_diagnosis::train::run_threshold;
+    // The report test's case: one held-out normal run at 0.91, a fault run scoring like it
+    // (0.9038) and one clearly faulty. Without the margin t came out just above 0.9038.
+    let held = [(1, 0.95), (1, 0.91)];
+    let t = run_threshold(&held, &[], &[(10, 0.9038), (11, 0.01)], 0.01);
+    assert!(t > 0.01 && t < 0.79, "a logit below 0.91 is 0.788: {t}");
+    // A fault run a logit or more below every normal run is still caught.
+    let t = run_threshold(&[(1, 0.99), (2, 0.95)], &[], &[(10, 0.5), (11, 0.01)], 0.01);
+    assert!(t > 0.5 && t < 0.876, "{t}");
 }
 
 #[test]
