@@ -137,6 +137,32 @@ struct ScoreArgs {
     /// Where the rows go.
     #[arg(long)]
     out: PathBuf,
+    /// Also write every method's outcome per run here, one JSON line each (method, condition
+    /// and the run's outcome: detected, located, least normality and its window, the windows
+    /// that alarmed), to find where a false alarm or a miss came from.
+    #[arg(long)]
+    runs_out: Option<PathBuf>,
+}
+
+/// One line of `--runs-out`.
+#[derive(serde::Serialize)]
+struct RunLine<'a> {
+    method: &'a str,
+    condition: &'a str,
+    /// Why the run's fault had no training runs (eval-role runs).
+    held_out: Option<HeldOut>,
+    #[serde(flatten)]
+    outcome: &'a RunOutcome,
+}
+
+/// Appends the outcomes of `method` on `cases` to `lines` as JSON (see `--runs-out`).
+fn run_lines(lines: &mut String, method: &str, condition: &str, cases: &[Case], outcomes: &[RunOutcome]) -> Result<()> {
+    for (c, o) in cases.iter().zip(outcomes) {
+        let line = RunLine { method, condition, held_out: c.held_out, outcome: o };
+        lines.push_str(&serde_json::to_string(&line)?);
+        lines.push('\n');
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -386,8 +412,10 @@ fn score(a: &ScoreArgs) -> Result<()> {
         fitted.retain(|f| f.method.input() == Input::Afct);
     }
     let mut rows = Vec::new();
+    let mut lines = String::new();
     for f in &fitted {
         let scored = score_method(f, &eval, &reference, "eval-role runs")?;
+        run_lines(&mut lines, f.method.name(), "fddb", &eval, &scored.outcomes)?;
         let mo = Some(f.fit_peak_kib.max(scored.peak_kib));
         let mut all = row(a, "fddb", f, aggregate(&scored.outcomes, scored.compute.clone()), mo);
         all.excluded = Some(excluded);
@@ -413,6 +441,7 @@ fn score(a: &ScoreArgs) -> Result<()> {
         let online = Fitted { method: Box::new(Online), notes: "the daemon's stored verdicts".into(), fit_peak_kib: 0 };
         for f in fitted.iter().filter(|f| f.method.input() != Input::FullFct).chain([&online]) {
             let scored = score_method(f, &live, &reference, "live runs")?;
+            run_lines(&mut lines, f.method.name(), "live", &live, &scored.outcomes)?;
             let mo = if f.method.name() == "AFETM (daemon)" {
                 a.daemon_peak_kib
             } else {
@@ -425,6 +454,10 @@ fn score(a: &ScoreArgs) -> Result<()> {
     }
     std::fs::write(&a.out, serde_json::to_string_pretty(&rows)?).with_context(|| format!("{}", a.out.display()))?;
     eprintln!("wrote {} rows to {}", rows.len(), a.out.display());
+    if let Some(path) = &a.runs_out {
+        std::fs::write(path, lines).with_context(|| format!("{}", path.display()))?;
+        eprintln!("wrote the runs' outcomes to {}", path.display());
+    }
     Ok(())
 }
 

@@ -124,6 +124,13 @@ pub struct RunOutcome {
     /// (HR@1) and among its first three (HR@3), compared by template (digits masked).
     #[serde(default)]
     pub line_hit: Option<(bool, bool)>,
+    /// The least normality of the run's verdicts (after the injection for a fault run), and
+    /// the window it was given on: where a false alarm or a miss came from.
+    #[serde(default)]
+    pub least: Option<(f64, Option<usize>)>,
+    /// The windows whose verdict alarmed, in window order (before the injection included).
+    #[serde(default)]
+    pub alarmed_windows: Vec<usize>,
 }
 
 fn line_hit(case: &Case, worst: Option<&Verdict>) -> Option<(bool, bool)> {
@@ -201,6 +208,10 @@ pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunO
             windows.normal_alarmed += v.error as u64;
         }
     }
+    let least = after.iter().min_by(|a, b| a.normality.total_cmp(&b.normality)).map(|v| (v.normality, v.window));
+    let mut alarmed_windows: Vec<usize> = verdicts.iter().filter(|v| v.error).filter_map(|v| v.window).collect();
+    alarmed_windows.sort_unstable();
+    alarmed_windows.dedup();
     RunOutcome {
         run: case.run,
         truth: case.truth.clone(),
@@ -216,6 +227,8 @@ pub fn outcome(case: &Case, verdicts: &[Verdict], reference: &Reference) -> RunO
         fdd_ms: if fault { fdd_ms } else { None },
         windows,
         line_hit: if fault { line_hit(case, worst) } else { None },
+        least,
+        alarmed_windows,
     }
 }
 

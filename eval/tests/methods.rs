@@ -253,6 +253,8 @@ fn an_alarm_before_the_injection_is_a_false_alarm_not_a_detection() {
         outcome(&c, &[verdict(0, true, 0.0, &[("f", FaultKind::Input)]), verdict(1, false, 0.9, &[])], &reference);
     assert!(!early.detected && early.alarmed_before);
     assert!(!early.top1_function, "a lead window's suspects are not a location");
+    assert_eq!(early.least, Some((0.9, Some(1))), "the least normal verdict after the injection");
+    assert_eq!(early.alarmed_windows, [0], "the lead window's alarm is listed");
     assert_eq!((early.windows.normal, early.windows.normal_alarmed), (1, 1), "the lead window is a normal window");
     assert_eq!(early.windows.faulty, 1);
     // The lead alarms less normal than the faulty window: located reads the faulty one.

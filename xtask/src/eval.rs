@@ -274,7 +274,9 @@ fn eval_target(s: &Settings, t: Target, bin: &Path, out: &Path, a: &EvalArgs, t0
             .arg("--model")
             .arg(&model)
             .arg("--out")
-            .arg(out.join(format!("rows-{tn}-{label}.json")));
+            .arg(out.join(format!("rows-{tn}-{label}.json")))
+            .arg("--runs-out")
+            .arg(out.join(format!("runs-{tn}-{label}.jsonl")));
         if i > 0 {
             // Full tracing and logs do not depend on P: scored with the first budget.
             cmd.arg("--plan-methods-only");
@@ -416,7 +418,9 @@ fn infogain_row(
         .arg("--model")
         .arg(&model)
         .arg("--out")
-        .arg(out.join(format!("rows-{tn}-{label}-infogain.json"))))
+        .arg(out.join(format!("rows-{tn}-{label}-infogain.json")))
+        .arg("--runs-out")
+        .arg(out.join(format!("runs-{tn}-{label}-infogain.jsonl"))))
 }
 
 /// Issue 23's input changes that a model can be trained without: the budget label's suffix
