@@ -4,7 +4,9 @@
 //! (Nezha's fault-free event patterns, MicroRank's spectrum of normal traces); a GCN that sees
 //! only the faulty tree has to learn the baseline from the class labels.
 //!
-//! Built from the training split's normal-run graphs only and stored in the model's manifest.
+//! Built from the normal-run graphs of the training-role runs (both sides of the training's
+//! validation split; never a fault run, never an eval-role run) and stored in the model's
+//! manifest.
 //! Per (caller, callee) edge of the call graphs (recursion left out): in how many normal
 //! windows it occurs and the range of its share of the window's traced calls; per function, in
 //! how many windows it occurs. From these, four features per function ([`DEVIATION`] of them,
@@ -17,9 +19,10 @@
 //!    of the ratio to the nearest bound, capped at 1 (0 inside the range, or for a new edge;
 //!    the largest over its incoming edges).
 //!
-//! Training normal trees would see a profile made of themselves; so each normal run's trees
-//! are compared with the profile of the other normal runs ([`NormalProfile::without`]),
-//! and fault runs' trees against the whole profile, as serving sees it.
+//! Training and validation normal trees would see a profile made of themselves; so each normal
+//! run's trees are compared with the profile of the other normal runs
+//! ([`NormalProfile::without`]), as a new normal run is at serving, and fault runs' trees
+//! against the whole profile, as serving sees them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
